@@ -1,0 +1,415 @@
+"""The recipe schema: OmegaConf structured dataclasses, the one place where defaults live.
+
+A recipe is a YAML file that states only what differs from these defaults. Load one with
+``load_config(path, ["trainer.lr=1e-5", ...])``; every check (types, unknown keys, required
+values, cross-field rules, files that must exist) runs there, before any Ray actor starts.
+
+    mopd validate recipes/tiny.yaml trainer.world_size=1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+BUILTIN_TOKENIZER = "builtin:char"
+ROLLOUT_BACKENDS = ("hf", "vllm")
+TEACHER_BACKENDS = ("hf", "vllm")
+OBJECTIVE_KINDS = ("sampled", "topk")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+ON_BAD_ROWS = ("reject", "skip")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "mopd"
+    output_dir: str = "runs/${run.name}"
+    seed: int = 0
+    total_steps: int = MISSING
+    log_every: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """A model: a Hugging Face directory (``path``) or an inline config built from scratch."""
+
+    path: Optional[str] = None
+    # Inline model config, e.g. {model_type: mimo_v2_flash, hidden_size: 64, ...}; random init.
+    config: Optional[Dict[str, Any]] = None
+    # Tokenizer directory; defaults to ``path``. ``builtin:char`` is the project's char tokenizer.
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+
+
+@dataclass
+class ResourcesConfig:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    backend: str = "hf"
+    replicas: int = 1
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # Rows per forward pass when scoring.
+    batch_size: int = 32
+
+
+@dataclass
+class DataSourceConfig:
+    """Prompts of one domain: a file (jsonl/parquet), a ``datasets`` directory, or a generator."""
+
+    domain: str = MISSING
+    path: Optional[str] = None
+    # Name of a registered synthetic generator (e.g. ``math``) instead of a path.
+    generator: Optional[str] = None
+    num_prompts: int = 1000
+    weight: float = 1.0
+    prompt_key: str = "prompt"
+    split: str = "train"
+
+
+@dataclass
+class DataConfig:
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    max_prompt_len: int = 256
+    # What to do with a bad row (empty prompt, unknown domain, too long, malformed line).
+    on_bad_row: str = "reject"
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    replicas: int = 1
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    n: int = 4
+    prompts_per_step: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # vLLM engine settings (ignored by the hf backend).
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 512
+    routing_replay: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    zero_stage: int = 2
+    world_size: int = 1
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    bf16: bool = False
+    # Coefficient of the MoE load-balancing loss (0 turns it off; ignored for dense students).
+    aux_loss_coef: float = 0.001
+    micro_batch_size: int = 16
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "sampled"
+    eps_low: float = 0.5
+    eps_high: float = 5.0
+    alpha: float = 0.0
+    adv_clip: float = 5.0
+    topk: int = 64
+    # Consecutive non-finite updates tolerated before the run aborts.
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    num_prompts: int = 64
+    max_new_tokens: Optional[int] = None
+    greedy: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10
+    keep: int = 2
+    # Directory; defaults to <run.output_dir>/checkpoints.
+    dir: Optional[str] = None
+
+
+@dataclass
+class RayConfig:
+    # Cluster address; None means RAY_ADDRESS if set, else a local Ray started for the run.
+    address: Optional[str] = None
+    namespace: str = "mopd"
+    num_cpus: Optional[int] = None
+    include_dashboard: bool = False
+    # Environment for every actor (OMP threads etc.).
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MOPDConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: Dict[str, TeacherConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: List[str] | None = None) -> MOPDConfig:
+    """Merge defaults, the YAML at ``path`` and ``key=value`` overrides; validate; return the recipe.
+
+    Raises ConfigError with a message that names what to fix.
+    """
+    schema = OmegaConf.structured(MOPDConfig)
+    cfg = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            recipe = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry line numbers
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        cfg = _merge(cfg, recipe, source=str(path))
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), source="override")
+    try:
+        OmegaConf.resolve(cfg)
+        obj: MOPDConfig = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing required value: {e.full_key} (set it in the recipe or as {e.full_key}=...)") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from e
+    validate(obj)
+    return obj
+
+
+def _parse_overrides(overrides: List[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {e}") from e
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}") from e
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from e
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if isinstance(e, ValidationError) and key:
+        return f"wrong type for '{key}': {msg}"
+    return f"{key}: {msg}" if key else msg
+
+
+def _schema_keys(cls: type = MOPDConfig, prefix: str = "") -> Dict[str, List[str]]:
+    """Map each section ('' for the top) to its valid field names."""
+    out = {prefix: [f.name for f in fields(cls)]}
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if is_dataclass(default):
+            out.update(_schema_keys(type(default), f"{prefix}{f.name}."))
+    return out
+
+
+def _suggest(full_key: str) -> str:
+    section, _, leaf = full_key.rpartition(".")
+    parts = section.split(".") if section else []
+    # Teacher entries and data sources share one schema whatever their name or index.
+    if len(parts) >= 2 and parts[0] == "teachers":
+        valid, where = [f.name for f in fields(TeacherConfig)], "teachers.<domain>"
+        if len(parts) == 3 and parts[2] == "resources":
+            valid, where = [f.name for f in fields(ResourcesConfig)], "teachers.<domain>.resources"
+    elif len(parts) >= 2 and parts[0] == "data" and parts[1] == "sources":
+        valid, where = [f.name for f in fields(DataSourceConfig)], "data.sources[i]"
+    else:
+        keys = _schema_keys()
+        where = section
+        valid = keys.get(section + "." if section else "", [])
+    close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    where_txt = f" in '{where}'" if where else ""
+    return f"{hint} Valid keys{where_txt}: {', '.join(valid)}"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate(cfg: MOPDConfig) -> None:
+    """Cross-field checks; raises ConfigError naming the field and the valid options."""
+    errors: List[str] = []
+    _check_sizes(cfg, errors)
+    _check_choices(cfg, errors)
+    _check_models(cfg, errors)
+    _check_data(cfg, errors)
+    o = cfg.objective
+    if not (0 < o.eps_low < o.eps_high):
+        errors.append(f"objective.eps_low ({o.eps_low}) must be > 0 and < objective.eps_high ({o.eps_high})")
+    if o.kind == "topk" and cfg.rollout.backend == "vllm" and any(
+        t.backend == "vllm" for t in cfg.teachers.values()
+    ) and o.topk > 1024:
+        errors.append("objective.topk above 1024 is not supported with vLLM teachers")
+    if errors:
+        raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
+
+
+def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
+    positive = {
+        "run.total_steps": cfg.run.total_steps,
+        "run.log_every": cfg.run.log_every,
+        "rollout.n": cfg.rollout.n,
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "rollout.replicas": cfg.rollout.replicas,
+        "rollout.temperature": cfg.rollout.temperature,
+        "rollout.max_model_len": cfg.rollout.max_model_len,
+        "trainer.world_size": cfg.trainer.world_size,
+        "trainer.lr": cfg.trainer.lr,
+        "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
+        "objective.topk": cfg.objective.topk,
+        "objective.max_nonfinite_steps": cfg.objective.max_nonfinite_steps,
+        "data.max_prompt_len": cfg.data.max_prompt_len,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "eval.num_prompts": cfg.eval.num_prompts,
+        "trainer.resources.num_cpus": cfg.trainer.resources.num_cpus,
+        "rollout.resources.num_cpus": cfg.rollout.resources.num_cpus,
+    }
+    for name, t in cfg.teachers.items():
+        positive[f"teachers.{name}.replicas"] = t.replicas
+        positive[f"teachers.{name}.batch_size"] = t.batch_size
+        positive[f"teachers.{name}.resources.num_cpus"] = t.resources.num_cpus
+    for i, s in enumerate(cfg.data.sources):
+        positive[f"data.sources[{i}].weight"] = s.weight
+        positive[f"data.sources[{i}].num_prompts"] = s.num_prompts
+    for name, value in positive.items():
+        if value <= 0:
+            errors.append(f"{name} must be positive, got {value}")
+    non_negative = {
+        "checkpoint.every": cfg.checkpoint.every,
+        "eval.every": cfg.eval.every,
+        "trainer.warmup_steps": cfg.trainer.warmup_steps,
+        "trainer.grad_clip": cfg.trainer.grad_clip,
+        "trainer.weight_decay": cfg.trainer.weight_decay,
+        "trainer.aux_loss_coef": cfg.trainer.aux_loss_coef,
+        "objective.alpha": cfg.objective.alpha,
+        "objective.adv_clip": cfg.objective.adv_clip,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            errors.append(f"{name} must be >= 0, got {value}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        errors.append(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"trainer.zero_stage must be one of 0, 1, 2, 3, got {cfg.trainer.zero_stage}")
+
+
+def _check_choices(cfg: MOPDConfig, errors: List[str]) -> None:
+    choices = [
+        ("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS),
+        ("objective.kind", cfg.objective.kind, OBJECTIVE_KINDS),
+        ("trainer.lr_schedule", cfg.trainer.lr_schedule, LR_SCHEDULES),
+        ("data.on_bad_row", cfg.data.on_bad_row, ON_BAD_ROWS),
+    ]
+    choices += [(f"teachers.{n}.backend", t.backend, TEACHER_BACKENDS) for n, t in cfg.teachers.items()]
+    for name, value, valid in choices:
+        if value not in valid:
+            errors.append(f"{name} is {value!r}; valid: {', '.join(valid)}")
+
+
+def _check_models(cfg: MOPDConfig, errors: List[str]) -> None:
+    if not cfg.teachers:
+        errors.append("no teachers configured: add at least one 'teachers.<domain>' entry")
+    models = {"student": cfg.student, **{f"teachers.{n}": t for n, t in cfg.teachers.items()}}
+    for name, m in models.items():
+        if m.path is None and m.config is None:
+            errors.append(f"{name}: set 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
+        if m.path is not None and m.config is not None:
+            errors.append(f"{name}: set only one of 'path' and 'config'")
+        if m.path is not None and not Path(m.path).exists():
+            errors.append(f"{name}.path: file or directory does not exist: {m.path}")
+        if m.config is not None and "model_type" not in m.config:
+            errors.append(f"{name}.config: needs a 'model_type' (e.g. mimo_v2_flash, qwen3_moe, llama)")
+        tok = m.tokenizer
+        if tok is None and m.path is None:
+            errors.append(f"{name}.tokenizer: required with an inline config (a directory or '{BUILTIN_TOKENIZER}')")
+        if tok is not None and tok != BUILTIN_TOKENIZER and not Path(tok).exists():
+            errors.append(f"{name}.tokenizer: directory does not exist: {tok}")
+        if m.dtype not in ("float32", "bfloat16", "float16"):
+            errors.append(f"{name}.dtype is {m.dtype!r}; valid: float32, bfloat16, float16")
+
+
+def _check_data(cfg: MOPDConfig, errors: List[str]) -> None:
+    from mopd.domains import registered_generators  # light: no torch
+
+    if not cfg.data.sources:
+        errors.append("data.sources is empty: add at least one source with a 'domain' and a 'path' or 'generator'")
+    teachers = ", ".join(sorted(cfg.teachers)) or "(none)"
+    for i, s in enumerate(cfg.data.sources):
+        where = f"data.sources[{i}]"
+        if s.domain not in cfg.teachers:
+            errors.append(f"{where}: no teacher for domain '{s.domain}'; configured teachers: {teachers}")
+        if (s.path is None) == (s.generator is None):
+            errors.append(f"{where}: set exactly one of 'path' and 'generator'")
+        if s.path is not None and not Path(s.path).exists():
+            errors.append(f"{where}.path: file or directory does not exist: {s.path}")
+        if s.generator is not None and s.generator not in registered_generators():
+            errors.append(
+                f"{where}.generator: unknown generator {s.generator!r}; "
+                f"registered: {', '.join(sorted(registered_generators()))}"
+            )
+
+
+def to_yaml(cfg: MOPDConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: MOPDConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: Dict[str, Any]) -> MOPDConfig:
+    """Rebuild a recipe saved by ``to_dict`` (e.g. from a checkpoint); validated again."""
+    cfg = OmegaConf.merge(OmegaConf.structured(MOPDConfig), OmegaConf.create(d))
+    obj = OmegaConf.to_object(cfg)
+    return obj  # type: ignore[return-value]

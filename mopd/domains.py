@@ -1,0 +1,65 @@
+"""The registry of domains: a synthetic prompt generator and a verifier per name.
+
+The built-in domains (math, code, agent) live in ``teachers/domains`` and register on import. A user
+adds one by calling ``register_domain`` in a module listed in the recipe's ``run.plugins``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+from mopd.types import PromptRow
+
+# generate(rng, n, split) -> rows; split is "train" or "eval" (disjoint prompt sets).
+Generator = Callable[[random.Random, int, str], List[PromptRow]]
+# verify(row, response) -> reward in [0, 1].
+Verifier = Callable[[PromptRow, str], float]
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    generate: Generator
+    verify: Verifier
+
+
+_REGISTRY: Dict[str, Domain] = {}
+_BUILTINS_LOADED = False
+
+
+def register_domain(name: str, generate: Generator, verify: Verifier) -> Domain:
+    """Register (or replace) a domain under ``name``."""
+    dom = Domain(name, generate, verify)
+    _REGISTRY[name] = dom
+    return dom
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("teachers.domains")
+
+
+def registered_generators() -> Dict[str, Domain]:
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def get_domain(name: str) -> Domain:
+    doms = registered_generators()
+    if name not in doms:
+        raise KeyError(f"unknown domain {name!r}; registered: {', '.join(sorted(doms))}")
+    return doms[name]
+
+
+def load_plugins(modules: List[str]) -> None:
+    """Import user modules that register domains (``run.plugins`` in a recipe)."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ImportError(f"run.plugins: cannot import {mod!r}: {e}") from e

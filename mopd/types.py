@@ -1,0 +1,143 @@
+"""The data that crosses actor boundaries, with the shape of every field.
+
+Layout of a batch of B trajectories, T = P + R columns: each prompt is left-padded to P columns and
+each response right-padded to R columns, so every response starts at column P. Position t of every
+(B, T) tensor refers to token ``input_ids[:, t]`` (its log-prob is conditioned on columns < t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape[: len(shape)]) != shape:
+        raise ValueError(f"{name}: expected shape {shape}..., got {tuple(t.shape)}")
+
+
+@dataclass
+class PromptRow:
+    """One prompt drawn from a data source."""
+
+    prompt: str
+    domain: str
+    # Whatever the domain's verifier needs (e.g. the exact answer); opaque to the loop.
+    meta: Dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    index: int = 0
+
+
+@dataclass
+class RolloutBatch:
+    """Student trajectories as produced by a rollout pool.
+
+    input_ids        (B, T) int64  prompt (left-padded) + response (right-padded), pad = pad_id
+    attention_mask   (B, T) bool   True on real tokens (prompt and response)
+    response_mask    (B, T) bool   True on generated tokens, EOS included
+    rollout_logprobs (B, T) f32    log mu_theta(token) under the distribution actually sampled from
+                                   (temperature / top-p applied); 0 outside the response
+    group_ids        (B,)   int64  equal for the n samples of one prompt
+    domains          list[str]     domain of each row (routes it to a teacher)
+    rows             list[PromptRow]
+    responses        list[str]     decoded responses (no special tokens)
+    policy_version   int           student weights version that generated the batch
+    prompt_len       int           P, the column where responses start
+    routed_experts   (B, T, L, k) int16 or None: experts each MoE layer chose (routing replay)
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    group_ids: torch.Tensor
+    domains: List[str]
+    rows: List[PromptRow]
+    responses: List[str]
+    policy_version: int
+    prompt_len: int
+    routed_experts: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        B, T = self.input_ids.shape
+        _check("input_ids", self.input_ids, (B, T), torch.int64)
+        _check("attention_mask", self.attention_mask, (B, T), torch.bool)
+        _check("response_mask", self.response_mask, (B, T), torch.bool)
+        _check("rollout_logprobs", self.rollout_logprobs, (B, T), torch.float32)
+        _check("group_ids", self.group_ids, (B,), torch.int64)
+        if not (len(self.domains) == len(self.rows) == len(self.responses) == B):
+            raise ValueError(f"domains/rows/responses must have {B} entries")
+        if self.routed_experts is not None and tuple(self.routed_experts.shape[:2]) != (B, T):
+            raise ValueError(f"routed_experts: expected ({B}, {T}, L, k), got {tuple(self.routed_experts.shape)}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: List[int]) -> "RolloutBatch":
+        """The rows ``idx``, in that order."""
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return RolloutBatch(
+            input_ids=self.input_ids[t],
+            attention_mask=self.attention_mask[t],
+            response_mask=self.response_mask[t],
+            rollout_logprobs=self.rollout_logprobs[t],
+            group_ids=self.group_ids[t],
+            domains=[self.domains[i] for i in idx],
+            rows=[self.rows[i] for i in idx],
+            responses=[self.responses[i] for i in idx],
+            policy_version=self.policy_version,
+            prompt_len=self.prompt_len,
+            routed_experts=None if self.routed_experts is None else self.routed_experts[t],
+        )
+
+
+@dataclass
+class TeacherScores:
+    """A teacher's scores of a batch, aligned with its ``RolloutBatch``.
+
+    logprobs       (B, T) f32        log pi_d(token) at temperature 1; 0 outside the response
+    topk_ids       (B, T, K) int64   teacher's top-k token ids per position, or None
+    topk_logprobs  (B, T, K) f32     their log-probs, or None
+    latency_s      float             wall time the scoring took on the actor
+    """
+
+    logprobs: torch.Tensor
+    topk_ids: Optional[torch.Tensor] = None
+    topk_logprobs: Optional[torch.Tensor] = None
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check("logprobs", self.logprobs, tuple(self.logprobs.shape), torch.float32)
+        if (self.topk_ids is None) != (self.topk_logprobs is None):
+            raise ValueError("topk_ids and topk_logprobs go together")
+        if self.topk_ids is not None:
+            B, T = self.logprobs.shape
+            _check("topk_ids", self.topk_ids, (B, T), torch.int64)
+            _check("topk_logprobs", self.topk_logprobs, (B, T), torch.float32)
+
+
+@dataclass
+class TrainBatch:
+    """What one trainer step consumes: a rollout batch plus teacher scores and outcome advantages.
+
+    teacher_logprobs      (B, T) f32
+    adv_orm               (B,) f32 or None
+    teacher_topk_ids      (B, T, K) int64 or None
+    teacher_topk_logprobs (B, T, K) f32 or None
+    """
+
+    rollout: RolloutBatch
+    teacher_logprobs: torch.Tensor
+    adv_orm: Optional[torch.Tensor] = None
+    teacher_topk_ids: Optional[torch.Tensor] = None
+    teacher_topk_logprobs: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        B, T = self.rollout.input_ids.shape
+        _check("teacher_logprobs", self.teacher_logprobs, (B, T), torch.float32)
+        if self.adv_orm is not None:
+            _check("adv_orm", self.adv_orm, (B,), torch.float32)

@@ -1,0 +1,1 @@
+"""Built-in synthetic domains; importing this package registers them."""
