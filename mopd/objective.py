@@ -21,6 +21,7 @@ def _is_weights(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """IcePop-style weight: the trainer/rollout ratio inside [eps_low, eps_high], 0 outside (masked,
     not clipped). Returns (w (B, T) f32, in_band (B, T) bool); padding gets w = 0."""
+    logp_rollout = logp_rollout.detach()
     log_ratio = torch.where(mask, logp_train.detach() - logp_rollout, torch.zeros_like(logp_rollout))
     ratio = torch.exp(log_ratio)
     in_band = mask & (ratio >= eps_low) & (ratio <= eps_high)
@@ -85,8 +86,8 @@ def mopd_loss(
     _check_shapes(response_mask, logp_train, logp_rollout, logp_teacher)
     mask = response_mask
     w, in_band = _is_weights(logp_train, logp_rollout, mask, eps_low, eps_high)
-    zeros = torch.zeros_like(logp_teacher)
-    token_log_ratio = torch.where(mask, logp_teacher - logp_train.detach(), zeros)
+    zeros = torch.zeros_like(logp_rollout)
+    token_log_ratio = torch.where(mask, logp_teacher.detach() - logp_train.detach(), zeros)
     token_adv = token_log_ratio.clamp(-adv_clip, adv_clip)
     adv = token_adv
     if adv_orm is not None and alpha != 0.0:
@@ -104,7 +105,7 @@ def mopd_loss(
         "adv_mean": _masked_mean(adv, fmask),
         "adv_clipped_frac": _masked_mean((token_log_ratio.abs() > adv_clip).float(), fmask),
         "train_rollout_abs_diff": _masked_mean(
-            torch.where(mask, (logp_train.detach() - logp_rollout).abs(), zeros), fmask
+            torch.where(mask, (logp_train.detach() - logp_rollout.detach()).abs(), zeros), fmask
         ),
         "num_tokens": float(n_tok),
     }

@@ -1,0 +1,61 @@
+"""The ``mopd`` command line.
+
+    mopd validate RECIPE [key=value ...]     print the resolved recipe, or what is wrong with it
+    mopd train RECIPE [key=value ...] [--resume]
+    mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from mopd.config import ConfigError, load_config, to_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mopd", description="Multi-Teacher On-Policy Distillation")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a recipe and print it resolved")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*", metavar="key=value")
+    t = sub.add_parser("train", help="run the MOPD loop on Ray")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument(
+        "--force-teachers", action="store_true", help="resume even if the teacher set differs from the checkpoint's"
+    )
+    e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint directory (or a run's checkpoints/ to take the latest)")
+    e.add_argument("out_dir")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+            return 0
+        if args.command == "train":
+            cfg = load_config(args.recipe, args.overrides)
+            from mopd.loop import run_training
+
+            run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)
+            return 0
+        if args.command == "export":
+            from mopd.checkpoint import export_checkpoint
+
+            path = export_checkpoint(args.checkpoint, args.out_dir)
+            print(f"exported {path}")
+            return 0
+    except ConfigError as e:
+        print(f"mopd: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The MOPD update loop, read as phases:
+
+    sample prompts -> rollout -> score with teachers -> (verify) -> train -> sync weights
+
+Each phase is timed and written against a small Protocol, so tests can plug in in-process fakes.
+Only the pool classes touch Ray object refs; this module never calls ``ray.get``.
+
+    mopd train recipes/tiny.yaml            # run_training(load_config(...))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol, Tuple
+
+import torch
+
+from mopd import checkpoint as ckpt
+from mopd.config import MOPDConfig, to_dict
+from mopd.metrics import MetricsWriter, PhaseTimer
+from mopd.objective import grpo_advantages
+from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
+
+log = logging.getLogger("mopd")
+
+
+class ConfigMismatchError(RuntimeError):
+    """Resuming with a run setup that differs from what the checkpoint recorded."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates with NaN/inf losses or log-probs."""
+
+
+class Rollout(Protocol):
+    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch: ...
+    def sync_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None: ...
+
+
+class Teachers(Protocol):
+    def score(self, batch: RolloutBatch, topk: int = 0) -> Tuple[TeacherScores, Dict[str, float]]: ...
+
+
+class Trainer(Protocol):
+    def train_step(self, batch: TrainBatch) -> Dict[str, float]: ...
+    def state_dict(self) -> Dict[str, torch.Tensor]: ...
+    def save_checkpoint(self, path: str, client_state: Dict[str, Any]) -> None: ...
+    def load_checkpoint(self, path: str) -> Dict[str, Any]: ...
+    def save_hf(self, path: str) -> None: ...
+
+
+def teacher_fingerprint(cfg: MOPDConfig) -> Dict[str, str]:
+    """What identifies the teacher set: each domain's model path or inline config."""
+    out = {}
+    for name, t in sorted(cfg.teachers.items()):
+        ident = str(Path(t.path).resolve()) if t.path else "config:" + json.dumps(t.config, sort_keys=True)
+        out[name] = hashlib.sha256(ident.encode()).hexdigest()[:16] + f" ({t.path or 'inline config'})"
+    return out
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: derived, so a resumed run samples what an uninterrupted one would."""
+    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
+
+
+class MOPDLoop:
+    """One MOPD run over already-constructed components."""
+
+    def __init__(self, cfg: MOPDConfig, rollout: Rollout, teachers: Teachers, trainer: Trainer, mixer, writer):
+        self.cfg, self.rollout, self.teachers, self.trainer = cfg, rollout, teachers, trainer
+        self.mixer, self.writer = mixer, writer
+        self.step = 0
+        self.policy_version = 0
+        self.nonfinite_streak = 0
+        self.ckpt_root = _ckpt_root(cfg)
+
+    # ------------------------------------------------------------------ one step
+    def train_one_step(self) -> Dict[str, float]:
+        cfg, timer = self.cfg, PhaseTimer()
+        with timer("rollout"):
+            rows = self.mixer.next_batch(cfg.rollout.prompts_per_step)
+            batch = self.rollout.generate(rows, cfg.rollout.n, seed=step_seed(cfg.run.seed, self.step + 1))
+        with timer("teachers"):
+            topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
+            scores, teacher_metrics = self.teachers.score(batch, topk=topk)
+        with timer("verify"):
+            adv_orm, verify_metrics = self._outcome_advantages(batch)
+        train_batch = TrainBatch(batch, scores.logprobs, adv_orm, scores.topk_ids, scores.topk_logprobs)
+        with timer("train"):
+            if self._finite_inputs(train_batch):
+                metrics = self.trainer.train_step(train_batch)
+            else:
+                metrics = {"train/skipped": 1.0, "train/nonfinite_logprobs": 1.0}
+        skipped = metrics.get("train/skipped", 0.0) > 0
+        self._track_nonfinite(skipped)
+        if not skipped:
+            self.policy_version += 1
+            with timer("sync"):
+                self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
+        self.step += 1
+        out = {**metrics, **teacher_metrics, **verify_metrics, **rollout_metrics(batch), **timer.metrics()}
+        out["policy_version"] = float(self.policy_version)
+        out["rollout/policy_version"] = float(batch.policy_version)
+        return out
+
+    def _outcome_advantages(self, batch: RolloutBatch) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        """Verifier rewards -> GRPO advantages (only when alpha > 0)."""
+        if self.cfg.objective.alpha <= 0:
+            return None, {}
+        from mopd.domains import get_domain
+
+        rewards = torch.tensor(
+            [get_domain(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses)],
+            dtype=torch.float32,
+        )
+        metrics = {
+            f"verify/{d}/reward": float(rewards[[i for i, x in enumerate(batch.domains) if x == d]].mean())
+            for d in sorted(set(batch.domains))
+        }
+        return grpo_advantages(rewards, batch.group_ids), metrics
+
+    def _finite_inputs(self, tb: TrainBatch) -> bool:
+        mask = tb.rollout.response_mask
+        ok = bool(torch.isfinite(tb.teacher_logprobs[mask]).all() and torch.isfinite(tb.rollout.rollout_logprobs[mask]).all())
+        if not ok:
+            log.warning("step %d: non-finite teacher or rollout log-probs; update skipped", self.step + 1)
+        return ok
+
+    def _track_nonfinite(self, skipped: bool) -> None:
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        limit = self.cfg.objective.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} consecutive steps had NaN/inf losses or log-probs "
+                f"(objective.max_nonfinite_steps={limit}); lower trainer.lr or check the teachers, "
+                f"then continue with --resume from the last checkpoint"
+            )
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        total = self.cfg.run.total_steps
+        bar = tqdm(total=total, initial=self.step, desc="mopd", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < total:
+                metrics = self.train_one_step()
+                self.writer.write(self.step, metrics)
+                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", kl=f"{metrics.get('train/reverse_kl', float('nan')):.3f}")
+                bar.update(1)
+                if self._should_checkpoint():
+                    self.save()
+        finally:
+            bar.close()
+
+    def _should_checkpoint(self) -> bool:
+        every = self.cfg.checkpoint.every
+        return self.step == self.cfg.run.total_steps or (every > 0 and self.step % every == 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        tmp = ckpt.begin(self.ckpt_root, self.step)
+        self.trainer.save_checkpoint(str(tmp / "trainer"), {"step": self.step})
+        self.trainer.save_hf(str(tmp / "hf"))
+        state = {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "nonfinite_streak": self.nonfinite_streak,
+            "data": self.mixer.state_dict(),
+            "rng": {"python": _py_rng_state(), "torch": torch.get_rng_state().tolist()},
+            "teachers": teacher_fingerprint(self.cfg),
+            "recipe": to_dict(self.cfg),
+        }
+        path = ckpt.commit(tmp, state, keep=self.cfg.checkpoint.keep)
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def restore(self, path: Path, force_teachers: bool = False) -> None:
+        state = ckpt.read_state(path)
+        check_teachers(state.get("teachers", {}), teacher_fingerprint(self.cfg), force_teachers)
+        self.trainer.load_checkpoint(str(path / "trainer"))
+        self.step = int(state["step"])
+        self.policy_version = int(state["policy_version"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.mixer.load_state_dict(state["data"])
+        random.setstate(_to_tuple(state["rng"]["python"]))
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        # The rollout engines started from the initial weights: give them the restored ones.
+        self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
+        log.info("resumed from %s at step %d (policy version %d)", path, self.step, self.policy_version)
+
+
+def check_teachers(saved: Dict[str, str], current: Dict[str, str], force: bool) -> None:
+    if saved == current:
+        return
+    diff = sorted(set(saved) ^ set(current)) + sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+    msg = (
+        f"the teacher set differs from the checkpoint's (domains: {', '.join(diff)}); "
+        f"checkpoint: {saved}; recipe: {current}. Resume with the same teachers, or pass "
+        f"--force-teachers to continue anyway"
+    )
+    if not force:
+        raise ConfigMismatchError(msg)
+    log.warning("%s (forced)", msg)
+
+
+def _py_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _to_tuple(s: list) -> tuple:
+    return (s[0], tuple(s[1]), s[2])
+
+
+def rollout_metrics(batch: RolloutBatch) -> Dict[str, float]:
+    """Per-domain response length and token share of the batch."""
+    lengths = batch.response_mask.sum(-1).float()
+    total = float(lengths.sum()) or 1.0
+    out = {"rollout/response_len": float(lengths.mean()), "rollout/tokens": float(lengths.sum())}
+    for d in sorted(set(batch.domains)):
+        idx = torch.tensor([i for i, x in enumerate(batch.domains) if x == d])
+        out[f"rollout/{d}/response_len"] = float(lengths[idx].mean())
+        out[f"teacher/{d}/token_share"] = float(lengths[idx].sum()) / total
+    return out
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def evaluate(rollout: Rollout, rows: List[PromptRow], seed: int = 0) -> Dict[str, float]:
+    """Greedy accuracy per domain with each domain's verifier: ``eval/<domain>/accuracy``."""
+    from mopd.domains import get_domain
+
+    batch = rollout.generate(rows, 1, seed=seed, greedy=True)
+    by_domain: Dict[str, List[float]] = {}
+    for row, resp in zip(batch.rows, batch.responses):
+        by_domain.setdefault(row.domain, []).append(get_domain(row.domain).verify(row, resp))
+    return {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Path:
+    """Validate data, start the actors, run (or resume) the loop; returns the output directory."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mixer, data_stats = build_mixer(cfg)  # data errors surface before any actor starts
+    latest = _checkpoint_to_resume(cfg, resume, force_teachers)
+    (out / "recipe.yaml").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    from mopd.runtime import init_ray
+    from rollout import RolloutPool
+    from teachers import TeacherPool
+    from trainers import TrainerPool
+
+    init_ray(cfg)
+    pools: List[Any] = []
+    writer = MetricsWriter(out)
+    try:
+        trainer = _track(pools, TrainerPool(cfg))
+        rollout = _track(pools, RolloutPool(cfg))
+        teachers = _track(pools, TeacherPool(cfg.teachers, cfg.run.seed, student_signature(cfg)))
+        loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer)
+        if latest is not None:
+            loop.restore(latest, force_teachers)
+        if data_stats:
+            writer.write(loop.step, data_stats)
+        loop.run()
+    except BaseException as e:
+        latest = ckpt.latest_checkpoint(_ckpt_root(cfg))
+        where = f"the latest checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        log.error("the run stopped (%s: %s); %s. Continue with: mopd train ... --resume", type(e).__name__, e, where)
+        raise
+    finally:
+        writer.close()
+        for pool in reversed(pools):
+            pool.shutdown()
+    return out
+
+
+def _track(pools: List[Any], pool: Any) -> Any:
+    pools.append(pool)
+    return pool
+
+
+def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -> Optional[Path]:
+    if not resume:
+        return None
+    root = _ckpt_root(cfg)
+    latest = ckpt.latest_checkpoint(root)
+    if latest is None:
+        log.warning("--resume: no checkpoint under %s; starting from step 0", root)
+        return None
+    # Checked here too, so a teacher mismatch fails before any actor starts.
+    check_teachers(ckpt.read_state(latest).get("teachers", {}), teacher_fingerprint(cfg), force_teachers)
+    return latest
+
+
+def _ckpt_root(cfg: MOPDConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
+
+
+def build_mixer(cfg: MOPDConfig):
+    """Load every data source and mix them by weight; returns (mixer, counts of skipped rows)."""
+    from mopd.data import PromptMixer, load_source
+
+    known = set(cfg.teachers)
+    sources, stats = [], {}
+    for src in cfg.data.sources:
+        rows, src_stats = load_source(src, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, known)
+        if not rows:
+            raise ValueError(f"data source {src.path or src.generator} ({src.domain}) has no usable rows")
+        sources.append((src, rows))
+        for k, v in src_stats.items():
+            stats[k] = stats.get(k, 0) + v
+    return PromptMixer(sources, seed=cfg.run.seed), stats
+
+
+def student_signature(cfg: MOPDConfig) -> Dict[str, Any]:
+    from mopd.models import load_tokenizer
+    from teachers.pool import tokenizer_signature
+
+    vocab = None
+    if cfg.student.config is not None:
+        vocab = cfg.student.config.get("vocab_size")
+    else:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code).vocab_size
+    return tokenizer_signature(load_tokenizer(cfg.student), vocab)

@@ -1,0 +1,151 @@
+"""The recipe schema: every shipped recipe validates, and each misconfiguration says what to fix."""
+
+from pathlib import Path
+
+import pytest
+
+from mopd import cli
+from mopd.config import ConfigError, MOPDConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + sorted((ROOT / "recipes").rglob("*.yml"))
+
+
+def test_recipes_exist():
+    assert len(RECIPES) >= 2, RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, MOPDConfig)
+    assert cfg.teachers and cfg.data.sources
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    """A minimal valid recipe on a jsonl file, written to tmp_path."""
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"prompt": "1+1="}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"""
+run: {{total_steps: 2}}
+student: {{path: {tmp_path}, tokenizer: builtin:char}}
+teachers:
+  math: {{path: {tmp_path}, tokenizer: builtin:char}}
+  code: {{path: {tmp_path}, tokenizer: builtin:char}}
+data:
+  sources:
+    - {{domain: math, path: {data}}}
+"""
+    )
+    return path
+
+
+def _error(path, *overrides) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, list(overrides))
+    return str(e.value)
+
+
+def test_minimal_recipe_loads_with_defaults(recipe):
+    cfg = load_config(recipe, ["trainer.lr=3e-4", "rollout.n=8"])
+    assert cfg.trainer.lr == 3e-4 and cfg.rollout.n == 8
+    assert cfg.objective.eps_low == 0.5 and cfg.objective.eps_high == 5.0
+    assert cfg.run.output_dir == "runs/mopd"  # interpolated from run.name
+
+
+def test_unknown_key_names_nearest_valid_keys(recipe):
+    msg = _error(recipe, "trainer.lrr=1")
+    assert "unknown key 'trainer.lrr'" in msg and "did you mean 'lr'" in msg and "zero_stage" in msg
+
+
+def test_unknown_key_inside_teacher_entry(recipe):
+    msg = _error(recipe, "teachers.math.replica=2")
+    assert "did you mean 'replicas'" in msg and "teachers.<domain>" in msg
+
+
+def test_unknown_top_level_section(recipe):
+    msg = _error(recipe, "trainr.lr=1")
+    assert "unknown key 'trainr" in msg and "'trainer'" in msg
+
+
+def test_wrong_type(recipe):
+    msg = _error(recipe, "rollout.n=four")
+    assert "wrong type" in msg and "rollout.n" in msg
+
+
+def test_missing_required_value(tmp_path, recipe):
+    text = recipe.read_text().replace("run: {total_steps: 2}", "run: {name: x}")
+    recipe.write_text(text)
+    msg = _error(recipe)
+    assert "missing required value: run.total_steps" in msg
+
+
+def test_domain_without_teacher_names_configured_teachers(recipe, tmp_path):
+    data = tmp_path / "law.jsonl"
+    data.write_text('{"prompt": "x"}\n')
+    msg = _error(recipe, f"data.sources=[{{domain: law, path: {data}}}]")
+    assert "no teacher for domain 'law'; configured teachers: code, math" in msg
+
+
+def test_eps_low_not_below_eps_high(recipe):
+    msg = _error(recipe, "objective.eps_low=5.0", "objective.eps_high=5.0")
+    assert "objective.eps_low (5.0) must be > 0 and < objective.eps_high (5.0)" in msg
+
+
+@pytest.mark.parametrize(
+    "override,name",
+    [
+        ("rollout.n=0", "rollout.n"),
+        ("rollout.prompts_per_step=-1", "rollout.prompts_per_step"),
+        ("trainer.world_size=0", "trainer.world_size"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("teachers.math.replicas=0", "teachers.math.replicas"),
+        ("run.total_steps=0", "run.total_steps"),
+    ],
+)
+def test_non_positive_sizes(recipe, override, name):
+    assert f"{name} must be positive" in _error(recipe, override)
+
+
+def test_missing_data_file(recipe):
+    msg = _error(recipe, "data.sources=[{domain: math, path: /nonexistent/math.jsonl}]")
+    assert "data.sources[0].path: file or directory does not exist: /nonexistent/math.jsonl" in msg
+
+
+def test_missing_model_dir(recipe):
+    msg = _error(recipe, "teachers.code.path=/nonexistent/teacher")
+    assert "teachers.code.path: file or directory does not exist: /nonexistent/teacher" in msg
+
+
+def test_missing_recipe_file(tmp_path):
+    assert "recipe file not found" in _error(tmp_path / "nope.yaml")
+
+
+def test_bad_choice_names_valid_options(recipe):
+    assert "rollout.backend is 'sglang'; valid: hf, vllm" in _error(recipe, "rollout.backend=sglang")
+    assert "objective.kind is 'full'; valid: sampled, topk" in _error(recipe, "objective.kind=full")
+
+
+def test_several_errors_reported_together(recipe):
+    msg = _error(recipe, "rollout.n=0", "objective.eps_low=9")
+    assert "rollout.n must be positive" in msg and "objective.eps_low" in msg
+
+
+def test_cli_validate_prints_resolved_recipe(recipe, capsys):
+    assert cli.main(["validate", str(recipe), "trainer.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "eps_high: 5.0" in out
+
+
+def test_cli_train_fails_before_any_actor_starts(recipe, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("ray.init called for an invalid recipe")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert cli.main(["train", str(recipe), "trainer.lrr=1"]) == 2
+    assert "unknown key 'trainer.lrr'" in capsys.readouterr().err
