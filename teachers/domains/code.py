@@ -1,9 +1,9 @@
 """Synthetic code reading: predict what a one-line string expression evaluates to.
 
-    rev('abc')=        -> cba        level 1
-    upper('abc')=      -> ABC        level 1
+    upper('abc')=      -> ABC        level 1 (copying, position by position)
     'ab'*3=            -> ababab     level 1
-    'ab'+'cde'=        -> abcde      level 2 (default)
+    'ab'+'cde'=        -> abcde      level 1
+    rev('abc')=        -> cba        level 2 (default)
     len('abcde')=      -> 5          level 2
     'abcde'[2]=        -> c          level 2
     sort('dbca')=      -> abcd       level 3
@@ -76,10 +76,10 @@ def _slice(rng: random.Random) -> Tuple[str, str]:
 
 # kind -> (level it first appears at, draw of (expression, value)).
 OPS: Dict[str, Tuple[int, Callable[[random.Random], Tuple[str, str]]]] = {
-    "rev": (1, lambda r: _call(r, "rev")),
     "upper": (1, lambda r: _call(r, "upper")),
     "repeat": (1, _repeat),
-    "concat": (2, _concat),
+    "concat": (1, _concat),
+    "rev": (2, lambda r: _call(r, "rev")),
     "len": (2, _length),
     "index": (2, _index),
     "sort": (3, lambda r: _call(r, "sort")),

@@ -1,0 +1,113 @@
+"""Synthetic tool use: turn a one-line request into exactly one tool call.
+
+    weather in Paris ->             weather(Paris)     level 1
+    what time is it in Oslo ->      time(Oslo)         level 1
+    ring bob now ->                 dial(bob)          level 1
+    how many eur for 12 usd ->      fx(12,usd,eur)     level 2 (default)
+    wake me in 5 min ->             timer(5)           level 2
+    put on jazz music ->            play(jazz)         level 2
+    send ann a note on rent ->      mail(ann,rent)     level 3
+    reserve for 4 people in Rome -> book(Rome,4)       level 3
+
+Each tool has several phrasings; the call format is strict: ``name(arg,arg)``, no spaces, no
+quotes, arguments in the tool's fixed order (which is not always the order of the request).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from mopd.types import PromptRow
+from teachers.domains.common import register_levels, sample_split
+
+DOMAIN = "agent"
+DEFAULT_LEVEL = 2
+PROMPT_END = " ->"  # marks where the request ends and the call begins
+
+CITIES = (
+    "Paris", "Oslo", "Lima", "Rome", "Cairo", "Tokyo", "Delhi", "Quito", "Dakar", "Kyiv",
+    "Seoul", "Miami", "Bern", "Riga", "Doha", "Baku", "Accra", "Hanoi", "Lagos", "Perth",
+    "Lyon", "Nice", "Kobe", "Pune", "Cusco", "Bonn", "Oran", "Sofia", "Minsk", "Tunis",
+)  # fmt: skip
+NAMES = (
+    "bob", "ann", "eve", "max", "kim", "joe", "liz", "sam", "tom", "amy", "ian", "zoe",
+    "ben", "ada", "raj", "mia", "leo", "ava", "kai", "noa", "eli", "ivy", "gus", "uma",
+)  # fmt: skip
+CURRENCIES = ("usd", "eur", "gbp", "jpy", "chf", "cad")
+GENRES = (
+    "jazz", "rock", "pop", "folk", "blues", "opera", "rap", "metal",
+    "soul", "funk", "house", "disco", "samba", "salsa", "indie", "punk",
+)  # fmt: skip
+TOPICS = ("tea", "rent", "lunch", "golf", "exam", "trip", "cats", "code")
+
+
+def _numbers(lo: int, hi: int) -> Tuple[str, ...]:
+    return tuple(str(i) for i in range(lo, hi + 1))
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool: the request phrasings that call it and the call they must produce."""
+
+    name: str
+    level: int
+    phrasings: Tuple[str, ...]  # templates over the slots, e.g. "weather in {city}"
+    call: str  # answer template, e.g. "weather({city})"
+    slots: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    distinct: Tuple[str, ...] = ()  # slots that must take different values
+
+
+TOOLS: Tuple[Tool, ...] = (
+    Tool("weather", 1, ("weather in {city}", "forecast for {city}", "is it cold in {city}", "will it rain in {city}",
+                         "how warm is {city}"),
+         "weather({city})", {"city": CITIES}),
+    Tool("time", 1, ("time in {city}", "what time is it in {city}", "clock for {city}", "local time {city}"),
+         "time({city})", {"city": CITIES}),
+    Tool("dial", 1, ("call {name}", "phone {name}", "ring {name} now", "give {name} a call"),
+         "dial({name})", {"name": NAMES}),
+    Tool("fx", 2, ("convert {amount} {src} to {dst}", "{amount} {src} in {dst}", "how much is {amount} {src} in {dst}",
+                   "how many {dst} for {amount} {src}"),
+         "fx({amount},{src},{dst})", {"amount": _numbers(1, 99), "src": CURRENCIES, "dst": CURRENCIES}, ("src", "dst")),
+    Tool("timer", 2, ("set a timer for {n} min", "timer {n} minutes", "wake me in {n} min"),
+         "timer({n})", {"n": _numbers(1, 60)}),
+    Tool("play", 2, ("play some {genre}", "put on {genre} music", "i want to hear {genre}", "music: {genre}"),
+         "play({genre})", {"genre": GENRES}),
+    Tool("mail", 3, ("email {name} about {topic}", "send {name} a note on {topic}", "mail {name} re {topic}"),
+         "mail({name},{topic})", {"name": NAMES, "topic": TOPICS}),
+    Tool("book", 3, ("table for {n} in {city}", "book {n} seats in {city}", "reserve for {n} people in {city}"),
+         "book({city},{n})", {"n": _numbers(1, 9), "city": CITIES}),
+)  # fmt: skip
+LEVELS = (1, 2, 3)
+
+
+def _fill(rng: random.Random, tool: Tool) -> Dict[str, str]:
+    """Slot values for one request; redrawn until the ``distinct`` slots differ."""
+    while True:
+        values = {slot: rng.choice(choices) for slot, choices in tool.slots.items()}
+        if len({values[s] for s in tool.distinct}) == len(tool.distinct):
+            return values
+
+
+def render(tool: Tool, phrasing: int, values: Dict[str, str]) -> Tuple[str, str]:
+    """(prompt, answer) of ``tool`` asked with phrasing number ``phrasing``."""
+    return tool.phrasings[phrasing].format(**values) + PROMPT_END, tool.call.format(**values)
+
+
+def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]:
+    """One (prompt, answer, tool name) at ``level``: a tool uniformly, then a phrasing and slots."""
+    tool = rng.choice([t for t in TOOLS if t.level <= level])
+    phrasing = rng.randrange(len(tool.phrasings))
+    prompt, answer = render(tool, phrasing, _fill(rng, tool))
+    return prompt, answer, tool.name
+
+
+def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> List[PromptRow]:
+    """``n`` tool-use prompts of ``split`` ("train" or "eval"), drawn with ``rng``."""
+    if level not in LEVELS:
+        raise ValueError(f"agent: unknown level {level}; valid: {', '.join(map(str, LEVELS))}")
+    return sample_split(rng, n, split, DOMAIN, lambda r: draw(r, level))
+
+
+register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL)

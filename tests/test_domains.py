@@ -1,0 +1,124 @@
+"""The built-in synthetic domains: deterministic, disjoint splits, strict verifiers, tokenizable."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mopd.domains import get_domain, registered_generators
+from mopd.models import CHARS
+from mopd.types import PromptRow
+from teachers.domains import agent, code, format_sft_example, split_of
+
+DOMAINS = ("math", "code", "agent")
+LEVELED = [f"{d}_l{level}" for d in DOMAINS for level in (1, 2, 3)]
+ALL = list(DOMAINS) + LEVELED
+
+
+def _gen(name: str, n: int, split: str, seed: int = 0) -> list[PromptRow]:
+    return get_domain(name).generate(random.Random(seed), n, split)
+
+
+def test_builtins_registered():
+    assert set(ALL) <= set(registered_generators())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic_per_seed(name):
+    a, b = _gen(name, 200, "train", seed=1), _gen(name, 200, "train", seed=1)
+    assert [(r.prompt, r.meta) for r in a] == [(r.prompt, r.meta) for r in b]
+    c = _gen(name, 200, "train", seed=2)
+    assert [r.prompt for r in a] != [r.prompt for r in c]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_and_eval_disjoint(name):
+    train = {r.prompt for seed in range(3) for r in _gen(name, 400, "train", seed)}
+    evals = {r.prompt for seed in range(3) for r in _gen(name, 100, "eval", seed)}
+    assert evals and train and not (train & evals)
+    assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "eval" for p in evals)
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_rows_are_short_tokenizable_and_carry_the_answer(name):
+    chars = set(CHARS)
+    for row in _gen(name, 500, "train") + _gen(name, 100, "eval"):
+        answer = row.meta["answer"]
+        assert row.domain == name and isinstance(answer, str) and answer
+        assert len(row.prompt) < 40 and len(answer) <= 15, (row.prompt, answer)
+        assert set(row.prompt) <= chars and set(answer) <= chars, (row.prompt, answer)
+        assert answer == answer.strip() and "\n" not in answer
+        assert format_sft_example(row) == (row.prompt, answer)
+
+
+def test_eval_rows_are_distinct():
+    rows = _gen("math", 300, "eval")
+    assert len({r.prompt for r in rows}) == 300
+
+
+def test_small_space_repeats_rather_than_hangs():
+    rows = _gen("agent_l1", 500, "eval")  # the level-1 eval space has about 20 prompts
+    assert len(rows) == 500 and len({r.prompt for r in rows}) < 100
+
+
+def test_math_answers_are_python_arithmetic_and_non_negative():
+    for row in _gen("math_l3", 500, "train"):
+        assert row.prompt.endswith("=")
+        value = eval(row.prompt[:-1], {"__builtins__": {}})  # operands are plain decimal literals
+        assert value >= 0 and row.meta["answer"] == str(value)
+    assert {r.meta["kind"] for r in _gen("math_l3", 200, "train")} == {"+", "-", "*"}
+    assert {r.meta["kind"] for r in _gen("math_l1", 50, "train")} == {"+"}
+
+
+def test_code_answers_are_python_values():
+    namespace = {"__builtins__": {"len": len}, **code.HELPERS}
+    rows = _gen("code_l3", 800, "train")
+    assert {r.meta["kind"] for r in rows} == set(code.OPS)
+    for row in rows:
+        assert row.prompt.endswith("=")
+        assert str(eval(row.prompt[:-1], namespace)) == row.meta["answer"], row.prompt
+
+
+def test_agent_calls_use_the_tools_format():
+    assert agent.render(agent.TOOLS[0], 0, {"city": "Paris"}) == ("weather in Paris ->", "weather(Paris)")
+    fx = next(t for t in agent.TOOLS if t.name == "fx")
+    assert agent.render(fx, 3, {"amount": "12", "src": "usd", "dst": "eur"}) == (
+        "how many eur for 12 usd ->",
+        "fx(12,usd,eur)",
+    )
+    for row in _gen("agent_l3", 300, "train"):
+        name, args = row.meta["answer"].rstrip(")").split("(")
+        assert name == row.meta["kind"] and " " not in row.meta["answer"]
+        assert all(a in row.prompt for a in args.split(","))
+        if name == "fx":
+            src, dst = args.split(",")[1:]
+            assert src != dst
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_verifier_is_strict(name):
+    verify = get_domain(name).verify
+    for row in _gen(name, 50, "eval"):
+        a = row.meta["answer"]
+        assert verify(row, a) == 1.0
+        assert verify(row, f"  {a}\n") == 1.0  # surrounding whitespace is not part of the answer
+        near_misses = [a + a[-1], a[:-1], f"{a} ", f"{a}.", f"{a}\n{a}", f"answer: {a}", f"'{a}'", a.swapcase(), ""]
+        for bad in near_misses:
+            if bad.strip() != a:
+                assert verify(row, bad) == 0.0, (row.prompt, bad)
+
+
+def test_verifier_without_answer_says_so():
+    row = PromptRow(prompt="1+1=", domain="math", source="x.jsonl", index=3)
+    with pytest.raises(KeyError, match="answer"):
+        get_domain("math").verify(row, "2")
+
+
+def test_unknown_split_and_level_rejected():
+    from teachers.domains import math as math_domain
+
+    with pytest.raises(ValueError, match="valid: train, eval"):
+        math_domain.generate(random.Random(0), 3, "test")
+    with pytest.raises(ValueError, match="unknown level 7"):
+        math_domain.generate(random.Random(0), 3, "train", level=7)
