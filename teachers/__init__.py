@@ -1,1 +1,29 @@
-"""teachers package."""
+"""Teacher workers and the pool that routes rollout rows to them.
+
+    from teachers import TeacherPool
+    pool = TeacherPool(cfg.teachers, seed=cfg.run.seed, student_tokenizer_signature=sig)
+    scores, metrics = pool.score(batch)
+
+Backends: ``teachers.hf`` (transformers forward) and ``teachers.vllm`` (vLLM prompt log-probs).
+Importing this package loads neither torch models, Ray nor vLLM: the names below resolve lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TeacherPool": "teachers.pool",
+    "tokenizer_signature": "teachers.common",
+    "HFTeacherWorker": "teachers.hf",
+    "VLLMTeacherWorker": "teachers.vllm",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'teachers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

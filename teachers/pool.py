@@ -1,0 +1,264 @@
+"""The teacher pool: one group of teacher workers per domain, each row of a rollout batch scored by
+the teacher of its domain.
+
+    pool = TeacherPool(cfg.teachers, seed=cfg.run.seed, student_tokenizer_signature=sig)
+    scores, metrics = pool.score(batch, topk=0)   # scores aligned with batch rows
+
+Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``) or, with
+``local=True``, one in-process worker per domain (tests, debugging). Routing, splitting across
+replicas and reassembly are pure functions below (``plan_shards``, ``assemble_scores``), tested
+without Ray. Ray is imported only when actors are created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from mopd.config import TeacherConfig
+from mopd.types import RolloutBatch, TeacherScores
+from teachers.common import actor_env, signature_differences, tokenizer_signature  # noqa: F401 (re-export)
+
+
+class VocabularyMismatchError(ValueError):
+    """A teacher whose tokenizer / vocabulary differs from the student's."""
+
+
+class TeacherScoreError(RuntimeError):
+    """A teacher returned scores that do not line up with the rows it was sent."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The rows of a batch (indices, in batch order) sent to one replica of one domain's teacher."""
+
+    domain: str
+    replica: int
+    rows: List[int]
+
+
+# --------------------------------------------------------------------------- pure routing
+
+
+def group_rows(domains: Sequence[str], teachers: Sequence[str]) -> Dict[str, List[int]]:
+    """Row indices per domain, in batch order; a domain without a teacher raises ValueError."""
+    known = set(teachers)
+    groups: Dict[str, List[int]] = {}
+    for i, d in enumerate(domains):
+        if d not in known:
+            raise ValueError(f"no teacher for domain '{d}'; configured teachers: {', '.join(sorted(known))}")
+        groups.setdefault(d, []).append(i)
+    return groups
+
+
+def split_balanced(rows: List[int], parts: int) -> List[List[int]]:
+    """``rows`` cut into ``parts`` contiguous pieces whose sizes differ by at most one."""
+    size, extra = divmod(len(rows), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < extra else 0)
+        out.append(rows[start:end])
+        start = end
+    return out
+
+
+def plan_shards(domains: Sequence[str], replicas: Mapping[str, int]) -> List[Shard]:
+    """One shard per (domain, replica) that gets rows: each domain's rows split evenly across its
+    replicas. ``replicas`` maps every configured domain to its number of workers."""
+    shards = []
+    for domain, rows in group_rows(domains, list(replicas)).items():
+        for r, part in enumerate(split_balanced(rows, replicas[domain])):
+            if part:
+                shards.append(Shard(domain, r, part))
+    return shards
+
+
+def check_shard_result(shard: Shard, result: TeacherScores, num_cols: int, topk: int) -> None:
+    """Raise TeacherScoreError unless ``result`` has one (num_cols,) row per row of ``shard``."""
+    who = f"teacher '{shard.domain}' (replica {shard.replica})"
+    rows, cols = result.logprobs.shape
+    if rows != len(shard.rows):
+        raise TeacherScoreError(f"{who} returned scores for {rows} rows but was sent {len(shard.rows)}")
+    if cols != num_cols:
+        raise TeacherScoreError(f"{who} returned {cols} columns, expected {num_cols}")
+    if (topk > 0) != (result.topk_ids is not None):
+        raise TeacherScoreError(f"{who}: top-k scores {'missing' if topk > 0 else 'not requested'} (topk={topk})")
+
+
+def assemble_scores(
+    shards: Sequence[Shard], results: Sequence[TeacherScores], num_rows: int, num_cols: int, topk: int = 0
+) -> TeacherScores:
+    """Scatter per-shard scores back to batch order: (num_rows, num_cols) log-probs and, with
+    ``topk``, (num_rows, num_cols, K) top-k tensors; ``latency_s`` is the slowest shard's."""
+    if len(shards) != len(results):
+        raise TeacherScoreError(f"{len(results)} results for {len(shards)} shards")
+    for shard, res in zip(shards, results):
+        check_shard_result(shard, res, num_cols, topk)
+    out = TeacherScores(logprobs=torch.zeros(num_rows, num_cols, dtype=torch.float32))
+    if topk > 0 and results:
+        k = _common_k(shards, results)
+        out.topk_ids = torch.zeros(num_rows, num_cols, k, dtype=torch.int64)
+        out.topk_logprobs = torch.zeros(num_rows, num_cols, k, dtype=torch.float32)
+    for shard, res in zip(shards, results):
+        idx = torch.as_tensor(shard.rows, dtype=torch.long)
+        out.logprobs[idx] = res.logprobs
+        if out.topk_ids is not None:
+            out.topk_ids[idx] = res.topk_ids
+            out.topk_logprobs[idx] = res.topk_logprobs
+    out.latency_s = max((r.latency_s for r in results), default=0.0)
+    return out
+
+
+def _common_k(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> int:
+    ks = {r.topk_ids.shape[-1] for r in results}
+    if len(ks) != 1:
+        got = ", ".join(f"{s.domain}: {r.topk_ids.shape[-1]}" for s, r in zip(shards, results))
+        raise TeacherScoreError(f"teachers returned different top-k sizes ({got})")
+    return ks.pop()
+
+
+def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> Dict[str, float]:
+    """``teacher/<domain>/latency_s`` (slowest replica: they run in parallel) and
+    ``teacher/<domain>/rows`` for every domain present in the batch."""
+    metrics: Dict[str, float] = {}
+    for shard, res in zip(shards, results):
+        lat, rows = f"teacher/{shard.domain}/latency_s", f"teacher/{shard.domain}/rows"
+        metrics[lat] = max(metrics.get(lat, 0.0), float(res.latency_s))
+        metrics[rows] = metrics.get(rows, 0.0) + len(shard.rows)
+    return metrics
+
+
+def check_vocabularies(signatures: Mapping[str, Dict[str, Any]], student: Optional[Dict[str, Any]]) -> None:
+    """Fail loudly if a teacher's vocabulary differs from the student's (or, without a student
+    signature, from the other teachers'). ``signatures`` maps domain -> ``tokenizer_signature``."""
+    if not signatures:
+        return
+    reference, ref_name = student, "the student"
+    if reference is None:
+        ref_name = f"teacher '{next(iter(signatures))}'"
+        reference = next(iter(signatures.values()))
+    problems = []
+    for name, sig in signatures.items():
+        diffs = signature_differences(reference, sig)
+        if diffs:
+            problems.append(f"teacher '{name}' vs {ref_name}: " + "; ".join(diffs))
+    if problems:
+        raise VocabularyMismatchError(
+            "teachers must share the student's tokenizer and vocabulary (values: teacher vs reference):\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+def worker_class(backend: str) -> type:
+    """The worker class of a teacher backend (imported lazily: vLLM is heavy)."""
+    if backend == "hf":
+        from teachers.hf import HFTeacherWorker
+
+        return HFTeacherWorker
+    if backend == "vllm":
+        from teachers.vllm import VLLMTeacherWorker
+
+        return VLLMTeacherWorker
+    raise ValueError(f"unknown teacher backend {backend!r}; valid: hf, vllm")
+
+
+class TeacherPool:
+    """Owns the teacher workers of every domain and routes rollout rows to them.
+
+    teachers  domain -> TeacherConfig
+    seed      init seed for teachers built from an inline config; an int for all, or per domain
+    student_tokenizer_signature  ``tokenizer_signature`` of the student; checked at start-up
+    local     one in-process worker per domain instead of Ray actors
+    max_topk  largest top-k the vLLM backend must serve (its engine caps ``max_logprobs``)
+    env       extra environment variables for every actor (e.g. ``ray.env`` of the recipe)
+    """
+
+    def __init__(
+        self,
+        teachers: Mapping[str, TeacherConfig],
+        seed: Union[int, Mapping[str, int]],
+        student_tokenizer_signature: Optional[Dict[str, Any]] = None,
+        local: bool = False,
+        max_topk: int = 64,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        if not teachers:
+            raise ValueError("no teachers configured: add at least one 'teachers.<domain>' entry")
+        self.local = local
+        self.domains = sorted(teachers)
+        self._workers: Dict[str, List[Any]] = {}
+        for domain in self.domains:
+            cfg, s = teachers[domain], seed if isinstance(seed, int) else seed[domain]
+            self._workers[domain] = self._start(domain, cfg, s, max_topk, dict(env or {}))
+        try:
+            self.signatures = self._signatures()
+            check_vocabularies(self.signatures, student_tokenizer_signature)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: Dict[str, str]) -> List[Any]:
+        cls = worker_class(cfg.backend)
+        kwargs = {"max_logprobs": max_topk} if cfg.backend == "vllm" else {}
+        if self.local:
+            return [cls(domain, cfg, seed, set_threads=False, **kwargs)]
+        import ray
+
+        options = dict(
+            num_cpus=cfg.resources.num_cpus,
+            num_gpus=cfg.resources.num_gpus,
+            runtime_env={"env_vars": {**actor_env(cfg.resources.num_cpus, cfg.backend), **env}},
+        )
+        actor_cls = ray.remote(cls).options(**options)
+        return [actor_cls.remote(domain, cfg, seed, **kwargs) for _ in range(cfg.replicas)]
+
+    def _call_all(self, calls: List[tuple]) -> List[Any]:
+        """Run ``(worker, method, args)`` calls: concurrently on actors, in order in-process."""
+        if self.local:
+            return [getattr(w, m)(*args) for w, m, args in calls]
+        import ray
+
+        return ray.get([getattr(w, m).remote(*args) for w, m, args in calls])
+
+    def _signatures(self) -> Dict[str, Dict[str, Any]]:
+        """One vocabulary signature per domain (replicas share a config, so the first speaks)."""
+        sigs = self._call_all([(ws[0], "vocab_signature", ()) for ws in self._workers.values()])
+        return dict(zip(self._workers, sigs))
+
+    @property
+    def replicas(self) -> Dict[str, int]:
+        return {d: len(ws) for d, ws in self._workers.items()}
+
+    def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, Dict[str, float]]:
+        """Scores of every row of ``batch`` by its domain's teacher, in batch order, and per-domain
+        metrics. Returns (TeacherScores with (B, T) logprobs [and (B, T, K) top-k], metrics)."""
+        shards = plan_shards(batch.domains, self.replicas)
+        calls = []
+        for s in shards:
+            idx = torch.as_tensor(s.rows, dtype=torch.long)
+            args = (batch.input_ids[idx], batch.attention_mask[idx], batch.response_mask[idx], topk)
+            calls.append((self._workers[s.domain][s.replica], "score", args))
+        results = self._call_all(calls)
+        B, T = batch.input_ids.shape
+        return assemble_scores(shards, results, B, T, topk), domain_metrics(shards, results)
+
+    def shutdown(self) -> None:
+        """Release every worker (vLLM engines first, then the actors)."""
+        workers = [w for ws in self._workers.values() for w in ws]
+        self._workers = {}
+        if self.local:
+            for w in workers:
+                w.shutdown()
+            return
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in workers], timeout=60)
+        finally:
+            for w in workers:
+                ray.kill(w)

