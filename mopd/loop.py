@@ -267,7 +267,11 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     try:
         trainer = _track(pools, TrainerPool(cfg))
         rollout = _track(pools, RolloutPool(cfg))
-        teachers = _track(pools, TeacherPool(cfg.teachers, cfg.run.seed, student_signature(cfg)))
+        topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
+        teachers = _track(
+            pools,
+            TeacherPool(cfg.teachers, cfg.run.seed, student_signature(cfg), max_topk=max(topk, 1), env=cfg.ray.env),
+        )
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer)
         if latest is not None:
             loop.restore(latest, force_teachers)
@@ -325,14 +329,15 @@ def build_mixer(cfg: MOPDConfig):
 
 
 def student_signature(cfg: MOPDConfig) -> Dict[str, Any]:
+    """The student's tokenizer/vocabulary signature, which every teacher must match."""
+    from transformers import AutoConfig
+
     from mopd.models import load_tokenizer
-    from teachers.pool import tokenizer_signature
+    from teachers.common import config_vocab_size, tokenizer_signature
 
-    vocab = None
     if cfg.student.config is not None:
-        vocab = cfg.student.config.get("vocab_size")
+        extra = dict(cfg.student.config)
+        config = AutoConfig.for_model(extra.pop("model_type"), **extra)
     else:
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code).vocab_size
-    return tokenizer_signature(load_tokenizer(cfg.student), vocab)
+        config = AutoConfig.from_pretrained(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code)
+    return tokenizer_signature(load_tokenizer(cfg.student), config_vocab_size(config))

@@ -1,0 +1,338 @@
+"""Tests of the DeepSpeed trainer: in-process ranks (world size 1) and a 2-rank Ray pool.
+
+    OMP_NUM_THREADS=1 pytest tests/test_trainer.py            # everything (~1-2 min on 2 cores)
+    OMP_NUM_THREADS=1 pytest tests/test_trainer.py -m "not slow"
+
+Tiny MiMo-V2-Flash students from config, the builtin char tokenizer, CPU only.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+
+from mopd.config import MOPDConfig, ModelConfig
+from mopd.models import forward_logits, load_model, sequence_logprobs, tiny_mimo_config, topk_logprobs
+from mopd.objective import grpo_advantages
+from mopd.types import PromptRow, RolloutBatch, TrainBatch
+from trainers.deepspeed_trainer import TrainerWorker, lr_lambda, plan_micro_batches
+from trainers.moe_balance import sigmoid_balance_loss
+
+PROMPT_LEN, RESPONSE_LEN = 6, 8
+DOMAINS = ("math", "code")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_cfg(zero_stage: int = 0, micro_batch_size: int = 2, kind: str = "sampled", aux: float = 0.001, seed: int = 0) -> MOPDConfig:
+    cfg = MOPDConfig()
+    cfg.run.total_steps = 10
+    cfg.run.seed = seed
+    cfg.student = ModelConfig(config=tiny_mimo_config(), tokenizer="builtin:char")
+    cfg.trainer.zero_stage = zero_stage
+    cfg.trainer.lr = 1e-3
+    cfg.trainer.micro_batch_size = micro_batch_size
+    cfg.trainer.aux_loss_coef = aux
+    cfg.objective.kind = kind
+    cfg.objective.topk = 16
+    return cfg
+
+
+def make_batch(cfg: MOPDConfig, rows: int = 6, teacher_seed: int = 1, data_seed: int = 0) -> TrainBatch:
+    """Random prompts/responses of varied lengths (left-padded prompts, right-padded responses),
+    rollout log-probs from the student's initial weights, teacher scores from a model built with
+    ``teacher_seed`` (== cfg.run.seed: the teacher is the student itself)."""
+    g = torch.Generator().manual_seed(data_seed)
+    T = PROMPT_LEN + RESPONSE_LEN
+    ids = torch.zeros(rows, T, dtype=torch.long)
+    attn = torch.zeros(rows, T, dtype=torch.bool)
+    resp = torch.zeros(rows, T, dtype=torch.bool)
+    for b in range(rows):
+        p, r = 2 + b % (PROMPT_LEN - 1), 1 + (3 * b) % RESPONSE_LEN
+        ids[b, PROMPT_LEN - p] = 1  # BOS
+        ids[b, PROMPT_LEN - p + 1 : PROMPT_LEN + r] = torch.randint(3, 100, (p - 1 + r,), generator=g)
+        attn[b, PROMPT_LEN - p : PROMPT_LEN + r] = True
+        resp[b, PROMPT_LEN : PROMPT_LEN + r] = True
+    student = load_model(cfg.student, seed=cfg.run.seed)
+    teacher = load_model(cfg.student, seed=teacher_seed)
+    rollout_lp = sequence_logprobs(student, ids, attn) * resp
+    teacher_lp = sequence_logprobs(teacher, ids, attn) * resp
+    with torch.no_grad():
+        top_ids, top_lp = topk_logprobs(forward_logits(teacher, ids, attn).logits, cfg.objective.topk)
+    domains = [DOMAINS[b % 2] for b in range(rows)]
+    group_ids = torch.arange(rows) // 2
+    adv_orm = grpo_advantages(torch.randint(0, 2, (rows,), generator=g).float(), group_ids)
+    rollout = RolloutBatch(
+        input_ids=ids, attention_mask=attn, response_mask=resp, rollout_logprobs=rollout_lp,
+        group_ids=group_ids, domains=domains, rows=[PromptRow("p", d) for d in domains],
+        responses=[""] * rows, policy_version=0, prompt_len=PROMPT_LEN,
+    )  # fmt: skip
+    return TrainBatch(rollout, teacher_lp, adv_orm, top_ids, top_lp)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(cfg: MOPDConfig) -> TrainerWorker:
+    return TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+
+
+def max_change(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def hf_keys(cfg: MOPDConfig) -> set:
+    return set(load_model(cfg.student).state_dict().keys())
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_micro_batch_plan_gives_every_rank_the_same_number_of_passes():
+    r0 = plan_micro_batches(5, rank=0, world_size=2, micro_batch_size=2)
+    r1 = plan_micro_batches(5, rank=1, world_size=2, micro_batch_size=2)
+    assert [(m.rows, m.dummy) for m in r0] == [([0, 2], False), ([4], False)]
+    assert [(m.rows, m.dummy) for m in r1] == [([1, 3], False), ([0], True)]
+    # Fewer rows than ranks: the rank without rows still enters one (zero-weight) pass.
+    assert [(m.rows, m.dummy) for m in plan_micro_batches(1, 1, 2, 4)] == [([0], True)]
+    with pytest.raises(ValueError, match="empty batch"):
+        plan_micro_batches(0, 0, 1, 4)
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero():
+    assert [lr_lambda("constant", 2, 10)(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    linear = lr_lambda("linear", 2, 10)
+    assert linear(2) == 1.0 and linear(6) == pytest.approx(0.5) and linear(10) == 0.0
+    cosine = lr_lambda("cosine", 0, 10)
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+
+
+def test_sigmoid_balance_loss_is_one_when_uniform_and_ignores_padding():
+    # 4 tokens, 4 experts, top-2: every expert chosen twice, equal affinities -> 1.0.
+    logits = torch.zeros(4, 4)
+    idx = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert float(sigmoid_balance_loss([(logits, idx)], mask)) == pytest.approx(1.0)
+    # Two extra padding tokens, routed and scored very unevenly, change nothing.
+    pad_logits = torch.cat([logits, torch.tensor([[3.0, 3.0, -3.0, -3.0]] * 2)])
+    pad_idx = torch.cat([idx, torch.tensor([[0, 1], [0, 1]])])
+    pad_mask = torch.tensor([[True] * 4 + [False] * 2])
+    assert float(sigmoid_balance_loss([(pad_logits, pad_idx)], pad_mask)) == pytest.approx(1.0)
+    # Every token prefers and gets experts 0 and 1: the loss rises above 1 and its gradient
+    # pushes the overloaded experts' logits down.
+    skewed = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 4, requires_grad=True)
+    loss = sigmoid_balance_loss([(skewed, torch.tensor([[0, 1]] * 4))], mask)
+    loss.backward()
+    assert float(loss.detach()) > 1.0
+    assert (skewed.grad[:, :2] > 0).all() and (skewed.grad[:, 2:] < 0).all()
+
+
+# --------------------------------------------------------------------------- one rank, in-process
+
+
+def test_two_steps_update_weights_and_report_per_domain_metrics():
+    cfg = make_cfg()
+    cfg.objective.alpha = 0.5  # outcome advantages in play too
+    w = worker(cfg)
+    batch = make_batch(cfg)
+    before = w.state_dict()
+    assert set(before) == hf_keys(cfg)
+    m1, m2 = w.train_step(batch), w.train_step(batch)
+    for m in (m1, m2):
+        assert m["train/skipped"] == 0.0
+        assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"])
+        assert m["train/aux_loss"] > 0  # MoE student: balance loss present
+        for d in DOMAINS:
+            assert {f"teacher/{d}/{k}" for k in ("reverse_kl", "is_masked_frac", "tokens")} <= m.keys()
+        tokens = sum(m[f"teacher/{d}/tokens"] for d in DOMAINS)
+        assert tokens == m["train/tokens"] == int(batch.rollout.response_mask.sum())
+    assert m1["train/train_rollout_abs_diff"] < 1e-5  # rollout log-probs came from these weights
+    assert m1["train/reverse_kl"] > 0.0
+    assert m1["train/adv_mean"] != pytest.approx(-m1["train/reverse_kl"])  # the ORM term moved it
+    assert max_change(before, w.state_dict()) > 1e-4
+    assert w.get_version() == 2
+
+
+def test_teacher_equal_to_student_gives_zero_kl_and_no_update():
+    cfg = make_cfg(aux=0.0)  # isolate the distillation gradient
+    w = worker(cfg)
+    batch = make_batch(cfg, teacher_seed=cfg.run.seed)
+    before = w.state_dict()
+    m = w.train_step(batch)
+    assert abs(m["train/reverse_kl"]) < 1e-6 and abs(m["train/loss"]) < 1e-6
+    assert m["train/grad_norm"] < 1e-6
+    assert max_change(before, w.state_dict()) < 1e-6
+
+
+def test_micro_batch_size_does_not_change_the_update():
+    """Gradient accumulation must reproduce the whole-batch objective (mean over sequences)."""
+    results = []
+    for mbs in (1, 5):
+        cfg = make_cfg(micro_batch_size=mbs, aux=0.0)
+        w = worker(cfg)
+        results.append((w.train_step(make_batch(cfg, rows=5)), w.state_dict()))
+    (m_a, sd_a), (m_b, sd_b) = results
+    assert m_a["train/loss"] == pytest.approx(m_b["train/loss"], abs=1e-6)
+    assert m_a["train/grad_norm"] == pytest.approx(m_b["train/grad_norm"], rel=1e-5)
+    # Adam's first step is ~lr * sign(g), so rounding-level gradient differences on near-zero
+    # entries show up at ~1e-5; the loss and gradient norm above are the exact check.
+    assert max_change(sd_a, sd_b) < 1e-4
+
+
+def test_topk_objective_trains():
+    cfg = make_cfg(kind="topk")
+    w = worker(cfg)
+    batch = make_batch(cfg)
+    before = w.state_dict()
+    m = w.train_step(batch)
+    assert m["train/skipped"] == 0.0 and m["train/reverse_kl"] > 0 and math.isfinite(m["train/loss"])
+    assert max_change(before, w.state_dict()) > 1e-4
+
+
+def test_logprobs_equal_sequence_logprobs_of_the_same_weights():
+    cfg = make_cfg()
+    w = worker(cfg)
+    batch = make_batch(cfg)
+    w.train_step(batch)
+    model = load_model(cfg.student)
+    model.load_state_dict(w.state_dict())
+    ids, attn = batch.rollout.input_ids, batch.rollout.attention_mask
+    torch.testing.assert_close(w.logprobs(ids, attn), sequence_logprobs(model.eval(), ids, attn), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_nonfinite_loss_skips_the_update(zero_stage):
+    """Regression guard: a NaN teacher log-prob must not reach the weights or optimizer state."""
+    cfg = make_cfg(zero_stage=zero_stage)
+    w = worker(cfg)
+    batch = make_batch(cfg)
+    bad = TrainBatch(batch.rollout, batch.teacher_logprobs.clone(), batch.adv_orm, batch.teacher_topk_ids, batch.teacher_topk_logprobs)
+    row = 3
+    bad.teacher_logprobs[row, batch.rollout.response_mask[row].nonzero()[0]] = float("nan")
+    before = w.state_dict()
+    m = w.train_step(bad)
+    assert m["train/skipped"] == 1.0 and w.get_version() == 0
+    assert max_change(before, w.state_dict()) == 0.0
+    m = w.train_step(batch)  # training carries on normally
+    assert m["train/skipped"] == 0.0 and math.isfinite(m["train/loss"]) and w.get_version() == 1
+    assert max_change(before, w.state_dict()) > 1e-4
+
+
+def test_zero3_state_dict_and_logprobs():
+    cfg = make_cfg(zero_stage=3)
+    w = worker(cfg)
+    batch = make_batch(cfg)
+    w.train_step(batch)
+    sd = w.state_dict()
+    assert set(sd) == hf_keys(cfg) and all(v.dtype == torch.float32 and v.device.type == "cpu" for v in sd.values())
+    model = load_model(cfg.student)
+    model.load_state_dict(sd)
+    ids, attn = batch.rollout.input_ids, batch.rollout.attention_mask
+    torch.testing.assert_close(w.logprobs(ids, attn), sequence_logprobs(model.eval(), ids, attn), atol=1e-5, rtol=0)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+    cfg = make_cfg(zero_stage=2)
+    batch = make_batch(cfg)
+    first = worker(cfg)
+    first.train_step(batch)
+    first.save_checkpoint(str(tmp_path / "ckpt"), {"step": 1})
+    saved = first.state_dict()
+    expected = first.train_step(batch)
+
+    # A different seed: the fresh worker starts from other weights, so equality proves the load.
+    fresh = worker(make_cfg(zero_stage=2, seed=7))
+    assert max_change(saved, fresh.state_dict()) > 1e-3
+    assert fresh.load_checkpoint(str(tmp_path / "ckpt")) == {"step": 1}
+    assert fresh.get_version() == 1
+    assert max_change(saved, fresh.state_dict()) == 0.0
+    got = fresh.train_step(batch)  # same optimizer moments and LR schedule -> same step
+    assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-7)
+    assert got["train/grad_norm"] == pytest.approx(expected["train/grad_norm"], rel=1e-6)
+    assert max_change(first.state_dict(), fresh.state_dict()) < 1e-7
+
+
+def test_save_hf_loads_with_from_pretrained_and_gives_the_same_logprobs(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_cfg()
+    w = worker(cfg)
+    batch = make_batch(cfg)
+    w.train_step(batch)
+    w.save_hf(str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "generation_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    ids, attn = batch.rollout.input_ids, batch.rollout.attention_mask
+    torch.testing.assert_close(sequence_logprobs(model.eval(), ids, attn), w.logprobs(ids, attn), atol=1e-5, rtol=0)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok.decode(tok("a b\n1+2=3")["input_ids"], skip_special_tokens=True) == "a b\n1+2=3"
+
+
+# --------------------------------------------------------------------------- Ray pool, two ranks
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
+    """Two ranks (ZeRO-2, 5 rows: rank 1 gets a zero-weight padding pass) take the same step as
+    one rank on the whole batch: the loss and the gradient norm are those of the whole batch."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers import TrainerPool
+
+    cfg = make_cfg(zero_stage=2)
+    cfg.trainer.world_size = 2
+    batch = make_batch(cfg, rows=5)
+    ids, attn = batch.rollout.input_ids, batch.rollout.attention_mask
+    pool = TrainerPool(cfg)
+    try:
+        before = pool.state_dict()
+        assert set(before) == hf_keys(cfg)
+        m1, m2 = pool.train_step(batch), pool.train_step(batch)
+        after = pool.state_dict()
+        assert pool.get_version() == 2
+        pool_logprobs = pool.logprobs(ids, attn)
+        pool.save_checkpoint(str(tmp_path / "ckpt"), {"step": 2})
+        assert pool.load_checkpoint(str(tmp_path / "ckpt")) == {"step": 2}
+        pool.save_hf(str(tmp_path / "hf"))
+    finally:
+        pool.shutdown()
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    torch.testing.assert_close(sequence_logprobs(exported, ids, attn), pool_logprobs, atol=1e-5, rtol=0)
+    assert all(math.isfinite(m["train/loss"]) and m["train/skipped"] == 0.0 for m in (m1, m2))
+    assert max_change(before, after) > 1e-4
+
+    single_cfg = make_cfg(zero_stage=2)
+    single = worker(single_cfg)
+    s1 = single.train_step(batch)
+    assert m1["train/loss"] == pytest.approx(s1["train/loss"], abs=1e-6)
+    assert m1["train/grad_norm"] == pytest.approx(s1["train/grad_norm"], rel=1e-4)
+    assert m1["train/tokens"] == s1["train/tokens"]
+    for d in DOMAINS:
+        assert m1[f"teacher/{d}/reverse_kl"] == pytest.approx(s1[f"teacher/{d}/reverse_kl"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_pool_names_the_resources_it_cannot_get(ray_local):
+    from trainers import TrainerPool
+
+    cfg = make_cfg()
+    cfg.trainer.world_size = 3  # 3 x 1 CPU on a 2-CPU cluster
+    with pytest.raises(RuntimeError, match=r"3 x \{'CPU': 1.0\}"):
+        TrainerPool(cfg, placement_timeout_s=1.0)

@@ -1,0 +1,511 @@
+"""The DeepSpeed training engine of the MOPD student: one ``TrainerWorker`` per data-parallel rank.
+
+A worker is a plain class: tests drive it in-process (world size 1); ``trainers.pool.TrainerPool``
+runs ``world_size`` of them as Ray actors. Every rank receives the whole ``TrainBatch`` and trains on
+rows ``rank::world_size``; one ``train_step`` is exactly one optimizer step.
+
+    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=29500)
+    metrics = worker.train_step(train_batch)      # {"train/loss": ..., "teacher/math/reverse_kl": ...}
+    weights = worker.state_dict()                 # full HF state dict on rank 0, None elsewhere
+
+Collectives: under ZeRO every method except ``get_version``/``set_version`` must be called on all
+ranks with the same arguments (the pool does that).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from mopd.config import ModelConfig, MOPDConfig
+from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
+from mopd.objective import mopd_loss, topk_reverse_kl_loss
+from mopd.types import TrainBatch
+from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
+
+Metrics = Dict[str, float]
+
+# DeepSpeed's client_state comes back mixed with its own keys; ours travel under this one.
+_CLIENT_KEY = "mopd"
+_CKPT_TAG = "state"
+# Per-domain sums reduced across ranks, in this column order.
+_STATS = ("tokens", "reverse_kl", "is_masked", "adv", "abs_diff")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warmup over ``warmup_steps``, then constant, or a
+    linear / cosine decay that reaches 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown trainer.lr_schedule {schedule!r}; valid: constant, linear, cosine")
+
+    return factor
+
+
+def deepspeed_config(cfg: MOPDConfig) -> Dict[str, Any]:
+    """The DeepSpeed config of a recipe.
+
+    Gradient accumulation is driven by the worker, not by DeepSpeed's counter: the number of
+    micro-batches depends on the batch, so the worker marks the last backward of a step as the
+    accumulation boundary itself. DeepSpeed's nominal accumulation steps is therefore 1.
+    """
+    t = cfg.trainer
+    zero: Dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": t.micro_batch_size * t.world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        # check_grad_overflow: a NaN gradient norm makes DeepSpeed skip the update (used below).
+        "bf16": {"enabled": t.bf16, "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """No weight decay on vectors (norms, biases, attention sinks): decaying them only hurts."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- micro-batches
+
+
+@dataclass
+class MicroBatch:
+    """Rows of the full batch that one forward/backward processes.
+
+    A padding micro-batch (``dummy``) lets a rank with fewer rows enter as many forward/backward
+    passes (and thus ZeRO collectives) as the others; its loss is multiplied by 0.
+    """
+
+    rows: List[int]
+    dummy: bool = False
+
+
+def plan_micro_batches(batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> List[MicroBatch]:
+    """Rows ``rank::world_size`` in chunks of ``micro_batch_size``, padded to the same count on every
+    rank (rank 0 holds the most rows)."""
+    if batch_size <= 0:
+        raise ValueError("train_step got an empty batch")
+    own = list(range(rank, batch_size, world_size))
+    n_micro = math.ceil(math.ceil(batch_size / world_size) / micro_batch_size)
+    plan = [MicroBatch(own[i : i + micro_batch_size]) for i in range(0, len(own), micro_batch_size)]
+    return plan + [MicroBatch([0], dummy=True)] * (n_micro - len(plan))
+
+
+@dataclass
+class _Rows:
+    """The tensors of some rows of a TrainBatch, with all-padding columns dropped.
+
+    input_ids (b, t) int64, attention_mask / response_mask (b, t) bool, rollout / teacher (b, t) f32,
+    adv_orm (b,) f32 or None, topk_ids (b, t, K) int64 / topk_logprobs (b, t, K) f32 or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rollout: torch.Tensor
+    teacher: torch.Tensor
+    adv_orm: Optional[torch.Tensor]
+    topk_ids: Optional[torch.Tensor]
+    topk_logprobs: Optional[torch.Tensor]
+    domains: List[str]
+
+    def to(self, device: torch.device) -> "_Rows":
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return _Rows(
+            move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.rollout),
+            move(self.teacher), move(self.adv_orm), move(self.topk_ids), move(self.topk_logprobs), self.domains,
+        )  # fmt: skip
+
+    def subset(self, idx: List[int]) -> "_Rows":
+        t = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
+        pick = lambda x: None if x is None else x[t]  # noqa: E731
+        return _Rows(
+            self.input_ids[t], self.attention_mask[t], self.response_mask[t], self.rollout[t], self.teacher[t],
+            pick(self.adv_orm), pick(self.topk_ids), pick(self.topk_logprobs), [self.domains[i] for i in idx],
+        )  # fmt: skip
+
+
+def _take_rows(batch: TrainBatch, rows: List[int]) -> _Rows:
+    """Select ``rows`` and drop the columns that are padding in all of them (the leading prompt pad
+    and the trailing response pad): positions come from the attention mask, so results are equal."""
+    t = torch.as_tensor(rows, dtype=torch.long)
+    r = batch.rollout
+    real = r.attention_mask[t].any(dim=0).nonzero()
+    lo, hi = (int(real[0]), int(real[-1]) + 1) if len(real) else (0, r.input_ids.shape[1])
+    cols = lambda x: None if x is None else x[t, lo:hi]  # noqa: E731
+    return _Rows(
+        r.input_ids[t, lo:hi], r.attention_mask[t, lo:hi], r.response_mask[t, lo:hi],
+        r.rollout_logprobs[t, lo:hi], batch.teacher_logprobs[t, lo:hi],
+        None if batch.adv_orm is None else batch.adv_orm[t],
+        cols(batch.teacher_topk_ids), cols(batch.teacher_topk_logprobs), [r.domains[i] for i in rows],
+    )  # fmt: skip
+
+
+def _num_sequences(response_mask: torch.Tensor) -> int:
+    """Rows with at least one response token: the denominator of the objective's sequence mean."""
+    return int((response_mask.sum(-1) > 0).sum())
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int) -> None:
+    """DeepSpeed falls back to MPI discovery (and fails without mpi4py) unless these are set."""
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+    )  # fmt: skip
+
+
+def _quiet_deepspeed() -> None:
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("deepspeed").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO collectives call torch APIs that torch 2.13 marks deprecated, every step.
+    for api in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*torch.distributed.{api}.*", category=FutureWarning)
+
+
+@dataclass
+class _StepSums:
+    """What one rank adds up during a train_step; summed over ranks at the end.
+
+    stats (D, 5) f64: per-domain sums in ``_STATS`` order. loss / aux: this rank's share of the
+    whole-batch loss and balance loss (their sum over ranks is the batch value).
+    """
+
+    domains: List[str]
+    sequences: int  # rows of the whole batch with >= 1 response token (the objective's denominator)
+    rows: int  # rows of the whole batch
+    stats: torch.Tensor
+    loss: float = 0.0
+    aux: float = 0.0
+
+    @classmethod
+    def for_batch(cls, batch: TrainBatch) -> "_StepSums":
+        domains = sorted(set(batch.rollout.domains))  # the full batch's: identical on every rank
+        stats = torch.zeros(len(domains), len(_STATS), dtype=torch.float64)
+        return cls(domains, _num_sequences(batch.rollout.response_mask), len(batch.rollout), stats)
+
+
+class TrainerWorker:
+    """One DeepSpeed rank of the student trainer (see the module docstring)."""
+
+    def __init__(self, cfg: MOPDConfig, rank: int, world_size: int, master_addr: str, master_port: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        t = cfg.trainer
+        # With GPUs, Ray shows each actor only its own device, so the local index is 0.
+        _set_dist_env(rank, world_size, master_addr, master_port, local_rank=0 if t.resources.num_gpus > 0 else rank)
+        torch.set_num_threads(max(1, int(t.resources.num_cpus)))
+        import deepspeed
+
+        _quiet_deepspeed()
+        # The shm all-reduce op JIT-compiles for ~50 s; gloo does the job on CPU.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # Same seed on every rank, so all ranks start from identical weights. Loaded in fp32: these
+        # are the master weights; DeepSpeed casts the module when trainer.bf16 is on.
+        model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
+        self._routes = RouterCapture(model)
+        self._moe = hasattr(model.config, "output_router_logits")
+        if cfg.rollout.routing_replay and rank == 0:
+            logging.getLogger(__name__).warning(
+                "rollout.routing_replay: the trainer does not replay recorded routes yet; it routes afresh"
+            )
+        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        factor = lr_lambda(t.lr_schedule, t.warmup_steps, cfg.run.total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+            config=deepspeed_config(cfg),
+        )
+        self.device = self.engine.device
+        self._version = 0
+
+    # ------------------------------------------------------------------ versions
+    def get_version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        self._version = int(version)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: TrainBatch) -> Metrics:
+        """One optimizer step on ``batch`` (every rank gets all of it and trains on its share).
+
+        Returns metrics reduced over ranks: token-weighted means, summed token counts, and the loss of
+        the whole batch (the objective's mean over sequences, not a mean of per-rank losses).
+        """
+        plan = plan_micro_batches(len(batch.rollout), self.rank, self.world_size, self.cfg.trainer.micro_batch_size)
+        sums = _StepSums.for_batch(batch)
+        lr = self.engine.get_lr()[0]  # the rate this update uses; the scheduler moves on in step()
+        nonfinite, skip = False, False
+        self.engine.train()
+        for j, micro in enumerate(plan):
+            loss, finite = self._micro_batch_loss(batch, micro, sums)
+            nonfinite |= not finite
+            last = j == len(plan) - 1
+            if last:
+                # Decided before the boundary backward, on every rank alike.
+                skip = self._any_rank(nonfinite)
+                if skip:
+                    # A NaN gradient makes DeepSpeed's overflow check drop the update and the
+                    # accumulated gradients on every rank, leaving weights and optimizer state as
+                    # they were (ZeRO 0 without bf16 has no such check: see _optimizer_step).
+                    loss = loss * float("nan")
+            # The worker, not DeepSpeed's counter, marks the boundary: the micro-batch count varies.
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss, scale_wrt_gas=False)
+        grad_norm, applied = self._optimizer_step(skip)
+        if applied:
+            self._version += 1
+        return self._reduce_metrics(sums, grad_norm=grad_norm, lr=lr, skipped=not applied)
+
+    def _micro_batch_loss(self, batch: TrainBatch, micro: MicroBatch, sums: _StepSums) -> Tuple[torch.Tensor, bool]:
+        """Forward one micro-batch; return the scalar to back-propagate and whether it is finite.
+
+        The scalar is scaled so that the gradients summed over micro-batches and averaged over ranks
+        (DeepSpeed's data-parallel mean) are those of the whole-batch objective. Adds the micro-
+        batch's metric sums to ``sums``.
+        """
+        rows = _take_rows(batch, micro.rows).to(self.device)
+        logits, aux = self._forward(rows.input_ids, rows.attention_mask)
+        if micro.dummy:
+            # Same modules, same collectives, zero gradient.
+            dummy = logits.float().mean() * 0.0
+            return (dummy if aux is None else dummy + aux * 0.0), True
+        logp_train = token_logprobs(logits, rows.input_ids)
+        student_topk = self._student_topk(logits, rows)
+        objective = logits.new_zeros((), dtype=torch.float32)
+        for d_i, domain in enumerate(sums.domains):
+            idx = [i for i, d in enumerate(rows.domains) if d == domain]
+            if idx:
+                loss_d, stat_d = self._domain_loss(rows, idx, logp_train, student_topk)
+                # Undo the objective's per-domain mean over sequences: weight by sequence count.
+                objective = objective + loss_d * _num_sequences(rows.response_mask[idx])
+                sums.stats[d_i] += stat_d
+        objective = objective / max(sums.sequences, 1)
+        sums.loss += float(objective.detach())
+        total = objective
+        if aux is not None:
+            aux_share = aux * (len(micro.rows) / sums.rows)
+            sums.aux += float(aux_share.detach())
+            total = total + self.cfg.trainer.aux_loss_coef * aux_share
+        finite = bool(torch.isfinite(total.detach()))
+        return total * self.world_size, finite
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (b, t, V) and the MoE load-balancing loss (scalar, or None for dense students)."""
+        if not (self._moe and self.cfg.trainer.aux_loss_coef > 0):
+            return forward_logits(self.engine, input_ids, attention_mask).logits, None
+        with self._routes.capture() as routes:
+            out = forward_logits(self.engine, input_ids, attention_mask, output_router_logits=True)
+        if getattr(out, "aux_loss", None) is not None:
+            # Softmax routers (Mixtral, Qwen3-MoE): transformers computes the Switch-style loss
+            # itself, with the attention mask.
+            return out.logits, out.aux_loss.float()
+        if routes:
+            return out.logits, sigmoid_balance_loss(routes, attention_mask)
+        return out.logits, None
+
+    def _student_topk(self, logits: torch.Tensor, rows: _Rows) -> Optional[torch.Tensor]:
+        """(b, t, K) student log-probs at the teacher's top-k ids, aligned like ``token_logprobs``
+        (position t: the distribution of token t, from logits t - 1; column 0 is 0)."""
+        if self.cfg.objective.kind != "topk":
+            return None
+        if rows.topk_ids is None or rows.topk_logprobs is None:
+            raise ValueError("objective.kind is 'topk' but the TrainBatch has no teacher_topk_ids/logprobs")
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = logp.gather(-1, rows.topk_ids[:, 1:])
+        return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+    def _domain_loss(
+        self, rows: _Rows, idx: List[int], logp_train: torch.Tensor, student_topk: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The objective on the rows ``idx`` of one domain, and their metric sums (5,) in ``_STATS`` order."""
+        o = self.cfg.objective
+        sub = rows.subset(idx)
+        t = torch.as_tensor(idx, dtype=torch.long, device=logp_train.device)
+        lp = logp_train[t]
+        if o.kind == "topk":
+            loss, m = topk_reverse_kl_loss(
+                student_topk[t], sub.topk_logprobs, lp, sub.rollout, sub.response_mask,
+                eps_low=o.eps_low, eps_high=o.eps_high,
+            )  # fmt: skip
+            m["adv_mean"] = 0.0  # no advantage in the top-k form
+        else:
+            loss, m = mopd_loss(
+                lp, sub.rollout, sub.teacher, sub.response_mask, sub.adv_orm,
+                eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip,
+            )  # fmt: skip
+        n = m["num_tokens"]
+        abs_diff = float(((lp.detach() - sub.rollout).abs() * sub.response_mask).sum())
+        stat = torch.tensor([n, m["reverse_kl"] * n, m["is_masked_frac"] * n, m["adv_mean"] * n, abs_diff], dtype=torch.float64)
+        return loss, stat
+
+    def _optimizer_step(self, skip: bool) -> Tuple[float, bool]:
+        """Apply (or drop) the accumulated update. Returns (pre-clip gradient norm, applied)."""
+        engine = self.engine
+        if not hasattr(engine.optimizer, "overflow"):
+            # Plain torch optimizer (ZeRO 0, fp32): DeepSpeed checks nothing, so check here. The
+            # gradients are already all-reduced, hence equal on all ranks: no collective needed.
+            norm = _grad_norm(engine.module)
+            if skip or not math.isfinite(norm):
+                engine.zero_grad()
+                return norm, False
+            engine.step()
+            return norm, True
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, bool(engine.was_step_applied())
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _reduce_metrics(self, sums: _StepSums, *, grad_norm: float, lr: float, skipped: bool) -> Metrics:
+        """Sum the per-rank sums over ranks (one all-reduce), then turn them into means."""
+        flat = torch.cat([torch.tensor([sums.loss, sums.aux], dtype=torch.float64), sums.stats.reshape(-1)])
+        if self.world_size > 1:
+            flat = flat.to(self.device)  # NCCL reduces device tensors only
+            torch.distributed.all_reduce(flat)
+            flat = flat.cpu()
+        domains = sums.domains
+        stats = flat[2:].reshape(len(domains), len(_STATS))
+        total = stats.sum(0)
+        metrics = {
+            "train/loss": float(flat[0]),
+            "train/aux_loss": float(flat[1]),
+            "train/grad_norm": grad_norm,
+            "train/lr": float(lr),
+            "train/skipped": 1.0 if skipped else 0.0,
+            "train/tokens": float(total[0]),
+            **_token_means("train", total),
+        }
+        for d_i, domain in enumerate(domains):
+            metrics[f"teacher/{domain}/tokens"] = float(stats[d_i, 0])
+            means = _token_means(f"teacher/{domain}", stats[d_i])
+            metrics[f"teacher/{domain}/reverse_kl"] = means[f"teacher/{domain}/reverse_kl"]
+            metrics[f"teacher/{domain}/is_masked_frac"] = means[f"teacher/{domain}/is_masked_frac"]
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation / export
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced (B, T) f32 log-probs of every token (column 0 is 0), eval mode, on CPU.
+        Under ZeRO-3 all ranks must call it with the same inputs."""
+        was_training = self.engine.module.training
+        self.engine.eval()
+        try:
+            mbs = self.cfg.trainer.micro_batch_size
+            out = []
+            for i in range(0, input_ids.shape[0], mbs):
+                ids, am = input_ids[i : i + mbs].to(self.device), attention_mask[i : i + mbs].to(self.device)
+                out.append(token_logprobs(forward_logits(self.engine, ids, am).logits, ids).cpu())
+        finally:
+            self.engine.train(was_training)
+        return torch.cat(out).float().cpu()
+
+    def state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The full student state dict (HF keys) on CPU in the student's dtype, on rank 0; None on
+        other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer)."""
+        if self.cfg.trainer.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank != 0 or sd is None:
+            return None
+        dtype = DTYPES[self.cfg.student.dtype]
+        # clone: a snapshot, not views of parameters that the next step will change.
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).clone() for k, v in sd.items()}
+
+    def save_hf(self, out_dir: str) -> None:
+        """Write a Hugging Face directory (safetensors, config, generation config, tokenizer) that
+        ``AutoModelForCausalLM.from_pretrained`` loads. Collective; rank 0 writes."""
+        sd = self.state_dict()
+        if self.rank != 0:
+            return
+        _write_hf_dir(self.engine.module, sd, out_dir, self.cfg.student)
+        load_tokenizer(self.cfg.student).save_pretrained(out_dir)
+
+    def save_checkpoint(self, dir: str, client_state: Dict[str, Any]) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, LR scheduler) under ``dir``; collective."""
+        state = {_CLIENT_KEY: {"client_state": dict(client_state), "policy_version": self._version}}
+        self.engine.save_checkpoint(dir, tag=_CKPT_TAG, client_state=state)
+
+    def load_checkpoint(self, dir: str) -> Dict[str, Any]:
+        """Restore what ``save_checkpoint`` wrote; returns its ``client_state``. Collective."""
+        path, state = self.engine.load_checkpoint(dir, tag=_CKPT_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{_CKPT_TAG}' under {dir}")
+        ours = (state or {}).get(_CLIENT_KEY, {})
+        self._version = int(ours.get("policy_version", self._version))
+        return dict(ours.get("client_state", {}))
+
+
+def _token_means(prefix: str, stat: torch.Tensor) -> Metrics:
+    """Token-weighted means from one row of summed stats (``_STATS`` order)."""
+    n = float(stat[0])
+    mean = (lambda x: float(x) / n) if n > 0 else (lambda x: 0.0)
+    return {
+        f"{prefix}/reverse_kl": mean(stat[1]),
+        f"{prefix}/is_masked_frac": mean(stat[2]),
+        f"{prefix}/adv_mean": mean(stat[3]),
+        f"{prefix}/train_rollout_abs_diff": mean(stat[4]),
+    }
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _write_hf_dir(module, state_dict: Dict[str, torch.Tensor], out_dir: str, spec: ModelConfig) -> None:
+    """Save ``state_dict`` with ``module``'s config and generation config as a HF model directory.
+
+    The model is rebuilt on the meta device and given the tensors: under ZeRO-3 the live module's
+    parameters are empty partitions, so it cannot be saved directly.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(module.config)
+    config.dtype = spec.dtype
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from state_dict
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if getattr(module, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(module.generation_config)
+    model.save_pretrained(out_dir)

@@ -1,0 +1,156 @@
+"""``TrainerPool``: ``trainer.world_size`` DeepSpeed ranks as Ray actors in one placement group.
+
+The pool is the only place that touches Ray object refs; the loop calls plain methods:
+
+    pool = TrainerPool(cfg)
+    metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
+    weights = pool.state_dict()              # full state dict of rank 0
+    pool.shutdown()
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Dict, List, Tuple
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from mopd.config import MOPDConfig, ResourcesConfig
+from mopd.types import TrainBatch
+from trainers.deepspeed_trainer import TrainerWorker
+
+TrainerActor = ray.remote(TrainerWorker)
+
+
+def _free_address() -> Tuple[str, int]:
+    """This node's IP and a port free on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+_remote_free_address = ray.remote(num_cpus=0)(_free_address)
+
+
+def _rendezvous(pg) -> Tuple[str, int]:
+    """Address for rank 0 (bundle 0) to host the process-group rendezvous. Picked here when bundle 0
+    sits on the driver's node (saves starting a worker process), else by a task on that node."""
+    node_of_bundle0 = placement_group_table(pg)["bundles_to_node_id"].get(0)
+    if node_of_bundle0 == ray.get_runtime_context().get_node_id():
+        return _free_address()
+    strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
+    return ray.get(_remote_free_address.options(scheduling_strategy=strategy).remote())
+
+
+def _bundle(res: ResourcesConfig) -> Dict[str, float]:
+    bundle = {"CPU": float(res.num_cpus)}
+    if res.num_gpus > 0:
+        bundle["GPU"] = float(res.num_gpus)
+    return bundle
+
+
+def _actor_env(cfg: MOPDConfig) -> Dict[str, str]:
+    """One OpenMP thread per reserved CPU, sleeping rather than spinning while idle: two actors
+    spin-waiting on shared cores slowed each other ~15x (ENVIRONMENT.md)."""
+    env = {
+        "OMP_NUM_THREADS": str(max(1, int(cfg.trainer.resources.num_cpus))),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    if cfg.trainer.resources.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update(cfg.ray.env)
+    return env
+
+
+def _get_all(refs: List[Any]) -> List[Any]:
+    """Results of all ranks; the first failure is raised at once instead of waiting on ranks that
+    hang in a collective their failed peer never joins."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
+
+
+class TrainerPool:
+    """Owns ``cfg.trainer.world_size`` ``TrainerActor`` ranks; every call goes to all of them."""
+
+    def __init__(self, cfg: MOPDConfig, placement_timeout_s: float = 120.0):
+        t = cfg.trainer
+        bundles = [_bundle(t.resources) for _ in range(t.world_size)]
+        self._pg = placement_group(bundles, strategy="PACK")
+        if not self._pg.wait(timeout_seconds=placement_timeout_s):
+            remove_placement_group(self._pg)
+            raise RuntimeError(
+                f"trainer placement group not satisfied within {placement_timeout_s:.0f}s: requested "
+                f"{t.world_size} x {bundles[0]} (trainer.world_size x trainer.resources); cluster has "
+                f"{ray.cluster_resources()}, available {ray.available_resources()}"
+            )
+        try:
+            self._start_actors(cfg)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_actors(self, cfg: MOPDConfig) -> None:
+        t = cfg.trainer
+        addr, port = _rendezvous(self._pg)
+        self._actors = [
+            TrainerActor.options(
+                num_cpus=t.resources.num_cpus,
+                num_gpus=t.resources.num_gpus,
+                scheduling_strategy=self._strategy(rank),
+                runtime_env={"env_vars": _actor_env(cfg)},
+            ).remote(cfg, rank, t.world_size, addr, port)
+            for rank in range(t.world_size)
+        ]
+        # Surfaces constructor errors (bad model config, DeepSpeed init) here rather than later.
+        self._all("get_version")
+
+    def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
+
+    def _all(self, method: str, *args: Any) -> List[Any]:
+        """Call ``method`` on every rank (the same arguments) and return all results, rank order."""
+        return _get_all([getattr(a, method).remote(*args) for a in self._actors])
+
+    # ------------------------------------------------------------------ forwarded calls
+    def train_step(self, batch: TrainBatch) -> Dict[str, float]:
+        ref = ray.put(batch)  # once, not once per rank
+        return self._all("train_step", ref)[0]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self._all("state_dict")[0]
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._all("logprobs", ray.put(input_ids), ray.put(attention_mask))[0]
+
+    def save_checkpoint(self, path: str, client_state: Dict[str, Any]) -> None:
+        self._all("save_checkpoint", path, client_state)
+
+    def load_checkpoint(self, path: str) -> Dict[str, Any]:
+        return self._all("load_checkpoint", path)[0]
+
+    def save_hf(self, path: str) -> None:
+        self._all("save_hf", path)
+
+    def get_version(self) -> int:
+        return self._all("get_version")[0]
+
+    def set_version(self, version: int) -> None:
+        self._all("set_version", version)
+
+    def shutdown(self) -> None:
+        for a in getattr(self, "_actors", []):
+            ray.kill(a)
+        self._actors = []
+        if getattr(self, "_pg", None) is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+
+__all__ = ["TrainerActor", "TrainerPool"]
