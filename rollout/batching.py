@@ -1,0 +1,153 @@
+"""Pure tensor plumbing shared by the rollout backends and the pool: encode prompts, pack sampled
+token lists into a ``RolloutBatch``, and merge the batches of several replicas into one.
+
+No Ray, no model: everything here is tested directly (tests/test_rollout.py).
+
+Layout (see mopd/types.py): prompt left-padded to P columns, response right-padded to R columns,
+every response starts at column P; EOS (when sampled) is the last response token and is part of
+``response_mask``; nothing after it is.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mopd.types import PromptRow, RolloutBatch
+
+
+def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> List[List[int]]:
+    """Token ids of each prompt, special tokens (BOS) added by the tokenizer."""
+    return [list(tokenizer(r.prompt)["input_ids"]) for r in rows]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) int64 ids and (B, P) bool mask of prompts left-padded to the longest one."""
+    P = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), P), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
+            mask[i, P - len(p) :] = True
+    return ids, mask
+
+
+def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_id: int) -> Tuple[List[int], List[float]]:
+    """Keep tokens up to and including the first EOS; the rest was never part of the response."""
+    tokens = list(tokens)
+    end = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
+    return tokens[:end], [float(x) for x in logprobs[:end]]
+
+
+def seed_for(*parts: int) -> int:
+    """A well-mixed 31-bit seed from integers (e.g. (step seed, replica), (step seed, prompt)), so that
+    neighbouring step seeds do not give overlapping random streams."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
+
+
+def pack_rollout(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float]],
+    group_ids: Sequence[int],
+    rows: Sequence[PromptRow],
+    texts: Sequence[str],
+    pad_id: int,
+    policy_version: int,
+) -> RolloutBatch:
+    """Build a RolloutBatch from per-trajectory token lists (one entry per trajectory, B in all).
+
+    prompts[i]   prompt ids of trajectory i (BOS included)
+    responses[i] sampled ids, already cut after EOS; logprobs[i] aligned with it
+    """
+    B = len(prompts)
+    if not (len(responses) == len(logprobs) == len(group_ids) == len(rows) == len(texts) == B):
+        raise ValueError("pack_rollout: every per-trajectory list must have the same length")
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    P = prompt_ids.shape[1]
+    R = max((len(r) for r in responses), default=0)
+    resp_ids = torch.full((B, R), pad_id, dtype=torch.int64)
+    resp_mask = torch.zeros((B, R), dtype=torch.bool)
+    resp_lp = torch.zeros((B, R), dtype=torch.float32)
+    for i, (r, lp) in enumerate(zip(responses, logprobs)):
+        if len(r) != len(lp):
+            raise ValueError(f"trajectory {i}: {len(r)} tokens but {len(lp)} log-probs")
+        resp_ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
+        resp_mask[i, : len(r)] = True
+        resp_lp[i, : len(r)] = torch.as_tensor(list(lp), dtype=torch.float32)
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids, resp_ids], 1),
+        attention_mask=torch.cat([prompt_mask, resp_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(prompt_mask), resp_mask], 1),
+        rollout_logprobs=torch.cat([torch.zeros((B, P), dtype=torch.float32), resp_lp], 1),
+        group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(B),
+        domains=[r.domain for r in rows],
+        rows=list(rows),
+        responses=list(texts),
+        policy_version=policy_version,
+        prompt_len=P,
+    )
+
+
+def repad(t: torch.Tensor, P: int, new_P: int, new_R: int, fill) -> torch.Tensor:
+    """Move a (B, P + R, ...) tensor to (B, new_P + new_R, ...): the prompt part right-aligned at
+    column new_P, the response part starting at new_P; new cells hold ``fill``."""
+    B, T = t.shape[:2]
+    R = T - P
+    if new_P < P or new_R < R:
+        raise ValueError(f"repad can only grow: ({P}, {R}) -> ({new_P}, {new_R})")
+    out = torch.full((B, new_P + new_R, *t.shape[2:]), fill, dtype=t.dtype)
+    out[:, new_P - P : new_P] = t[:, :P]
+    out[:, new_P : new_P + R] = t[:, P:]
+    return out
+
+
+def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Concatenate replica batches in order into one batch with a common P and R.
+
+    Group ids are offset so the groups of different batches stay distinct (each batch's ids are
+    assumed to start at 0, as a rollout actor numbers the prompts of one call)."""
+    if not batches:
+        raise ValueError("merge_batches: nothing to merge")
+    versions = {b.policy_version for b in batches}
+    if len(versions) != 1:
+        raise ValueError(f"merge_batches: batches come from different policy versions {sorted(versions)}")
+    has_routes = [b.routed_experts is not None for b in batches]
+    if any(has_routes) and not all(has_routes):
+        raise ValueError("merge_batches: routed_experts present in some batches only")
+    P = max(b.prompt_len for b in batches)
+    R = max(b.input_ids.shape[1] - b.prompt_len for b in batches)
+
+    def cat(name: str, fill) -> torch.Tensor:
+        return torch.cat([repad(getattr(b, name), b.prompt_len, P, R, fill) for b in batches])
+
+    offsets = np.cumsum([0] + [int(b.group_ids.max()) + 1 if len(b) else 0 for b in batches[:-1]])
+    return RolloutBatch(
+        input_ids=cat("input_ids", pad_id),
+        attention_mask=cat("attention_mask", False),
+        response_mask=cat("response_mask", False),
+        rollout_logprobs=cat("rollout_logprobs", 0.0),
+        group_ids=torch.cat([b.group_ids + int(o) for b, o in zip(batches, offsets)]),
+        domains=[d for b in batches for d in b.domains],
+        rows=[r for b in batches for r in b.rows],
+        responses=[s for b in batches for s in b.responses],
+        policy_version=versions.pop(),
+        prompt_len=P,
+        routed_experts=cat("routed_experts", 0) if all(has_routes) else None,
+    )
+
+
+def split_evenly(n_items: int, n_parts: int) -> List[Tuple[int, int]]:
+    """Contiguous [start, end) ranges of near-equal size (the first ones get the remainder);
+    empty ranges are dropped, so fewer prompts than replicas uses fewer replicas."""
+    sizes = [n_items // n_parts + (1 if i < n_items % n_parts else 0) for i in range(n_parts)]
+    bounds = np.cumsum([0] + sizes)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def decode_responses(tokenizer, responses: Sequence[Sequence[int]]) -> List[str]:
+    return [tokenizer.decode(list(r), skip_special_tokens=True) for r in responses]
+

@@ -1,0 +1,124 @@
+"""Student rollout with Hugging Face ``generate`` (the CPU-friendly backend).
+
+A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use it in-process:
+
+    actor = HFRolloutActor(cfg)
+    batch = actor.generate(rows, n=4, seed=0)      # RolloutBatch, policy_version 0
+    actor.load_weights(trainer_state_dict, version=1)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from mopd.config import MOPDConfig
+from mopd.models import load_model, load_tokenizer, sequence_logprobs
+from mopd.types import PromptRow, RolloutBatch
+from rollout.batching import cut_at_eos, decode_responses, encode_prompts, left_pad, pack_rollout
+
+
+def set_threads(num_cpus: float) -> None:
+    """One torch thread per reserved CPU: more would fight the other actors on the same cores."""
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class HFRolloutActor:
+    """Samples from the student with ``model.generate``; records the log-prob of each sampled token
+    under the distribution it was drawn from (temperature and top-p applied)."""
+
+    def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
+        set_threads(cfg.rollout.resources.num_cpus)
+        self.cfg = cfg
+        self.replica = replica
+        self.tokenizer = load_tokenizer(cfg.student)
+        # Same call as the trainer's: version 0 here equals the trainer's initial weights.
+        self.model = load_model(cfg.student, seed=cfg.run.seed).eval()
+        self._clean_generation_config()
+        self._version = 0
+
+    def _clean_generation_config(self) -> None:
+        """Drop defaults a checkpoint may ship in generation_config.json (top_k, repetition penalty,
+        ...): anything but temperature / top-p would make mu_theta differ from pi_theta at T."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+
+    def _sampling_config(self, n: int, greedy: bool):
+        from transformers import GenerationConfig
+
+        r = self.cfg.rollout
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else r.temperature,
+            top_p=1.0 if greedy else r.top_p,
+            top_k=0,  # generate's global default is 50; 0 turns the top-k filter off
+            max_new_tokens=r.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_scores=True,  # the processed scores: the distribution actually sampled from
+            return_dict_in_generate=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+        """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
+
+        ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
+        prompts = encode_prompts(self.tokenizer, rows)
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask.long(), generation_config=self._sampling_config(n, greedy)
+            )
+        new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R')
+        logp = sampled_logprobs(out.scores, new_tokens)  # (B*n, R')
+        eos = self.tokenizer.eos_token_id
+        cut = [cut_at_eos(t.tolist(), lp.tolist(), eos) for t, lp in zip(new_tokens, logp)]
+        responses = [c[0] for c in cut]
+        return pack_rollout(
+            prompts=[p for p in prompts for _ in range(n)],
+            responses=responses,
+            logprobs=[c[1] for c in cut],
+            group_ids=[i for i in range(len(rows)) for _ in range(n)],
+            rows=[r for r in rows for _ in range(n)],
+            texts=decode_responses(self.tokenizer, responses),
+            pad_id=self.tokenizer.pad_token_id,
+            policy_version=self._version,
+        )
+
+    def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+        """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""
+        self.model.load_state_dict(state_dict, strict=True)
+        self._version = int(version)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights."""
+        return sequence_logprobs(self.model, input_ids, attention_mask.bool())
+
+    def version(self) -> int:
+        return self._version
+
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def shutdown(self) -> None:
+        self.model = None
+
+
+def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """(B, R) f32 log-prob of ``tokens[:, t]`` under the processed scores of step t.
+
+    scores: R tensors (B, V), as ``generate(output_scores=True)`` returns them (logits after the
+    temperature / top-p warpers; filtered tokens are -inf). One step at a time, so no (B, R, V)
+    tensor is ever built. Tokens generate pads with after EOS may be -inf; callers cut them off."""
+    out = torch.zeros(tokens.shape, dtype=torch.float32)
+    for t, s in enumerate(scores):
+        out[:, t] = torch.log_softmax(s.float(), -1).gather(-1, tokens[:, t : t + 1]).squeeze(-1)
+    return out

