@@ -3,6 +3,7 @@
     mopd validate RECIPE [key=value ...]     print the resolved recipe, or what is wrong with it
     mopd train RECIPE [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
+    mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (or a run's checkpoints/ to take the latest)")
     e.add_argument("out_dir")
+    q = sub.add_parser("quickstart", help="SFT student, derived teachers, MOPD and a report, on the CPU")
+    q.add_argument("--output-dir", default="runs/quickstart")
+    q.add_argument("--from-stage", default=None, help="re-run this stage and the ones after it")
+    q.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="quickstart settings (e.g. teacher_sft_steps=300) or recipe keys"
+    )
     return p
 
 
@@ -50,6 +57,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             path = export_checkpoint(args.checkpoint, args.out_dir)
             print(f"exported {path}")
+            return 0
+        if args.command == "quickstart":
+            from mopd.quickstart import run_quickstart
+
+            run_quickstart(args.output_dir, args.from_stage, args.overrides)
             return 0
     except ConfigError as e:
         print(f"mopd: error: {e}", file=sys.stderr)

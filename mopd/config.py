@@ -89,6 +89,9 @@ class DataSourceConfig:
     weight: float = 1.0
     prompt_key: str = "prompt"
     split: str = "train"
+    # Held-out prompts of this domain for evaluation (a file like ``path``); generator sources
+    # draw their eval prompts from the generator's disjoint "eval" split instead.
+    eval_path: Optional[str] = None
 
 
 @dataclass
@@ -393,8 +396,10 @@ def _check_data(cfg: MOPDConfig, errors: List[str]) -> None:
             errors.append(f"{where}: no teacher for domain '{s.domain}'; configured teachers: {teachers}")
         if (s.path is None) == (s.generator is None):
             errors.append(f"{where}: set exactly one of 'path' and 'generator'")
-        if s.path is not None and not Path(s.path).exists():
-            errors.append(f"{where}.path: file or directory does not exist: {s.path}")
+        for key in ("path", "eval_path"):
+            value = getattr(s, key)
+            if value is not None and not Path(value).exists():
+                errors.append(f"{where}.{key}: file or directory does not exist: {value}")
         if s.generator is not None and s.generator not in registered_generators():
             errors.append(
                 f"{where}.generator: unknown generator {s.generator!r}; "

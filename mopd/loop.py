@@ -71,9 +71,11 @@ def step_seed(seed: int, step: int) -> int:
 class MOPDLoop:
     """One MOPD run over already-constructed components."""
 
-    def __init__(self, cfg: MOPDConfig, rollout: Rollout, teachers: Teachers, trainer: Trainer, mixer, writer):
+    def __init__(
+        self, cfg: MOPDConfig, rollout: Rollout, teachers: Teachers, trainer: Trainer, mixer, writer, eval_rows=()
+    ):
         self.cfg, self.rollout, self.teachers, self.trainer = cfg, rollout, teachers, trainer
-        self.mixer, self.writer = mixer, writer
+        self.mixer, self.writer, self.eval_rows = mixer, writer, list(eval_rows)
         self.step = 0
         self.policy_version = 0
         self.nonfinite_streak = 0
@@ -147,20 +149,30 @@ class MOPDLoop:
 
         total = self.cfg.run.total_steps
         bar = tqdm(total=total, initial=self.step, desc="mopd", unit="step", dynamic_ncols=True)
+        if self.step == 0 and self.eval_rows:
+            self.writer.write(0, self._evaluate())
         try:
             while self.step < total:
                 metrics = self.train_one_step()
+                if self._due(self.cfg.eval.every) and self.eval_rows:
+                    metrics.update(self._evaluate())
                 self.writer.write(self.step, metrics)
                 bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", kl=f"{metrics.get('train/reverse_kl', float('nan')):.3f}")
                 bar.update(1)
-                if self._should_checkpoint():
+                if self._due(self.cfg.checkpoint.every) or self.step == total:
                     self.save()
         finally:
             bar.close()
 
-    def _should_checkpoint(self) -> bool:
-        every = self.cfg.checkpoint.every
-        return self.step == self.cfg.run.total_steps or (every > 0 and self.step % every == 0)
+    def _due(self, every: int) -> bool:
+        """Whether a periodic action (every ``every`` steps, 0 = never) is due; always at the end."""
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.run.total_steps)
+
+    def _evaluate(self) -> Dict[str, float]:
+        timer = PhaseTimer()
+        with timer("eval"):
+            out = evaluate(self.rollout, self.eval_rows, seed=self.cfg.run.seed)
+        return {**out, **timer.metrics()}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -252,7 +264,9 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mixer, data_stats = build_mixer(cfg)  # data errors surface before any actor starts
+    # Data errors surface here, before any actor starts.
+    mixer, data_stats = build_mixer(cfg)
+    eval_rows = build_eval_rows(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
     (out / "recipe.yaml").write_text(json.dumps(to_dict(cfg), indent=1))
 
@@ -272,7 +286,7 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
             pools,
             TeacherPool(cfg.teachers, cfg.run.seed, student_signature(cfg), max_topk=max(topk, 1), env=cfg.ray.env),
         )
-        loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer)
+        loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
             loop.restore(latest, force_teachers)
         if data_stats:
@@ -313,19 +327,36 @@ def _ckpt_root(cfg: MOPDConfig) -> Path:
 
 
 def build_mixer(cfg: MOPDConfig):
-    """Load every data source and mix them by weight; returns (mixer, counts of skipped rows)."""
-    from mopd.data import PromptMixer, load_source
+    """Load every data source and mix them by weight; returns (mixer, data stats)."""
+    from mopd.data import PromptMixer, load_sources
 
-    known = set(cfg.teachers)
-    sources, stats = [], {}
-    for src in cfg.data.sources:
-        rows, src_stats = load_source(src, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, known)
-        if not rows:
-            raise ValueError(f"data source {src.path or src.generator} ({src.domain}) has no usable rows")
-        sources.append((src, rows))
-        for k, v in src_stats.items():
-            stats[k] = stats.get(k, 0) + v
+    sources, stats = load_sources(cfg.data, cfg.run.seed, set(cfg.teachers))
     return PromptMixer(sources, seed=cfg.run.seed), stats
+
+
+def build_eval_rows(cfg: MOPDConfig) -> List[PromptRow]:
+    """Up to ``eval.num_prompts`` held-out prompts per domain that has a verifier: a source's
+    ``eval_path``, or its generator's eval split. Empty when ``eval.every`` is 0."""
+    from dataclasses import replace
+
+    from mopd.data import load_source
+    from mopd.domains import registered_generators
+
+    if cfg.eval.every <= 0:
+        return []
+    verifiers, per_domain = registered_generators(), {}
+    for src in cfg.data.sources:
+        if src.domain not in verifiers or src.domain in per_domain:
+            continue
+        if src.eval_path is not None:
+            held_out = replace(src, path=src.eval_path, generator=None)
+        elif src.generator is not None:
+            held_out = replace(src, split="eval", num_prompts=cfg.eval.num_prompts)
+        else:
+            continue
+        rows, _ = load_source(held_out, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, set(cfg.teachers))
+        per_domain[src.domain] = rows[: cfg.eval.num_prompts]
+    return [r for d in sorted(per_domain) for r in per_domain[d]]
 
 
 def student_signature(cfg: MOPDConfig) -> Dict[str, Any]:

@@ -288,6 +288,32 @@ class TrainerWorker:
             self._version += 1
         return self._reduce_metrics(sums, grad_norm=grad_norm, lr=lr, skipped=not applied)
 
+    def sft_step(self, batch: TrainBatch) -> Metrics:
+        """One optimizer step of supervised fine-tuning on the response tokens of ``batch`` (the
+        reference completions, EOS included): their mean negative log-likelihood, a token mean over
+        the whole batch. Used to build the quickstart's SFT student and its domain teachers."""
+        plan = plan_micro_batches(len(batch.rollout), self.rank, self.world_size, self.cfg.trainer.micro_batch_size)
+        n_tokens = max(int(batch.rollout.response_mask.sum()), 1)
+        lr = self.engine.get_lr()[0]
+        nll_sum = 0.0
+        self.engine.train()
+        for j, micro in enumerate(plan):
+            rows = _take_rows(batch, micro.rows).to(self.device)
+            logits, aux = self._forward(rows.input_ids, rows.attention_mask)
+            logp = token_logprobs(logits, rows.input_ids)
+            nll = -(logp * rows.response_mask).sum() / n_tokens
+            if aux is not None:
+                nll = nll + self.cfg.trainer.aux_loss_coef * aux * (len(micro.rows) / len(batch.rollout))
+            if micro.dummy:
+                nll = nll * 0.0
+            nll_sum += float(nll.detach())
+            self.engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
+            self.engine.backward(nll * self.world_size, scale_wrt_gas=False)
+        grad_norm, applied = self._optimizer_step(not math.isfinite(nll_sum))
+        if applied:
+            self._version += 1
+        return {"sft/loss": nll_sum, "sft/grad_norm": grad_norm, "sft/lr": float(lr), "sft/skipped": float(not applied)}
+
     def _micro_batch_loss(self, batch: TrainBatch, micro: MicroBatch, sums: _StepSums) -> Tuple[torch.Tensor, bool]:
         """Forward one micro-batch; return the scalar to back-propagate and whether it is finite.
 

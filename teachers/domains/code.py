@@ -1,8 +1,8 @@
 """Synthetic code reading: predict what a one-line string expression evaluates to.
 
-    upper('abc')=      -> ABC        level 1 (copying, position by position)
+    upper('abc')=      -> ABC        level 0 (copying, position by position)
+    'ab'+'cde'=        -> abcde      level 0
     'ab'*3=            -> ababab     level 1
-    'ab'+'cde'=        -> abcde      level 1
     rev('abc')=        -> cba        level 2 (default)
     len('abcde')=      -> 5          level 2
     'abcde'[2]=        -> c          level 2
@@ -76,16 +76,16 @@ def _slice(rng: random.Random) -> Tuple[str, str]:
 
 # kind -> (level it first appears at, draw of (expression, value)).
 OPS: Dict[str, Tuple[int, Callable[[random.Random], Tuple[str, str]]]] = {
-    "upper": (1, lambda r: _call(r, "upper")),
+    "upper": (0, lambda r: _call(r, "upper")),
     "repeat": (1, _repeat),
-    "concat": (1, _concat),
+    "concat": (0, _concat),
     "rev": (2, lambda r: _call(r, "rev")),
     "len": (2, _length),
     "index": (2, _index),
     "sort": (3, lambda r: _call(r, "sort")),
     "slice": (3, _slice),
 }
-LEVELS = (1, 2, 3)
+LEVELS = (0, 1, 2, 3)
 
 
 def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]:

@@ -3,6 +3,8 @@
 Operands are whole numbers written in decimal; every result is non-negative (``a-b`` has
 ``a >= b``: negative results were much harder for tiny teachers). Levels add operators:
 
+    level 0   a+b, a-b       a in 10..99, b in 0..9, no carry or borrow: the tens digit is copied and
+                             the ones digit is a single-digit fact (for the 2-core quickstart)
     level 1   a+b            a, b in 0..99
     level 2   a+b, a-b       (default)
     level 3   a+b, a-b, a*b  b in 0..9 for a*b, so the table of single digits is all it needs
@@ -21,7 +23,7 @@ from teachers.domains.common import register_levels, sample_split
 DOMAIN = "math"
 MAX_OPERAND = 99
 MAX_FACTOR = 9  # second operand of a*b; larger factors need multi-digit partial products
-LEVEL_OPS = {1: "+", 2: "+-", 3: "+-*"}
+LEVEL_OPS = {0: "+-", 1: "+", 2: "+-", 3: "+-*"}
 DEFAULT_LEVEL = 2
 
 
@@ -32,10 +34,19 @@ def _apply(op: str, a: int, b: int) -> int:
 def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]:
     """One (prompt, answer, operator) at ``level``."""
     op = rng.choice(LEVEL_OPS[level])
+    if level == 0:
+        return _draw_no_carry(rng, op)
     a = rng.randint(0, MAX_OPERAND)
     b = rng.randint(0, MAX_FACTOR if op == "*" else MAX_OPERAND)
     if op == "-" and a < b:
         a, b = b, a  # keep the result non-negative; the pair stays uniform over a >= b
+    return f"{a}{op}{b}=", str(_apply(op, a, b)), op
+
+
+def _draw_no_carry(rng: random.Random, op: str) -> Tuple[str, str, str]:
+    a = rng.randint(10, MAX_OPERAND)
+    ones = a % 10
+    b = rng.randint(0, 9 - ones) if op == "+" else rng.randint(0, ones)
     return f"{a}{op}{b}=", str(_apply(op, a, b)), op
 
 

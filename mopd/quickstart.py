@@ -1,0 +1,323 @@
+"""``mopd quickstart``: MOPD's capability integration, reproduced at CPU scale with one command.
+
+Stages, each cached in the output directory (a re-run skips finished stages; ``--from-stage S``
+re-runs S and the stages after it):
+
+    domains   three synthetic domains (math, code, agent): disjoint train/eval prompt files
+    student   a tiny MiMoV2Flash (MoE) student, general SFT on a mixture of all domains
+    teachers  one teacher per domain, trained from the student's SFT checkpoint on its domain only
+    mopd      ``mopd train recipes/quickstart.yaml`` with the student and teachers above
+    report    teacher / student-before / student-after accuracy per domain, normalised score,
+              per-domain reverse KL, a PNG of the curves, the student exported to student_hf/
+
+    mopd quickstart --output-dir runs/quickstart
+    mopd quickstart --output-dir runs/quickstart --from-stage mopd objective.kind=topk
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from mopd.config import MOPDConfig, load_config
+
+log = logging.getLogger("mopd.quickstart")
+
+STAGES = ("domains", "student", "teachers", "mopd", "report")
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+
+
+@dataclass
+class QuickstartSettings:
+    """The stages' own knobs (the MOPD stage takes its settings from the recipe)."""
+
+    # domain -> registered generator; the easiest levels, so that a tiny teacher reaches >= 0.9
+    # within a few minutes of domain SFT on two cores.
+    generators: Dict[str, str] = field(default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"})
+    train_prompts: int = 4000  # per domain
+    eval_prompts: int = 128  # per domain
+    sft_batch: int = 64
+    student_sft_steps: int = 200
+    student_sft_lr: float = 3e-3
+    teacher_sft_steps: int = 400
+    teacher_sft_lr: float = 3e-3
+    seed: int = 0
+
+    @property
+    def domain_names(self) -> List[str]:
+        return list(self.generators)
+
+
+# ---------------------------------------------------------------------- stage bookkeeping
+
+
+class StageCache:
+    """``DIR/stages/<stage>.json`` marks a finished stage and holds what it measured."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, stage: str) -> Optional[Dict[str, Any]]:
+        path = self.dir / f"{stage}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def finish(self, stage: str, result: Dict[str, Any]) -> None:
+        tmp = self.dir / f"{stage}.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(self.dir / f"{stage}.json")
+
+    def invalidate_from(self, stage: str) -> None:
+        for s in STAGES[STAGES.index(stage) :]:
+            (self.dir / f"{s}.json").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- stage 1: domains
+
+
+def stage_domains(out: Path, st: QuickstartSettings) -> Dict[str, Any]:
+    """Write ``data/<domain>_{train,eval}.jsonl`` from each domain's generator (own RNG per split)."""
+    from mopd.data import derive_seed
+    from mopd.domains import get_domain
+
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for d, gen in st.generators.items():
+        for split, n in (("train", st.train_prompts), ("eval", st.eval_prompts)):
+            rows = get_domain(gen).generate(random.Random(derive_seed(st.seed, d, split)), n, split)
+            with open(data / f"{d}_{split}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps({"prompt": r.prompt, "domain": d, **r.meta}) + "\n")
+            counts[f"{d}_{split}"] = len(rows)
+    return {"counts": counts}
+
+
+def read_rows(path: Path):
+    from mopd.types import PromptRow
+
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            rec = json.loads(line)
+            prompt, domain = rec.pop("prompt"), rec.pop("domain")
+            rows.append(PromptRow(prompt=prompt, domain=domain, meta=rec, source=str(path), index=i))
+    return rows
+
+
+# ---------------------------------------------------------------------- stages 2-3: SFT
+
+
+def sft_batch(tokenizer, rows) -> "TrainBatch":  # noqa: F821
+    """A TrainBatch whose responses are the reference answers (+ EOS), in the rollout layout."""
+    import torch
+
+    from mopd.types import TrainBatch
+    from rollout.batching import encode_prompts, pack_rollout
+
+    prompts = encode_prompts(tokenizer, rows)
+    answers = [tokenizer(str(r.meta["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    zeros = [[0.0] * len(a) for a in answers]
+    batch = pack_rollout(prompts, answers, zeros, list(range(len(rows))), rows, [str(r.meta["answer"]) for r in rows], tokenizer.pad_token_id, 0)
+    return TrainBatch(batch, torch.zeros_like(batch.rollout_logprobs))
+
+
+def run_sft(recipe: MOPDConfig, init: Dict[str, Any], rows, steps: int, lr: float, batch: int, seed: int, out_dir: Path, desc: str) -> Dict[str, float]:
+    """SFT through the project's DeepSpeed trainer (one in-process rank, ZeRO 0) and save the
+    result as a Hugging Face directory. ``init`` overrides ``recipe.student`` (path or config)."""
+    from tqdm import tqdm
+
+    from mopd.models import load_tokenizer
+    from trainers.deepspeed_trainer import TrainerWorker
+
+    cfg = replace(
+        recipe,
+        student=replace(recipe.student, **init),
+        run=replace(recipe.run, total_steps=steps, seed=seed),
+        trainer=replace(recipe.trainer, lr=lr, zero_stage=0, world_size=1, lr_schedule="cosine", warmup_steps=10, micro_batch_size=batch),
+    )
+    tok = load_tokenizer(cfg.student)
+    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port())
+    rng = random.Random(seed)
+    t0, loss = time.time(), float("nan")
+    for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
+        loss = worker.sft_step(sft_batch(tok, [rng.choice(rows) for _ in range(batch)]))["sft/loss"]
+    worker.save_hf(str(out_dir))
+    _destroy_process_group()
+    return {"final_loss": loss, "seconds": time.time() - t0, "steps": steps}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(recipe: MOPDConfig, model_dir: Path, rows) -> Dict[str, float]:
+    """Greedy accuracy of a model directory per domain, with an in-process HF rollout worker."""
+    from mopd.loop import evaluate
+    from rollout.pool import RolloutPool
+
+    cfg = replace(recipe, student=replace(recipe.student, path=str(model_dir), config=None, tokenizer=None))
+    pool = RolloutPool(cfg, local=True)
+    try:
+        acc = evaluate(pool, rows, seed=0)
+    finally:
+        pool.shutdown()
+    return {k.split("/")[1]: v for k, v in acc.items()}
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def mopd_overrides(out: Path, st: QuickstartSettings) -> List[str]:
+    """Recipe overrides that point the MOPD stage at this run's student, teachers and data."""
+    data = out / "data"
+    sources = ", ".join(
+        f"{{domain: {d}, path: {data / f'{d}_train.jsonl'}, eval_path: {data / f'{d}_eval.jsonl'}}}" for d in st.domain_names
+    )
+    over = [
+        f"run.output_dir={out / 'mopd'}",
+        f"student.path={out / 'student_sft'}",
+        "student.config=null",
+        "student.tokenizer=null",
+        f"data.sources=[{sources}]",
+    ]
+    for d in st.domain_names:
+        over += [f"teachers.{d}.path={out / 'teachers' / d}", f"teachers.{d}.config=null", f"teachers.{d}.tokenizer=null"]
+    return over
+
+
+def split_overrides(overrides: List[str]) -> Tuple[Dict[str, str], List[str]]:
+    """``key=value`` items naming a QuickstartSettings field go to the stages; the rest to the recipe."""
+    names = {f.name for f in fields(QuickstartSettings)}
+    mine, recipe = {}, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        (mine.__setitem__(key, value) if key in names else recipe.append(item))
+    return mine, recipe
+
+
+def settings_from(items: Dict[str, str]) -> QuickstartSettings:
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.structured(QuickstartSettings)
+    return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()])))
+
+
+def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(out_dir).resolve()
+    mine, recipe_over = split_overrides(list(overrides or []))
+    st = settings_from(mine)
+    # The recipe (with the user's overrides) is validated before any stage runs.
+    base = load_config(RECIPE, recipe_over)
+    cache = StageCache(out)
+    if from_stage is not None:
+        if from_stage not in STAGES:
+            raise ValueError(f"--from-stage {from_stage!r}; valid: {', '.join(STAGES)}")
+        cache.invalidate_from(from_stage)
+    results: Dict[str, Any] = {}
+    t_all = time.time()
+    for stage in STAGES:
+        cached = cache.done(stage)
+        if cached is not None:
+            print(f"[quickstart] {stage}: cached ({cached.get('seconds', 0):.0f} s when it ran)")
+            results[stage] = cached
+            continue
+        print(f"[quickstart] {stage}: running")
+        t0 = time.time()
+        res = STAGE_FUNCS[stage](out, st, base, recipe_over, results)
+        res["seconds"] = time.time() - t0
+        cache.finish(stage, res)
+        results[stage] = res
+        print(f"[quickstart] {stage}: done in {res['seconds']:.0f} s")
+    print(f"[quickstart] all stages in {time.time() - t_all:.0f} s; report: {out / 'report.json'}")
+    return results
+
+
+def _stage_domains(out, st, base, recipe_over, results):
+    return stage_domains(out, st)
+
+
+def _eval_rows(out: Path, st: QuickstartSettings):
+    return [r for d in st.domain_names for r in read_rows(out / "data" / f"{d}_eval.jsonl")]
+
+
+def _stage_student(out, st, base, recipe_over, results):
+    mix = [r for d in st.domain_names for r in read_rows(out / "data" / f"{d}_train.jsonl")]
+    res = run_sft(base, {}, mix, st.student_sft_steps, st.student_sft_lr, st.sft_batch, st.seed, out / "student_sft", "student SFT")
+    res["accuracy"] = evaluate_model(base, out / "student_sft", _eval_rows(out, st))
+    return res
+
+
+def _stage_teachers(out, st, base, recipe_over, results):
+    res = {}
+    init = {"path": str(out / "student_sft"), "config": None, "tokenizer": None}
+    for i, d in enumerate(st.domain_names):
+        rows = read_rows(out / "data" / f"{d}_train.jsonl")
+        r = run_sft(base, init, rows, st.teacher_sft_steps, st.teacher_sft_lr, st.sft_batch, st.seed + 1 + i, out / "teachers" / d, f"teacher {d} SFT")
+        r["accuracy"] = evaluate_model(base, out / "teachers" / d, read_rows(out / "data" / f"{d}_eval.jsonl"))[d]
+        res[d] = r
+    return res
+
+
+def _stage_mopd(out, st, base, recipe_over, results):
+    from mopd.loop import run_training
+
+    shutil.rmtree(out / "mopd", ignore_errors=True)  # a re-run starts the MOPD stage afresh
+    cfg = load_config(RECIPE, mopd_overrides(out, st) + recipe_over)
+    run_training(cfg)
+    return {"objective": cfg.objective.kind, "steps": cfg.run.total_steps}
+
+
+def _stage_report(out, st, base, recipe_over, results):
+    from mopd.checkpoint import export_checkpoint
+    from mopd.report import build_report, plot_curves
+
+    export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")
+    after = evaluate_model(base, out / "student_hf", _eval_rows(out, st))
+    report = build_report(st.domain_names, results, after, out / "mopd" / "metrics.jsonl")
+    report["wall_time_s"] = sum(results[s]["seconds"] for s in STAGES[:-1] if s in results)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot_curves(out / "mopd" / "metrics.jsonl", st.domain_names, out / "curves.png")
+    print(format_table(report))
+    return {"report": report}
+
+
+STAGE_FUNCS = {
+    "domains": _stage_domains,
+    "student": _stage_student,
+    "teachers": _stage_teachers,
+    "mopd": _stage_mopd,
+    "report": _stage_report,
+}
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    lines = [f"{'domain':8s} {'student before':>15s} {'teacher':>8s} {'student after':>14s} {'KL start':>9s} {'KL end':>7s}"]
+    for d, r in report["domains"].items():
+        lines.append(
+            f"{d:8s} {r['student_before']:15.3f} {r['teacher']:8.3f} {r['student_after']:14.3f} "
+            f"{r.get('reverse_kl_start', float('nan')):9.3f} {r.get('reverse_kl_end', float('nan')):7.3f}"
+        )
+    lines.append(f"normalized score {report['normalized_score']:.3f} (objective: {report['objective']})")
+    return "\n".join(lines)

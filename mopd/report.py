@@ -1,0 +1,74 @@
+"""The quickstart's report: per-domain accuracies, the normalised score, reverse-KL and accuracy
+curves over MOPD steps (read back from the run's ``metrics.jsonl``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mopd.metrics import read_metrics
+
+
+def normalized_score(domains: Dict[str, Dict[str, float]]) -> float:
+    """Mean over domains of (after - before) / (teacher - before), as in the standalone MOPD paper:
+    0 is the student before MOPD, 1 each domain's teacher. A domain where the teacher is not above
+    the student has no defined gap; it is reported as NaN rather than hidden."""
+    gaps = []
+    for r in domains.values():
+        gap = r["teacher"] - r["student_before"]
+        gaps.append((r["student_after"] - r["student_before"]) / gap if gap > 0 else float("nan"))
+    return sum(gaps) / len(gaps) if gaps else float("nan")
+
+
+def curve(records: List[dict], key: str) -> List[tuple]:
+    """(step, value) pairs of ``key`` in a metrics log, in step order."""
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
+def _first_last(points: List[tuple]) -> tuple:
+    return (points[0][1], points[-1][1]) if points else (float("nan"), float("nan"))
+
+
+def build_report(domains: List[str], results: Dict[str, Any], after: Dict[str, float], metrics_path: Path) -> Dict[str, Any]:
+    records = read_metrics(metrics_path)
+    out: Dict[str, Any] = {"domains": {}}
+    for d in domains:
+        kl_start, kl_end = _first_last(curve(records, f"teacher/{d}/reverse_kl"))
+        out["domains"][d] = {
+            "teacher": results["teachers"][d]["accuracy"],
+            "student_before": results["student"]["accuracy"][d],
+            "student_after": after[d],
+            "reverse_kl_start": kl_start,
+            "reverse_kl_end": kl_end,
+        }
+    out["normalized_score"] = normalized_score(out["domains"])
+    out["objective"] = results["mopd"]["objective"]
+    out["mopd_steps"] = results["mopd"]["steps"]
+    out["stage_seconds"] = {s: round(r["seconds"], 1) for s, r in results.items() if "seconds" in r}
+    return out
+
+
+def plot_curves(metrics_path: Path, domains: List[str], png: Path) -> Optional[Path]:
+    """Per-domain eval accuracy and token reverse KL over MOPD steps, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
+    for d in domains:
+        for ax, key in ((ax_acc, f"eval/{d}/accuracy"), (ax_kl, f"teacher/{d}/reverse_kl")):
+            pts = [(s, v) for s, v in curve(records, key) if math.isfinite(v)]
+            if pts:
+                ax.plot(*zip(*pts), label=d, marker="o" if ax is ax_acc else None, markersize=3)
+    ax_acc.set(title="eval accuracy (greedy)", xlabel="MOPD step", ylim=(0, 1.02))
+    ax_kl.set(title="token reverse KL to the domain's teacher", xlabel="MOPD step", yscale="log")
+    for ax in (ax_acc, ax_kl):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
