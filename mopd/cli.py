@@ -1,7 +1,7 @@
 """The ``mopd`` command line.
 
-    mopd validate RECIPE [key=value ...]     print the resolved recipe, or what is wrong with it
-    mopd train RECIPE [key=value ...] [--resume]
+    mopd validate RECIPE [LAYER.yaml ...] [key=value ...]   print the resolved recipe, or what is wrong
+    mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
 """
@@ -20,10 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a recipe and print it resolved")
     v.add_argument("recipe")
-    v.add_argument("overrides", nargs="*", metavar="key=value")
+    v.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     t = sub.add_parser("train", help="run the MOPD loop on Ray")
     t.add_argument("recipe")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument(
         "--force-teachers", action="store_true", help="resume even if the teacher set differs from the checkpoint's"

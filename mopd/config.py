@@ -192,7 +192,8 @@ class MOPDConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: List[str] | None = None) -> MOPDConfig:
-    """Merge defaults, the YAML at ``path`` and ``key=value`` overrides; validate; return the recipe.
+    """Merge defaults, the YAML at ``path``, extra YAML layers and ``key=value`` overrides (in the
+    order given in ``overrides``: layers first); validate; return the recipe.
 
     Raises ConfigError with a message that names what to fix.
     """
@@ -207,6 +208,13 @@ def load_config(path: str | os.PathLike | None, overrides: List[str] | None = No
         except Exception as e:  # yaml errors carry line numbers
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         cfg = _merge(cfg, recipe, source=str(path))
+    # Extra YAML files (layers) merge in order before the key=value overrides.
+    layers = [o for o in overrides or [] if "=" not in o and o.endswith((".yaml", ".yml"))]
+    overrides = [o for o in overrides or [] if o not in layers]
+    for layer in layers:
+        if not Path(layer).is_file():
+            raise ConfigError(f"recipe layer not found: {layer}")
+        cfg = _merge(cfg, OmegaConf.load(layer), source=layer)
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), source="override")
     try:

@@ -7,8 +7,11 @@ adds one by calling ``register_domain`` in a module listed in the recipe's ``run
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import random
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List
 
 from mopd.types import PromptRow
@@ -57,9 +60,25 @@ def get_domain(name: str) -> Domain:
 
 
 def load_plugins(modules: List[str]) -> None:
-    """Import user modules that register domains (``run.plugins`` in a recipe)."""
+    """Import user modules that register domains (``run.plugins`` in a recipe): a module name on
+    the Python path (``my_pkg.domains``) or a ``.py`` file path (``plugins/echo.py``)."""
     for mod in modules:
         try:
-            importlib.import_module(mod)
-        except ImportError as e:
+            if mod.endswith(".py"):
+                _import_file(Path(mod))
+            else:
+                importlib.import_module(mod)
+        except (ImportError, FileNotFoundError) as e:
             raise ImportError(f"run.plugins: cannot import {mod!r}: {e}") from e
+
+
+def _import_file(path: Path) -> None:
+    name = "mopd_plugin_" + path.stem
+    if name in sys.modules:
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
