@@ -149,7 +149,8 @@ def run_sft(recipe: MOPDConfig, init: Dict[str, Any], rows, steps: int, lr: floa
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
         loss = worker.sft_step(sft_batch(tok, [rng.choice(rows) for _ in range(batch)]))["sft/loss"]
     worker.save_hf(str(out_dir))
-    _destroy_process_group()
+    # The gloo process group stays up for the next SFT run in this process: DeepSpeed caches its
+    # groups, so tearing it down and re-creating it breaks the next engine.
     return {"final_loss": loss, "seconds": time.time() - t0, "steps": steps}
 
 
@@ -159,13 +160,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- evaluation
