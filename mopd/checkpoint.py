@@ -98,4 +98,16 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     for item in src.iterdir():
         if item.is_file():
             shutil.copy2(item, out / item.name)
+    _add_vllm_keys(out / "config.json")
     return out
+
+
+def _add_vllm_keys(config_path: Path) -> None:
+    """Add the config keys vLLM's implementation of the model reads where transformers saves
+    others (MiMoV2Flash); transformers ignores them, so the directory serves both."""
+    from mopd.vllm_compat import vllm_config_overrides
+
+    config = json.loads(config_path.read_text())
+    extra = vllm_config_overrides(config)
+    if extra:
+        config_path.write_text(json.dumps({**config, **extra}, indent=2))

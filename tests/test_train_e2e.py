@@ -6,6 +6,7 @@ MoE student, two dense teachers, two synthetic domains), plus trainer/rollout lo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,8 @@ def test_resume_then_export_matches_uninterrupted_run(uninterrupted, tmp_path):
     ok(mopd("export", str(tmp_path / "checkpoints"), str(out)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    config = json.loads((out / "config.json").read_text())
+    assert "hybrid_layer_pattern" in config and config["architectures"] == ["MiMoV2FlashForCausalLM"]  # for vLLM
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok("12+7=")["input_ids"]])
