@@ -399,7 +399,7 @@ def test_flat_logprobs_to_tensors():
 # --------------------------------------------------------------------------- Ray (slow)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # default run: Ray teachers in test_train_e2e, replica split in the pure tests
 def test_ray_pool_two_domains_two_replicas(student_sig):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
