@@ -279,13 +279,14 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     pools: List[Any] = []
     writer = MetricsWriter(out)
     try:
-        trainer = _track(pools, TrainerPool(cfg))
-        rollout = _track(pools, RolloutPool(cfg))
+        # Teachers first: a vocabulary mismatch then fails before the trainer and rollout start.
         topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
         teachers = _track(
             pools,
             TeacherPool(cfg.teachers, cfg.run.seed, student_signature(cfg), max_topk=max(topk, 1), env=cfg.ray.env),
         )
+        trainer = _track(pools, TrainerPool(cfg))
+        rollout = _track(pools, RolloutPool(cfg))
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
             loop.restore(latest, force_teachers)

@@ -1,0 +1,79 @@
+"""The loop's phases with in-process components (no Ray): verifier rewards become GRPO outcome
+advantages when alpha > 0, non-finite inputs skip the update, and a streak of them aborts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mopd.config import load_config
+from mopd.loop import MOPDLoop, NonFiniteError, build_mixer
+from mopd.metrics import MetricsWriter
+from rollout.pool import RolloutPool
+from teachers.pool import TeacherPool
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+class RecordingTrainer:
+    """Stands in for the trainer: keeps the batches it is given and reports a finite loss."""
+
+    def __init__(self):
+        self.batches = []
+
+    def train_step(self, batch):
+        self.batches.append(batch)
+        return {"train/loss": 0.0, "train/skipped": 0.0}
+
+    def state_dict(self):
+        return {}
+
+
+class NoSync(RolloutPool):
+    def sync_weights(self, state_dict, version):  # the recording trainer has no weights to send
+        self.synced = version
+
+
+def make_loop(tmp_path, *overrides):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "rollout.n=4", "rollout.max_new_tokens=6", *overrides])
+    mixer, _ = build_mixer(cfg)
+    trainer = RecordingTrainer()
+    loop = MOPDLoop(cfg, NoSync(cfg, local=True), TeacherPool(cfg.teachers, 0, local=True), trainer, mixer, MetricsWriter(tmp_path, tensorboard=False))
+    return loop, trainer
+
+
+def test_alpha_turns_verifier_rewards_into_group_advantages(tmp_path):
+    loop, trainer = make_loop(tmp_path, "objective.alpha=0.5")
+    metrics = loop.train_one_step()
+    batch = trainer.batches[0]
+    adv = batch.adv_orm
+    assert adv is not None and adv.shape == (len(batch.rollout),)
+    # GRPO: zero mean within each prompt's group of n samples.
+    for g in batch.rollout.group_ids.unique():
+        assert abs(float(adv[batch.rollout.group_ids == g].sum())) < 1e-4
+    assert any(k.startswith("verify/") and k.endswith("/reward") for k in metrics)
+
+
+def test_alpha_zero_sends_no_outcome_advantage(tmp_path):
+    loop, trainer = make_loop(tmp_path)
+    loop.train_one_step()
+    assert trainer.batches[0].adv_orm is None
+
+
+def test_nonfinite_teacher_logprobs_skip_then_abort(tmp_path):
+    loop, trainer = make_loop(tmp_path, "objective.max_nonfinite_steps=2")
+    real_score = loop.teachers.score
+
+    def nan_scores(batch, topk=0):
+        scores, m = real_score(batch, topk)
+        scores.logprobs[batch.response_mask] = float("nan")
+        return scores, m
+
+    loop.teachers.score = nan_scores
+    metrics = loop.train_one_step()
+    assert metrics["train/skipped"] == 1.0 and not trainer.batches and loop.policy_version == 0
+    with pytest.raises(NonFiniteError, match="--resume"):
+        loop.train_one_step()
