@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 import torch
 
 from mopd import checkpoint as ckpt
-from mopd.config import MOPDConfig, to_dict
+from mopd.config import MOPDConfig, to_dict, to_yaml
 from mopd.metrics import MetricsWriter, PhaseTimer
 from mopd.objective import grpo_advantages
 from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
@@ -268,7 +268,7 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     mixer, data_stats = build_mixer(cfg)
     eval_rows = build_eval_rows(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    (out / "recipe.yaml").write_text(json.dumps(to_dict(cfg), indent=1))
+    (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
 
     from mopd.runtime import init_ray
     from rollout import RolloutPool

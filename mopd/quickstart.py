@@ -206,7 +206,10 @@ def split_overrides(overrides: List[str]) -> Tuple[Dict[str, str], List[str]]:
     mine, recipe = {}, []
     for item in overrides:
         key, _, value = item.partition("=")
-        (mine.__setitem__(key, value) if key in names else recipe.append(item))
+        if key in names:
+            mine[key] = value
+        else:
+            recipe.append(item)
     return mine, recipe
 
 

@@ -291,7 +291,8 @@ class TrainerWorker:
     def sft_step(self, batch: TrainBatch) -> Metrics:
         """One optimizer step of supervised fine-tuning on the response tokens of ``batch`` (the
         reference completions, EOS included): their mean negative log-likelihood, a token mean over
-        the whole batch. Used to build the quickstart's SFT student and its domain teachers."""
+        the whole batch. Used to build the quickstart's SFT student and its domain teachers.
+        ``sft/loss`` is this rank's share of the batch loss (the quickstart runs one rank)."""
         plan = plan_micro_batches(len(batch.rollout), self.rank, self.world_size, self.cfg.trainer.micro_batch_size)
         n_tokens = max(int(batch.rollout.response_mask.sum()), 1)
         lr = self.engine.get_lr()[0]
