@@ -99,15 +99,13 @@ def stage_domains(out: Path, st: QuickstartSettings) -> Dict[str, Any]:
     return {"counts": counts}
 
 
-def read_rows(path: Path):
-    from mopd.types import PromptRow
+def read_rows(out: Path, domain: str, split: str, base: MOPDConfig):
+    """The rows of ``data/<domain>_<split>.jsonl``, read and checked like any data source."""
+    from mopd.config import DataSourceConfig
+    from mopd.data import load_source
 
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            rec = json.loads(line)
-            prompt, domain = rec.pop("prompt"), rec.pop("domain")
-            rows.append(PromptRow(prompt=prompt, domain=domain, meta=rec, source=str(path), index=i))
+    src = DataSourceConfig(domain=domain, path=str(out / "data" / f"{domain}_{split}.jsonl"))
+    rows, _ = load_source(src, base.run.seed, base.data.max_prompt_len, "reject", {domain})
     return rows
 
 
@@ -255,14 +253,14 @@ def _stage_domains(out, st, base, recipe_over, results):
     return stage_domains(out, st)
 
 
-def _eval_rows(out: Path, st: QuickstartSettings):
-    return [r for d in st.domain_names for r in read_rows(out / "data" / f"{d}_eval.jsonl")]
+def _eval_rows(out: Path, st: QuickstartSettings, base: MOPDConfig):
+    return [r for d in st.domain_names for r in read_rows(out, d, "eval", base)]
 
 
 def _stage_student(out, st, base, recipe_over, results):
-    mix = [r for d in st.domain_names for r in read_rows(out / "data" / f"{d}_train.jsonl")]
+    mix = [r for d in st.domain_names for r in read_rows(out, d, "train", base)]
     res = run_sft(base, {}, mix, st.student_sft_steps, st.student_sft_lr, st.sft_batch, st.seed, out / "student_sft", "student SFT")
-    res["accuracy"] = evaluate_model(base, out / "student_sft", _eval_rows(out, st))
+    res["accuracy"] = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
     return res
 
 
@@ -270,9 +268,9 @@ def _stage_teachers(out, st, base, recipe_over, results):
     res = {}
     init = {"path": str(out / "student_sft"), "config": None, "tokenizer": None}
     for i, d in enumerate(st.domain_names):
-        rows = read_rows(out / "data" / f"{d}_train.jsonl")
+        rows = read_rows(out, d, "train", base)
         r = run_sft(base, init, rows, st.teacher_sft_steps, st.teacher_sft_lr, st.sft_batch, st.seed + 1 + i, out / "teachers" / d, f"teacher {d} SFT")
-        r["accuracy"] = evaluate_model(base, out / "teachers" / d, read_rows(out / "data" / f"{d}_eval.jsonl"))[d]
+        r["accuracy"] = evaluate_model(base, out / "teachers" / d, read_rows(out, d, "eval", base))[d]
         res[d] = r
     return res
 
@@ -292,7 +290,7 @@ def _stage_report(out, st, base, recipe_over, results):
 
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")
-    after = evaluate_model(base, out / "student_hf", _eval_rows(out, st))
+    after = evaluate_model(base, out / "student_hf", _eval_rows(out, st, base))
     report = build_report(st.domain_names, results, after, out / "mopd" / "metrics.jsonl")
     # All stages' own times (cached ones count as when they ran) plus this one so far.
     report["wall_time_s"] = round(sum(results[s]["seconds"] for s in STAGES[:-1]) + time.time() - t0, 1)
