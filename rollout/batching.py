@@ -162,7 +162,7 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         responses=[s for b in batches for s in b.responses],
         policy_version=versions.pop(),
         prompt_len=P,
-        routed_experts=cat("routed_experts", 0) if all(has_routes) else None,
+        routed_experts=cat("routed_experts", -1) if all(has_routes) else None,  # -1: route afresh
     )
 
 

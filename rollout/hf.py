@@ -9,12 +9,15 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Dict, List, Sequence
 
 import torch
 
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer, sequence_logprobs
+from mopd.routing import align_routes, record_routes
 from mopd.types import PromptRow, RolloutBatch
 from rollout.batching import encode_prompts, left_pad, pack_samples
 
@@ -69,10 +72,13 @@ class HFRolloutActor:
     def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
 
-        ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
+        ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs.
+        With ``rollout.routing_replay`` the batch carries the experts every MoE layer chose for every
+        token (prefill and each sampling step; -1 where nothing was routed)."""
         prompts = encode_prompts(self.tokenizer, rows)
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        with torch.random.fork_rng(devices=[]):
+        replay = self.cfg.rollout.routing_replay
+        with torch.random.fork_rng(devices=[]), (record_routes(self.model) if replay else nullcontext()) as rec:
             torch.manual_seed(seed)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask.long(), generation_config=self._sampling_config(n, greedy)
@@ -80,7 +86,11 @@ class HFRolloutActor:
         new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R')
         logp = sampled_logprobs(out.scores, new_tokens)  # (B*n, R')
         samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp)]
-        return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
+        batch = pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
+        if rec is None:
+            return batch
+        # Same columns as the batch: generate's prompt is left-padded to the same P.
+        return replace(batch, routed_experts=align_routes(rec.routes(rows=len(batch)), batch.attention_mask))
 
     def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""

@@ -27,6 +27,7 @@ import torch
 from mopd.config import ModelConfig, MOPDConfig
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import mopd_loss, topk_reverse_kl_loss
+from mopd.routing import replay_routes
 from mopd.types import TrainBatch
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 
@@ -124,7 +125,8 @@ class _Rows:
     """The tensors of some rows of a TrainBatch, with all-padding columns dropped.
 
     input_ids (b, t) int64, attention_mask / response_mask (b, t) bool, rollout / teacher (b, t) f32,
-    adv_orm (b,) f32 or None, topk_ids (b, t, K) int64 / topk_logprobs (b, t, K) f32 or None.
+    adv_orm (b,) f32 or None, topk_ids (b, t, K) int64 / topk_logprobs (b, t, K) f32 or None,
+    routes (b, t, L, k) int16 or None: the rollout's MoE routes, replayed in the forward.
     """
 
     input_ids: torch.Tensor
@@ -136,12 +138,14 @@ class _Rows:
     topk_ids: Optional[torch.Tensor]
     topk_logprobs: Optional[torch.Tensor]
     domains: List[str]
+    routes: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "_Rows":
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return _Rows(
             move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.rollout),
             move(self.teacher), move(self.adv_orm), move(self.topk_ids), move(self.topk_logprobs), self.domains,
+            move(self.routes),
         )  # fmt: skip
 
     def subset(self, idx: List[int]) -> "_Rows":
@@ -150,6 +154,7 @@ class _Rows:
         return _Rows(
             self.input_ids[t], self.attention_mask[t], self.response_mask[t], self.rollout[t], self.teacher[t],
             pick(self.adv_orm), pick(self.topk_ids), pick(self.topk_logprobs), [self.domains[i] for i in idx],
+            pick(self.routes),
         )  # fmt: skip
 
 
@@ -166,6 +171,7 @@ def _take_rows(batch: TrainBatch, rows: List[int]) -> _Rows:
         r.rollout_logprobs[t, lo:hi], batch.teacher_logprobs[t, lo:hi],
         None if batch.adv_orm is None else batch.adv_orm[t],
         cols(batch.teacher_topk_ids), cols(batch.teacher_topk_logprobs), [r.domains[i] for i in rows],
+        cols(r.routed_experts),
     )  # fmt: skip
 
 
@@ -234,10 +240,6 @@ class TrainerWorker:
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
         self._routes = RouterCapture(model)
         self._moe = hasattr(model.config, "output_router_logits")
-        if cfg.rollout.routing_replay and rank == 0:
-            logging.getLogger(__name__).warning(
-                "rollout.routing_replay: the trainer does not replay recorded routes yet; it routes afresh"
-            )
         optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
         factor = lr_lambda(t.lr_schedule, t.warmup_steps, cfg.run.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -300,7 +302,7 @@ class TrainerWorker:
         self.engine.train()
         for j, micro in enumerate(plan):
             rows = _take_rows(batch, micro.rows).to(self.device)
-            logits, aux = self._forward(rows.input_ids, rows.attention_mask)
+            logits, aux = self._forward(rows.input_ids, rows.attention_mask, rows.routes)
             logp = token_logprobs(logits, rows.input_ids)
             nll = -(logp * rows.response_mask).sum() / n_tokens
             if aux is not None:
@@ -323,7 +325,7 @@ class TrainerWorker:
         batch's metric sums to ``sums``.
         """
         rows = _take_rows(batch, micro.rows).to(self.device)
-        logits, aux = self._forward(rows.input_ids, rows.attention_mask)
+        logits, aux = self._forward(rows.input_ids, rows.attention_mask, rows.routes)
         if micro.dummy:
             # Same modules, same collectives, zero gradient.
             dummy = logits.float().mean() * 0.0
@@ -348,18 +350,24 @@ class TrainerWorker:
         finite = bool(torch.isfinite(total.detach()))
         return total * self.world_size, finite
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Logits (b, t, V) and the MoE load-balancing loss (scalar, or None for dense students)."""
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (b, t, V) and the MoE load-balancing loss (scalar, or None for dense students).
+
+        ``routes`` (b, t, L, k): the rollout's expert choices, replayed (routing replay); the
+        balance loss then counts the replayed experts."""
         if not (self._moe and self.cfg.trainer.aux_loss_coef > 0):
-            return forward_logits(self.engine, input_ids, attention_mask).logits, None
-        with self._routes.capture() as routes:
+            with replay_routes(self.engine.module, routes):
+                return forward_logits(self.engine, input_ids, attention_mask).logits, None
+        with replay_routes(self.engine.module, routes), self._routes.capture() as captured:
             out = forward_logits(self.engine, input_ids, attention_mask, output_router_logits=True)
         if getattr(out, "aux_loss", None) is not None:
             # Softmax routers (Mixtral, Qwen3-MoE): transformers computes the Switch-style loss
             # itself, with the attention mask.
             return out.logits, out.aux_loss.float()
-        if routes:
-            return out.logits, sigmoid_balance_loss(routes, attention_mask)
+        if captured:
+            return out.logits, sigmoid_balance_loss(captured, attention_mask)
         return out.logits, None
 
     def _student_topk(self, logits: torch.Tensor, rows: _Rows) -> Optional[torch.Tensor]:
@@ -449,9 +457,12 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------ evaluation / export
     @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routed_experts: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Teacher-forced (B, T) f32 log-probs of every token (column 0 is 0), eval mode, on CPU.
-        Under ZeRO-3 all ranks must call it with the same inputs."""
+        ``routed_experts`` (B, T, L, k): MoE routes to replay. Under ZeRO-3 all ranks must call it
+        with the same inputs."""
         was_training = self.engine.module.training
         self.engine.eval()
         try:
@@ -459,7 +470,9 @@ class TrainerWorker:
             out = []
             for i in range(0, input_ids.shape[0], mbs):
                 ids, am = input_ids[i : i + mbs].to(self.device), attention_mask[i : i + mbs].to(self.device)
-                out.append(token_logprobs(forward_logits(self.engine, ids, am).logits, ids).cpu())
+                routes = None if routed_experts is None else routed_experts[i : i + mbs].to(self.device)
+                with replay_routes(self.engine.module, routes):
+                    out.append(token_logprobs(forward_logits(self.engine, ids, am).logits, ids).cpu())
         finally:
             self.engine.train(was_training)
         return torch.cat(out).float().cpu()

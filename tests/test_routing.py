@@ -1,0 +1,260 @@
+"""Rollout Routing Replay (mopd/routing.py): record/replay on tiny MiMoV2Flash and Qwen3-MoE
+students, routes recorded by the HF rollout, and replay through the trainer's train_step.
+
+    OMP_NUM_THREADS=1 pytest tests/test_routing.py
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mopd.config import BUILTIN_TOKENIZER, ConfigError, MOPDConfig, ModelConfig, validate
+from mopd.models import forward_logits, load_model, tiny_mimo_config, token_logprobs
+from mopd.types import TrainBatch
+from mopd.routing import NOT_RECORDED, align_routes, moe_routers, record_routes, replay_routes
+
+VOCAB = 128
+
+
+def tiny_qwen3_moe_config(**overrides):
+    cfg = dict(
+        model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    cfg.update(overrides)
+    return cfg
+
+
+CONFIGS = {
+    "mimo": lambda: tiny_mimo_config(n_routed_experts=8),
+    "qwen3_moe": tiny_qwen3_moe_config,
+}
+
+
+def build(arch: str, seed: int = 0):
+    return load_model(ModelConfig(config=CONFIGS[arch](), tokenizer=BUILTIN_TOKENIZER), seed=seed).eval()
+
+
+def inputs(B: int = 4, T: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :5] = False  # left padding in one row
+    ids[~mask] = 0
+    return ids, mask
+
+
+def recorded_forward(model, ids, mask, routes=None):
+    """(logits, routes the routers returned) of one forward, replaying ``routes`` if given."""
+    with replay_routes(model, routes), record_routes(model) as rec:
+        logits = forward_logits(model, ids, mask).logits
+    return logits, rec.routes(rows=ids.shape[0])
+
+
+def perturbed(model, scale: float = 0.05, seed: int = 1):
+    """A copy whose router weights are noised, so it routes many tokens differently."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in moe_routers(other):
+            r.weight.add_(torch.randn(r.weight.shape, generator=g) * scale * r.weight.std())
+    return other
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_replaying_own_routes_reproduces_logits_and_experts(arch):
+    model = build(arch)
+    ids, mask = inputs()
+    with torch.no_grad():
+        logits, routes = recorded_forward(model, ids, mask)
+        replayed, routes_again = recorded_forward(model, ids, mask, routes)
+    L = len(moe_routers(model))
+    assert routes.shape == (4, 24, L, 2) and routes.dtype == torch.int16
+    assert torch.equal(routes_again, routes)
+    assert torch.equal(replayed, logits)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_replay_forces_the_given_experts(arch):
+    """Routes of a perturbed model are used exactly, although this model would choose others."""
+    model = build(arch)
+    other = perturbed(model, scale=1.0)
+    ids, mask = inputs()
+    with torch.no_grad():
+        _, own = recorded_forward(model, ids, mask)
+        _, foreign = recorded_forward(other, ids, mask)
+        _, under_replay = recorded_forward(model, ids, mask, foreign)
+    assert (own != foreign).any(dim=-1).float().mean() > 0.1, "perturbation too small to test anything"
+    assert torch.equal(under_replay, foreign)
+
+
+def test_unrecorded_positions_are_routed_afresh():
+    model = build("mimo")
+    ids, mask = inputs()
+    with torch.no_grad():
+        logits, routes = recorded_forward(model, ids, mask)
+        partial = routes.clone()
+        partial[:, -3:] = NOT_RECORDED
+        replayed, got = recorded_forward(model, ids, mask, partial)
+    assert torch.equal(got, routes) and torch.equal(replayed, logits)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_gradient_reaches_the_router_under_replay(arch):
+    model = build(arch).train()
+    other = perturbed(model, scale=1.0)
+    ids, mask = inputs()
+    with torch.no_grad():
+        _, foreign = recorded_forward(other, ids, mask)
+    with replay_routes(model, foreign):
+        logits = forward_logits(model, ids, mask).logits
+    token_logprobs(logits, ids)[mask].sum().backward()
+    for r in moe_routers(model):
+        assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+
+
+def test_replay_rejects_routes_of_another_shape():
+    model = build("qwen3_moe")
+    ids, mask = inputs()
+    with torch.no_grad():
+        _, routes = recorded_forward(model, ids, mask)
+        with pytest.raises(ValueError, match="one forward over the recorded"):
+            recorded_forward(model, ids[:, :-1], mask[:, :-1], routes)
+        with pytest.raises(ValueError, match="MoE layers"):
+            recorded_forward(model, ids, mask, routes[:, :, :1])
+
+
+def test_align_routes_cuts_and_marks_padding():
+    routes = torch.arange(2 * 5 * 1 * 2, dtype=torch.int16).reshape(2, 5, 1, 2)
+    mask = torch.tensor([[False, True, True, True, True, True], [True] * 6])
+    out = align_routes(routes, mask)
+    assert out.shape == (2, 6, 1, 2)
+    assert (out[0, 0] == NOT_RECORDED).all() and (out[:, 5] == NOT_RECORDED).all()
+    assert torch.equal(out[1, :5], routes[1])
+
+
+# --------------------------------------------------------------------------- rollout + agreement
+
+
+def rollout_cfg(arch: str, dtype: str = "float32", replay: bool = True, max_new: int = 16) -> MOPDConfig:
+    cfg = MOPDConfig()
+    cfg.student = ModelConfig(config=CONFIGS[arch](), tokenizer=BUILTIN_TOKENIZER, dtype=dtype)
+    cfg.rollout.max_new_tokens = max_new
+    cfg.rollout.routing_replay = replay
+    return cfg
+
+
+def rows(k: int):
+    from mopd.types import PromptRow
+
+    return [PromptRow(prompt=f"{i} + {i * 7} =" + " " * (i % 3), domain="math", index=i) for i in range(k)]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_hf_rollout_records_the_routes_a_full_forward_takes(arch):
+    """In fp32, a teacher-forced forward over the sampled batch routes every real token (but each
+    row's last, never fed back) to the experts the KV-cached sampling loop recorded."""
+    from rollout.hf import HFRolloutActor
+
+    actor = HFRolloutActor(rollout_cfg(arch))
+    batch = actor.generate(rows(3), n=2, seed=0)
+    assert batch.routed_experts is not None and batch.routed_experts.dtype == torch.int16
+    with torch.no_grad():
+        _, full = recorded_forward(actor.model, batch.input_ids, batch.attention_mask)
+    rec = batch.routed_experts
+    known = (rec >= 0).all(-1).all(-1)
+    assert not known[~batch.attention_mask].any()
+    assert known.sum() >= batch.attention_mask.sum() - len(batch)
+    assert torch.equal(rec[known].sort(-1).values, full[known].sort(-1).values)
+
+
+def _agreement(arch: str):
+    """Mean |logp_train - logp_rollout| over response tokens with and without replay, for a bf16
+    rollout and an fp32 trainer on the same weights."""
+    from rollout.hf import HFRolloutActor
+
+    cfg = rollout_cfg(arch, dtype="bfloat16", max_new=24)
+    actor = HFRolloutActor(cfg)
+    batch = actor.generate(rows(4), n=4, seed=0)
+    trainer = load_model(cfg.student, seed=cfg.run.seed, dtype="float32").eval()
+    resp = batch.response_mask
+    out = {}
+    with torch.no_grad():
+        for name, routes in (("off", None), ("on", batch.routed_experts)):
+            with replay_routes(trainer, routes):
+                lp = token_logprobs(forward_logits(trainer, batch.input_ids, batch.attention_mask).logits, batch.input_ids)
+            out[name] = float((lp - batch.rollout_logprobs).abs()[resp].mean())
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_replay_brings_trainer_logprobs_closer_to_the_rollout(arch):
+    diff = _agreement(arch)
+    assert diff["on"] < diff["off"], diff
+
+
+# --------------------------------------------------------------------------- config + trainer
+
+
+def _valid_cfg(**student) -> MOPDConfig:
+    from mopd.config import DataSourceConfig, TeacherConfig
+
+    cfg = MOPDConfig()
+    cfg.run.total_steps = 1
+    cfg.student = ModelConfig(tokenizer=BUILTIN_TOKENIZER, **student)
+    cfg.teachers = {"math": TeacherConfig(config=tiny_mimo_config(), tokenizer=BUILTIN_TOKENIZER)}
+    cfg.data.sources = [DataSourceConfig(domain="math", generator="math")]
+    cfg.rollout.routing_replay = True
+    return cfg
+
+
+def test_config_rejects_routing_replay_with_a_dense_student():
+    cfg = _valid_cfg(config={"model_type": "llama", "vocab_size": VOCAB})
+    with pytest.raises(ConfigError, match="rollout.routing_replay.*'llama'.*mimo_v2_flash, qwen3_moe"):
+        validate(cfg)
+    validate(_valid_cfg(config=tiny_qwen3_moe_config()))
+
+
+def test_config_rejects_routing_replay_with_the_vllm_backend():
+    cfg = _valid_cfg(config=tiny_mimo_config())
+    cfg.rollout.backend = "vllm"
+    with pytest.raises(ConfigError, match="rollout.routing_replay.*backend 'vllm'"):
+        validate(cfg)
+
+
+def test_train_step_replays_the_rollout_routes():
+    """End to end in-process: the HF rollout records routes in bf16, the fp32 TrainerWorker replays
+    them (train_step and logprobs); its train/rollout log-prob gap is smaller than without them."""
+    from dataclasses import replace
+
+    from rollout.hf import HFRolloutActor
+    from test_trainer import worker
+    from trainers.deepspeed_trainer import _take_rows
+
+    cfg = rollout_cfg("mimo", dtype="bfloat16", max_new=16)
+    cfg.run.total_steps = 2
+    cfg.trainer.zero_stage, cfg.trainer.micro_batch_size, cfg.trainer.lr = 0, 4, 1e-3
+    batch = HFRolloutActor(cfg).generate(rows(4), n=2, seed=0)
+    w = worker(cfg)
+    gap = {}
+    for name, routes in (("on", batch.routed_experts), ("off", None)):
+        lp = w.logprobs(batch.input_ids, batch.attention_mask, routed_experts=routes)
+        gap[name] = float((lp - batch.rollout_logprobs).abs()[batch.response_mask].mean())
+    assert gap["on"] < gap["off"], gap
+    # The micro-batch slicing keeps routes aligned with the columns it keeps.
+    sub = _take_rows(TrainBatch(batch, batch.rollout_logprobs.clone()), [1, 3])
+    assert sub.routes is not None and sub.routes.shape[:2] == sub.input_ids.shape
+    metrics = {}
+    for name, b in (("on", batch), ("off", replace(batch, routed_experts=None))):
+        w = worker(cfg)
+        teacher = b.rollout_logprobs - 0.1 * b.response_mask.float()  # any dense reward
+        metrics[name] = w.train_step(TrainBatch(b, teacher))
+    for name, m in metrics.items():
+        assert m["train/skipped"] == 0.0 and math.isfinite(m["train/loss"]), (name, m)
+    assert metrics["on"]["train/train_rollout_abs_diff"] < metrics["off"]["train/train_rollout_abs_diff"]
