@@ -12,16 +12,27 @@
 Strings are lowercase ASCII letters; ``rev``, ``upper`` and ``sort`` return strings (``sort``
 is ``''.join(sorted(s))``); everything else is Python. The answer is the value printed without
 quotes. Each level includes the operations of the levels below it.
+
+Code writing (generator ``code_exec``, domain ``code``): the prompt names a value and the response
+is any Python expression that prints as it; the verifier *executes* the response in the sandbox
+(``mopd.sandbox``) and compares what it prints. The SFT target is the expression drawn above:
+
+    make ababab:       -> 'ab'*3      ('ab'+'ab'+'ab' also scores 1)
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import string
+from collections import Counter
 from typing import Callable, Dict, List, Tuple
 
+from mopd.domains import register_domain
 from mopd.types import PromptRow
-from teachers.domains.common import register_levels, sample_split
+from teachers.domains.common import exact_match, register_levels, sample_split
+
+log = logging.getLogger("mopd")
 
 DOMAIN = "code"
 LETTERS = string.ascii_lowercase
@@ -103,4 +114,72 @@ def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL)
     return sample_split(rng, n, split, DOMAIN, lambda r: draw(r, level))
 
 
-register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL)
+# ---------------------------------------------------------------------- code writing (executed)
+
+EXEC_LEVEL = 3
+# The helpers as source, defined in the sandbox before the response runs.
+HELPERS_SRC = "rev = lambda s: s[::-1]\nupper = str.upper\nsort = lambda s: ''.join(sorted(s))\n"
+# Per-response limits: the answer is one short expression, so anything slow or big is wrong anyway.
+EXEC_LIMITS = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1)
+# How executed responses ended, by sandbox reason ("ok", "timeout", "cpu", "exit 1", "error: ...").
+EXEC_OUTCOMES: Counter = Counter()
+
+
+def draw_exec(rng: random.Random, level: int = EXEC_LEVEL) -> Tuple[str, str, str]:
+    """One (prompt, value, operation) of the writing task; the SFT expression goes in meta."""
+    prompt, value, kind = draw(rng, level)
+    return f"make {value}:", value, kind
+
+
+def generate_exec(rng: random.Random, n: int, split: str) -> List[PromptRow]:
+    """``n`` code-writing prompts; ``meta["answer"]`` is an expression, ``meta["value"]`` what it
+    must print, ``meta["check"] == "exec"`` routes the row to the executing verifier."""
+    rows = sample_split(rng, n, split, DOMAIN, draw_exec)
+    for row in rows:
+        value = row.meta["answer"]
+        row.meta.update(answer=_expression_for(value, row.meta["kind"]), value=value, check="exec")
+    return rows
+
+
+def _expression_for(value: str, kind: str) -> str:
+    """A shortest-form expression that prints ``value`` (the SFT target)."""
+    if kind == "repeat":
+        for k in (4, 3, 2):
+            if len(value) % k == 0 and value[: len(value) // k] * k == value:
+                return f"'{value[: len(value) // k]}'*{k}"
+    if kind == "upper":
+        return f"upper('{value.lower()}')"
+    if kind == "rev" and len(value) > 1:
+        return f"rev('{value[::-1]}')"
+    return repr(value) if not value.isdigit() else value
+
+
+def program_for(response: str) -> str:
+    """The Python run for a response: the helpers, then print the response's value."""
+    return f"{HELPERS_SRC}print((\n{response}\n))\n"
+
+
+def exec_match(row: PromptRow, response: str) -> float:
+    """1.0 iff running the response in the sandbox prints ``meta["value"]``; anything else (an
+    error, a timeout, a limit hit, an attack that was refused, a sandbox failure) scores 0.0."""
+    from mopd.sandbox import run_untrusted
+
+    try:
+        res = run_untrusted(program_for(response), **EXEC_LIMITS)
+    except Exception as e:  # never let one response stop the run
+        log.warning("code_exec: sandbox failed on %r: %s", response[:80], e)
+        EXEC_OUTCOMES[f"error: {type(e).__name__}"] += 1
+        return 0.0
+    EXEC_OUTCOMES[res.reason] += 1
+    return 1.0 if res.ok and res.stdout.rstrip("\n") == str(row.meta["value"]) else 0.0
+
+
+def verify(row: PromptRow, response: str) -> float:
+    """The code domain's verifier: executed for code-writing rows, exact match otherwise."""
+    if row.meta.get("check") == "exec":
+        return exec_match(row, response)
+    return exact_match(row, response)
+
+
+register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL, verify=verify)
+register_domain("code_exec", generate_exec, verify)

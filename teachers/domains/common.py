@@ -78,16 +78,22 @@ def format_sft_example(row: PromptRow) -> Tuple[str, str]:
     return row.prompt, str(row.meta["answer"])
 
 
-def register_levels(name: str, generate: Callable[..., List[PromptRow]], levels: Tuple[int, ...], default: int) -> None:
+def register_levels(
+    name: str,
+    generate: Callable[..., List[PromptRow]],
+    levels: Tuple[int, ...],
+    default: int,
+    verify: Callable[[PromptRow, str], float] = exact_match,
+) -> None:
     """Register ``name`` (at the default level) and ``name_l<k>`` for every level k.
 
     A recipe picks a difficulty with the generator name alone (``generator: math_l3``) while the
-    source's ``domain`` stays ``math``; all levels share the exact-match verifier.
+    source's ``domain`` stays ``math``; all levels share one verifier (exact match by default).
     """
     from functools import partial
 
     from mopd.domains import register_domain
 
-    register_domain(name, partial(generate, level=default), exact_match)
+    register_domain(name, partial(generate, level=default), verify)
     for level in levels:
-        register_domain(f"{name}_l{level}", partial(generate, level=level), exact_match)
+        register_domain(f"{name}_l{level}", partial(generate, level=level), verify)

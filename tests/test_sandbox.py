@@ -1,0 +1,285 @@
+"""The sandbox that runs model output (``mopd.sandbox``) and the code domain's executing verifier.
+
+Each attack is run three ways where it applies: through the verifier (scores 0.0, then a correct
+answer still scores 1.0: the run goes on), against the kernel layer alone (namespaces + nobody +
+limits, audit hook off) and against the audit hook alone (no namespaces). docs/reliability.md maps
+each guarantee to these tests.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import tempfile
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from mopd import sandbox
+from mopd.domains import get_domain
+from mopd.sandbox import live_group_members, run_untrusted
+from teachers.domains import code
+
+needs_ns = pytest.mark.skipif(
+    sandbox.isolation() != "namespaces", reason="namespaces unavailable here (needs root and unshare)"
+)
+FAST = dict(cpu_s=1.0, wall_s=2.0, memory_mb=256, max_procs=8, max_file_mb=1)
+
+
+def _stmt(src: str) -> str:
+    """A 'response' that breaks out of ``print((...))`` and runs statements: what an adversarial
+    model could emit."""
+    return f"0))\n{src}\nprint((0"
+
+
+@pytest.fixture
+def row():
+    return code.generate_exec(random.Random(0), 1, "train")[0]
+
+
+@pytest.fixture(autouse=True)
+def fast_limits(monkeypatch):
+    monkeypatch.setattr(code, "EXEC_LIMITS", dict(FAST))
+
+
+def _contained(res, t_max: float) -> None:
+    assert not res.ok and res.seconds < t_max, res
+    assert live_group_members(res.pgid) == [], "processes of the run outlived it"
+
+
+def _scores_zero_then_one(row, response: str) -> None:
+    verify = get_domain("code").verify
+    t0 = time.monotonic()
+    assert verify(row, response) == 0.0
+    assert time.monotonic() - t0 < 8
+    assert verify(row, row.meta["answer"]) == 1.0  # the run goes on
+
+
+# ---------------------------------------------------------------------- the verifier
+
+
+def test_exec_verifier_runs_the_response(row):
+    verify = get_domain("code").verify
+    assert row.meta["check"] == "exec"
+    assert verify(row, row.meta["answer"]) == 1.0
+    assert verify(row, repr(row.meta["value"])) == 1.0  # any expression with the right value
+    assert verify(row, "'nope'") == 0.0 and verify(row, "syntax error(") == 0.0
+
+
+def test_exec_rows_route_to_the_code_teacher_and_plain_rows_keep_exact_match():
+    rows = code.generate_exec(random.Random(1), 20, "train")
+    assert {r.domain for r in rows} == {"code"} and all(r.prompt.startswith("make ") for r in rows)
+    plain = get_domain("code_l2").generate(random.Random(0), 3, "train")[0]
+    assert "check" not in plain.meta
+    assert get_domain("code").verify(plain, plain.meta["answer"]) == 1.0
+    assert get_domain("code").verify(plain, "0))\nprint((" + repr(plain.meta["answer"])) == 0.0  # not executed
+
+
+def test_sandbox_failure_scores_zero_and_is_counted(row, monkeypatch):
+    """A verifier that raises would stop the loop's reward/eval phase; it must score 0 instead."""
+
+    def broken(*a, **k):
+        raise RuntimeError("no sandbox today")
+
+    monkeypatch.setattr(sandbox, "run_untrusted", broken)
+    before = code.EXEC_OUTCOMES["error: RuntimeError"]
+    assert get_domain("code").verify(row, row.meta["answer"]) == 0.0
+    assert code.EXEC_OUTCOMES["error: RuntimeError"] == before + 1
+
+
+def test_evaluate_survives_hostile_responses(row):
+    """mopd.loop.evaluate calls the verifier per response: hostile ones score 0, the rest count."""
+    from mopd.loop import evaluate
+
+    rows = [row, row]
+    batch = SimpleNamespace(rows=rows, responses=[_stmt("import os\nos.system('id')"), row.meta["answer"]])
+    rollout = SimpleNamespace(generate=lambda rows, n, seed, greedy=False: batch)
+    assert evaluate(rollout, rows) == {"eval/code/accuracy": 0.5}
+
+
+# ---------------------------------------------------------------------- attacks
+
+
+FORK_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+
+
+def test_fork_bomb_verifier(row):
+    _scores_zero_then_one(row, _stmt("import os\nwhile True:\n    os.fork()"))
+
+
+@needs_ns
+def test_fork_bomb_kernel_layer():
+    """RLIMIT_NPROC (enforced once the child is nobody) caps it; the wall clock ends it."""
+    res = run_untrusted(FORK_BOMB.replace("pass", "print('refused', flush=True); break"), audit=False, **FAST)
+    assert "refused" in res.stdout  # fork failed with EAGAIN at the process limit
+    res = run_untrusted(FORK_BOMB, audit=False, **{**FAST, "wall_s": 1.0})
+    assert res.reason == "timeout"
+    _contained(res, 4.0)
+
+
+def test_fork_bomb_audit_layer():
+    """Without namespaces (and as root, where RLIMIT_NPROC does not apply) the hook refuses the
+    first fork. One harmless fork, not a bomb, so a broken hook cannot take the machine down."""
+    res = run_untrusted("import os\nif os.fork() == 0:\n    os._exit(0)\nprint('forked')", namespaces=False, **FAST)
+    assert "os.fork is not allowed" in res.stderr and "forked" not in res.stdout
+    _contained(res, 4.0)
+
+
+@needs_ns
+def test_escaped_grandchild_is_killed_with_the_run():
+    """A child that leaves the process group (setsid) dies with the PID namespace."""
+    marker = f"mopd-sandbox-test-{os.getpid()}-{time.monotonic_ns()}"
+    src = f"import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '30', '{marker}'])"
+    res = run_untrusted(src + "\nprint('left')", audit=False, **FAST)
+    assert res.stdout == "left\n"
+    time.sleep(0.1)
+    survivors = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    survivors.append(pid)
+        except OSError:
+            pass
+    assert survivors == []
+
+
+def test_infinite_loop(row):
+    res = run_untrusted("while True: pass", **{**FAST, "wall_s": 20.0})
+    assert res.reason == "cpu", res  # RLIMIT_CPU: SIGXCPU after cpu_s of CPU time
+    _contained(res, 20.0)
+    killed = code.EXEC_OUTCOMES["cpu"] + code.EXEC_OUTCOMES["timeout"]
+    _scores_zero_then_one(row, _stmt("while True: pass"))
+    assert code.EXEC_OUTCOMES["cpu"] + code.EXEC_OUTCOMES["timeout"] == killed + 1
+    res = run_untrusted("import time\ntime.sleep(60)", **{**FAST, "wall_s": 0.5})
+    assert res.reason == "timeout"  # sleeping burns no CPU: the wall clock kills the group
+    _contained(res, 3.0)
+
+
+def test_memory_hog(row):
+    hog = "blocks = []\nwhile True:\n    blocks.append(bytearray(32 << 20))"
+    res = run_untrusted(hog, **{**FAST, "memory_mb": 128})
+    assert "MemoryError" in res.stderr  # RLIMIT_AS
+    _contained(res, 4.0)
+    _scores_zero_then_one(row, _stmt(hog))
+
+
+def test_file_size_limit():
+    res = run_untrusted("open('big', 'wb').write(b'x' * (8 << 20))", **FAST)
+    assert "File too large" in res.stderr or res.reason == "file_size"
+
+
+def _write_outside(path: str) -> str:
+    return f"open({path!r}, 'w').write('pwned')"
+
+
+def test_write_outside_verifier(row, tmp_path):
+    target = tmp_path / "pwned"
+    _scores_zero_then_one(row, _stmt(_write_outside(str(target))))
+    assert not target.exists()
+
+
+@needs_ns
+def test_write_outside_kernel_layer(tmp_path):
+    """Everything but the working directory is mounted read-only, even world-writable places."""
+    open_dir = tempfile.mkdtemp(prefix="mopd-sandbox-test-")
+    os.chmod(open_dir, 0o777)  # writable by nobody: only the read-only mount stops the write
+    try:
+        for target in (tmp_path / "pwned", os.path.join(open_dir, "pwned")):
+            res = run_untrusted(_write_outside(str(target)), audit=False, **FAST)
+            assert not os.path.exists(target) and not res.ok, res
+        assert "Read-only file system" in res.stderr
+        assert run_untrusted("open('inside', 'w').write('ok')\nprint(open('inside').read())", audit=False).stdout == "ok\n"
+    finally:
+        os.rmdir(open_dir)
+
+
+def test_write_outside_audit_layer(tmp_path):
+    target = tmp_path / "pwned"
+    res = run_untrusted(_write_outside(str(target)), namespaces=False, **FAST)
+    assert "writing outside the working directory" in res.stderr and not target.exists()
+    res = run_untrusted(f"import os\nos.remove({str(tmp_path)!r})", namespaces=False, **FAST)
+    assert "outside the working directory" in res.stderr and tmp_path.exists()
+
+
+SECRET = "mopd-test-secret-4711"
+SNOOP = (
+    "import os\nout = [dict(os.environ)]\n"
+    "for pid in ({pid}, os.getppid(), 1):\n"
+    "    try:\n        out.append(open('/proc/%d/environ' % pid).read())\n"
+    "    except OSError as e:\n        out.append(repr(e))\nprint(out)"
+)
+
+
+@pytest.mark.parametrize("layer", ["default", "kernel", "audit"])
+def test_parent_environment_is_invisible(layer, monkeypatch):
+    if layer == "kernel" and sandbox.isolation() != "namespaces":
+        pytest.skip("namespaces unavailable")
+    monkeypatch.setenv("MOPD_TEST_SECRET", SECRET)
+    kw = {"default": {}, "kernel": {"audit": False}, "audit": {"namespaces": False}}[layer]
+    res = run_untrusted(SNOOP.format(pid=os.getpid()), **kw, **FAST)
+    assert res.ok and SECRET not in res.stdout + res.stderr, res
+    # Python itself sets LC_CTYPE (PEP 538 locale coercion); nothing comes from us.
+    assert set(eval(res.stdout)[0]) <= {"LC_CTYPE"}
+
+
+def test_parent_environment_verifier(row, monkeypatch):
+    monkeypatch.setenv("MOPD_TEST_SECRET", SECRET)
+    secret_row = code.generate_exec(random.Random(0), 1, "train")[0]
+    secret_row.meta.update(value=SECRET, answer=repr(SECRET))
+    verify = get_domain("code").verify
+    assert verify(secret_row, "__import__('os').environ.get('MOPD_TEST_SECRET')") == 0.0
+    env_of_test = f"open('/proc/{os.getpid()}/environ').read().split('MOPD_TEST_SECRET=')[1].split(chr(0))[0]"
+    assert verify(secret_row, env_of_test) == 0.0
+    assert verify(secret_row, secret_row.meta["answer"]) == 1.0
+
+
+@pytest.fixture
+def listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(0.2)
+    yield srv
+    srv.close()
+
+
+def _connect(port: int) -> str:
+    return f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'hi')"
+
+
+def _no_connection(srv: socket.socket) -> bool:
+    try:
+        srv.accept()[0].close()
+    except socket.timeout:
+        return True
+    return False
+
+
+def test_socket_verifier(row, listener):
+    _scores_zero_then_one(row, _stmt(_connect(listener.getsockname()[1])))
+    assert _no_connection(listener)
+
+
+@needs_ns
+def test_socket_kernel_layer(listener):
+    """A fresh network namespace: no interface is up, 127.0.0.1 of the host is unreachable."""
+    res = run_untrusted(_connect(listener.getsockname()[1]), audit=False, **FAST)
+    assert not res.ok and "unreachable" in res.stderr, res
+    assert _no_connection(listener)
+
+
+def test_socket_audit_layer(listener):
+    res = run_untrusted(_connect(listener.getsockname()[1]), namespaces=False, **FAST)
+    assert "socket" in res.stderr and "not allowed" in res.stderr, res
+    assert _no_connection(listener)
+
+
+def test_working_directory_is_fresh_and_removed():
+    a = run_untrusted("import os\nprint(os.getcwd())\nopen('left_behind', 'w').close()", **FAST)
+    b = run_untrusted("import os\nprint(os.getcwd(), sorted(os.listdir('.')))", **FAST)
+    assert a.ok and b.ok and b.stdout.split()[0] != a.stdout.strip()
+    assert "left_behind" not in b.stdout
+    assert not os.path.exists(a.stdout.strip())  # the host path is deleted after the run
