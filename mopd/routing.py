@@ -78,7 +78,8 @@ def _routers_or_fail(model: torch.nn.Module) -> List[torch.nn.Module]:
 
 
 class RouteRecorder:
-    """The experts each router chose, per forward call: ``calls[l]`` lists (N_s, k) int64 tensors."""
+    """The experts each router chose, per forward call: ``calls[l]`` lists (N_s, k) int64 tensors
+    (on the model's device until ``routes`` collects them)."""
 
     def __init__(self, n_layers: int) -> None:
         self.calls: List[List[torch.Tensor]] = [[] for _ in range(n_layers)]
@@ -98,7 +99,7 @@ class RouteRecorder:
                     raise ValueError(f"routing replay: {idx.shape[0]} routed tokens do not split into {rows} rows")
                 steps.append(idx.reshape(rows, -1, idx.shape[-1]))
             per_layer.append(torch.cat(steps, dim=1))
-        return torch.stack(per_layer, dim=2).to(torch.int16)
+        return torch.stack(per_layer, dim=2).to("cpu", torch.int16)
 
 
 @contextmanager
@@ -109,7 +110,8 @@ def record_routes(model: torch.nn.Module) -> Iterator[RouteRecorder]:
 
     def hook_for(layer: int):
         def hook(module, inputs, output):
-            rec.calls[layer].append(output[2].detach().to("cpu", torch.int64))
+            # Stays on the device: a copy to the host here would sync once per layer and step.
+            rec.calls[layer].append(output[2].detach())
 
         return hook
 
