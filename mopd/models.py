@@ -98,8 +98,9 @@ def load_model(spec: ModelConfig, seed: int = 0, dtype: Optional[str] = None):
         config = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
         impl = _attn_impl(config.model_type, spec.attn_implementation)
         kw = {"attn_implementation": impl} if impl else {}
+        # Safetensors only: a pickled pytorch_model.bin could run code when loaded.
         return AutoModelForCausalLM.from_pretrained(
-            spec.path, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code, **kw
+            spec.path, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True, **kw
         )
     cfg = dict(spec.config)
     model_type = cfg.pop("model_type")

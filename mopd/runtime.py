@@ -49,7 +49,13 @@ def init_ray(cfg: MOPDConfig) -> None:
     # each), otherwise a 2-core laptop could not place trainer + rollout + teachers at once.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
-    ray.init(
+    ray.init(**local_ray_kwargs(cfg, num_cpus))
+
+
+def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> Dict[str, object]:
+    """``ray.init`` arguments of a local run: the dashboard is off unless the recipe turns it on,
+    and then it listens on 127.0.0.1 only."""
+    return dict(
         num_cpus=num_cpus,
         namespace=cfg.ray.namespace,
         include_dashboard=cfg.ray.include_dashboard,
