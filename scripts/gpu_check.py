@@ -83,7 +83,8 @@ class _OnDevice:
         self.__dict__["_model"], self.__dict__["_device"] = model.to(device), device
 
     def generate(self, input_ids, attention_mask, **kw):
-        return self._model.generate(input_ids=input_ids.to(self._device), attention_mask=attention_mask.to(self._device), **kw)
+        dev = self._device
+        return self._model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **kw)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -149,7 +150,8 @@ def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> Dict[str, 
     out = {}
     resp = batch.response_mask
     for mode, routes in (("off", None), ("on", batch.routed_experts)):
-        diff = (trainer.logprobs(batch.input_ids, batch.attention_mask, routed_experts=routes) - batch.rollout_logprobs)[resp]
+        lp = trainer.logprobs(batch.input_ids, batch.attention_mask, routed_experts=routes)
+        diff = (lp - batch.rollout_logprobs)[resp]
         out[f"r3_{mode}/mean_abs_diff"] = float(diff.abs().mean())
         for lo, hi in bands:
             ratio = diff.exp()
@@ -210,7 +212,8 @@ def summary(res: Dict, cpu: bool) -> str:
     m = res["mean"]
     mfu = (lambda x: "n/a (CPU)") if cpu else (lambda x: f"{100 * x:.2f}%")
     lines = [
-        f"mean over steps 1..{len(res['steps']) - 1} (step 0 is warm-up):",
+        f"mean over steps 1..{len(res['steps']) - 1} (step 0 is warm-up):"
+        if len(res["steps"]) > 1 else "step 0 (warm-up included):",
         f"  rollout  {m['rollout_tok_s']:10.0f} response tok/s  ({m['rollout_s']:.2f} s)",
         f"  teacher  {m['teacher_tok_s']:10.0f} tok/s           ({m['teacher_s']:.2f} s)  MFU {mfu(m['teacher_mfu'])}",
         f"  train    {m['train_tok_s']:10.0f} tok/s           ({m['train_s']:.2f} s)  MFU {mfu(m['train_mfu'])}",

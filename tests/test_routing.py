@@ -188,7 +188,8 @@ def _agreement(arch: str):
     with torch.no_grad():
         for name, routes in (("off", None), ("on", batch.routed_experts)):
             with replay_routes(trainer, routes):
-                lp = token_logprobs(forward_logits(trainer, batch.input_ids, batch.attention_mask).logits, batch.input_ids)
+                logits = forward_logits(trainer, batch.input_ids, batch.attention_mask).logits
+            lp = token_logprobs(logits, batch.input_ids)
             out[name] = float((lp - batch.rollout_logprobs).abs()[resp].mean())
     return out
 
