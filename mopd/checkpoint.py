@@ -38,10 +38,13 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 
 
 def begin(root: str | os.PathLike, step: int) -> Path:
-    """A fresh temporary directory for the checkpoint of ``step``."""
-    tmp = Path(root) / f"step_{step:06d}.tmp"
-    if tmp.exists():  # left by a crash during an earlier save
-        shutil.rmtree(tmp)
+    """A fresh temporary directory for the checkpoint of ``step``; partial checkpoints left by a
+    crash during an earlier save (``step_*.tmp``) are removed."""
+    root = Path(root)
+    if root.is_dir():
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"step_{step:06d}.tmp"
     tmp.mkdir(parents=True)
     return tmp
 

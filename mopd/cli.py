@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import List, Optional
 
@@ -40,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    from mopd.loop import RunStoppedError, run_training
+
+    try:
+        run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    except RunStoppedError as e:
+        again = ["mopd", "train", args.recipe, *args.overrides, "--resume"]
+        again += ["--force-teachers"] if args.force_teachers else []
+        print(f"mopd: error: {e}\nto continue: {shlex.join(again)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -47,11 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(to_yaml(load_config(args.recipe, args.overrides)), end="")
             return 0
         if args.command == "train":
-            cfg = load_config(args.recipe, args.overrides)
-            from mopd.loop import run_training
-
-            run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)
-            return 0
+            return _train(args)
         if args.command == "export":
             from mopd.checkpoint import export_checkpoint
 

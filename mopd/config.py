@@ -176,6 +176,9 @@ class RayConfig:
     include_dashboard: bool = False
     # Environment for every actor (OMP threads etc.).
     env: Dict[str, str] = field(default_factory=dict)
+    # Times Ray restarts a dead teacher or rollout actor, whose call is then retried (trainer
+    # ranks are not restarted: a dead rank stops the run, which continues with --resume).
+    max_restarts: int = 3
 
 
 @dataclass
@@ -348,6 +351,7 @@ def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
         "trainer.aux_loss_coef": cfg.trainer.aux_loss_coef,
         "objective.alpha": cfg.objective.alpha,
         "objective.adv_clip": cfg.objective.adv_clip,
+        "ray.max_restarts": cfg.ray.max_restarts,
     }
     for name, value in non_negative.items():
         if value < 0:

@@ -22,6 +22,7 @@ import torch
 
 from mopd import checkpoint as ckpt
 from mopd.config import MOPDConfig, to_dict, to_yaml
+from mopd.faults import ActorFailedError
 from mopd.metrics import MetricsWriter, PhaseTimer
 from mopd.objective import grpo_advantages
 from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
@@ -35,6 +36,11 @@ class ConfigMismatchError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with NaN/inf losses or log-probs."""
+
+
+class RunStoppedError(RuntimeError):
+    """The run cannot go on (a trainer rank died, a worker ran out of restarts); nothing after the
+    latest checkpoint was saved, and the message says how to continue with ``--resume``."""
 
 
 class Rollout(Protocol):
@@ -106,8 +112,18 @@ class MOPDLoop:
                 self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
         self.step += 1
         out = {**metrics, **teacher_metrics, **verify_metrics, **rollout_metrics(batch), **timer.metrics()}
+        out.update(self._fault_metrics())
         out["policy_version"] = float(self.policy_version)
         out["rollout/policy_version"] = float(batch.policy_version)
+        return out
+
+    def _fault_metrics(self) -> Dict[str, float]:
+        """``faults/<kind>_restarts``: actor restarts so far in this process (once there was one)."""
+        out = {}
+        for kind, part in (("rollout", self.rollout), ("teacher", self.teachers)):
+            n = getattr(part, "restarts", 0)
+            if n:
+                out[f"faults/{kind}_restarts"] = float(n)
         return out
 
     def _outcome_advantages(self, batch: RolloutBatch) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
@@ -127,11 +143,16 @@ class MOPDLoop:
         return grpo_advantages(rewards, batch.group_ids), metrics
 
     def _finite_inputs(self, tb: TrainBatch) -> bool:
+        """Whether the teachers' and the rollout's log-probs are finite on every response token (a
+        NaN/inf there would poison the update; the trainer checks its own loss likewise)."""
         mask = tb.rollout.response_mask
-        ok = bool(torch.isfinite(tb.teacher_logprobs[mask]).all() and torch.isfinite(tb.rollout.rollout_logprobs[mask]).all())
-        if not ok:
-            log.warning("step %d: non-finite teacher or rollout log-probs; update skipped", self.step + 1)
-        return ok
+        parts = {"teacher": tb.teacher_logprobs[mask], "rollout": tb.rollout.rollout_logprobs[mask]}
+        if tb.teacher_topk_logprobs is not None:
+            parts["teacher top-k"] = tb.teacher_topk_logprobs[mask]
+        bad = [name for name, x in parts.items() if not bool(torch.isfinite(x).all())]
+        if bad:
+            log.warning("step %d: non-finite %s log-probs; update skipped", self.step + 1, " and ".join(bad))
+        return not bad
 
     def _track_nonfinite(self, skipped: bool) -> None:
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
@@ -277,13 +298,16 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
 
     init_ray(cfg)
     pools: List[Any] = []
-    writer = MetricsWriter(out)
+    writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
     try:
         # Teachers first: a vocabulary mismatch then fails before the trainer and rollout start.
         topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
         teachers = _track(
             pools,
-            TeacherPool(cfg.teachers, cfg.run.seed, student_signature(cfg), max_topk=max(topk, 1), env=cfg.ray.env),
+            TeacherPool(
+                cfg.teachers, cfg.run.seed, student_signature(cfg), max_topk=max(topk, 1), env=cfg.ray.env,
+                max_restarts=cfg.ray.max_restarts,
+            ),  # fmt: skip
         )
         trainer = _track(pools, TrainerPool(cfg))
         rollout = _track(pools, RolloutPool(cfg))
@@ -293,16 +317,37 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
         if data_stats:
             writer.write(loop.step, data_stats)
         loop.run()
+    except ActorFailedError as e:
+        stopped = RunStoppedError(stopped_message(cfg, e))
+        log.error("%s", stopped)
+        raise stopped from e
     except BaseException as e:
-        latest = ckpt.latest_checkpoint(_ckpt_root(cfg))
-        where = f"the latest checkpoint is {latest}" if latest else "no checkpoint was written yet"
-        log.error("the run stopped (%s: %s); %s. Continue with: mopd train ... --resume", type(e).__name__, e, where)
+        log.error("the run stopped (%s: %s); %s", type(e).__name__, e, stopped_message(cfg, None))
         raise
     finally:
         writer.close()
-        for pool in reversed(pools):
-            pool.shutdown()
+        _shutdown(pools)
     return out
+
+
+def stopped_message(cfg: MOPDConfig, cause: Optional[BaseException]) -> str:
+    """What stopped the run, where it can continue from, and how."""
+    latest = ckpt.latest_checkpoint(_ckpt_root(cfg))
+    if latest is None:
+        where = "no checkpoint was written yet, so --resume starts again from step 0"
+    else:
+        where = f"it can continue from checkpoint step {int(ckpt.read_state(latest)['step'])} ({latest})"
+    head = f"{cause}; the run stopped and saved nothing after its latest checkpoint: " if cause else ""
+    return f"{head}{where}. Continue with: mopd train <recipe> [overrides] --resume"
+
+
+def _shutdown(pools: List[Any]) -> None:
+    """Shut every pool down (last started first), even if one of them fails to."""
+    for pool in reversed(pools):
+        try:
+            pool.shutdown()
+        except Exception as e:  # keep releasing the others; the run's own error matters more
+            log.warning("shutting down %s: %s", type(pool).__name__, e)
 
 
 def _track(pools: List[Any], pool: Any) -> Any:

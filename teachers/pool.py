@@ -5,23 +5,29 @@ the teacher of its domain.
     scores, metrics = pool.score(batch, topk=0)   # scores aligned with batch rows
 
 Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``) or, with
-``local=True``, one in-process worker per domain (tests, debugging). Routing, splitting across
+``local=True``, one in-process worker per domain (tests, debugging). An actor that dies is restarted
+by Ray (up to ``max_restarts`` times) and its rows are scored again: a teacher's weights come from its
+path or seeded config, so the fresh actor scores exactly as the old one did. Routing, splitting across
 replicas and reassembly are pure functions below (``plan_shards``, ``assemble_scores``), tested
 without Ray. Ray is imported only when actors are created.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from mopd.config import TeacherConfig
+from mopd.faults import RestartingCalls
 from mopd.runtime import actor_env
 from mopd.types import RolloutBatch, TeacherScores
 from mopd.vllm_compat import VLLM_CPU_ENV
 from teachers.common import signature_differences, tokenizer_signature  # noqa: F401 (re-export)
+
+log = logging.getLogger("mopd")
 
 
 class VocabularyMismatchError(ValueError):
@@ -178,6 +184,7 @@ class TeacherPool:
     local     one in-process worker per domain instead of Ray actors
     max_topk  largest top-k the vLLM backend must serve (its engine caps ``max_logprobs``)
     env       extra environment variables for every actor (e.g. ``ray.env`` of the recipe)
+    max_restarts  times Ray restarts a dead actor (its call is then retried); ``restarts`` counts them
     """
 
     def __init__(
@@ -188,10 +195,12 @@ class TeacherPool:
         local: bool = False,
         max_topk: int = 64,
         env: Optional[Mapping[str, str]] = None,
+        max_restarts: int = 3,
     ) -> None:
         if not teachers:
             raise ValueError("no teachers configured: add at least one 'teachers.<domain>' entry")
         self.local = local
+        self._calls = RestartingCalls("teacher", max_restarts)
         self.domains = sorted(teachers)
         self._workers: Dict[str, List[Any]] = {}
         for domain in self.domains:
@@ -215,6 +224,7 @@ class TeacherPool:
         options = dict(
             num_cpus=cfg.resources.num_cpus,
             num_gpus=cfg.resources.num_gpus,
+            max_restarts=self._calls.max_restarts,
             runtime_env={"env_vars": actor_env(cfg.resources.num_cpus, backend_env, env)},
         )
         actor_cls = ray.remote(cls).options(**options)
@@ -224,9 +234,7 @@ class TeacherPool:
         """Run ``(worker, method, args)`` calls: concurrently on actors, in order in-process."""
         if self.local:
             return [getattr(w, m)(*args) for w, m, args in calls]
-        import ray
-
-        return ray.get([getattr(w, m).remote(*args) for w, m, args in calls])
+        return self._calls.run(calls)
 
     def _signatures(self) -> Dict[str, Dict[str, Any]]:
         """One vocabulary signature per domain (replicas share a config, so the first speaks)."""
@@ -236,6 +244,11 @@ class TeacherPool:
     @property
     def replicas(self) -> Dict[str, int]:
         return {d: len(ws) for d, ws in self._workers.items()}
+
+    @property
+    def restarts(self) -> int:
+        """Teacher actor restarts seen so far (``faults/teacher_restarts``)."""
+        return self._calls.restarts
 
     def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, Dict[str, float]]:
         """Scores of every row of ``batch`` by its domain's teacher, in batch order, and per-domain
@@ -262,6 +275,8 @@ class TeacherPool:
 
         try:
             ray.get([w.shutdown.remote() for w in workers], timeout=60)
+        except Exception as e:  # a dead or stuck worker: the kill below still releases the rest
+            log.warning("teacher shutdown: %s", e)
         finally:
             for w in workers:
                 ray.kill(w)

@@ -77,3 +77,32 @@ def test_nonfinite_teacher_logprobs_skip_then_abort(tmp_path):
     assert metrics["train/skipped"] == 1.0 and not trainer.batches and loop.policy_version == 0
     with pytest.raises(NonFiniteError, match="--resume"):
         loop.train_one_step()
+
+
+@pytest.mark.parametrize("where", ["rollout_nan", "teacher_inf", "teacher_topk_nan"])
+def test_nonfinite_rollout_or_teacher_topk_logprobs_skip_the_update(tmp_path, where, caplog):
+    """The student's sampled log-probs and the teachers' top-k log-probs are checked too, not only
+    the teachers' log-probs of the sampled tokens; the skip is logged and counted in the streak."""
+    loop, trainer = make_loop(tmp_path, "objective.kind=topk", "objective.topk=4")
+    real_generate, real_score = loop.rollout.generate, loop.teachers.score
+
+    def generate(rows, n, seed, greedy=False):
+        batch = real_generate(rows, n, seed, greedy)
+        if where == "rollout_nan":
+            row, col = batch.response_mask.nonzero()[0].tolist()
+            batch.rollout_logprobs[row, col] = float("nan")
+        return batch
+
+    def score(batch, topk=0):
+        scores, m = real_score(batch, topk)
+        row, col = batch.response_mask.nonzero()[0].tolist()
+        if where == "teacher_inf":
+            scores.logprobs[row, col] = float("inf")
+        if where == "teacher_topk_nan":
+            scores.topk_logprobs[row, col, 0] = float("nan")
+        return scores, m
+
+    loop.rollout.generate, loop.teachers.score = generate, score
+    metrics = loop.train_one_step()
+    assert metrics["train/skipped"] == 1.0 and not trainer.batches and loop.policy_version == 0
+    assert loop.nonfinite_streak == 1 and "update skipped" in caplog.text

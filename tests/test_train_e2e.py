@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,17 +80,64 @@ def test_three_steps_world_size_2_zero2(uninterrupted):
     assert len(changed) > len(initial) // 2, f"only {len(changed)} of {len(initial)} tensors changed"
 
 
-def test_resume_then_export_matches_uninterrupted_run(uninterrupted, tmp_path):
-    """Two steps, stop, `--resume` for the third: same weights as the uninterrupted run (the data
-    cursor, sampling seeds and optimizer state all come back); the export's logits equal the trainer's."""
-    args = [str(TINY), f"run.output_dir={tmp_path}", "trainer.world_size=2", "trainer.zero_stage=2", "checkpoint.every=1"]
-    ok(mopd("train", *args, "run.total_steps=2"))
-    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step_000002"
-    ok(mopd("train", *args, "--resume"))
-    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
-    assert steps == [1, 2, 3], "resume must continue at step 3, not redo or skip a step"
+def sigkill_after_checkpoint(args, checkpoint: Path, timeout: float = 400) -> None:
+    """Start `mopd train ARGS`, SIGKILL its whole process group (the driver and the local Ray it
+    started: GCS, raylet, actors) once ``checkpoint`` is complete, and reap what is left of it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mopd.cli", "train", *args]
+    log = open(checkpoint.parents[1] / "killed_run.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (checkpoint / ckpt.STATE_FILE).is_file():
+            assert proc.poll() is None, (checkpoint.parents[1] / "killed_run.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        time.sleep(0.1)  # into the next step (~0.4 s, plus its checkpoint)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+        _reap_group(proc.pid)
 
-    resumed = hf_weights(tmp_path / "checkpoints" / "step_000003" / "hf")
+
+def _reap_group(pgid: int, wait_s: float = 20.0) -> None:
+    """Ray's processes die with their parent; SIGKILL any of this group still there after ``wait_s``."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [p for p in psutil.process_iter() if _pgid(p) == pgid]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for p in left:
+        p.kill()
+
+
+def _pgid(p) -> int:
+    try:
+        return os.getpgid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return -1
+
+
+def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
+    """SIGKILL the driver (and its Ray) in the middle of step 2, after checkpoint 1: `--resume`
+    continues from step 1 (data cursor, sampling seeds, optimizer, policy version) to the end with
+    the weights of the uninterrupted run; the export's logits equal the trainer's."""
+    args = [str(TINY), f"run.output_dir={tmp_path}", "trainer.world_size=2", "trainer.zero_stage=2", "checkpoint.every=1"]
+    root = tmp_path / "checkpoints"
+    # Killed with run.total_steps=2, resumed with the recipe's 3: a resumed run may also go further.
+    sigkill_after_checkpoint([*args, "run.total_steps=2"], root / "step_000001")
+    assert ckpt.latest_checkpoint(root).name == "step_000001", "the kill came too late: step 2 completed"
+    ok(mopd("train", *args, "--resume"))
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3], "resume must redo step 2 once, not skip or repeat it"
+    assert [r["policy_version"] for r in records] == [1.0, 2.0, 3.0]
+    assert not list(root.glob("*.tmp")), "a partial checkpoint was left behind"
+
+    resumed = hf_weights(root / "step_000003" / "hf")
     straight = hf_weights(uninterrupted / "checkpoints" / "step_000003" / "hf")
     # fp32 on CPU with the same seeds and data: the runs agree to float rounding (gloo's all-reduce
     # order is fixed for two ranks, so in practice they are bitwise equal).

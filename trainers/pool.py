@@ -6,6 +6,9 @@ The pool is the only place that touches Ray object refs; the loop calls plain me
     metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
     weights = pool.state_dict()              # full state dict of rank 0
     pool.shutdown()
+
+Ranks are not restarted: their DeepSpeed state and process group cannot be rebuilt mid-run. A rank
+that dies raises ``ActorFailedError`` naming it; the run then stops and continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import Any, Dict, List, Tuple
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.config import MOPDConfig, ResourcesConfig
+from mopd.faults import ActorFailedError
 from mopd.runtime import actor_env
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
@@ -54,13 +59,18 @@ def _bundle(res: ResourcesConfig) -> Dict[str, float]:
     return bundle
 
 
-def _get_all(refs: List[Any]) -> List[Any]:
+def _get_all(refs: List[Any], method: str = "call") -> List[Any]:
     """Results of all ranks; the first failure is raised at once instead of waiting on ranks that
-    hang in a collective their failed peer never joins."""
+    hang in a collective their failed peer never joins. A dead rank raises ``ActorFailedError``."""
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)
+        try:
+            ray.get(done)
+        except RayActorError as e:
+            rank = refs.index(done[0])
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ActorFailedError(f"trainer rank {rank} died during {method}: {first}") from e
     return ray.get(refs)
 
 
@@ -107,7 +117,7 @@ class TrainerPool:
 
     def _all(self, method: str, *args: Any) -> List[Any]:
         """Call ``method`` on every rank (the same arguments) and return all results, rank order."""
-        return _get_all([getattr(a, method).remote(*args) for a in self._actors])
+        return _get_all([getattr(a, method).remote(*args) for a in self._actors], method)
 
     # ------------------------------------------------------------------ forwarded calls
     def train_step(self, batch: TrainBatch) -> Dict[str, float]:
