@@ -89,7 +89,7 @@ class MOPDLoop:
 
     # ------------------------------------------------------------------ one step
     def train_one_step(self) -> Dict[str, float]:
-        cfg, timer = self.cfg, PhaseTimer()
+        cfg, timer = self.cfg, PhaseTimer(total="step")
         with timer("rollout"):
             rows = self.mixer.next_batch(cfg.rollout.prompts_per_step)
             batch = self.rollout.generate(rows, cfg.rollout.n, seed=step_seed(cfg.run.seed, self.step + 1))

@@ -80,10 +80,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class PhaseTimer:
-    """Wall time per named phase of a step: ``with timer("rollout"): ...``."""
+    """Wall time per named phase of a step: ``with timer("rollout"): ...``.
 
-    def __init__(self) -> None:
+    With ``total="step"``, ``metrics()`` also gives ``timing/step`` (wall time since the timer was
+    made) and ``timing/other`` (that minus the named phases: Ray calls outside them, batch
+    assembly, checks, idle)."""
+
+    def __init__(self, total: Optional[str] = None) -> None:
         self.times: Dict[str, float] = {}
+        self.total = total
+        self._t0 = time.perf_counter()
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -94,4 +100,9 @@ class PhaseTimer:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
 
     def metrics(self) -> Dict[str, float]:
-        return {f"timing/{k}": v for k, v in self.times.items()}
+        out = {f"timing/{k}": v for k, v in self.times.items()}
+        if self.total:
+            wall = time.perf_counter() - self._t0
+            out[f"timing/{self.total}"] = wall
+            out["timing/other"] = max(0.0, wall - sum(self.times.values()))
+        return out
