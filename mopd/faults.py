@@ -52,7 +52,8 @@ class RestartingCalls:
                 except RayActorError as e:
                     failures[i] += 1
                     if failures[i] > self.max_restarts:
-                        raise ActorFailedError(f"{self._who(call)} kept dying ({failures[i]} times): {_first_line(e)}") from e
+                        who = f"a {self.kind} actor ({call[1]})"
+                        raise ActorFailedError(f"{who} kept dying ({failures[i]} times): {_first_line(e)}") from e
                     self.recover(call[0], f"{call[1]} failed: {_first_line(e)}", prepare)
                     refs[i] = _submit(call)
         return results
@@ -88,9 +89,6 @@ class RestartingCalls:
             except GetTimeoutError:
                 break
         raise ActorFailedError(f"a {self.kind} actor did not come back within {self.ready_timeout_s:.0f}s")
-
-    def _who(self, call: Call) -> str:
-        return f"a {self.kind} actor ({call[1]})"
 
 
 def _submit(call: Call) -> Any:

@@ -102,6 +102,8 @@ class MOPDLoop:
         with timer("train"):
             if self._finite_inputs(train_batch):
                 metrics = self.trainer.train_step(train_batch)
+                if metrics.get("train/skipped", 0.0) > 0:
+                    log.warning("step %d: non-finite loss or gradient; the trainer skipped the update", self.step + 1)
             else:
                 metrics = {"train/skipped": 1.0, "train/nonfinite_logprobs": 1.0}
         skipped = metrics.get("train/skipped", 0.0) > 0

@@ -6,7 +6,10 @@ trainer rank stops (in-process components, no Ray).
 
 from __future__ import annotations
 
+import io
 import json
+import shlex
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -125,9 +128,14 @@ class RankDiesAt(FileTrainer):
         return {"train/loss": 0.0, "train/skipped": 0.0}
 
 
-def test_dead_trainer_rank_stops_the_run_and_names_the_resume_command(tmp_path, monkeypatch, capsys):
-    """`mopd train` whose trainer rank dies at step 3: exit status 1, every pool shut down (even
-    when one of them fails to), nothing saved after checkpoint 2, and the command to continue."""
+BAD_ROWS = ['{"prompt": "1+1=",', {"prompt": ""}, {"prompt": "x", "domain": "law"}, {"prompt": "9" * 300}]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """`mopd train` (in-process pools, no Ray) whose trainer rank dies at step 3, on a data file
+    with one bad row of each kind and ``data.on_bad_row=skip``; returns (status, stderr, shut
+    pools, argv, output dir)."""
     import mopd.runtime
     import rollout
     import teachers
@@ -136,7 +144,10 @@ def test_dead_trainer_rank_stops_the_run_and_names_the_resume_command(tmp_path, 
     from rollout.pool import RolloutPool
     from teachers.pool import TeacherPool
 
-    shut = []
+    out, shut = tmp_path_factory.mktemp("stopped"), []
+    good = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
+    data = out / "math.jsonl"
+    data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in good + BAD_ROWS))
 
     class LocalRollout(RolloutPool):
         def __init__(self, cfg):
@@ -161,15 +172,44 @@ def test_dead_trainer_rank_stops_the_run_and_names_the_resume_command(tmp_path, 
             shut.append("teachers")
             super().shutdown()
 
-    monkeypatch.setattr(mopd.runtime, "init_ray", lambda cfg: None)
-    monkeypatch.setattr(rollout, "RolloutPool", LocalRollout)
-    monkeypatch.setattr(teachers, "TeacherPool", LocalTeachers)
-    monkeypatch.setattr(trainers, "TrainerPool", lambda cfg: Trainer(step=3))
-    args = ["train", str(TINY), f"run.output_dir={tmp_path}", "checkpoint.every=2", "rollout.max_new_tokens=4"]
-    assert main(args) == 1
-    err = capsys.readouterr().err
-    assert "trainer rank 1 died during train_step" in err
-    assert "checkpoint step 2" in err
-    assert f"to continue: mopd train {TINY} run.output_dir={tmp_path} checkpoint.every=2 rollout.max_new_tokens=4 --resume" in err
+    argv = [
+        "train", str(TINY), f"run.output_dir={out}", "checkpoint.every=2", "rollout.max_new_tokens=4",
+        "data.on_bad_row=skip", f"data.sources=[{{domain: math, path: '{data}'}}, {{domain: code, generator: code}}]",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mopd.runtime, "init_ray", lambda cfg: None)
+        mp.setattr(rollout, "RolloutPool", LocalRollout)
+        mp.setattr(teachers, "TeacherPool", LocalTeachers)
+        mp.setattr(trainers, "TrainerPool", lambda cfg: Trainer(step=3))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            status = main(argv)
+    return status, err.getvalue(), shut, argv, out
+
+
+def test_dead_trainer_rank_stops_the_run_and_names_the_resume_command(stopped_run):
+    """`mopd train` whose trainer rank dies at step 3: exit status 1, every pool shut down (even
+    when one of them fails to), nothing saved after checkpoint 2, and the command to continue."""
+    status, err, shut, argv, out = stopped_run
+    assert status == 1
+    assert "trainer rank 1 died during train_step" in err and "checkpoint step 2" in err
+    assert "to continue: mopd train " + " ".join(shlex.quote(a) for a in argv[1:]) + " --resume" in err
     assert shut == ["rollout", "trainer", "teachers"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
+
+
+def test_skipped_bad_rows_are_counted_in_the_metrics(stopped_run):
+    first = read_metrics(stopped_run[-1] / "metrics.jsonl")[0]
+    assert first["step"] == 0 and first["data/loaded"] == 3 + 1000  # math file + code generator
+    for kind in ("malformed_json", "empty_prompt", "unknown_domain", "prompt_too_long"):
+        assert first[f"data/skipped/{kind}"] == 1, kind
+
+
+def test_other_teacher_set_is_refused_unless_forced(caplog):
+    from mopd.loop import ConfigMismatchError, check_teachers
+
+    saved, current = {"math": "aa (m)", "code": "bb (c)"}, {"math": "aa (m)", "code": "cc (c2)"}
+    with pytest.raises(ConfigMismatchError, match=r"teacher set differs .*domains: code.*--force-teachers"):
+        check_teachers(saved, current, force=False)
+    check_teachers(saved, current, force=True)
+    assert "(forced)" in caplog.text

@@ -196,3 +196,10 @@ def test_load_sources_sums_stats(tmp_path):
     sources, stats = load_sources(cfg, seed=0, known_domains=KNOWN)
     assert [len(rows) for _, rows in sources] == [1, 5]
     assert stats == {"data/skipped/empty_prompt": 1, "data/loaded": 6}
+
+
+def test_bad_rows_are_rejected_by_default(tmp_path):
+    path = _write_jsonl(tmp_path / "a.jsonl", [GOOD[0], {"prompt": ""}])
+    cfg = DataConfig(sources=[DataSourceConfig(domain="math", path=str(path))])
+    with pytest.raises(DataError, match=r"a\.jsonl, line 2: empty prompt.*data\.on_bad_row=skip"):
+        load_sources(cfg, seed=0, known_domains=KNOWN)

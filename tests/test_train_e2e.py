@@ -38,19 +38,14 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+# `uninterrupted` (tests/conftest.py): the 3-step reference run, trainer world size 2 with ZeRO-2.
+
+
 def hf_weights(path: Path) -> dict:
     """The state dict of a saved student, as transformers loads it (saved names may differ)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """Three steps in one go, trainer world size 2 with ZeRO-2."""
-    out = tmp_path_factory.mktemp("run_a")
-    ok(mopd("train", str(TINY), f"run.output_dir={out}", "trainer.world_size=2", "trainer.zero_stage=2"))
-    return out
 
 
 def test_three_steps_world_size_2_zero2(uninterrupted):
