@@ -1,0 +1,216 @@
+"""Shared set-up of the throughput benchmarks (``vs_trl.py``, ``step_phases.py``,
+``rollout_engines.py``): the benchmark-size student and teacher saved as Hugging Face directories,
+the MOPD recipe of a run, the prompt stream a run sees, the held-out quality measures, and the
+machine description written next to every figure.
+
+Not a test and not part of the package: the scripts import it from their own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig, load_config
+from mopd.models import CHAR_VOCAB_SIZE, build_char_tokenizer, load_model
+from mopd.types import PromptRow
+
+# Student: Qwen3-MoE, 6 layers, 8 experts top-2 (10.7M parameters, 3.6M active per token).
+STUDENT = dict(
+    model_type="qwen3_moe", vocab_size=CHAR_VOCAB_SIZE, hidden_size=256, intermediate_size=512,
+    moe_intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+    max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)  # fmt: skip
+# Teacher: dense Qwen3, 4 layers (3.2M parameters).
+TEACHER = dict(
+    model_type="qwen3", vocab_size=CHAR_VOCAB_SIZE, hidden_size=256, intermediate_size=768,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)  # fmt: skip
+# A random teacher is near-uniform, so every student would already sit close to it; scaling its
+# output layer gives it peaked next-token distributions that a student has to learn.
+TEACHER_SHARPEN = 8.0
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def active_params(config: Dict[str, Any], total: int) -> int:
+    """Parameters a token passes through: all but the inactive experts (and the input embedding)."""
+    emb = config["vocab_size"] * config["hidden_size"]
+    if "num_experts" not in config:
+        return total - emb
+    h, f = config["hidden_size"], config["moe_intermediate_size"]
+    inactive = config["num_hidden_layers"] * (config["num_experts"] - config["num_experts_per_tok"]) * 3 * h * f
+    return total - emb - inactive
+
+
+def save_models(work: Path, seed: int = 0) -> Dict[str, Any]:
+    """Build the student and the teacher from config (random init, seeded) and save both as
+    Hugging Face directories with the character tokenizer; cached in ``work``."""
+    info_path = work / "models.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    tok = build_char_tokenizer()
+    info: Dict[str, Any] = {}
+    for name, config, s in (("student", STUDENT, seed), ("teacher", TEACHER, seed + 1)):
+        model = load_model(ModelConfig(config=dict(config), tokenizer=BUILTIN_TOKENIZER), seed=s)
+        if name == "teacher":
+            with torch.no_grad():
+                model.lm_head.weight.mul_(TEACHER_SHARPEN)
+        out = work / name
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        total = count_params(model)
+        info[name] = {"path": str(out), "params": total, "active_params": active_params(config, total), "config": config}
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def recipe(work: Path, models: Dict[str, Any], args, name: str, **extra: Any) -> Path:
+    """The MOPD recipe of a benchmark run as a YAML file (one teacher for every prompt, the exact
+    per-position reverse KL objective, i.e. TRL's beta=1 loss, no MoE balance loss)."""
+    lines = f"""
+run: {{name: {name}, output_dir: {work / name}, total_steps: {args.steps}, seed: {args.seed}}}
+student: {{path: {models['student']['path']}, tokenizer: {BUILTIN_TOKENIZER}}}
+teachers:
+  math: {{path: {models['teacher']['path']}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
+data:
+  sources: [{{domain: math, generator: math, num_prompts: 2000}}]
+rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new}, replicas: {args.rollout_replicas}}}
+trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch}, aux_loss_coef: 0.0}}
+objective: {{kind: topk, topk: {CHAR_VOCAB_SIZE}}}
+eval: {{every: 0}}
+checkpoint: {{every: 0, keep: 1}}
+"""
+    for key, value in extra.items():
+        lines += f"{key}: {json.dumps(value)}\n"
+    path = work / f"{name}.yaml"
+    path.write_text(lines.lstrip())
+    return path
+
+
+def prompt_stream(recipe_path: Path, steps: int) -> List[List[PromptRow]]:
+    """The prompts a ``mopd train`` of this recipe draws, step by step (same mixer, same seed)."""
+    from mopd.loop import build_mixer
+
+    cfg = load_config(recipe_path)
+    mixer, _ = build_mixer(cfg)
+    return [mixer.next_batch(cfg.rollout.prompts_per_step) for _ in range(steps)]
+
+
+def eval_rows(recipe_path: Path, num: int) -> List[PromptRow]:
+    """Held-out prompts: the math generator's eval split (disjoint from the training prompts)."""
+    from mopd.loop import build_eval_rows
+
+    cfg = load_config(recipe_path, ["eval.every=1", f"eval.num_prompts={num}"])
+    return build_eval_rows(cfg)
+
+
+def run_mopd(recipe_path: Path, overrides: Optional[List[str]] = None, log: Optional[Path] = None) -> Dict[str, Any]:
+    """``mopd train`` in a child process (its Ray starts and stops with it). Returns the wall time
+    of the whole command and the per-step records of its metrics.jsonl."""
+    from mopd.metrics import read_metrics
+
+    cfg = load_config(recipe_path, overrides or [])
+    out = Path(cfg.run.output_dir)
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    cmd = ["mopd", "train", str(recipe_path), *(overrides or [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    with open(log or os.devnull, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - t0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "timing/rollout" in r]
+    return {"start": t0, "wall_s": wall, "records": records, "output_dir": str(out)}
+
+
+def mopd_steady(run: Dict[str, Any], warmup: int = 1) -> Dict[str, Any]:
+    """Steady-state figures of a ``run_mopd`` result: steps after ``warmup`` are timed by the gaps
+    between consecutive metric records (everything the driver did, writer included)."""
+    recs = run["records"]
+    times = [run["start"]] + [r["time"] for r in recs]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    steady = list(range(warmup, len(recs)))
+    wall = sum(gaps[i] for i in steady)
+    tokens = sum(recs[i]["rollout/tokens"] for i in steady)
+    first_step = recs[0].get("timing/step", gaps[0])
+    return {
+        "startup_s": gaps[0] - first_step,  # command start to the start of step 1
+        "first_step_s": first_step,
+        "steady_steps": len(steady),
+        "steady_wall_s": wall,
+        "step_s": wall / max(len(steady), 1),
+        "response_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else float("nan"),
+        "gaps": gaps,
+    }
+
+
+# ---------------------------------------------------------------------- quality
+
+
+@torch.no_grad()
+def quality(student_dir: str, teacher_dir: str, rows: List[PromptRow], max_new: int, seed: int = 1234) -> Dict[str, float]:
+    """Held-out quality of a student: greedy exact-match accuracy (the domain's verifier) and the
+    per-token reverse KL(student || teacher) over the full vocabulary on the student's own sampled
+    responses (temperature 1, seeded), the quantity both toolkits minimise."""
+    from mopd.domains import get_domain
+    from mopd.models import forward_logits
+    from rollout.hf import HFRolloutActor
+
+    cfg = MOPDConfig()
+    cfg.student = ModelConfig(path=student_dir, tokenizer=BUILTIN_TOKENIZER)
+    cfg.rollout.max_new_tokens = max_new
+    actor = HFRolloutActor(cfg)
+    greedy = actor.generate(rows, 1, seed=seed, greedy=True)
+    acc = sum(get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses)) / len(rows)
+    sampled = actor.generate(rows, 1, seed=seed)
+    teacher = load_model(ModelConfig(path=teacher_dir, tokenizer=BUILTIN_TOKENIZER)).eval()
+    ids, am, rm = sampled.input_ids, sampled.attention_mask, sampled.response_mask
+    ls = torch.log_softmax(forward_logits(actor.model, ids, am).logits[:, :-1].float(), -1)
+    lt = torch.log_softmax(forward_logits(teacher, ids, am).logits[:, :-1].float(), -1)
+    kl = (ls.exp() * (ls - lt)).sum(-1)  # (B, T-1): distribution of token t+1
+    mask = rm[:, 1:]
+    return {"accuracy": acc, "reverse_kl": float(kl[mask].mean()), "eval_tokens": int(mask.sum())}
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def machine() -> Dict[str, Any]:
+    import transformers
+
+    load = os.getloadavg()
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1_5_15": [round(x, 2) for x in load],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_json(path: Optional[str], data: Dict[str, Any]) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, default=str))
+    print(f"wrote {path}")

@@ -1,0 +1,217 @@
+"""MOPD vs TRL: the same on-policy distillation trained by ``mopd train`` and by TRL's
+``DistillationTrainer``, on this CPU, one after the other, for the same number of steps.
+
+Same student init (Qwen3-MoE, 10.7M parameters), same teacher (dense Qwen3, 3.2M), same character
+tokenizer, same prompts in the same order (the ``math`` generator, as ``mopd train`` draws them),
+same samples per prompt, response length, learning rate, optimizer (AdamW, constant LR, clip 1.0),
+fp32, and the same loss: the exact per-position reverse KL over the vocabulary (``objective.kind:
+topk`` with k = vocabulary size in MOPD; ``beta=1`` in TRL). Prints response tokens per second of
+each (steady state: the first step and the start-up are excluded and reported apart), their ratio,
+and held-out quality of both students (greedy exact-match accuracy and the per-token reverse KL to
+the teacher on the students' own samples), also per wall-clock second of training.
+
+    pip install -c constraints-cpu.txt -e '.[bench]'          # TRL 1.16
+    OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --steps 8 --out results/vs_trl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+import _bench
+from mopd.types import PromptRow
+
+
+# ---------------------------------------------------------------------- TRL side
+
+
+def trl_dataset(stream: List[List[PromptRow]], n: int):
+    """The prompt stream as a TRL dataset: each prompt n times in a row, steps in order (TRL's
+    DistillationTrainer samples one completion per row, so n copies = n samples per prompt)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": r.prompt} for rows in stream for r in rows for _ in range(n)])
+
+
+def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
+    """Train with TRL's DistillationTrainer; per-step wall times, generation times and response
+    tokens recorded by a thin subclass."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from mopd.models import build_char_tokenizer
+
+    record: Dict[str, List[float]] = {"step_end": [], "generate_s": [], "tokens": []}
+
+    class Timed(DistillationTrainer):
+        def _generate_and_score_completions(self, inputs):
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            record["generate_s"].append(time.perf_counter() - t0)
+            record["tokens"].append(float(out["completion_mask"].sum()))
+            return out
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            record["step_end"].append(time.time())
+
+    torch.set_num_threads(int(args.trl_threads))
+    rows_per_step = args.prompts * args.n
+    config = DistillationConfig(
+        output_dir=str(work / f"trl_{args.trl_threads}t"), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=rows_per_step // args.micro_batch, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, max_completion_length=args.max_new,
+        temperature=1.0, top_p=1.0, top_k=0, beta=1.0, shuffle_dataset=False, seed=args.seed,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        disable_dropout=True,
+    )  # fmt: skip
+    t0 = time.time()
+    student = AutoModelForCausalLM.from_pretrained(models["student"]["path"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"]["path"], dtype=torch.float32)
+    trainer = Timed(
+        model=student, teacher_model=teacher, args=config, train_dataset=trl_dataset(stream, args.n),
+        processing_class=build_char_tokenizer(), callbacks=[StepClock()],
+    )  # fmt: skip
+    t_train = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    out_dir = work / f"trl_{args.trl_threads}t" / "final"
+    trainer.model.save_pretrained(out_dir)
+    build_char_tokenizer().save_pretrained(out_dir)
+    times = [t_train] + record["step_end"]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    steady = gaps[1:]
+    tokens = sum(record["tokens"][1:])
+    return {
+        "startup_s": t_train - t0,
+        "first_step_s": gaps[0],
+        "steady_steps": len(steady),
+        "steady_wall_s": sum(steady),
+        "step_s": sum(steady) / max(len(steady), 1),
+        "generate_s": sum(record["generate_s"][1:]) / max(len(steady), 1),
+        "response_tokens": tokens,
+        "tokens_per_s": tokens / sum(steady),
+        "train_wall_s": sum(gaps),
+        "wall_s": wall,
+        "gaps": gaps,
+        "final_dir": str(out_dir),
+    }
+
+
+def run_trl_child(work: Path, args, threads: int) -> Dict[str, Any]:
+    """``run_trl`` in a fresh process whose OpenMP threads sleep instead of spinning while they
+    wait (as MOPD's actors do): on 2 shared cores spinning threads slowed TRL's steps ~20x."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--trl-child", f"--trl-threads={threads}"]
+    with open(work / f"trl_{threads}t.log", "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return json.loads((work / f"trl_{threads}t.json").read_text())
+
+
+# ---------------------------------------------------------------------- MOPD side
+
+
+def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
+    steady = _bench.mopd_steady(run)
+    recs = run["records"]
+    phases = ("rollout", "teachers", "train", "sync", "other")
+    steady["phase_s"] = {p: sum(r.get(f"timing/{p}", 0.0) for r in recs[1:]) / max(len(recs) - 1, 1) for p in phases}
+    steady["train_wall_s"] = sum(steady["gaps"]) - steady["startup_s"]  # steps only, as TRL's
+    steady["wall_s"] = run["wall_s"]
+    steady["final_dir"] = str(Path(run["output_dir"]) / "checkpoints" / f"step_{len(recs):06d}" / "hf")
+    return steady
+
+
+# ---------------------------------------------------------------------- report
+
+
+def report(res: Dict[str, Any]) -> str:
+    m, t = res["mopd"], res["trl"]
+    lines = [
+        f"student {res['models']['student']['params'] / 1e6:.1f}M params ({res['models']['student']['active_params'] / 1e6:.1f}M active), "
+        f"teacher {res['models']['teacher']['params'] / 1e6:.1f}M; {res['args']['prompts']} prompts x {res['args']['n']} samples x "
+        f"<= {res['args']['max_new']} new tokens per step, {res['args']['steps']} steps; load {res['machine']['load_avg_1_5_15']}",
+        "| | start-up s | step 1 s | steady s/step | response tok/s | held-out acc | reverse KL (init -> final) | KL drop per s of steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    kl0 = res["quality"]["init"]["reverse_kl"]
+    for name, r in (("mopd", m), (f"TRL, {res['args']['trl_threads'].split(',')[0]} thread(s)", t)):
+        q = res["quality"]["mopd" if name == "mopd" else "trl"]
+        drop = (kl0 - q["reverse_kl"]) / r["train_wall_s"]
+        lines.append(
+            f"| {name} | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{q['accuracy']:.3f} | {kl0:.3f} -> {q['reverse_kl']:.3f} | {drop:.4f} |"
+        )
+    for k in (k for k in res if k.startswith("trl_")):
+        r = res[k]
+        lines.append(f"| TRL, {k.split('_')[1]} thread(s) | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | | | |")
+    lines.append(f"throughput ratio mopd / TRL: {res['ratio']:.2f}x")
+    lines.append("mopd phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in m["phase_s"].items()))
+    lines.append(f"TRL generate (s/step, steps 2..N): {t['generate_s']:.3f}")
+    for k in res:
+        if k.startswith("trl_"):
+            lines.append(f"{k}: {res[k]['step_s']:.2f} s/step; TRL first-listed / this = {t['step_s'] / res[k]['step_s']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-new", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--rollout-replicas", type=int, default=1)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--trl-threads", default="2", help="torch threads of the TRL process; a list (2,1) runs TRL once per entry")
+    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="runs/bench", help="models, runs and logs go here")
+    p.add_argument("--out", default="results/vs_trl.json")
+    p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    models = _bench.save_models(work, args.seed)
+    recipe = _bench.recipe(work, models, args, "mopd_vs_trl")
+    stream = _bench.prompt_stream(recipe, args.steps)
+    if args.trl_child:
+        (work / f"trl_{args.trl_threads}t.json").write_text(json.dumps(run_trl(work, models, stream, args)))
+        return
+    held_out = _bench.eval_rows(recipe, args.eval_prompts)
+    res: Dict[str, Any] = {"args": vars(args), "models": models, "machine": _bench.machine()}
+
+    print(f"mopd train ({args.steps} steps) ...", flush=True)
+    res["mopd"] = mopd_figures(_bench.run_mopd(recipe, log=work / "mopd_vs_trl.log"))
+    threads = [int(t) for t in str(args.trl_threads).split(",")]
+    for i, t in enumerate(threads):
+        print(f"TRL DistillationTrainer ({args.steps} steps, {t} threads) ...", flush=True)
+        res["trl" if i == 0 else f"trl_{t}_threads"] = run_trl_child(work, args, t)
+    res["machine_after"] = _bench.machine()
+    res["ratio"] = res["mopd"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
+
+    torch.set_num_threads(1)
+    print("held-out quality ...", flush=True)
+    teacher = models["teacher"]["path"]
+    res["quality"] = {
+        "init": _bench.quality(models["student"]["path"], teacher, held_out, args.max_new),
+        "mopd": _bench.quality(res["mopd"]["final_dir"], teacher, held_out, args.max_new),
+        "trl": _bench.quality(res["trl"]["final_dir"], teacher, held_out, args.max_new),
+    }
+    print(report(res))
+    _bench.write_json(args.out, res)
+
+
+if __name__ == "__main__":
+    main()
