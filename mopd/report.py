@@ -26,8 +26,12 @@ def curve(records: List[dict], key: str) -> List[tuple]:
     return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
 
 
-def _first_last(points: List[tuple]) -> tuple:
-    return (points[0][1], points[-1][1]) if points else (float("nan"), float("nan"))
+def _first_last(points: List[tuple], k: int = 5) -> tuple:
+    """Means of the first and the last ``k`` values: one step's figure is a ~30-sample estimate."""
+    if not points:
+        return float("nan"), float("nan")
+    head, tail = [v for _, v in points[:k]], [v for _, v in points[-k:]]
+    return sum(head) / len(head), sum(tail) / len(tail)
 
 
 def build_report(domains: List[str], results: Dict[str, Any], after: Dict[str, float], metrics_path: Path) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The quickstart pipeline at toy size: every stage runs, the report has its fields, stages are
-cached and `--from-stage` re-runs from there. (Whether MOPD closes the gap at full size is measured
-in docs/quickstart.md, not asserted here: at these sizes nothing is learned.)"""
+"""The quickstart end to end at reduced size (fewer prompts and steps than the default): every stage
+runs through the same code as `mopd quickstart`, the report has its fields, MOPD improves the student
+on at least one domain without it falling on the others, stages are cached and `--from-stage`
+re-runs from there. The full-size figures are in docs/quickstart.md."""
 
 from __future__ import annotations
 
@@ -16,23 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-TOY = [
-    "train_prompts=200", "eval_prompts=8", "sft_batch=8", "student_sft_steps=4", "teacher_sft_steps=4",
-    "run.total_steps=2", "eval.every=1", "eval.num_prompts=4", "rollout.prompts_per_step=4", "rollout.n=2",
-    "rollout.max_new_tokens=8",
+REDUCED = [
+    "train_prompts=2000", "eval_prompts=64", "student_sft_steps=200", "teacher_sft_steps=100",
+    "run.total_steps=100", "rollout.prompts_per_step=48", "trainer.micro_batch_size=48",
+    "eval.every=50", "eval.num_prompts=64", "checkpoint.every=100",
 ]  # fmt: skip
+# Greedy accuracy on 64 prompts moves in steps of 1/64; a domain "falls" if it loses more than 3.
+TOLERANCE = 3 / 64
 
 
 def quickstart(*args: str) -> str:
     """Run `mopd quickstart` in its own process (it starts Ray and a gloo group); return stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mopd.cli", "quickstart", *args, *TOY]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    cmd = [sys.executable, "-m", "mopd.cli", "quickstart", *args, *REDUCED]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_toy_quickstart_stages_report_and_cache(tmp_path):
+def test_reduced_quickstart_improves_the_student(tmp_path):
     out = tmp_path / "qs"
     quickstart("--output-dir", str(out))
     report = json.loads((out / "report.json").read_text())
@@ -41,7 +44,13 @@ def test_toy_quickstart_stages_report_and_cache(tmp_path):
         assert set(r) >= {"teacher", "student_before", "student_after", "reverse_kl_start", "reverse_kl_end"}
         assert all(0.0 <= r[k] <= 1.0 for k in ("teacher", "student_before", "student_after"))
     assert report["objective"] == "topk" and report["wall_time_s"] > 0
-    assert "normalized_score" in report
+    assert isinstance(report["normalized_score"], float)
+    gains = {d: r["student_after"] - r["student_before"] for d, r in report["domains"].items()}
+    assert max(gains.values()) >= 0.1, gains
+    assert min(gains.values()) >= -TOLERANCE, gains
+    # Distillation pulls the student towards its teachers on every domain.
+    for d, r in report["domains"].items():
+        assert r["reverse_kl_end"] < r["reverse_kl_start"], (d, r)
     assert (out / "curves.png").stat().st_size > 0
     from transformers import AutoModelForCausalLM
 
