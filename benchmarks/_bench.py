@@ -40,6 +40,18 @@ TEACHER = dict(
 TEACHER_SHARPEN = 8.0
 
 
+def add_workload_args(p) -> None:
+    """The workload options every MOPD benchmark shares (an ``argparse.ArgumentParser``)."""
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-new", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--rollout-replicas", type=int, default=1)
+    p.add_argument("--world-size", type=int, default=1)
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -149,14 +149,7 @@ def report(res: Dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-new", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--rollout-replicas", type=int, default=1)
-    p.add_argument("--world-size", type=int, default=1)
+    _bench.add_workload_args(p)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each bare measurement")
     p.add_argument("--from-run", help="take part 1 from this run's metrics.jsonl instead of a new run")
     p.add_argument("--seed", type=int, default=0)

@@ -166,14 +166,7 @@ def report(res: Dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-new", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--rollout-replicas", type=int, default=1)
-    p.add_argument("--world-size", type=int, default=1)
+    _bench.add_workload_args(p)
     p.add_argument("--trl-threads", default="2", help="torch threads of the TRL process; a list (2,1) runs TRL once per entry")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
