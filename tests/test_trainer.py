@@ -9,6 +9,7 @@ Tiny MiMo-V2-Flash students from config, the builtin char tokenizer, CPU only.
 from __future__ import annotations
 
 import math
+import pickle
 import socket
 
 import pytest
@@ -258,6 +259,40 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-7)
     assert got["train/grad_norm"] == pytest.approx(expected["train/grad_norm"], rel=1e-6)
     assert max_change(first.state_dict(), fresh.state_dict()) < 1e-7
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls ``os.system`` (what a tampered checkpoint would do)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_files_load_weights_only(tmp_path, monkeypatch):
+    """DeepSpeed itself unpickles checkpoint files with ``weights_only=False``; the worker's loader
+    accepts its real files (the round trip above) and refuses an object that would run code."""
+    from trainers.deepspeed_trainer import safe_checkpoint_load
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"module": {"w": torch.ones(2)}, "extra": _RunsCode()}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        safe_checkpoint_load(str(tmp_path / "mp_rank_00_model_states.pt"))
+    assert not (tmp_path / "pwned").exists()
+    cfg = make_cfg(zero_stage=2)
+    w = worker(cfg)
+    w.train_step(make_batch(cfg))
+    w.save_checkpoint(str(tmp_path / "ckpt"), {"step": 1})
+    optim = next((tmp_path / "ckpt").rglob("*optim_states.pt"))
+    state = safe_checkpoint_load(str(optim), map_location="cpu")
+    assert "optimizer_state_dict" in state
+    # Every file a resume reads goes through a weights-only load.
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
+    assert worker(cfg).load_checkpoint(str(tmp_path / "ckpt")) == {"step": 1}
+    assert calls and all(c is True for c in calls), calls
 
 
 def test_save_hf_loads_with_from_pretrained_and_gives_the_same_logprobs(tmp_path):

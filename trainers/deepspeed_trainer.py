@@ -505,13 +505,34 @@ class TrainerWorker:
         self.engine.save_checkpoint(dir, tag=_CKPT_TAG, client_state=state)
 
     def load_checkpoint(self, dir: str) -> Dict[str, Any]:
-        """Restore what ``save_checkpoint`` wrote; returns its ``client_state``. Collective."""
+        """Restore what ``save_checkpoint`` wrote; returns its ``client_state``. Collective.
+        Every file is read with ``weights_only=True`` (see ``safe_checkpoint_load``)."""
+        ckpt_engine = self.engine.checkpoint_engine
+        ckpt_engine.load = safe_checkpoint_load  # an instance attribute: DeepSpeed's own is a pickle load
         path, state = self.engine.load_checkpoint(dir, tag=_CKPT_TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{_CKPT_TAG}' under {dir}")
         ours = (state or {}).get(_CLIENT_KEY, {})
         self._version = int(ours.get("policy_version", self._version))
         return dict(ours.get("client_state", {}))
+
+
+def _deepspeed_checkpoint_globals() -> List[Any]:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its ZeRO optimizer states."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_checkpoint_load(path: str, map_location: Any = None) -> Any:
+    """``torch.load`` of a DeepSpeed checkpoint file with ``weights_only=True``: tensors, plain
+    containers and the few DeepSpeed classes above; anything else in the pickle (code a tampered
+    checkpoint would run) is refused with ``UnpicklingError`` instead of executed. DeepSpeed's
+    own checkpoint engine loads with ``weights_only=False``."""
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _token_means(prefix: str, stat: torch.Tensor) -> Metrics:
