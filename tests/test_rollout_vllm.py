@@ -156,7 +156,7 @@ def test_vllm_reload_weights_reproduces_the_new_model(actor, batch):
     torch.testing.assert_close(got[batch.response_mask], old_ref[batch.response_mask], atol=ATOL, rtol=0)
 
 
-@pytest.mark.extended  # the default run covers vLLM rollout in a Ray actor end to end (test_train_e2e)
+@pytest.mark.extended  # like test_train_e2e::test_three_steps_vllm_rollout (vLLM in Ray, end to end)
 def test_ray_pool_with_a_vllm_replica(spec):
     """The engine inside a Ray actor (spawned engine process, runtime_env settings). One replica:
     two engines also work but take 80-115 s to start on two shared cores; the split/merge across

@@ -178,6 +178,8 @@ def test_teacher_with_other_vocabulary_fails_at_start_up(tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.extended  # ~160 s on two cores; vLLM rollout and teacher scoring are checked against HF in
+# test_rollout_vllm.py / test_teachers_vllm.py by default. Run with: pytest -m extended
 def test_three_steps_vllm_rollout(tmp_path):
     """The vLLM rollout inside the loop, with its weight sync, next to an HF and a vLLM teacher
     (one teacher engine: each vLLM engine costs 20-40 s to start on two cores; vLLM teacher
