@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from mopd.config import MOPDConfig, load_config
+from mopd.config import LR_SCHEDULES, MOPDConfig, load_config
 
 log = logging.getLogger("mopd.quickstart")
 
@@ -235,10 +235,23 @@ def split_overrides(overrides: List[str]) -> Tuple[Dict[str, str], List[str]]:
 
 
 def settings_from(items: Dict[str, str]) -> QuickstartSettings:
+    """The stages' settings with ``items`` applied; ValueError naming every bad value, before any stage runs."""
     from omegaconf import OmegaConf
 
     base = OmegaConf.structured(QuickstartSettings)
-    return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()])))
+    st = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()])))
+    errors = []
+    unknown = sorted(set(st.student_mix) - set(st.generators))
+    if unknown:
+        errors.append(f"student_mix names {', '.join(unknown)}, not a quickstart domain ({', '.join(st.generators)})")
+    if any(w < 0 for w in st.student_mix.values()) or not any(st.student_mix.get(d, 1.0) > 0 for d in st.generators):
+        errors.append(f"student_mix weights must be >= 0 and not all 0, got {dict(st.student_mix)}")
+    for name in ("student_sft_schedule", "teacher_sft_schedule"):
+        if getattr(st, name) not in LR_SCHEDULES:
+            errors.append(f"{name}={getattr(st, name)!r}; valid: {', '.join(LR_SCHEDULES)}")
+    if errors:
+        raise ValueError("quickstart settings: " + "; ".join(errors))
+    return st
 
 
 def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
 
 REDUCED = [
     "train_prompts=2000", "eval_prompts=64", "student_sft_steps=200", "teacher_sft_steps=100",
@@ -24,6 +24,31 @@ REDUCED = [
 ]  # fmt: skip
 # Greedy accuracy on 64 prompts moves in steps of 1/64; a domain "falls" if it loses more than 3.
 TOLERANCE = 3 / 64
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ({"student_mix.maths": "0.5"}, "student_mix names maths"),
+        ({"student_mix.math": "-1"}, "must be >= 0"),
+        ({"teacher_sft_schedule": "cosin"}, "teacher_sft_schedule='cosin'; valid: constant, linear, cosine"),
+    ],
+)
+def test_bad_settings_fail_before_any_stage(items, message):
+    from mopd.quickstart import settings_from
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        settings_from(items)
+
+
+def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
+    from mopd.quickstart import settings_from, split_overrides
+
+    mine, recipe = split_overrides(["generators.agent=agent_l2", "student_mix.agent=0.5", "trainer.lr=1e-3"])
+    assert recipe == ["trainer.lr=1e-3"]
+    st = settings_from(mine)
+    assert st.generators["agent"] == "agent_l2" and st.generators["math"] == "math_l0"
+    assert st.student_mix["agent"] == 0.5 and st.student_mix["code"] == 1.0
 
 
 def quickstart(*args: str) -> str:
@@ -35,6 +60,7 @@ def quickstart(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_reduced_quickstart_improves_the_student(tmp_path):
     out = tmp_path / "qs"
     quickstart("--output-dir", str(out))
