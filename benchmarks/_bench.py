@@ -50,6 +50,7 @@ def add_workload_args(p) -> None:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--rollout-replicas", type=int, default=1)
     p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--overlap", action="store_true", help="rollout.overlap: generate step k+1 while step k trains")
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -98,7 +99,7 @@ teachers:
   math: {{path: {models['teacher']['path']}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
 data:
   sources: [{{domain: math, generator: math, num_prompts: 2000}}]
-rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new}, replicas: {args.rollout_replicas}}}
+rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new}, replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
 trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch}, aux_loss_coef: 0.0}}
 objective: {{kind: topk, topk: {CHAR_VOCAB_SIZE}}}
 eval: {{every: 0}}

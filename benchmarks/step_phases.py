@@ -42,6 +42,8 @@ def phase_table(records: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     secs = {p: mean([records[i].get(f"timing/{p}", 0.0) for i in steady]) for p in PHASES[:-1]}
     secs["other"] += mean([records[i].get("timing/verify", 0.0) for i in steady])
+    # rollout.overlap: the wait for the batch generating ahead is rollout time the step did not hide.
+    secs["rollout"] += mean([records[i].get("timing/rollout_wait", 0.0) for i in steady])
     step = mean([gaps[i] for i in steady])
     secs["outside"] = step - mean([records[i]["timing/step"] for i in steady])
     teacher_actor = mean([records[i].get("teacher/math/latency_s", 0.0) for i in steady])

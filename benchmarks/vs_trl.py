@@ -124,7 +124,7 @@ def run_trl_child(work: Path, args, threads: int) -> Dict[str, Any]:
 def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
     steady = _bench.mopd_steady(run)
     recs = run["records"]
-    phases = ("rollout", "teachers", "train", "sync", "other")
+    phases = ("rollout", "teachers", "train", "rollout_wait", "sync", "other")
     steady["phase_s"] = {p: sum(r.get(f"timing/{p}", 0.0) for r in recs[1:]) / max(len(recs) - 1, 1) for p in phases}
     steady["train_wall_s"] = sum(steady["gaps"]) - steady["startup_s"]  # steps only, as TRL's
     steady["wall_s"] = run["wall_s"]

@@ -120,6 +120,11 @@ class RolloutConfig:
     # Rollout Routing Replay (R3): record each token's MoE experts at rollout and make the trainer's
     # forward use them (mopd/routing.py). MoE students (ROUTING_REPLAY_MODEL_TYPES), hf backend.
     routing_replay: bool = False
+    # Generate step k+1's batch while step k scores and trains (one policy version stale, which
+    # the objective's importance weights account for). The pipeline drains before every eval and
+    # checkpoint, so a resumed run still matches an uninterrupted one. Pays off when the rollout
+    # and the trainer have cores of their own (docs/benchmarks.md).
+    overlap: bool = False
 
 
 @dataclass

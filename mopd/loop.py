@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
@@ -86,13 +87,58 @@ class MOPDLoop:
         self.policy_version = 0
         self.nonfinite_streak = 0
         self.ckpt_root = _ckpt_root(cfg)
+        # rollout.overlap: the next step's batch, generating in a background thread meanwhile.
+        self._next: Optional[Future] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    # ------------------------------------------------------------------ rollout, maybe ahead
+    def _generate(self, step: int) -> RolloutBatch:
+        """The batch of step ``step`` (1-based): the mixer's next prompts, that step's seed."""
+        cfg = self.cfg
+        rows = self.mixer.next_batch(cfg.rollout.prompts_per_step)
+        return self.rollout.generate(rows, cfg.rollout.n, seed=step_seed(cfg.run.seed, step))
+
+    def _start_next(self) -> None:
+        """With ``rollout.overlap``, start generating step+1's batch with the current weights,
+        unless this step ends with an eval or a checkpoint (both want the pipeline empty, so that
+        a resumed run generates exactly what the uninterrupted one did) or is the last."""
+        step, total = self.step + 1, self.cfg.run.total_steps
+        if not self.cfg.rollout.overlap or step >= total or self._due_at(step, self.cfg.checkpoint.every):
+            return
+        if self.eval_rows and self._due_at(step, self.cfg.eval.every):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mopd-rollout")
+        rows = self.mixer.next_batch(self.cfg.rollout.prompts_per_step)  # drawn here: same order as in sequence
+        seed = step_seed(self.cfg.run.seed, step + 1)
+        self._next = self._pool.submit(self.rollout.generate, rows, self.cfg.rollout.n, seed)
+
+    def _finish_next(self) -> None:
+        """Wait for the batch generating ahead (before the rollout weights change or are used)."""
+        if self._next is not None:
+            self._next.result()
+
+    def close(self) -> None:
+        """Wait for a generation still running ahead (its error, if any, is not raised) and stop the thread."""
+        if self._next is not None:
+            try:
+                self._next.result()
+            except BaseException:
+                pass
+            self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # ------------------------------------------------------------------ one step
     def train_one_step(self) -> Dict[str, float]:
         cfg, timer = self.cfg, PhaseTimer(total="step")
         with timer("rollout"):
-            rows = self.mixer.next_batch(cfg.rollout.prompts_per_step)
-            batch = self.rollout.generate(rows, cfg.rollout.n, seed=step_seed(cfg.run.seed, self.step + 1))
+            if self._next is not None:
+                batch, self._next = self._next.result(), None
+            else:
+                batch = self._generate(self.step + 1)
+        self._start_next()
         with timer("teachers"):
             topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
             scores, teacher_metrics = self.teachers.score(batch, topk=topk)
@@ -108,6 +154,9 @@ class MOPDLoop:
                 metrics = {"train/skipped": 1.0, "train/nonfinite_logprobs": 1.0}
         skipped = metrics.get("train/skipped", 0.0) > 0
         self._track_nonfinite(skipped)
+        if self._next is not None:
+            with timer("rollout_wait"):  # the part of the next step's rollout that this step did not hide
+                self._finish_next()
         if not skipped:
             self.policy_version += 1
             with timer("sync"):
@@ -185,11 +234,15 @@ class MOPDLoop:
                 if self._due(self.cfg.checkpoint.every) or self.step == total:
                     self.save()
         finally:
+            self.close()
             bar.close()
 
     def _due(self, every: int) -> bool:
         """Whether a periodic action (every ``every`` steps, 0 = never) is due; always at the end."""
-        return every > 0 and (self.step % every == 0 or self.step == self.cfg.run.total_steps)
+        return self._due_at(self.step, every)
+
+    def _due_at(self, step: int, every: int) -> bool:
+        return every > 0 and (step % every == 0 or step == self.cfg.run.total_steps)
 
     def _evaluate(self) -> Dict[str, float]:
         timer = PhaseTimer()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mopd.config import load_config
-from mopd.loop import MOPDLoop, NonFiniteError, build_mixer
+from mopd.loop import MOPDLoop, NonFiniteError, build_eval_rows, build_mixer
 from mopd.metrics import MetricsWriter
 from rollout.pool import RolloutPool
 from teachers.pool import TeacherPool
@@ -106,3 +106,51 @@ def test_nonfinite_rollout_or_teacher_topk_logprobs_skip_the_update(tmp_path, wh
     metrics = loop.train_one_step()
     assert metrics["train/skipped"] == 1.0 and not trainer.batches and loop.policy_version == 0
     assert loop.nonfinite_streak == 1 and "update skipped" in caplog.text
+
+
+class VersionedSync(RolloutPool):
+    """No weights to send (the recording trainer has none), but the actor takes the version, so
+    every batch says which policy version generated it."""
+
+    def sync_weights(self, state_dict, version):
+        self._actors[0]._version = int(version)
+
+
+def _run_steps(tmp_path, steps, *overrides):
+    cfg = load_config(
+        TINY,
+        [f"run.output_dir={tmp_path}", f"run.total_steps={steps}", "rollout.n=2", "rollout.max_new_tokens=4", *overrides],
+    )
+    mixer, _ = build_mixer(cfg)
+    trainer = RecordingTrainer()
+    rollout = VersionedSync(cfg, local=True)
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    loop = MOPDLoop(cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), trainer, mixer, writer, build_eval_rows(cfg))
+    metrics = []
+    try:
+        for _ in range(steps):
+            metrics.append(loop.train_one_step())
+    finally:
+        loop.close()
+    return trainer.batches, metrics
+
+
+def test_overlap_generates_one_step_ahead_and_drains_before_checkpoints(tmp_path):
+    """rollout.overlap: the same prompts, seeds and samples as the sequential loop, each batch one
+    policy version behind, except the batch after a checkpoint step (6 steps, checkpoint every 3),
+    which is generated afresh, as a resumed run would."""
+    seq, _ = _run_steps(tmp_path / "seq", 6, "checkpoint.every=3")
+    ovl, metrics = _run_steps(tmp_path / "ovl", 6, "checkpoint.every=3", "rollout.overlap=true")
+    assert [b.rollout.policy_version for b in seq] == [0, 1, 2, 3, 4, 5]
+    assert [b.rollout.policy_version for b in ovl] == [0, 0, 1, 3, 3, 4]
+    for s, o in zip(seq, ovl):
+        assert s.rollout.rows == o.rollout.rows
+        # NoSync leaves the weights as they are, so the same seed must give the same samples.
+        assert torch.equal(s.rollout.input_ids, o.rollout.input_ids)
+    # The driver waits for a batch generated ahead only on the steps that started one.
+    assert ["timing/rollout_wait" in m for m in metrics] == [True, True, False, True, True, False]
+
+
+def test_overlap_drains_before_eval_and_the_last_step(tmp_path):
+    _, metrics = _run_steps(tmp_path, 4, "checkpoint.every=0", "eval.every=2", "rollout.overlap=true")
+    assert ["timing/rollout_wait" in m for m in metrics] == [True, False, True, False]
