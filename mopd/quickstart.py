@@ -86,6 +86,41 @@ class StageCache:
         for s in STAGES[STAGES.index(stage) :]:
             (self.dir / f"{s}.json").unlink(missing_ok=True)
 
+    def first_changed(self, inputs: Dict[str, Dict[str, Any]]) -> Optional[Tuple[str, List[str]]]:
+        """The first cached stage whose recorded inputs differ from ``inputs[stage]``, and the
+        keys that differ (a stage cached before inputs were recorded counts as changed)."""
+        for stage in STAGES:
+            cached = self.done(stage)
+            if cached is None:
+                return None
+            before = cached.get("inputs")
+            if before != inputs[stage]:
+                if before is None:
+                    return stage, ["(not recorded)"]
+                return stage, sorted(k for k in set(before) | set(inputs[stage]) if before.get(k) != inputs[stage].get(k))
+        return None
+
+
+def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Dict[str, Any]]:
+    """What each stage's result depends on: its own settings and everything earlier stages used
+    (the recipe file and its overrides for the MOPD stage and the report)."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(OmegaConf.structured(st))
+    own = {
+        "domains": ("generators", "train_prompts", "eval_prompts", "seed"),
+        "student": ("student_mix", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
+        "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
+    }
+    recipe = {"recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16], "recipe_overrides": list(recipe_over)}
+    out, acc = {}, {}
+    for stage in STAGES:
+        acc = {**acc, **{k: settings[k] for k in own.get(stage, ())}, **(recipe if stage == "mopd" else {})}
+        out[stage] = dict(acc)
+    return out
+
 
 # ---------------------------------------------------------------------- stage 1: domains
 
@@ -262,9 +297,15 @@ def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Op
     # The recipe (with the user's overrides) is validated before any stage runs.
     base = load_config(RECIPE, recipe_over)
     cache = StageCache(out)
+    if from_stage is not None and from_stage not in STAGES:
+        raise ValueError(f"--from-stage {from_stage!r}; valid: {', '.join(STAGES)}")
+    inputs = stage_inputs(st, recipe_over)
+    changed = cache.first_changed(inputs)
+    if changed is not None and (from_stage is None or STAGES.index(changed[0]) < STAGES.index(from_stage)):
+        # A cached stage made with other settings must not feed this run.
+        print(f"[quickstart] {changed[0]}: its settings changed since it ran ({', '.join(changed[1])}); re-running it and the stages after it")
+        from_stage = changed[0]
     if from_stage is not None:
-        if from_stage not in STAGES:
-            raise ValueError(f"--from-stage {from_stage!r}; valid: {', '.join(STAGES)}")
         cache.invalidate_from(from_stage)
     results: Dict[str, Any] = {}
     t_all = time.time()
@@ -278,6 +319,7 @@ def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Op
         t0 = time.time()
         res = STAGE_FUNCS[stage](out, st, base, recipe_over, results)
         res["seconds"] = time.time() - t0
+        res["inputs"] = inputs[stage]
         cache.finish(stage, res)
         results[stage] = res
         print(f"[quickstart] {stage}: done in {res['seconds']:.0f} s")

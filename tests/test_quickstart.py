@@ -51,6 +51,37 @@ def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
     assert st.student_mix["agent"] == 0.5 and st.student_mix["code"] == 1.0
 
 
+def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
+    """Changing a setting re-runs the first stage that used it and every stage after it."""
+    from mopd.quickstart import STAGES, StageCache, settings_from, stage_inputs
+
+    cache = StageCache(tmp_path)
+    ran = stage_inputs(settings_from({}), [])
+    for stage in STAGES:
+        cache.finish(stage, {"seconds": 1.0, "inputs": ran[stage]})
+    assert cache.first_changed(ran) is None
+    assert cache.first_changed(stage_inputs(settings_from({"teacher_sft_steps": "50"}), [])) == ("teachers", ["teacher_sft_steps"])
+    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "1.0"}), [])) == ("student", ["student_mix"])
+    assert cache.first_changed(stage_inputs(settings_from({}), ["trainer.lr=1e-3"])) == ("mopd", ["recipe_overrides"])
+    assert cache.first_changed(stage_inputs(settings_from({"eval_prompts": "8"}), []))[0] == "domains"
+
+
+def test_run_quickstart_reruns_from_the_changed_stage(tmp_path, monkeypatch, capsys):
+    import mopd.quickstart as qs
+
+    ran = []
+    monkeypatch.setattr(qs, "STAGE_FUNCS", {s: (lambda *a, s=s: ran.append(s) or {}) for s in qs.STAGES})
+    qs.run_quickstart(str(tmp_path))
+    assert ran == list(qs.STAGES)
+    ran.clear()
+    qs.run_quickstart(str(tmp_path), overrides=["teacher_sft_steps=10"])
+    assert ran == ["teachers", "mopd", "report"]
+    assert "teachers: its settings changed since it ran (teacher_sft_steps)" in capsys.readouterr().out
+    ran.clear()
+    qs.run_quickstart(str(tmp_path), overrides=["teacher_sft_steps=10", "trainer.lr=1e-3"], from_stage="report")
+    assert ran == ["mopd", "report"]  # the changed stage comes before the one asked for
+
+
 def quickstart(*args: str) -> str:
     """Run `mopd quickstart` in its own process (it starts Ray and a gloo group); return stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
