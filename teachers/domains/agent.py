@@ -26,15 +26,16 @@ DOMAIN = "agent"
 DEFAULT_LEVEL = 2
 PROMPT_END = " ->"  # marks where the request ends and the call begins
 
-CITIES = (
-    "Paris", "Oslo", "Lima", "Rome", "Cairo", "Tokyo", "Delhi", "Quito", "Dakar", "Kyiv",
-    "Seoul", "Miami", "Bern", "Riga", "Doha", "Baku", "Accra", "Hanoi", "Lagos", "Perth",
-    "Lyon", "Nice", "Kobe", "Pune", "Cusco", "Bonn", "Oran", "Sofia", "Minsk", "Tunis",
-)  # fmt: skip
-NAMES = (
-    "bob", "ann", "eve", "max", "kim", "joe", "liz", "sam", "tom", "amy", "ian", "zoe",
-    "ben", "ada", "raj", "mia", "leo", "ava", "kai", "noa", "eli", "ivy", "gus", "uma",
-)  # fmt: skip
+# A few real names first (the examples above), then generated ones: the slot spaces are far larger
+# than any train set, so a model must learn to copy the slot from the request rather than memorise
+# request -> call pairs, and a level-1 eval split holds thousands of distinct prompts.
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+CITIES = tuple(dict.fromkeys(("Paris", "Oslo", "Lima", "Rome", "Cairo", "Tokyo") + tuple(
+    (a + v + b + w).capitalize() for a in _CONSONANTS for v in _VOWELS for b in _CONSONANTS for w in _VOWELS
+)))  # fmt: skip
+NAMES = tuple(dict.fromkeys(("bob", "ann", "eve", "tom") + tuple(
+    a + v + b for a in _CONSONANTS for v in _VOWELS for b in _CONSONANTS if a != b
+)))  # fmt: skip
 CURRENCIES = ("usd", "eur", "gbp", "jpy", "chf", "cad")
 GENRES = (
     "jazz", "rock", "pop", "folk", "blues", "opera", "rap", "metal",
