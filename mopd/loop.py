@@ -17,7 +17,7 @@ import math
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -355,17 +355,17 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     pools: List[Any] = []
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
     try:
-        # Teachers first: a vocabulary mismatch then fails before the trainer and rollout start.
         topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
-        teachers = _track(
+        signature = student_signature(cfg)
+        teachers, trainer, rollout = start_pools(
             pools,
-            TeacherPool(
-                cfg.teachers, cfg.run.seed, student_signature(cfg), max_topk=max(topk, 1), env=cfg.ray.env,
+            lambda: TeacherPool(
+                cfg.teachers, cfg.run.seed, signature, max_topk=max(topk, 1), env=cfg.ray.env,
                 max_restarts=cfg.ray.max_restarts,
-            ),  # fmt: skip
-        )
-        trainer = _track(pools, TrainerPool(cfg))
-        rollout = _track(pools, RolloutPool(cfg))
+            ),
+            lambda: TrainerPool(cfg),
+            lambda: RolloutPool(cfg),
+        )  # fmt: skip
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
             loop.restore(latest, force_teachers)
@@ -405,9 +405,22 @@ def _shutdown(pools: List[Any]) -> None:
             log.warning("shutting down %s: %s", type(pool).__name__, e)
 
 
-def _track(pools: List[Any], pool: Any) -> Any:
-    pools.append(pool)
-    return pool
+def start_pools(pools: List[Any], *starters: Callable[[], Any]) -> List[Any]:
+    """Start the pools at once (their actors load models in parallel, not one pool after the
+    other) and append each started one to ``pools`` for shutdown. If any fails, the first
+    failure in ``starters`` order is raised (teachers first: a vocabulary mismatch is reported as
+    such) once all have finished starting; the caller shuts down the ones in ``pools``."""
+    with ThreadPoolExecutor(max_workers=len(starters), thread_name_prefix="mopd-start") as ex:
+        futures = [ex.submit(start) for start in starters]
+    errors = []
+    for f in futures:
+        try:
+            pools.append(f.result())
+        except BaseException as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return pools[-len(starters) :]
 
 
 def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -> Optional[Path]:

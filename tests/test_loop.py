@@ -116,23 +116,31 @@ class VersionedSync(RolloutPool):
         self._actors[0]._version = int(version)
 
 
-def _run_steps(tmp_path, steps, *overrides):
+def _overlap_loop(tmp_path, total, *overrides):
     cfg = load_config(
         TINY,
-        [f"run.output_dir={tmp_path}", f"run.total_steps={steps}", "rollout.n=2", "rollout.max_new_tokens=4", *overrides],
+        [f"run.output_dir={tmp_path}", f"run.total_steps={total}", "rollout.n=2", "rollout.max_new_tokens=4", *overrides],
     )
     mixer, _ = build_mixer(cfg)
-    trainer = RecordingTrainer()
     rollout = VersionedSync(cfg, local=True)
     writer = MetricsWriter(tmp_path, tensorboard=False)
-    loop = MOPDLoop(cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), trainer, mixer, writer, build_eval_rows(cfg))
+    return MOPDLoop(cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), RecordingTrainer(), mixer, writer, build_eval_rows(cfg))
+
+
+def _steps(loop, steps):
     metrics = []
     try:
         for _ in range(steps):
             metrics.append(loop.train_one_step())
     finally:
         loop.close()
-    return trainer.batches, metrics
+    return metrics
+
+
+def _run_steps(tmp_path, steps, *overrides):
+    loop = _overlap_loop(tmp_path, steps, *overrides)
+    metrics = _steps(loop, steps)
+    return loop.trainer.batches, metrics
 
 
 def test_overlap_generates_one_step_ahead_and_drains_before_checkpoints(tmp_path):
@@ -151,6 +159,53 @@ def test_overlap_generates_one_step_ahead_and_drains_before_checkpoints(tmp_path
     assert ["timing/rollout_wait" in m for m in metrics] == [True, True, False, True, True, False]
 
 
+def test_overlap_resumed_at_a_checkpoint_step_generates_what_the_uninterrupted_run_did(tmp_path):
+    """What a checkpoint at step 3 holds (step, policy version, data order) is all a resumed run
+    needs: the pipeline was empty there, so steps 4-6 get the same batches from the same versions."""
+    over = ("checkpoint.every=3", "rollout.overlap=true")
+    full, _ = _run_steps(tmp_path / "full", 6, *over)
+    first = _overlap_loop(tmp_path / "first", 6, *over)
+    _steps(first, 3)
+    resumed = _overlap_loop(tmp_path / "resumed", 6, *over)
+    resumed.step, resumed.policy_version = first.step, first.policy_version
+    resumed.mixer.load_state_dict(first.mixer.state_dict())
+    resumed.rollout.sync_weights({}, first.policy_version)  # restore() re-sends the weights
+    _steps(resumed, 3)
+    for a, b in zip(full[3:], resumed.trainer.batches, strict=True):
+        assert a.rollout.rows == b.rollout.rows and a.rollout.policy_version == b.rollout.policy_version
+        assert torch.equal(a.rollout.input_ids, b.rollout.input_ids)
+
+
 def test_overlap_drains_before_eval_and_the_last_step(tmp_path):
     _, metrics = _run_steps(tmp_path, 4, "checkpoint.every=0", "eval.every=2", "rollout.overlap=true")
     assert ["timing/rollout_wait" in m for m in metrics] == [True, False, True, False]
+
+
+def test_pools_start_together_and_the_first_failure_in_order_is_raised():
+    import threading
+
+    from mopd.loop import start_pools
+
+    barrier = threading.Barrier(3, timeout=10)  # passes only if all three starters run at once
+
+    def ok(name):
+        def start():
+            barrier.wait()
+            return name
+
+        return start
+
+    pools = []
+    assert start_pools(pools, ok("teachers"), ok("trainer"), ok("rollout")) == ["teachers", "trainer", "rollout"]
+    assert pools == ["teachers", "trainer", "rollout"]
+
+    def fail(msg):
+        def start():
+            raise RuntimeError(msg)
+
+        return start
+
+    pools = []
+    with pytest.raises(RuntimeError, match="vocabulary"):
+        start_pools(pools, fail("vocabulary"), lambda: "trainer", fail("rollout"))
+    assert pools == ["trainer"]  # started, so the caller can shut it down
