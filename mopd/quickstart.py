@@ -40,10 +40,8 @@ class QuickstartSettings:
     # domain -> registered generator; the easiest levels, so that a tiny teacher reaches >= 0.9
     # within a few minutes of domain SFT on two cores.
     generators: Dict[str, str] = field(default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"})
-    # Share of each domain in the student's general SFT mixture, relative (missing domains: 1.0):
-    # less agent data, which the tiny model learns fastest, so the SFT student ends clearly below
-    # its agent teacher too.
-    student_mix: Dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 0.4})
+    # Share of each domain in the student's general SFT mixture, relative (missing domains: 1.0).
+    student_mix: Dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 1.0})
     train_prompts: int = 4000  # per domain
     eval_prompts: int = 128  # per domain
     sft_batch: int = 64
