@@ -145,8 +145,12 @@ def report(res: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     kl0 = res["quality"]["init"]["reverse_kl"]
-    for name, r in (("mopd", m), (f"TRL, {res['args']['trl_threads'].split(',')[0]} thread(s)", t)):
-        q = res["quality"]["mopd" if name == "mopd" else "trl"]
+    rows = [("mopd", m, "mopd")]
+    if "mopd_overlap" in res:
+        rows.append(("mopd, rollout.overlap", res["mopd_overlap"], "mopd_overlap"))
+    rows.append((f"TRL, {res['args']['trl_threads'].split(',')[0]} thread(s)", t, "trl"))
+    for name, r, key in rows:
+        q = res["quality"][key]
         drop = (kl0 - q["reverse_kl"]) / r["train_wall_s"]
         lines.append(
             f"| {name} | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
@@ -157,6 +161,10 @@ def report(res: Dict[str, Any]) -> str:
         lines.append(f"| TRL, {k.split('_')[1]} thread(s) | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | | | |")
     lines.append(f"throughput ratio mopd / TRL: {res['ratio']:.2f}x")
     lines.append("mopd phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in m["phase_s"].items()))
+    if "mopd_overlap" in res:
+        lines.append(f"throughput ratio mopd (rollout.overlap) / TRL: {res['ratio_overlap']:.2f}x")
+        phases = res["mopd_overlap"]["phase_s"].items()
+        lines.append("mopd, rollout.overlap phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
     lines.append(f"TRL generate (s/step, steps 2..N): {t['generate_s']:.3f}")
     for k in res:
         if k.startswith("trl_"):
@@ -172,6 +180,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/bench", help="models, runs and logs go here")
     p.add_argument("--out", default="results/vs_trl.json")
+    p.add_argument("--also-overlap", action="store_true", help="run mopd a second time with rollout.overlap=true")
     p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
@@ -187,12 +196,18 @@ def main() -> None:
 
     print(f"mopd train ({args.steps} steps) ...", flush=True)
     res["mopd"] = mopd_figures(_bench.run_mopd(recipe, log=work / "mopd_vs_trl.log"))
+    if args.also_overlap and not args.overlap:
+        print(f"mopd train, rollout.overlap=true ({args.steps} steps) ...", flush=True)
+        over = ["rollout.overlap=true", f"run.output_dir={work / 'mopd_vs_trl_overlap'}"]
+        res["mopd_overlap"] = mopd_figures(_bench.run_mopd(recipe, over, log=work / "mopd_vs_trl_overlap.log"))
     threads = [int(t) for t in str(args.trl_threads).split(",")]
     for i, t in enumerate(threads):
         print(f"TRL DistillationTrainer ({args.steps} steps, {t} threads) ...", flush=True)
         res["trl" if i == 0 else f"trl_{t}_threads"] = run_trl_child(work, args, t)
     res["machine_after"] = _bench.machine()
     res["ratio"] = res["mopd"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
+    if "mopd_overlap" in res:
+        res["ratio_overlap"] = res["mopd_overlap"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
 
     torch.set_num_threads(1)
     print("held-out quality ...", flush=True)
@@ -202,6 +217,8 @@ def main() -> None:
         "mopd": _bench.quality(res["mopd"]["final_dir"], teacher, held_out, args.max_new),
         "trl": _bench.quality(res["trl"]["final_dir"], teacher, held_out, args.max_new),
     }
+    if "mopd_overlap" in res:
+        res["quality"]["mopd_overlap"] = _bench.quality(res["mopd_overlap"]["final_dir"], teacher, held_out, args.max_new)
     print(report(res))
     _bench.write_json(args.out, res)
 
