@@ -44,9 +44,13 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from mopd.loop import RunStoppedError, run_training
+    from teachers.pool import VocabularyMismatchError
 
     try:
         run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    except VocabularyMismatchError as e:  # bad input, found before any actor started
+        print(f"mopd: error: {e}", file=sys.stderr)
+        return 2
     except RunStoppedError as e:
         again = ["mopd", "train", args.recipe, *args.overrides, "--resume"]
         again += ["--force-teachers"] if args.force_teachers else []

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 import torch
 
 from mopd import checkpoint as ckpt
-from mopd.config import MOPDConfig, to_dict, to_yaml
+from mopd.config import MOPDConfig, ModelConfig, to_dict, to_yaml
 from mopd.faults import ActorFailedError
 from mopd.metrics import MetricsWriter, PhaseTimer
 from mopd.objective import grpo_advantages
@@ -344,6 +344,9 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     mixer, data_stats = build_mixer(cfg)
     eval_rows = build_eval_rows(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
+    # So does a teacher whose vocabulary differs from the student's.
+    signature = student_signature(cfg)
+    check_teacher_vocabularies(cfg, signature)
     (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
 
     from mopd.runtime import init_ray
@@ -356,7 +359,6 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
     try:
         topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
-        signature = student_signature(cfg)
         teachers, trainer, rollout = start_pools(
             pools,
             lambda: TeacherPool(
@@ -475,14 +477,34 @@ def build_eval_rows(cfg: MOPDConfig) -> List[PromptRow]:
 
 def student_signature(cfg: MOPDConfig) -> Dict[str, Any]:
     """The student's tokenizer/vocabulary signature, which every teacher must match."""
+    return model_signature(cfg.student)
+
+
+def model_signature(model: ModelConfig) -> Dict[str, Any]:
+    """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
     from transformers import AutoConfig
 
     from mopd.models import load_tokenizer
     from teachers.common import config_vocab_size, tokenizer_signature
 
-    if cfg.student.config is not None:
-        extra = dict(cfg.student.config)
+    if model.config is not None:
+        extra = dict(model.config)
         config = AutoConfig.for_model(extra.pop("model_type"), **extra)
     else:
-        config = AutoConfig.from_pretrained(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code)
-    return tokenizer_signature(load_tokenizer(cfg.student), config_vocab_size(config))
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
+
+
+def check_teacher_vocabularies(cfg: MOPDConfig, student: Dict[str, Any]) -> None:
+    """Compare every teacher's vocabulary with the student's before any actor starts. A teacher
+    whose tokenizer or config this process cannot read (a path only the workers see) is left to
+    the same check in its actor, at start-up."""
+    from teachers.pool import check_vocabularies
+
+    signatures = {}
+    for domain, teacher in sorted(cfg.teachers.items()):
+        try:
+            signatures[domain] = model_signature(teacher)
+        except (OSError, ValueError) as e:
+            log.info("teacher '%s': vocabulary checked when its actor starts (%s)", domain, e)
+    check_vocabularies(signatures, student)

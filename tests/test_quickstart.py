@@ -63,7 +63,7 @@ def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
         cache.finish(stage, {"seconds": 1.0, "inputs": ran[stage]})
     assert cache.first_changed(ran) is None
     assert cache.first_changed(stage_inputs(settings_from({"teacher_sft_steps": "50"}), [])) == ("teachers", ["teacher_sft_steps"])
-    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "1.0"}), [])) == ("student", ["student_mix"])
+    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "0.5"}), [])) == ("student", ["student_mix"])
     assert cache.first_changed(stage_inputs(settings_from({}), ["trainer.lr=1e-3"])) == ("mopd", ["recipe_overrides"])
     assert cache.first_changed(stage_inputs(settings_from({"eval_prompts": "8"}), []))[0] == "domains"
 
@@ -115,8 +115,6 @@ def test_reduced_quickstart_improves_the_student(tmp_path):
 
     assert type(AutoModelForCausalLM.from_pretrained(out / "student_hf")).__name__ == "MiMoV2FlashForCausalLM"
 
-    printed = quickstart("--output-dir", str(out))
-    assert all(f"{s}: cached" in printed for s in ("domains", "student", "teachers", "mopd", "report"))
-
     printed = quickstart("--output-dir", str(out), "--from-stage", "report")
-    assert "mopd: cached" in printed and "report: running" in printed
+    assert all(f"{s}: cached" in printed for s in ("domains", "student", "teachers", "mopd"))
+    assert "report: running" in printed
