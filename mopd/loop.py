@@ -92,11 +92,13 @@ class MOPDLoop:
         self._pool: Optional[ThreadPoolExecutor] = None
 
     # ------------------------------------------------------------------ rollout, maybe ahead
-    def _generate(self, step: int) -> RolloutBatch:
-        """The batch of step ``step`` (1-based): the mixer's next prompts, that step's seed."""
-        cfg = self.cfg
-        rows = self.mixer.next_batch(cfg.rollout.prompts_per_step)
-        return self.rollout.generate(rows, cfg.rollout.n, seed=step_seed(cfg.run.seed, step))
+    def _next_rows(self) -> List[PromptRow]:
+        """The next step's prompts; always drawn on the driver thread, in step order."""
+        return self.mixer.next_batch(self.cfg.rollout.prompts_per_step)
+
+    def _generate(self, step: int, rows: List[PromptRow]) -> RolloutBatch:
+        """The batch of step ``step`` (1-based) from ``rows``, with that step's seed."""
+        return self.rollout.generate(rows, self.cfg.rollout.n, seed=step_seed(self.cfg.run.seed, step))
 
     def _start_next(self) -> None:
         """With ``rollout.overlap``, start generating step+1's batch with the current weights,
@@ -109,9 +111,7 @@ class MOPDLoop:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mopd-rollout")
-        rows = self.mixer.next_batch(self.cfg.rollout.prompts_per_step)  # drawn here: same order as in sequence
-        seed = step_seed(self.cfg.run.seed, step + 1)
-        self._next = self._pool.submit(self.rollout.generate, rows, self.cfg.rollout.n, seed)
+        self._next = self._pool.submit(self._generate, step + 1, self._next_rows())
 
     def _finish_next(self) -> None:
         """Wait for the batch generating ahead (before the rollout weights change or are used)."""
@@ -137,7 +137,7 @@ class MOPDLoop:
             if self._next is not None:
                 batch, self._next = self._next.result(), None
             else:
-                batch = self._generate(self.step + 1)
+                batch = self._generate(self.step + 1, self._next_rows())
         self._start_next()
         with timer("teachers"):
             topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
