@@ -42,10 +42,17 @@ class QuickstartSettings:
     generators: Dict[str, str] = field(default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"})
     # Share of each domain in the student's general SFT mixture, relative (missing domains: 1.0).
     student_mix: Dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 1.0})
+    # The sub-tasks (a row's ``kind``) of each domain that the student's SFT sees; the teachers see
+    # them all (missing domains: every kind). The student masters the skills the domains share
+    # (the format, copying digits, letters and slots) and lacks what only a domain's teacher was
+    # taught, so its gap to each teacher is set by the data, not by where an unfinished SFT stopped.
+    student_kinds: Dict[str, List[str]] = field(
+        default_factory=lambda: {"math": ["+"], "code": ["concat"], "agent": ["weather"]}
+    )
     train_prompts: int = 4000  # per domain
     eval_prompts: int = 128  # per domain
     sft_batch: int = 64
-    student_sft_steps: int = 400
+    student_sft_steps: int = 600
     student_sft_lr: float = 3e-3
     # The student's SFT ends at its full rate (a checkpoint from the stable phase of a
     # warmup-stable-decay schedule); teachers and MOPD decay theirs to 0. With a cosine-decayed
@@ -109,7 +116,7 @@ def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Di
     settings = OmegaConf.to_container(OmegaConf.structured(st))
     own = {
         "domains": ("generators", "train_prompts", "eval_prompts", "seed"),
-        "student": ("student_mix", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
+        "student": ("student_mix", "student_kinds", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
         "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
     }
     recipe = {"recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16], "recipe_overrides": list(recipe_over)}
@@ -279,12 +286,30 @@ def settings_from(items: Dict[str, str]) -> QuickstartSettings:
         errors.append(f"student_mix names {', '.join(unknown)}, not a quickstart domain ({', '.join(st.generators)})")
     if any(w < 0 for w in st.student_mix.values()) or not any(st.student_mix.get(d, 1.0) > 0 for d in st.generators):
         errors.append(f"student_mix weights must be >= 0 and not all 0, got {dict(st.student_mix)}")
+    errors += _kind_errors(st)
     for name in ("student_sft_schedule", "teacher_sft_schedule"):
         if getattr(st, name) not in LR_SCHEDULES:
             errors.append(f"{name}={getattr(st, name)!r}; valid: {', '.join(LR_SCHEDULES)}")
     if errors:
         raise ValueError("quickstart settings: " + "; ".join(errors))
     return st
+
+
+def _kind_errors(st: QuickstartSettings) -> List[str]:
+    """What is wrong with ``student_kinds``: unknown domains, kinds the domain's generator never
+    draws, or no kind at all (a student that never saw a domain has no format to build on)."""
+    from mopd.domains import get_domain
+
+    errors = []
+    for d, kinds in st.student_kinds.items():
+        if d not in st.generators:
+            errors.append(f"student_kinds names {d}, not a quickstart domain ({', '.join(st.generators)})")
+            continue
+        drawn = {str(r.meta.get("kind")) for r in get_domain(st.generators[d]).generate(random.Random(0), 500, "train")}
+        bad = sorted(set(kinds) - drawn)
+        if bad or not kinds:
+            errors.append(f"student_kinds.{d}={list(kinds)}: {st.generators[d]} draws the kinds {', '.join(sorted(drawn))}")
+    return errors
 
 
 def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -334,7 +359,7 @@ def _eval_rows(out: Path, st: QuickstartSettings, base: MOPDConfig):
 
 
 def _stage_student(out, st, base, recipe_over, results):
-    per_domain = {d: read_rows(out, d, "train", base) for d in st.domain_names}
+    per_domain = {d: student_rows(read_rows(out, d, "train", base), st.student_kinds.get(d)) for d in st.domain_names}
     mix = [r for d in st.domain_names for r in per_domain[d]]
     # A domain's share of the mixture is its weight (the rows of a domain share it equally).
     weights = [st.student_mix.get(d, 1.0) / len(per_domain[d]) for d in st.domain_names for _ in per_domain[d]]
@@ -344,6 +369,17 @@ def _stage_student(out, st, base, recipe_over, results):
     )  # fmt: skip
     res["accuracy"] = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
     return res
+
+
+def student_rows(rows, kinds: Optional[List[str]]):
+    """The rows of ``kinds`` (all rows when ``kinds`` is None); ValueError if that leaves none."""
+    if kinds is None:
+        return rows
+    kept = [r for r in rows if r.meta.get("kind") in kinds]
+    if not kept:
+        have = sorted({str(r.meta.get("kind")) for r in rows})
+        raise ValueError(f"student_kinds {kinds} selects no {rows[0].domain} row; its kinds: {', '.join(have)}")
+    return kept
 
 
 def _stage_teachers(out, st, base, recipe_over, results):

@@ -76,3 +76,69 @@ def plot_curves(metrics_path: Path, domains: List[str], png: Path) -> Optional[P
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+# ---------------------------------------------------------------------- several seeds
+
+# The quickstart's targets, checked on every seed (docs/quickstart.md).
+TARGETS = {
+    "teacher": 0.90,  # each teacher on its own domain
+    "gap": 0.30,  # teacher - student before, every domain
+    "normalized_score": 0.90,
+}
+
+
+def target_misses(report: Dict[str, Any], targets: Optional[Dict[str, float]] = None) -> List[str]:
+    """The quickstart targets one report misses, each as a short phrase (empty: all met)."""
+    t = {**TARGETS, **(targets or {})}
+    misses = []
+    for d, r in report["domains"].items():
+        if r["teacher"] < t["teacher"]:
+            misses.append(f"{d} teacher {r['teacher']:.3f} < {t['teacher']}")
+        if r["teacher"] - r["student_before"] < t["gap"]:
+            misses.append(f"{d} gap {r['teacher'] - r['student_before']:.3f} < {t['gap']}")
+        if not r["student_after"] > r["student_before"]:
+            misses.append(f"{d} after {r['student_after']:.3f} <= before {r['student_before']:.3f}")
+    score = report["normalized_score"]
+    if not score >= t["normalized_score"]:  # NaN misses too
+        misses.append(f"normalised {score:.3f} < {t['normalized_score']}")
+    return misses
+
+
+def seeds_table(reports: Dict[int, Dict[str, Any]], targets: Optional[Dict[str, float]] = None) -> str:
+    """A Markdown table of several seeds' reports: before / teacher / after per domain and the
+    normalised score, one row per seed, then the mean and the minimum of every column, then the
+    targets each seed misses."""
+    seeds = sorted(reports)
+    domains = list(reports[seeds[0]]["domains"])
+    cols = [(d, k) for d in domains for k in ("student_before", "teacher", "student_after")]
+    head = "| seed | " + " | ".join(f"{d} {k.replace('student_', '')}" for d, k in cols) + " | normalised | minutes |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    table = {s: [reports[s]["domains"][d][k] for d, k in cols] + [reports[s]["normalized_score"]] for s in seeds}
+    for s in seeds:
+        minutes = reports[s].get("wall_time_s", float("nan")) / 60
+        lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in table[s]) + f" | {minutes:.1f} |")
+    for name, fn in (("mean", lambda v: sum(v) / len(v)), ("min", min)):
+        lines.append(f"| **{name}** | " + " | ".join(f"{fn([table[s][i] for s in seeds]):.3f}" for i in range(len(cols) + 1)) + " | |")
+    lines.append("")
+    for s in seeds:
+        misses = target_misses(reports[s], targets)
+        lines.append(f"seed {s}: " + ("every target met" if not misses else "MISSED " + "; ".join(misses)))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m mopd.report DIR SEED...``: the table of ``DIR/seed_S/report.json``; exit status
+    1 if a seed misses a target."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    out, seeds = Path(args[0]), [int(s) for s in args[1:]]
+    reports = {s: json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in seeds}
+    print(seeds_table(reports))
+    return 1 if any(target_misses(r) for r in reports.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
