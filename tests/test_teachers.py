@@ -38,7 +38,9 @@ from teachers.pool import (
     split_balanced,
 )
 
-ATOL = 1e-6  # same math as mopd.models, different chunk shapes: float32 summation order only
+# Same math as mopd.models, other chunk shapes (and kernels): float32 summation order only. Log-probs
+# here are ~-5 (ulp 5e-7): a few ulps apart is rounding; a wrong row or teacher is off by > 1e-3.
+ATOL = 1e-5
 
 PROMPTS = ["1+2=", "hello wor", "what is 12*12? think step by step, then answer:", "a", "x=3;y=", "q"]
 RESPONSES = ["3", "ld, again and again", "144", "bcdefghij klmnop qrstuv wxyz 0123", "4", ""]
@@ -92,14 +94,26 @@ def reference_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
     return torch.where(batch.response_mask, lp, 0.0)
 
 
-def reference_topk(model, batch: RolloutBatch, k: int):
-    """(B, T, k) ids and log-probs from torch.topk of the full log_softmax; position t holds the
-    distribution of token t (logits at t - 1)."""
+def reference_full_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
+    """(B, T, V) log-probs of every vocabulary entry from the full log_softmax; position t holds
+    the distribution of token t (logits at t - 1)."""
     with torch.no_grad():
         logits = forward_logits(model, batch.input_ids, batch.attention_mask).logits
-    vals, ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
-    shift = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # noqa: E731
-    return shift(ids), shift(vals)
+    lp = torch.log_softmax(logits.float(), -1)
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp[:, :-1]], 1)
+
+
+def assert_topk_of(ids: torch.Tensor, vals: torch.Tensor, ref_full: torch.Tensor, mask: torch.Tensor, atol: float) -> None:
+    """``ids`` / ``vals`` (B, T, k) are a top-k of the reference log-probs ``ref_full`` (B, T, V) at
+    the ``mask`` positions, up to float rounding: ``vals`` are the k largest reference values in
+    order, and ``ids`` are k distinct tokens whose reference log-probs are ``vals``. Ids are not
+    compared with the reference's own: tokens whose log-probs lie within rounding of each other
+    (at most a few ulps apart) may come in either order, or either may take the k-th place."""
+    k = ids.shape[-1]
+    torch.testing.assert_close(vals[mask], ref_full.topk(k, dim=-1).values[mask], atol=atol, rtol=0)
+    torch.testing.assert_close(ref_full.gather(-1, ids)[mask], vals[mask], atol=atol, rtol=0)
+    picked = ids[mask].sort(dim=-1).values
+    assert bool((picked[:, 1:] != picked[:, :-1]).all()), "a token appears twice in a top-k"
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +143,10 @@ def test_hf_score_matches_sequence_logprobs(worker, batch):
 def test_hf_topk_matches_torch_topk(worker, batch):
     k = 5
     s = worker.score(batch.input_ids, batch.attention_mask, batch.response_mask, topk=k)
-    ref_ids, ref_vals = reference_topk(worker.model, batch, k)
     rm = batch.response_mask
     assert s.topk_ids.shape == (*rm.shape, k) and s.topk_ids.dtype == torch.int64
-    assert torch.equal(s.topk_ids[rm], ref_ids[rm])
-    assert torch.allclose(s.topk_logprobs[rm], ref_vals[rm], atol=ATOL, rtol=0)
+    # A top-k of the reference distribution up to rounding (near-tied tokens may swap: see assert_topk_of).
+    assert_topk_of(s.topk_ids, s.topk_logprobs, reference_full_logprobs(worker.model, batch), rm, ATOL)
     assert bool((s.topk_ids[~rm] == 0).all()) and bool((s.topk_logprobs[~rm] == 0).all())
     # The sampled-token scores are unchanged by asking for top-k.
     assert torch.allclose(s.logprobs, reference_logprobs(worker.model, batch), atol=ATOL, rtol=0)
@@ -252,9 +265,10 @@ def test_pool_scores_each_row_with_its_domain_teacher(local_pool):
         rows = [i for i, x in enumerate(b.domains) if x == d]
         ref = reference_logprobs(model, b)[rows]
         assert torch.allclose(scores.logprobs[rows], ref, atol=ATOL, rtol=0), d
-        ref_ids, _ = reference_topk(model, b, 3)
         rm = b.response_mask[rows]
-        assert torch.equal(scores.topk_ids[rows][rm], ref_ids[rows][rm])
+        # Near-tied tokens may swap between chunked scoring and the reference (see assert_topk_of).
+        ref_full = reference_full_logprobs(model, b)[rows]
+        assert_topk_of(scores.topk_ids[rows], scores.topk_logprobs[rows], ref_full, rm, ATOL)
     # The two teachers really differ (different seeds), so a routing mix-up would show.
     other = reference_logprobs(local_pool._workers["math"][0].model, b)
     assert not torch.allclose(scores.logprobs[0], other[0], atol=1e-3)
