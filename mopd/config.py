@@ -152,6 +152,11 @@ class ObjectiveConfig:
     alpha: float = 0.0
     adv_clip: float = 5.0
     topk: int = 64
+    # kind=topk only: weight of the per-position forward KL(teacher || student) added to the
+    # reverse KL. > 0 moves a student that is confidently wrong where reverse KL alone cannot
+    # (its gradient there scales with the student's probability of the teacher's token); 1 is
+    # the symmetric (Jeffreys) divergence. See mopd/objective.py and docs/quickstart.md.
+    forward_kl: float = 0.0
     # Consecutive non-finite updates tolerated before the run aborts.
     max_nonfinite_steps: int = 3
 
@@ -312,6 +317,11 @@ def validate(cfg: MOPDConfig) -> None:
     o = cfg.objective
     if not (0 < o.eps_low < o.eps_high):
         errors.append(f"objective.eps_low ({o.eps_low}) must be > 0 and < objective.eps_high ({o.eps_high})")
+    if o.forward_kl > 0 and o.kind != "topk":
+        errors.append(
+            f"objective.forward_kl={o.forward_kl} needs objective.kind=topk (the forward KL needs the "
+            f"teacher's distribution, which the sampled form does not fetch); set objective.forward_kl=0"
+        )
     if errors:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
 
@@ -356,6 +366,7 @@ def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
         "trainer.aux_loss_coef": cfg.trainer.aux_loss_coef,
         "objective.alpha": cfg.objective.alpha,
         "objective.adv_clip": cfg.objective.adv_clip,
+        "objective.forward_kl": cfg.objective.forward_kl,
         "ray.max_restarts": cfg.ray.max_restarts,
     }
     for name, value in non_negative.items():

@@ -121,8 +121,10 @@ def topk_reverse_kl_loss(
     *,
     eps_low: float = 0.5,
     eps_high: float = 5.0,
+    forward_kl: float = 0.0,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """Per-position reverse KL on the teacher's top-k support (the lower-variance variant).
+    """Per-position reverse KL on the teacher's top-k support (the lower-variance variant), plus
+    ``forward_kl`` times the forward KL on the same support.
 
     Args:
         student_topk_logp: (B, T, K) f32 student log-probs (with grad) at the teacher's top-k ids.
@@ -131,8 +133,15 @@ def topk_reverse_kl_loss(
         response_mask: (B, T) bool.
 
     Both distributions are renormalised over the K ids; the loss is
-    mean_seq (1/|y|) sum_t w_t * KL(p_s || p_t) at t. With K = vocabulary size this is the exact
-    per-position reverse KL.
+    mean_seq (1/|y|) sum_t w_t * [KL(p_s || p_t) + forward_kl * KL(p_t || p_s)] at t. With K =
+    vocabulary size this is the exact per-position reverse KL (forward_kl = 0).
+
+    Why a forward term: the reverse KL's gradient w.r.t. the student's logit of a token is
+    p_s(token) * (log p_s(token) - log p_t(token) - KL), so where the student is confidently wrong
+    (it gives the teacher's token ~1e-5) the push towards that token vanishes, and the student
+    stays wrong. The forward KL's gradient there is p_s - p_t: about -1 on the teacher's token,
+    whatever the student believes. Both vanish when p_s = p_t. forward_kl = 1 is the symmetric
+    (Jeffreys) divergence.
     """
     _check_shapes(response_mask, logp_train, logp_rollout)
     if student_topk_logp.shape != teacher_topk_logp.shape or student_topk_logp.shape[:2] != response_mask.shape:
@@ -146,9 +155,17 @@ def topk_reverse_kl_loss(
     log_pt = torch.log_softmax(teacher_topk_logp.detach(), dim=-1)
     kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     kl = torch.where(mask, kl, torch.zeros_like(kl))
-    loss = _sequence_mean(w * kl, mask)
+    per_token = kl
+    metrics: Metrics = {}
+    if forward_kl > 0:
+        fwd = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        fwd = torch.where(mask, fwd, torch.zeros_like(fwd))
+        per_token = kl + forward_kl * fwd
+        metrics["forward_kl"] = _masked_mean(fwd, mask.float())
+    loss = _sequence_mean(w * per_token, mask)
     n_tok = int(mask.sum())
     metrics = {
+        **metrics,
         "reverse_kl": _masked_mean(kl, mask.float()),
         "is_masked_frac": (1.0 - float(in_band.sum()) / n_tok) if n_tok else 0.0,
         "topk_mass": _masked_mean(student_topk_logp.detach().exp().sum(-1), mask.float()),

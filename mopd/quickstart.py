@@ -47,7 +47,7 @@ class QuickstartSettings:
     # (the format, copying digits, letters and slots) and lacks what only a domain's teacher was
     # taught, so its gap to each teacher is set by the data, not by where an unfinished SFT stopped.
     student_kinds: Dict[str, List[str]] = field(
-        default_factory=lambda: {"math": ["+"], "code": ["concat"], "agent": ["weather"]}
+        default_factory=lambda: {"math": ["+"], "code": ["upper"], "agent": ["weather"]}
     )
     train_prompts: int = 4000  # per domain
     eval_prompts: int = 128  # per domain

@@ -135,6 +135,45 @@ def test_topk_with_full_vocab_is_exact_reverse_kl():
     assert m["topk_mass"] == pytest.approx(1.0, rel=1e-5)
 
 
+def test_topk_forward_term_adds_the_forward_kl():
+    g = torch.Generator().manual_seed(1)
+    s_logp = torch.log_softmax(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), -1)
+    t_logp = torch.log_softmax(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), -1)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    reverse, _ = topk_reverse_kl_loss(s_logp, t_logp, zeros, zeros, mask)
+    both, m = topk_reverse_kl_loss(s_logp, t_logp, zeros, zeros, mask, forward_kl=0.5)
+    forward = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    assert both.item() == pytest.approx(reverse.item() + 0.5 * forward.item(), rel=1e-9)
+    assert m["forward_kl"] == pytest.approx(forward.item(), rel=1e-9)
+
+
+def _teacher_token_grad(student_logp_of_teacher_token: float, forward_kl: float) -> float:
+    """d loss / d (student logit of the teacher's token), one position, teacher one-hot on token 0."""
+    V = 8
+    logits = torch.zeros(V, dtype=torch.float64)
+    logits[1] = 12.0  # the student's confident (wrong) choice
+    logits[0] = math.log(math.exp(12.0) * math.exp(student_logp_of_teacher_token))  # p_s(0) ~ as asked
+    logits = logits.reshape(1, 1, V).requires_grad_()
+    t_logp = torch.full((1, 1, V), -30.0, dtype=torch.float64)
+    t_logp[..., 0] = 0.0
+    one = torch.ones(1, 1, dtype=torch.bool)
+    zeros = torch.zeros(1, 1, dtype=torch.float64)
+    loss, _ = topk_reverse_kl_loss(torch.log_softmax(logits, -1), t_logp, zeros, zeros, one, forward_kl=forward_kl)
+    loss.backward()
+    return float(logits.grad[0, 0, 0])
+
+
+def test_reverse_kl_cannot_move_a_confidently_wrong_student_and_the_forward_term_can():
+    """The reason for objective.forward_kl: reverse KL's push towards the teacher's token scales
+    with the student's probability of it; the forward KL's is ~1 whatever that probability."""
+    reverse = _teacher_token_grad(-10.0, forward_kl=0.0)
+    both = _teacher_token_grad(-10.0, forward_kl=1.0)
+    assert -1e-2 < reverse < 0  # the right direction, ~p_s * (log p_s - KL) ~ 1e-3
+    assert both < -0.9  # descending lowers the loss by raising the teacher's token
+    assert abs(_teacher_token_grad(-1.0, forward_kl=0.0)) > 100 * abs(reverse)  # a likely token moves
+
+
 def test_grpo_advantages():
     r = _t([1.0, 0.0, 1.0, 1.0, 0.5])
     gid = torch.tensor([0, 0, 1, 1, 2])
