@@ -118,7 +118,8 @@ def seeds_table(reports: Dict[int, Dict[str, Any]], targets: Optional[Dict[str, 
     for s in seeds:
         minutes = reports[s].get("wall_time_s", float("nan")) / 60
         lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in table[s]) + f" | {minutes:.1f} |")
-    for name, fn in (("mean", lambda v: sum(v) / len(v)), ("min", min)):
+    # A NaN (a domain whose teacher is not above the student) propagates: it is never hidden.
+    for name, fn in (("mean", lambda v: sum(v) / len(v)), ("min", lambda v: float("nan") if any(map(math.isnan, v)) else min(v))):
         lines.append(f"| **{name}** | " + " | ".join(f"{fn([table[s][i] for s in seeds]):.3f}" for i in range(len(cols) + 1)) + " | |")
     lines.append("")
     for s in seeds:

@@ -17,10 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The default student (a 200-step one moved too little in 100 MOPD steps to tell from noise), half
-# the teacher SFT, an eighth of the MOPD samples, half the eval prompts.
+# A shorter student and teacher SFT, a sixth of the MOPD samples, half the eval prompts. The
+# student still masters the sub-tasks it sees, so its gaps come from the sub-tasks only the
+# teachers saw (student_kinds), as in the default run.
 REDUCED = [
-    "eval_prompts=64", "teacher_sft_steps=150",
+    "eval_prompts=64", "student_sft_steps=400", "teacher_sft_steps=150",
     "run.total_steps=60", "rollout.prompts_per_step=48", "trainer.micro_batch_size=48",
     "eval.every=30", "eval.num_prompts=64", "checkpoint.every=60",
 ]  # fmt: skip
@@ -34,6 +35,9 @@ TOLERANCE = 3 / 64
         ({"student_mix.maths": "0.5"}, "student_mix names maths"),
         ({"student_mix.math": "-1"}, "must be >= 0"),
         ({"teacher_sft_schedule": "cosin"}, "teacher_sft_schedule='cosin'; valid: constant, linear, cosine"),
+        ({"student_kinds.agent": "[wether]"}, "student_kinds.agent=['wether']: agent_l1 draws the kinds dial, time, weather"),
+        ({"student_kinds.maths": "[+]"}, "student_kinds names maths"),
+        ({"student_kinds.code": "[]"}, "student_kinds.code=[]"),
     ],
 )
 def test_bad_settings_fail_before_any_stage(items, message):
@@ -51,6 +55,42 @@ def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
     st = settings_from(mine)
     assert st.generators["agent"] == "agent_l2" and st.generators["math"] == "math_l0"
     assert st.student_mix["agent"] == 0.5 and st.student_mix["code"] == 1.0
+
+
+def test_the_student_sees_only_its_kinds_and_the_teachers_all(tmp_path):
+    from mopd.config import load_config
+    from mopd.quickstart import RECIPE, read_rows, settings_from, stage_domains, student_rows
+
+    st = settings_from({"train_prompts": "300", "eval_prompts": "8"})
+    stage_domains(tmp_path, st)
+    rows = read_rows(tmp_path, "agent", "train", load_config(RECIPE))
+    assert {r.meta["kind"] for r in rows} == {"weather", "time", "dial"}
+    kept = student_rows(rows, st.student_kinds["agent"])
+    assert {r.meta["kind"] for r in kept} == {"weather"} and 0 < len(kept) < len(rows)
+    assert student_rows(rows, None) == rows
+
+
+def _report(before, teacher, after, score):
+    return {
+        "domains": {d: {"student_before": b, "teacher": t, "student_after": a} for d, b, t, a in zip("xy", before, teacher, after)},
+        "normalized_score": score,
+        "wall_time_s": 300.0,
+    }
+
+
+def test_the_seed_table_gives_mean_min_and_every_missed_target():
+    from mopd.report import seeds_table, target_misses
+
+    good = _report((0.3, 0.5), (1.0, 0.95), (0.9, 0.9), 0.93)
+    bad = _report((0.75, 0.2), (1.0, 0.85), (0.7, 0.8), float("nan"))
+    assert target_misses(good) == []
+    assert target_misses(bad) == [
+        "x gap 0.250 < 0.3", "x after 0.700 <= before 0.750", "y teacher 0.850 < 0.9", "normalised nan < 0.9",
+    ]  # fmt: skip
+    table = seeds_table({0: good, 1: bad})
+    assert "| **mean** | 0.525 | 1.000 | 0.800 | 0.350 | 0.900 | 0.850 | nan |" in table
+    assert "| **min** | 0.300 | 1.000 | 0.700 | 0.200 | 0.850 | 0.800 | nan |" in table
+    assert "seed 0: every target met" in table and "seed 1: MISSED x gap 0.250" in table
 
 
 def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
@@ -93,11 +133,9 @@ def quickstart(*args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow
-def test_reduced_quickstart_improves_the_student(tmp_path):
-    out = tmp_path / "qs"
-    quickstart("--output-dir", str(out))
-    report = json.loads((out / "report.json").read_text())
+def check_report(report: dict) -> None:
+    """The report's fields, and what MOPD must do at this size: every domain's reverse KL falls,
+    the student gains on at least one domain by >= 0.1 (6 prompts of 64) and falls on none."""
     assert set(report["domains"]) == {"math", "code", "agent"}
     for r in report["domains"].values():
         assert set(r) >= {"teacher", "student_before", "student_after", "reverse_kl_start", "reverse_kl_end"}
@@ -110,6 +148,13 @@ def test_reduced_quickstart_improves_the_student(tmp_path):
     # Distillation pulls the student towards its teachers on every domain.
     for d, r in report["domains"].items():
         assert r["reverse_kl_end"] < r["reverse_kl_start"], (d, r)
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_improves_the_student(tmp_path):
+    out = tmp_path / "qs"
+    quickstart("--output-dir", str(out))
+    check_report(json.loads((out / "report.json").read_text()))
     assert (out / "curves.png").stat().st_size > 0
     from transformers import AutoModelForCausalLM
 
@@ -118,3 +163,12 @@ def test_reduced_quickstart_improves_the_student(tmp_path):
     printed = quickstart("--output-dir", str(out), "--from-stage", "report")
     assert all(f"{s}: cached" in printed for s in ("domains", "student", "teachers", "mopd"))
     assert "report: running" in printed
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_improves_the_student_on_another_seed(tmp_path):
+    """Not a property of seed 0's data and initialisation (nor of one CPU's rounding of it)."""
+    out = tmp_path / "qs"
+    quickstart("--output-dir", str(out), "seed=3", "run.seed=3")
+    report = json.loads((out / "report.json").read_text())
+    check_report(report)
