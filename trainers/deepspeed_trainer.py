@@ -392,7 +392,7 @@ class TrainerWorker:
         if o.kind == "topk":
             loss, m = topk_reverse_kl_loss(
                 student_topk[t], sub.topk_logprobs, lp, sub.rollout, sub.response_mask,
-                eps_low=o.eps_low, eps_high=o.eps_high,
+                eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
             )  # fmt: skip
             m["adv_mean"] = 0.0  # no advantage in the top-k form
         else:
