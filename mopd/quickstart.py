@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mopd.config import LR_SCHEDULES, MOPDConfig, load_config
 
@@ -42,13 +42,16 @@ class QuickstartSettings:
     generators: Dict[str, str] = field(default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"})
     # Share of each domain in the student's general SFT mixture, relative (missing domains: 1.0).
     student_mix: Dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 1.0})
-    # The sub-tasks (a row's ``kind``) of each domain that the student's SFT sees; the teachers see
-    # them all (missing domains: every kind). The student masters the skills the domains share
-    # (the format, copying digits, letters and slots) and lacks what only a domain's teacher was
-    # taught, so its gap to each teacher is set by the data, not by where an unfinished SFT stopped.
-    student_kinds: Dict[str, List[str]] = field(
-        default_factory=lambda: {"math": ["+"], "code": ["upper"], "agent": ["weather"]}
+    # Sub-tasks (a row's ``kind``) where the student is noisy and its teacher is sharp. In the
+    # student's SFT a share ``student_noise`` of these rows' answers carry a typo (the first two
+    # characters swapped); the teachers learn them clean. The student then samples the right
+    # answer ~40% of the time but its greedy answer is the typo: its teacher sharpens what it
+    # half-knows, the regime MOPD is made for (teachers trained from the student by RL), and its
+    # gap is set by the data, not by where an unfinished SFT stopped (docs/quickstart.md).
+    student_noisy_kinds: Dict[str, List[str]] = field(
+        default_factory=lambda: {"math": ["-"], "code": ["concat"], "agent": ["time", "dial"]}
     )
+    student_noise: float = 0.6
     train_prompts: int = 4000  # per domain
     eval_prompts: int = 128  # per domain
     sft_batch: int = 64
@@ -116,7 +119,7 @@ def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Di
     settings = OmegaConf.to_container(OmegaConf.structured(st))
     own = {
         "domains": ("generators", "train_prompts", "eval_prompts", "seed"),
-        "student": ("student_mix", "student_kinds", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
+        "student": ("student_mix", "student_noisy_kinds", "student_noise", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
         "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
     }
     recipe = {"recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16], "recipe_overrides": list(recipe_over)}
@@ -187,10 +190,12 @@ def run_sft(
     out_dir: Path,
     desc: str,
     weights: Optional[List[float]] = None,
+    noise: Optional[Callable[[Any, random.Random], Any]] = None,
 ) -> Dict[str, float]:
     """SFT through the project's DeepSpeed trainer (one in-process rank, ZeRO 0) and save the
     result as a Hugging Face directory. ``init`` overrides ``recipe.student`` (path or config);
-    each batch draws rows uniformly, or in proportion to ``weights`` (one per row)."""
+    each batch draws rows uniformly, or in proportion to ``weights`` (one per row); ``noise(row,
+    rng)``, if given, may replace each drawn row (a noisy copy of its answer)."""
     from tqdm import tqdm
 
     from mopd.models import load_tokenizer
@@ -208,6 +213,8 @@ def run_sft(
     t0, loss = time.time(), float("nan")
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
         drawn = rng.choices(rows, weights=weights, k=batch) if weights else [rng.choice(rows) for _ in range(batch)]
+        if noise is not None:
+            drawn = [noise(r, rng) for r in drawn]
         loss = worker.sft_step(sft_batch(tok, drawn))["sft/loss"]
     worker.save_hf(str(out_dir))
     # The gloo process group stays up for the next SFT run in this process: DeepSpeed caches its
@@ -296,19 +303,21 @@ def settings_from(items: Dict[str, str]) -> QuickstartSettings:
 
 
 def _kind_errors(st: QuickstartSettings) -> List[str]:
-    """What is wrong with ``student_kinds``: unknown domains, kinds the domain's generator never
-    draws, or no kind at all (a student that never saw a domain has no format to build on)."""
+    """What is wrong with ``student_noisy_kinds`` / ``student_noise``: unknown domains, kinds the
+    domain's generator never draws, a share outside [0, 1]."""
     from mopd.domains import get_domain
 
     errors = []
-    for d, kinds in st.student_kinds.items():
+    if not 0.0 <= st.student_noise <= 1.0:
+        errors.append(f"student_noise must be in [0, 1], got {st.student_noise}")
+    for d, kinds in st.student_noisy_kinds.items():
         if d not in st.generators:
-            errors.append(f"student_kinds names {d}, not a quickstart domain ({', '.join(st.generators)})")
+            errors.append(f"student_noisy_kinds names {d}, not a quickstart domain ({', '.join(st.generators)})")
             continue
         drawn = {str(r.meta.get("kind")) for r in get_domain(st.generators[d]).generate(random.Random(0), 500, "train")}
         bad = sorted(set(kinds) - drawn)
-        if bad or not kinds:
-            errors.append(f"student_kinds.{d}={list(kinds)}: {st.generators[d]} draws the kinds {', '.join(sorted(drawn))}")
+        if bad:
+            errors.append(f"student_noisy_kinds.{d}={list(kinds)}: {st.generators[d]} draws the kinds {', '.join(sorted(drawn))}")
     return errors
 
 
@@ -359,27 +368,34 @@ def _eval_rows(out: Path, st: QuickstartSettings, base: MOPDConfig):
 
 
 def _stage_student(out, st, base, recipe_over, results):
-    per_domain = {d: student_rows(read_rows(out, d, "train", base), st.student_kinds.get(d)) for d in st.domain_names}
+    per_domain = {d: read_rows(out, d, "train", base) for d in st.domain_names}
     mix = [r for d in st.domain_names for r in per_domain[d]]
     # A domain's share of the mixture is its weight (the rows of a domain share it equally).
     weights = [st.student_mix.get(d, 1.0) / len(per_domain[d]) for d in st.domain_names for _ in per_domain[d]]
     res = run_sft(
         base, {}, mix, st.student_sft_steps, st.student_sft_lr, st.student_sft_schedule, st.sft_batch, st.seed,
-        out / "student_sft", "student SFT", weights=weights,
+        out / "student_sft", "student SFT", weights=weights, noise=student_noise(st),
     )  # fmt: skip
     res["accuracy"] = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
     return res
 
 
-def student_rows(rows, kinds: Optional[List[str]]):
-    """The rows of ``kinds`` (all rows when ``kinds`` is None); ValueError if that leaves none."""
-    if kinds is None:
-        return rows
-    kept = [r for r in rows if r.meta.get("kind") in kinds]
-    if not kept:
-        have = sorted({str(r.meta.get("kind")) for r in rows})
-        raise ValueError(f"student_kinds {kinds} selects no {rows[0].domain} row; its kinds: {', '.join(have)}")
-    return kept
+def typo(answer: str) -> str:
+    """``answer`` with its first two characters swapped (unchanged if they are equal or it is shorter)."""
+    return answer[1] + answer[0] + answer[2:] if len(answer) >= 2 and answer[0] != answer[1] else answer
+
+
+def student_noise(st: QuickstartSettings) -> Callable[[Any, random.Random], Any]:
+    """The student's SFT noise: a row of a noisy kind gets a typo'd answer with probability
+    ``student_noise`` (drawn afresh each time the row is drawn); other rows are kept."""
+    noisy = {(d, k) for d, kinds in st.student_noisy_kinds.items() for k in kinds}
+
+    def apply(row, rng: random.Random):
+        if (row.domain, row.meta.get("kind")) not in noisy or rng.random() >= st.student_noise:
+            return row
+        return replace(row, meta={**row.meta, "answer": typo(str(row.meta["answer"]))})
+
+    return apply
 
 
 def _stage_teachers(out, st, base, recipe_over, results):

@@ -35,9 +35,9 @@ TOLERANCE = 3 / 64
         ({"student_mix.maths": "0.5"}, "student_mix names maths"),
         ({"student_mix.math": "-1"}, "must be >= 0"),
         ({"teacher_sft_schedule": "cosin"}, "teacher_sft_schedule='cosin'; valid: constant, linear, cosine"),
-        ({"student_kinds.agent": "[wether]"}, "student_kinds.agent=['wether']: agent_l1 draws the kinds dial, time, weather"),
-        ({"student_kinds.maths": "[+]"}, "student_kinds names maths"),
-        ({"student_kinds.code": "[]"}, "student_kinds.code=[]"),
+        ({"student_noisy_kinds.agent": "[wether]"}, "student_noisy_kinds.agent=['wether']: agent_l1 draws the kinds dial, time, weather"),
+        ({"student_noisy_kinds.maths": "[+]"}, "student_noisy_kinds names maths"),
+        ({"student_noise": "1.5"}, "student_noise must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_settings_fail_before_any_stage(items, message):
@@ -57,17 +57,28 @@ def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
     assert st.student_mix["agent"] == 0.5 and st.student_mix["code"] == 1.0
 
 
-def test_the_student_sees_only_its_kinds_and_the_teachers_all(tmp_path):
-    from mopd.config import load_config
-    from mopd.quickstart import RECIPE, read_rows, settings_from, stage_domains, student_rows
+def test_typo_swaps_the_first_two_characters():
+    from mopd.quickstart import typo
 
-    st = settings_from({"train_prompts": "300", "eval_prompts": "8"})
-    stage_domains(tmp_path, st)
-    rows = read_rows(tmp_path, "agent", "train", load_config(RECIPE))
-    assert {r.meta["kind"] for r in rows} == {"weather", "time", "dial"}
-    kept = student_rows(rows, st.student_kinds["agent"])
-    assert {r.meta["kind"] for r in kept} == {"weather"} and 0 < len(kept) < len(rows)
-    assert student_rows(rows, None) == rows
+    assert typo("time(Sive)") == "itme(Sive)" and typo("54") == "45"
+    assert typo("55") == "55" and typo("5") == "5" and typo("") == ""
+
+
+def test_the_student_sees_typos_only_on_its_noisy_kinds_at_the_set_rate():
+    import random
+
+    from mopd.quickstart import settings_from, student_noise
+    from mopd.types import PromptRow
+
+    noise = student_noise(settings_from({"student_noise": "0.6"}))
+    rng = random.Random(0)
+    time_row = PromptRow("clock for Sive ->", "agent", meta={"answer": "time(Sive)", "kind": "time"})
+    weather_row = PromptRow("forecast for Sive ->", "agent", meta={"answer": "weather(Sive)", "kind": "weather"})
+    drawn = [noise(time_row, rng).meta["answer"] for _ in range(2000)]
+    assert set(drawn) == {"time(Sive)", "itme(Sive)"}
+    assert abs(drawn.count("itme(Sive)") / 2000 - 0.6) < 0.05  # binomial sd 0.011
+    assert all(noise(weather_row, rng) is weather_row for _ in range(200))
+    assert time_row.meta["answer"] == "time(Sive)"  # the row itself is never changed
 
 
 def _report(before, teacher, after, score):
