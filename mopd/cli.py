@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from mopd.loop import RunStoppedError, run_training
-    from teachers.pool import VocabularyMismatchError
+    from mopd.vocab import VocabularyMismatchError
 
     try:
         run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)

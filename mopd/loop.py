@@ -485,7 +485,7 @@ def model_signature(model: ModelConfig) -> Dict[str, Any]:
     from transformers import AutoConfig
 
     from mopd.models import load_tokenizer
-    from teachers.common import config_vocab_size, tokenizer_signature
+    from mopd.vocab import config_vocab_size, tokenizer_signature
 
     if model.config is not None:
         extra = dict(model.config)
@@ -499,7 +499,7 @@ def check_teacher_vocabularies(cfg: MOPDConfig, student: Dict[str, Any]) -> None
     """Compare every teacher's vocabulary with the student's before any actor starts. A teacher
     whose tokenizer or config this process cannot read (a path only the workers see) is left to
     the same check in its actor, at start-up."""
-    from teachers.pool import check_vocabularies
+    from mopd.vocab import check_vocabularies
 
     signatures = {}
     for domain, teacher in sorted(cfg.teachers.items()):

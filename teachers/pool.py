@@ -25,13 +25,9 @@ from mopd.faults import RestartingCalls
 from mopd.runtime import actor_env
 from mopd.types import RolloutBatch, TeacherScores
 from mopd.vllm_compat import VLLM_CPU_ENV
-from teachers.common import signature_differences, tokenizer_signature  # noqa: F401 (re-export)
+from mopd.vocab import check_vocabularies
 
 log = logging.getLogger("mopd")
-
-
-class VocabularyMismatchError(ValueError):
-    """A teacher whose tokenizer / vocabulary differs from the student's."""
 
 
 class TeacherScoreError(RuntimeError):
@@ -136,27 +132,6 @@ def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) ->
         metrics[lat] = max(metrics.get(lat, 0.0), float(res.latency_s))
         metrics[rows] = metrics.get(rows, 0.0) + len(shard.rows)
     return metrics
-
-
-def check_vocabularies(signatures: Mapping[str, Dict[str, Any]], student: Optional[Dict[str, Any]]) -> None:
-    """Fail loudly if a teacher's vocabulary differs from the student's (or, without a student
-    signature, from the other teachers'). ``signatures`` maps domain -> ``tokenizer_signature``."""
-    if not signatures:
-        return
-    reference, ref_name = student, "the student"
-    if reference is None:
-        ref_name = f"teacher '{next(iter(signatures))}'"
-        reference = next(iter(signatures.values()))
-    problems = []
-    for name, sig in signatures.items():
-        diffs = signature_differences(reference, sig)
-        if diffs:
-            problems.append(f"teacher '{name}' vs {ref_name}: " + "; ".join(diffs))
-    if problems:
-        raise VocabularyMismatchError(
-            "teachers must share the student's tokenizer and vocabulary (values: teacher vs reference):\n  - "
-            + "\n  - ".join(problems)
-        )
 
 
 # --------------------------------------------------------------------------- the pool

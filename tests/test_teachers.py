@@ -24,13 +24,13 @@ from mopd.models import (
     tiny_mimo_config,
 )
 from mopd.types import PromptRow, RolloutBatch, TeacherScores
-from teachers.common import active_columns, row_span, tokenizer_signature
+from mopd.vocab import VocabularyMismatchError, tokenizer_signature
+from teachers.common import active_columns, row_span
 from teachers.hf import HFTeacherWorker
 from teachers.pool import (
     Shard,
     TeacherPool,
     TeacherScoreError,
-    VocabularyMismatchError,
     assemble_scores,
     domain_metrics,
     group_rows,
