@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mopd import cli
+from mopd.app import cli
 from mopd.config import ConfigError, MOPDConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,14 +41,14 @@ TOLERANCE = 3 / 64
     ],
 )
 def test_bad_settings_fail_before_any_stage(items, message):
-    from mopd.quickstart import settings_from
+    from mopd.app.quickstart import settings_from
 
     with pytest.raises(ValueError, match=re.escape(message)):
         settings_from(items)
 
 
 def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
-    from mopd.quickstart import settings_from, split_overrides
+    from mopd.app.quickstart import settings_from, split_overrides
 
     mine, recipe = split_overrides(["generators.agent=agent_l2", "student_mix.agent=0.5", "trainer.lr=1e-3"])
     assert recipe == ["trainer.lr=1e-3"]
@@ -59,7 +59,7 @@ def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
 
 def test_the_student_sees_only_its_kinds_and_the_teachers_all(tmp_path):
     from mopd.config import load_config
-    from mopd.quickstart import RECIPE, read_rows, settings_from, stage_domains, student_rows
+    from mopd.app.quickstart import RECIPE, read_rows, settings_from, stage_domains, student_rows
 
     st = settings_from({"train_prompts": "300", "eval_prompts": "8"})
     stage_domains(tmp_path, st)
@@ -79,7 +79,7 @@ def _report(before, teacher, after, score):
 
 
 def test_the_seed_table_gives_mean_min_and_every_missed_target():
-    from mopd.report import seeds_table, target_misses
+    from mopd.app.report import seeds_table, target_misses
 
     good = _report((0.3, 0.5), (1.0, 0.95), (0.9, 0.9), 0.93)
     bad = _report((0.75, 0.2), (1.0, 0.85), (0.7, 0.8), float("nan"))
@@ -95,7 +95,7 @@ def test_the_seed_table_gives_mean_min_and_every_missed_target():
 
 def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
     """Changing a setting re-runs the first stage that used it and every stage after it."""
-    from mopd.quickstart import STAGES, StageCache, settings_from, stage_inputs
+    from mopd.app.quickstart import STAGES, StageCache, settings_from, stage_inputs
 
     cache = StageCache(tmp_path)
     ran = stage_inputs(settings_from({}), [])
@@ -109,7 +109,7 @@ def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
 
 
 def test_run_quickstart_reruns_from_the_changed_stage(tmp_path, monkeypatch, capsys):
-    import mopd.quickstart as qs
+    import mopd.app.quickstart as qs
 
     ran = []
     monkeypatch.setattr(qs, "STAGE_FUNCS", {s: (lambda *a, s=s: ran.append(s) or {}) for s in qs.STAGES})
@@ -127,7 +127,7 @@ def test_run_quickstart_reruns_from_the_changed_stage(tmp_path, monkeypatch, cap
 def quickstart(*args: str) -> str:
     """Run `mopd quickstart` in its own process (it starts Ray and a gloo group); return stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mopd.cli", "quickstart", *args, *REDUCED]
+    cmd = [sys.executable, "-m", "mopd.app.cli", "quickstart", *args, *REDUCED]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    from mopd.loop import RunStoppedError, run_training
+    from mopd.app.run import RunStoppedError, run_training
     from mopd.vocab import VocabularyMismatchError
 
     try:
@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"exported {path}")
             return 0
         if args.command == "quickstart":
-            from mopd.quickstart import run_quickstart
+            from mopd.app.quickstart import run_quickstart
 
             run_quickstart(args.output_dir, args.from_stage, args.overrides)
             return 0

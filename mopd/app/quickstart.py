@@ -30,7 +30,7 @@ from mopd.config import LR_SCHEDULES, MOPDConfig, load_config
 log = logging.getLogger("mopd.quickstart")
 
 STAGES = ("domains", "student", "teachers", "mopd", "report")
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 
 
 @dataclass
@@ -394,7 +394,7 @@ def _stage_teachers(out, st, base, recipe_over, results):
 
 
 def _stage_mopd(out, st, base, recipe_over, results):
-    from mopd.loop import run_training
+    from mopd.app.run import run_training
 
     shutil.rmtree(out / "mopd", ignore_errors=True)  # a re-run starts the MOPD stage afresh
     cfg = load_config(RECIPE, mopd_overrides(out, st) + recipe_over)
@@ -404,7 +404,7 @@ def _stage_mopd(out, st, base, recipe_over, results):
 
 def _stage_report(out, st, base, recipe_over, results):
     from mopd.checkpoint import export_checkpoint
-    from mopd.report import build_report, plot_curves
+    from mopd.app.report import build_report, plot_curves
 
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")
