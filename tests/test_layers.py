@@ -12,6 +12,7 @@ a lazy import is still a dependency. Run against another checkout with
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
@@ -141,6 +142,19 @@ def layer_problems(root: Path = ROOT) -> List[str]:
 def test_imports_go_only_downward_and_form_no_cycle():
     problems = layer_problems()
     assert not problems, "\n".join(problems)
+
+
+def test_importing_the_core_the_app_and_the_worker_packages_loads_no_ray_vllm_or_deepspeed():
+    """Ray, vLLM and DeepSpeed load with the actors that need them (the worker packages resolve
+    their names lazily), so `mopd validate` and the core's tests never pay for them."""
+    modules = sorted(module_name(p, ROOT) for p in (ROOT / "mopd").rglob("*.py"))
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules + list(WORKERS)!r}: importlib.import_module(m)\n"
+        "print(sorted({'ray', 'vllm', 'deepspeed', 'transformers'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_the_check_sees_imports_inside_functions_and_import_module(tmp_path):
