@@ -24,6 +24,7 @@ from mopd.config import MOPDConfig, to_dict
 from mopd.data import PromptMixer
 from mopd.metrics import MetricsWriter, PhaseTimer
 from mopd.objective import grpo_advantages
+from mopd.seeds import rng_state_from_json, rng_state_to_json, step_seed
 from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
 
 log = logging.getLogger("mopd")
@@ -61,11 +62,6 @@ def teacher_fingerprint(cfg: MOPDConfig) -> Dict[str, str]:
         ident = str(Path(t.path).resolve()) if t.path else "config:" + json.dumps(t.config, sort_keys=True)
         out[name] = hashlib.sha256(ident.encode()).hexdigest()[:16] + f" ({t.path or 'inline config'})"
     return out
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The sampling seed of a step: derived, so a resumed run samples what an uninterrupted one would."""
-    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
 
 
 class MOPDLoop:
@@ -260,7 +256,7 @@ class MOPDLoop:
             "policy_version": self.policy_version,
             "nonfinite_streak": self.nonfinite_streak,
             "data": self.mixer.state_dict(),
-            "rng": {"python": _py_rng_state(), "torch": torch.get_rng_state().tolist()},
+            "rng": {"python": rng_state_to_json(random.getstate()), "torch": torch.get_rng_state().tolist()},
             "teachers": teacher_fingerprint(self.cfg),
             "recipe": to_dict(self.cfg),
         }
@@ -276,7 +272,7 @@ class MOPDLoop:
         self.policy_version = int(state["policy_version"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.mixer.load_state_dict(state["data"])
-        random.setstate(_to_tuple(state["rng"]["python"]))
+        random.setstate(rng_state_from_json(state["rng"]["python"]))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         # The rollout engines started from the initial weights: give them the restored ones.
         self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
@@ -295,15 +291,6 @@ def check_teachers(saved: Dict[str, str], current: Dict[str, str], force: bool) 
     if not force:
         raise ConfigMismatchError(msg)
     log.warning("%s (forced)", msg)
-
-
-def _py_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _to_tuple(s: list) -> tuple:
-    return (s[0], tuple(s[1]), s[2])
 
 
 def rollout_metrics(batch: RolloutBatch) -> Dict[str, float]:

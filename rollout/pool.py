@@ -22,10 +22,11 @@ import torch
 
 from mopd.config import MOPDConfig
 from mopd.faults import RestartingCalls
-from mopd.runtime import actor_env, init_ray
+from mopd.runtime import actor_env, init_ray, split_evenly
+from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import VLLM_CPU_ENV
-from rollout.batching import merge_batches, seed_for, split_evenly
+from rollout.batching import merge_batches
 
 BACKENDS = ("hf", "vllm")
 log = logging.getLogger("mopd")

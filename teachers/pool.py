@@ -22,7 +22,7 @@ import torch
 
 from mopd.config import TeacherConfig
 from mopd.faults import RestartingCalls
-from mopd.runtime import actor_env
+from mopd.runtime import actor_env, split_evenly
 from mopd.types import RolloutBatch, TeacherScores
 from mopd.vllm_compat import VLLM_CPU_ENV
 from mopd.vocab import check_vocabularies
@@ -57,25 +57,13 @@ def group_rows(domains: Sequence[str], teachers: Sequence[str]) -> Dict[str, Lis
     return groups
 
 
-def split_balanced(rows: List[int], parts: int) -> List[List[int]]:
-    """``rows`` cut into ``parts`` contiguous pieces whose sizes differ by at most one."""
-    size, extra = divmod(len(rows), parts)
-    out, start = [], 0
-    for p in range(parts):
-        end = start + size + (1 if p < extra else 0)
-        out.append(rows[start:end])
-        start = end
-    return out
-
-
 def plan_shards(domains: Sequence[str], replicas: Mapping[str, int]) -> List[Shard]:
     """One shard per (domain, replica) that gets rows: each domain's rows split evenly across its
     replicas. ``replicas`` maps every configured domain to its number of workers."""
     shards = []
     for domain, rows in group_rows(domains, list(replicas)).items():
-        for r, part in enumerate(split_balanced(rows, replicas[domain])):
-            if part:
-                shards.append(Shard(domain, r, part))
+        for r, (start, end) in enumerate(split_evenly(len(rows), replicas[domain])):
+            shards.append(Shard(domain, r, rows[start:end]))
     return shards
 
 

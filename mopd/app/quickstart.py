@@ -132,8 +132,8 @@ def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Di
 
 def stage_domains(out: Path, st: QuickstartSettings) -> Dict[str, Any]:
     """Write ``data/<domain>_{train,eval}.jsonl`` from each domain's generator (own RNG per split)."""
-    from mopd.data import derive_seed
     from mopd.domains import get_domain
+    from mopd.seeds import derive_seed
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -194,6 +194,7 @@ def run_sft(
     from tqdm import tqdm
 
     from mopd.models import load_tokenizer
+    from mopd.runtime import free_port
     from trainers.deepspeed_trainer import TrainerWorker
 
     cfg = replace(
@@ -203,7 +204,7 @@ def run_sft(
         trainer=replace(recipe.trainer, lr=lr, zero_stage=0, world_size=1, lr_schedule=schedule, warmup_steps=10, micro_batch_size=batch),
     )
     tok = load_tokenizer(cfg.student)
-    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port())
+    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
     rng = random.Random(seed)
     t0, loss = time.time(), float("nan")
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
@@ -213,14 +214,6 @@ def run_sft(
     # The gloo process group stays up for the next SFT run in this process: DeepSpeed caches its
     # groups, so tearing it down and re-creating it breaks the next engine.
     return {"final_loss": loss, "seconds": time.time() - t0, "steps": steps}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- evaluation
