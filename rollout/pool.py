@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from mopd.config import MOPDConfig
+from mopd.config import BACKENDS, MOPDConfig
 from mopd.faults import RestartingCalls
 from mopd.runtime import actor_env, init_ray, split_evenly
 from mopd.seeds import seed_for
@@ -28,7 +28,6 @@ from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import VLLM_CPU_ENV
 from rollout.batching import merge_batches
 
-BACKENDS = ("hf", "vllm")
 log = logging.getLogger("mopd")
 
 

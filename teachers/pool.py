@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from mopd.config import TeacherConfig
+from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
 from mopd.faults import RestartingCalls
 from mopd.runtime import actor_env, split_evenly
 from mopd.types import RolloutBatch, TeacherScores
@@ -135,7 +135,7 @@ def worker_class(backend: str) -> type:
         from teachers.vllm import VLLMTeacherWorker
 
         return VLLMTeacherWorker
-    raise ValueError(f"unknown teacher backend {backend!r}; valid: hf, vllm")
+    raise ValueError(f"unknown teacher backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
 class TeacherPool:
@@ -148,6 +148,8 @@ class TeacherPool:
     max_topk  largest top-k the vLLM backend must serve (its engine caps ``max_logprobs``)
     env       extra environment variables for every actor (e.g. ``ray.env`` of the recipe)
     max_restarts  times Ray restarts a dead actor (its call is then retried); ``restarts`` counts them
+    The defaults of ``max_topk`` and ``max_restarts`` are the recipe's (``objective.topk``,
+    ``ray.max_restarts`` in mopd/config.py).
     """
 
     def __init__(
@@ -156,9 +158,9 @@ class TeacherPool:
         seed: Union[int, Mapping[str, int]],
         student_tokenizer_signature: Optional[Dict[str, Any]] = None,
         local: bool = False,
-        max_topk: int = 64,
+        max_topk: int = ObjectiveConfig.topk,
         env: Optional[Mapping[str, str]] = None,
-        max_restarts: int = 3,
+        max_restarts: int = RayConfig.max_restarts,
     ) -> None:
         if not teachers:
             raise ValueError("no teachers configured: add at least one 'teachers.<domain>' entry")
