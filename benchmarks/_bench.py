@@ -114,7 +114,7 @@ checkpoint: {{every: 0, keep: 1}}
 
 def prompt_stream(recipe_path: Path, steps: int) -> List[List[PromptRow]]:
     """The prompts a ``mopd train`` of this recipe draws, step by step (same mixer, same seed)."""
-    from mopd.loop import build_mixer
+    from mopd.app.run import build_mixer
 
     cfg = load_config(recipe_path)
     mixer, _ = build_mixer(cfg)
@@ -123,7 +123,7 @@ def prompt_stream(recipe_path: Path, steps: int) -> List[List[PromptRow]]:
 
 def eval_rows(recipe_path: Path, num: int) -> List[PromptRow]:
     """Held-out prompts: the math generator's eval split (disjoint from the training prompts)."""
-    from mopd.loop import build_eval_rows
+    from mopd.app.run import build_eval_rows
 
     cfg = load_config(recipe_path, ["eval.every=1", f"eval.num_prompts={num}"])
     return build_eval_rows(cfg)

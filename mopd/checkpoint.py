@@ -17,10 +17,18 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from mopd.config import MOPDConfig
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "state.json"
+
+
+def checkpoint_root(cfg: "MOPDConfig") -> Path:
+    """Where a run's checkpoints go: ``checkpoint.dir``, by default ``<run.output_dir>/checkpoints``."""
+    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
 
 
 def checkpoint_dirs(root: str | os.PathLike) -> List[Path]:

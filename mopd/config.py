@@ -1,8 +1,9 @@
 """The recipe schema: OmegaConf structured dataclasses, the one place where defaults live.
 
 A recipe is a YAML file that states only what differs from these defaults. Load one with
-``load_config(path, ["trainer.lr=1e-5", ...])``; every check (types, unknown keys, required
-values, cross-field rules, files that must exist) runs there, before any Ray actor starts.
+``load_config(path, ["trainer.lr=1e-5", ...])``; every check (types, choices, unknown keys,
+required values, cross-field rules, files that must exist) runs there, before any Ray actor
+starts. A setting with a fixed set of values is a ``Literal`` field, which OmegaConf enforces.
 
     mopd validate recipes/tiny.yaml trainer.world_size=1
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -26,11 +28,17 @@ from omegaconf.errors import (
 )
 
 BUILTIN_TOKENIZER = "builtin:char"
-ROLLOUT_BACKENDS = ("hf", "vllm")
-TEACHER_BACKENDS = ("hf", "vllm")
-OBJECTIVE_KINDS = ("sampled", "topk")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-ON_BAD_ROWS = ("reject", "skip")
+
+# The choices of the settings that have a fixed set of values (the tuples list them for messages).
+Backend = Literal["hf", "vllm"]  # teachers.<domain>.backend, rollout.backend
+ObjectiveKind = Literal["sampled", "topk"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+OnBadRow = Literal["reject", "skip"]
+DType = Literal["float32", "bfloat16", "float16"]
+ZeroStage = Literal[0, 1, 2, 3]
+BACKENDS: Tuple[str, ...] = get_args(Backend)
+LR_SCHEDULES: Tuple[str, ...] = get_args(LRSchedule)
+ON_BAD_ROWS: Tuple[str, ...] = get_args(OnBadRow)
 # Students whose MoE routers mopd.routing can record and replay.
 ROUTING_REPLAY_MODEL_TYPES = ("mimo_v2_flash", "qwen3_moe")
 
@@ -45,7 +53,6 @@ class RunConfig:
     output_dir: str = "runs/${run.name}"
     seed: int = 0
     total_steps: int = MISSING
-    log_every: int = 1
     # Modules to import before validation, e.g. ones that call mopd.domains.register_domain.
     plugins: List[str] = field(default_factory=list)
 
@@ -59,7 +66,7 @@ class ModelConfig:
     config: Optional[Dict[str, Any]] = None
     # Tokenizer directory; defaults to ``path``. ``builtin:char`` is the project's char tokenizer.
     tokenizer: Optional[str] = None
-    dtype: str = "float32"
+    dtype: DType = "float32"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
 
@@ -72,7 +79,7 @@ class ResourcesConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    backend: str = "hf"
+    backend: Backend = "hf"
     replicas: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # Rows per forward pass when scoring.
@@ -101,12 +108,12 @@ class DataConfig:
     sources: List[DataSourceConfig] = field(default_factory=list)
     max_prompt_len: int = 256
     # What to do with a bad row (empty prompt, unknown domain, too long, malformed line).
-    on_bad_row: str = "reject"
+    on_bad_row: OnBadRow = "reject"
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"
+    backend: Backend = "hf"
     replicas: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     n: int = 4
@@ -129,11 +136,11 @@ class RolloutConfig:
 
 @dataclass
 class TrainerConfig:
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     world_size: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     lr: float = 1e-5
-    lr_schedule: str = "constant"
+    lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -146,9 +153,11 @@ class TrainerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "sampled"
+    kind: ObjectiveKind = "sampled"
     eps_low: float = 0.5
     eps_high: float = 5.0
+    # kind=sampled only: weight of the verifier's GRPO outcome advantage; > 0 needs a verifier
+    # (a registered domain) for every data domain.
     alpha: float = 0.0
     adv_clip: float = 5.0
     topk: int = 64
@@ -163,10 +172,10 @@ class ObjectiveConfig:
 
 @dataclass
 class EvalConfig:
+    """Greedy accuracy per domain with each domain's verifier, on held-out prompts."""
+
     every: int = 0
     num_prompts: int = 64
-    max_new_tokens: Optional[int] = None
-    greedy: bool = True
 
 
 @dataclass
@@ -268,9 +277,35 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
 def _describe(e: OmegaConfBaseException) -> str:
     msg = str(e).splitlines()[0]
     key = getattr(e, "full_key", None)
+    choices = _choices(key) if isinstance(e, ValidationError) and key else None
+    if choices is not None:
+        # OmegaConf: "Invalid value 'x', expected one of ['a', 'b']"
+        bad = re.match(r"Invalid value '(.*)', expected one of", msg)
+        got = "invalid" if bad is None else repr(bad.group(1)) if isinstance(choices[0], str) else bad.group(1)
+        return f"{key} is {got}; valid: {', '.join(map(str, choices))}"
     if isinstance(e, ValidationError) and key:
         return f"wrong type for '{key}': {msg}"
     return f"{key}: {msg}" if key else msg
+
+
+def _choices(full_key: str) -> Optional[Tuple[Any, ...]]:
+    """The valid values of a ``Literal`` setting (e.g. ``teachers.math.backend``), else None."""
+    tp: Any = MOPDConfig
+    for part in re.findall(r"[^.\[\]]+", full_key):  # data.sources[0].domain -> data, sources, 0, domain
+        if get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]  # ``part`` is a list index or a dict key: the element's type
+            continue
+        if not is_dataclass(tp) or part not in get_type_hints(tp):
+            return None
+        tp = _strip_optional(get_type_hints(tp)[part])
+    return get_args(tp) if get_origin(tp) is Literal else None
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
 
 
 def _schema_keys(cls: type = MOPDConfig, prefix: str = "") -> Dict[str, List[str]]:
@@ -310,18 +345,10 @@ def validate(cfg: MOPDConfig) -> None:
     """Cross-field checks; raises ConfigError naming the field and the valid options."""
     errors: List[str] = []
     _check_sizes(cfg, errors)
-    _check_choices(cfg, errors)
     _check_models(cfg, errors)
-    _check_data(cfg, errors)
+    _check_data(cfg, errors)  # loads run.plugins, which may register domains
     _check_routing_replay(cfg, errors)
-    o = cfg.objective
-    if not (0 < o.eps_low < o.eps_high):
-        errors.append(f"objective.eps_low ({o.eps_low}) must be > 0 and < objective.eps_high ({o.eps_high})")
-    if o.forward_kl > 0 and o.kind != "topk":
-        errors.append(
-            f"objective.forward_kl={o.forward_kl} needs objective.kind=topk (the forward KL needs the "
-            f"teacher's distribution, which the sampled form does not fetch); set objective.forward_kl=0"
-        )
+    _check_objective(cfg, errors)
     if errors:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
 
@@ -329,7 +356,6 @@ def validate(cfg: MOPDConfig) -> None:
 def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
     positive = {
         "run.total_steps": cfg.run.total_steps,
-        "run.log_every": cfg.run.log_every,
         "rollout.n": cfg.rollout.n,
         "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
         "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
@@ -374,21 +400,6 @@ def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
             errors.append(f"{name} must be >= 0, got {value}")
     if not 0 < cfg.rollout.top_p <= 1:
         errors.append(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
-    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"trainer.zero_stage must be one of 0, 1, 2, 3, got {cfg.trainer.zero_stage}")
-
-
-def _check_choices(cfg: MOPDConfig, errors: List[str]) -> None:
-    choices = [
-        ("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS),
-        ("objective.kind", cfg.objective.kind, OBJECTIVE_KINDS),
-        ("trainer.lr_schedule", cfg.trainer.lr_schedule, LR_SCHEDULES),
-        ("data.on_bad_row", cfg.data.on_bad_row, ON_BAD_ROWS),
-    ]
-    choices += [(f"teachers.{n}.backend", t.backend, TEACHER_BACKENDS) for n, t in cfg.teachers.items()]
-    for name, value, valid in choices:
-        if value not in valid:
-            errors.append(f"{name} is {value!r}; valid: {', '.join(valid)}")
 
 
 def _check_models(cfg: MOPDConfig, errors: List[str]) -> None:
@@ -409,8 +420,6 @@ def _check_models(cfg: MOPDConfig, errors: List[str]) -> None:
             errors.append(f"{name}.tokenizer: required with an inline config (a directory or '{BUILTIN_TOKENIZER}')")
         if tok is not None and tok != BUILTIN_TOKENIZER and not Path(tok).exists():
             errors.append(f"{name}.tokenizer: directory does not exist: {tok}")
-        if m.dtype not in ("float32", "bfloat16", "float16"):
-            errors.append(f"{name}.dtype is {m.dtype!r}; valid: float32, bfloat16, float16")
 
 
 def _model_type(m: ModelConfig) -> Optional[str]:
@@ -473,6 +482,35 @@ def _check_data(cfg: MOPDConfig, errors: List[str]) -> None:
             )
 
 
+def _check_objective(cfg: MOPDConfig, errors: List[str]) -> None:
+    """Objective settings that cannot work together, or not with this data."""
+    from mopd.domains import registered_generators
+
+    o = cfg.objective
+    if not (0 < o.eps_low < o.eps_high):
+        errors.append(f"objective.eps_low ({o.eps_low}) must be > 0 and < objective.eps_high ({o.eps_high})")
+    if o.forward_kl > 0 and o.kind != "topk":
+        errors.append(
+            f"objective.forward_kl={o.forward_kl} needs objective.kind=topk (the forward KL needs the "
+            f"teacher's distribution, which the sampled form does not fetch); set objective.forward_kl=0"
+        )
+    if o.alpha > 0 and o.kind == "topk":
+        errors.append(
+            f"objective.alpha={o.alpha} does nothing with objective.kind=topk (the top-k loss has no "
+            "outcome-advantage term, so the verifier's reward would be computed and dropped); set "
+            "objective.alpha=0, or objective.kind=sampled to train on the verifier's reward"
+        )
+    if o.alpha > 0:
+        verifiers = registered_generators()
+        for i, s in enumerate(cfg.data.sources):
+            if s.domain not in verifiers:
+                errors.append(
+                    f"objective.alpha={o.alpha} needs a verifier for every data domain, and domain "
+                    f"'{s.domain}' (data.sources[{i}]) has none: register one with "
+                    "mopd.domains.register_domain in a module listed in run.plugins, or set objective.alpha=0"
+                )
+
+
 def to_yaml(cfg: MOPDConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -480,9 +518,3 @@ def to_yaml(cfg: MOPDConfig) -> str:
 def to_dict(cfg: MOPDConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
-
-def from_dict(d: Dict[str, Any]) -> MOPDConfig:
-    """Rebuild a recipe saved by ``to_dict`` (e.g. from a checkpoint); validated again."""
-    cfg = OmegaConf.merge(OmegaConf.structured(MOPDConfig), OmegaConf.create(d))
-    obj = OmegaConf.to_object(cfg)
-    return obj  # type: ignore[return-value]

@@ -14,7 +14,6 @@ the source's); a bad row either stops loading with a ``DataError`` naming the fi
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from mopd.config import ON_BAD_ROWS, DataConfig, DataSourceConfig
+from mopd.seeds import derive_seed, rng_state_from_json, rng_state_to_json
 from mopd.types import PromptRow
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,6 @@ class _BadRow(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 64-bit seed from ``parts`` that is the same in every process (unlike salted ``hash``)."""
-    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 def source_name(src: DataSourceConfig) -> str:
@@ -224,16 +218,6 @@ def load_sources(cfg: DataConfig, seed: int, known_domains: Set[str]) -> Tuple[L
 # --------------------------------------------------------------------------- mixing
 
 
-def _rng_state_to_json(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_state_from_json(data: Sequence) -> tuple:
-    version, internal, gauss = data
-    return (version, tuple(internal), gauss)
-
-
 class PromptMixer:
     """Draws prompts: each prompt's source by weight, then the next row of that source's shuffled order.
 
@@ -287,7 +271,7 @@ class PromptMixer:
         return {
             "seed": self._seed,
             "sources": [[source_name(src), len(rows)] for src, rows in self._sources],
-            "rng": _rng_state_to_json(self._rng.getstate()),
+            "rng": rng_state_to_json(self._rng.getstate()),
             "positions": list(self._pos),
             "epochs": list(self._epoch),
         }
@@ -300,7 +284,7 @@ class PromptMixer:
             raise ValueError(f"mixer state is for sources {theirs}, but this mixer has {mine}")
         if state["seed"] != self._seed:
             raise ValueError(f"mixer state was taken with seed {state['seed']}, this mixer has seed {self._seed}")
-        self._rng.setstate(_rng_state_from_json(state["rng"]))
+        self._rng.setstate(rng_state_from_json(state["rng"]))
         self._pos = [int(p) for p in state["positions"]]
         self._epoch = [int(e) for e in state["epochs"]]
         self._order = [self._permutation(i, e) for i, e in enumerate(self._epoch)]

@@ -3,9 +3,8 @@
     sample prompts -> rollout -> score with teachers -> (verify) -> train -> sync weights
 
 Each phase is timed and written against a small Protocol, so tests can plug in in-process fakes.
-Only the pool classes touch Ray object refs; this module never calls ``ray.get``.
-
-    mopd train recipes/tiny.yaml            # run_training(load_config(...))
+Only the pool classes touch Ray object refs; this module never calls ``ray.get``. The pools are
+built and handed in by ``mopd.app.run.run_training`` (what ``mopd train`` runs).
 """
 
 from __future__ import annotations
@@ -13,19 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from mopd import checkpoint as ckpt
-from mopd.config import MOPDConfig, ModelConfig, to_dict, to_yaml
-from mopd.faults import ActorFailedError
+from mopd.config import MOPDConfig, to_dict
+from mopd.data import PromptMixer
 from mopd.metrics import MetricsWriter, PhaseTimer
 from mopd.objective import grpo_advantages
+from mopd.seeds import rng_state_from_json, rng_state_to_json, step_seed
 from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
 
 log = logging.getLogger("mopd")
@@ -37,11 +36,6 @@ class ConfigMismatchError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with NaN/inf losses or log-probs."""
-
-
-class RunStoppedError(RuntimeError):
-    """The run cannot go on (a trainer rank died, a worker ran out of restarts); nothing after the
-    latest checkpoint was saved, and the message says how to continue with ``--resume``."""
 
 
 class Rollout(Protocol):
@@ -70,23 +64,25 @@ def teacher_fingerprint(cfg: MOPDConfig) -> Dict[str, str]:
     return out
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The sampling seed of a step: derived, so a resumed run samples what an uninterrupted one would."""
-    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
-
-
 class MOPDLoop:
     """One MOPD run over already-constructed components."""
 
     def __init__(
-        self, cfg: MOPDConfig, rollout: Rollout, teachers: Teachers, trainer: Trainer, mixer, writer, eval_rows=()
-    ):
+        self,
+        cfg: MOPDConfig,
+        rollout: Rollout,
+        teachers: Teachers,
+        trainer: Trainer,
+        mixer: PromptMixer,
+        writer: MetricsWriter,
+        eval_rows: Sequence[PromptRow] = (),
+    ) -> None:
         self.cfg, self.rollout, self.teachers, self.trainer = cfg, rollout, teachers, trainer
         self.mixer, self.writer, self.eval_rows = mixer, writer, list(eval_rows)
         self.step = 0
         self.policy_version = 0
         self.nonfinite_streak = 0
-        self.ckpt_root = _ckpt_root(cfg)
+        self.ckpt_root = ckpt.checkpoint_root(cfg)
         # rollout.overlap: the next step's batch, generating in a background thread meanwhile.
         self._next: Optional[Future] = None
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -260,7 +256,7 @@ class MOPDLoop:
             "policy_version": self.policy_version,
             "nonfinite_streak": self.nonfinite_streak,
             "data": self.mixer.state_dict(),
-            "rng": {"python": _py_rng_state(), "torch": torch.get_rng_state().tolist()},
+            "rng": {"python": rng_state_to_json(random.getstate()), "torch": torch.get_rng_state().tolist()},
             "teachers": teacher_fingerprint(self.cfg),
             "recipe": to_dict(self.cfg),
         }
@@ -276,7 +272,7 @@ class MOPDLoop:
         self.policy_version = int(state["policy_version"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.mixer.load_state_dict(state["data"])
-        random.setstate(_to_tuple(state["rng"]["python"]))
+        random.setstate(rng_state_from_json(state["rng"]["python"]))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         # The rollout engines started from the initial weights: give them the restored ones.
         self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
@@ -295,15 +291,6 @@ def check_teachers(saved: Dict[str, str], current: Dict[str, str], force: bool) 
     if not force:
         raise ConfigMismatchError(msg)
     log.warning("%s (forced)", msg)
-
-
-def _py_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _to_tuple(s: list) -> tuple:
-    return (s[0], tuple(s[1]), s[2])
 
 
 def rollout_metrics(batch: RolloutBatch) -> Dict[str, float]:
@@ -330,181 +317,3 @@ def evaluate(rollout: Rollout, rows: List[PromptRow], seed: int = 0) -> Dict[str
     for row, resp in zip(batch.rows, batch.responses):
         by_domain.setdefault(row.domain, []).append(get_domain(row.domain).verify(row, resp))
     return {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}
-
-
-# ---------------------------------------------------------------------- entry point
-
-
-def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Path:
-    """Validate data, start the actors, run (or resume) the loop; returns the output directory."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Data errors surface here, before any actor starts.
-    mixer, data_stats = build_mixer(cfg)
-    eval_rows = build_eval_rows(cfg)
-    latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    # So does a teacher whose vocabulary differs from the student's.
-    signature = student_signature(cfg)
-    check_teacher_vocabularies(cfg, signature)
-    (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
-
-    from mopd.runtime import init_ray
-    from rollout import RolloutPool
-    from teachers import TeacherPool
-    from trainers import TrainerPool
-
-    init_ray(cfg)
-    pools: List[Any] = []
-    writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
-    try:
-        topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
-        teachers, trainer, rollout = start_pools(
-            pools,
-            lambda: TeacherPool(
-                cfg.teachers, cfg.run.seed, signature, max_topk=max(topk, 1), env=cfg.ray.env,
-                max_restarts=cfg.ray.max_restarts,
-            ),
-            lambda: TrainerPool(cfg),
-            lambda: RolloutPool(cfg),
-        )  # fmt: skip
-        loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
-        if latest is not None:
-            loop.restore(latest, force_teachers)
-        if data_stats:
-            writer.write(loop.step, data_stats)
-        loop.run()
-    except ActorFailedError as e:
-        stopped = RunStoppedError(stopped_message(cfg, e))
-        log.error("%s", stopped)
-        raise stopped from e
-    except BaseException as e:
-        log.error("the run stopped (%s: %s); %s", type(e).__name__, e, stopped_message(cfg, None))
-        raise
-    finally:
-        writer.close()
-        _shutdown(pools)
-    return out
-
-
-def stopped_message(cfg: MOPDConfig, cause: Optional[BaseException]) -> str:
-    """What stopped the run, where it can continue from, and how."""
-    latest = ckpt.latest_checkpoint(_ckpt_root(cfg))
-    if latest is None:
-        where = "no checkpoint was written yet, so --resume starts again from step 0"
-    else:
-        where = f"it can continue from checkpoint step {int(ckpt.read_state(latest)['step'])} ({latest})"
-    head = f"{cause}; the run stopped and saved nothing after its latest checkpoint: " if cause else ""
-    return f"{head}{where}. Continue with: mopd train <recipe> [overrides] --resume"
-
-
-def _shutdown(pools: List[Any]) -> None:
-    """Shut every pool down (last started first), even if one of them fails to."""
-    for pool in reversed(pools):
-        try:
-            pool.shutdown()
-        except Exception as e:  # keep releasing the others; the run's own error matters more
-            log.warning("shutting down %s: %s", type(pool).__name__, e)
-
-
-def start_pools(pools: List[Any], *starters: Callable[[], Any]) -> List[Any]:
-    """Start the pools at once (their actors load models in parallel, not one pool after the
-    other) and append each started one to ``pools`` for shutdown. If any fails, the first
-    failure in ``starters`` order is raised (teachers first: a vocabulary mismatch is reported as
-    such) once all have finished starting; the caller shuts down the ones in ``pools``."""
-    with ThreadPoolExecutor(max_workers=len(starters), thread_name_prefix="mopd-start") as ex:
-        futures = [ex.submit(start) for start in starters]
-    errors = []
-    for f in futures:
-        try:
-            pools.append(f.result())
-        except BaseException as e:
-            errors.append(e)
-    if errors:
-        raise errors[0]
-    return pools[-len(starters) :]
-
-
-def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -> Optional[Path]:
-    if not resume:
-        return None
-    root = _ckpt_root(cfg)
-    latest = ckpt.latest_checkpoint(root)
-    if latest is None:
-        log.warning("--resume: no checkpoint under %s; starting from step 0", root)
-        return None
-    # Checked here too, so a teacher mismatch fails before any actor starts.
-    check_teachers(ckpt.read_state(latest).get("teachers", {}), teacher_fingerprint(cfg), force_teachers)
-    return latest
-
-
-def _ckpt_root(cfg: MOPDConfig) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
-
-
-def build_mixer(cfg: MOPDConfig):
-    """Load every data source and mix them by weight; returns (mixer, data stats)."""
-    from mopd.data import PromptMixer, load_sources
-
-    sources, stats = load_sources(cfg.data, cfg.run.seed, set(cfg.teachers))
-    return PromptMixer(sources, seed=cfg.run.seed), stats
-
-
-def build_eval_rows(cfg: MOPDConfig) -> List[PromptRow]:
-    """Up to ``eval.num_prompts`` held-out prompts per domain that has a verifier: a source's
-    ``eval_path``, or its generator's eval split. Empty when ``eval.every`` is 0."""
-    from dataclasses import replace
-
-    from mopd.data import load_source
-    from mopd.domains import registered_generators
-
-    if cfg.eval.every <= 0:
-        return []
-    verifiers, per_domain = registered_generators(), {}
-    for src in cfg.data.sources:
-        if src.domain not in verifiers or src.domain in per_domain:
-            continue
-        if src.eval_path is not None:
-            held_out = replace(src, path=src.eval_path, generator=None)
-        elif src.generator is not None:
-            held_out = replace(src, split="eval", num_prompts=cfg.eval.num_prompts)
-        else:
-            continue
-        rows, _ = load_source(held_out, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, set(cfg.teachers))
-        per_domain[src.domain] = rows[: cfg.eval.num_prompts]
-    return [r for d in sorted(per_domain) for r in per_domain[d]]
-
-
-def student_signature(cfg: MOPDConfig) -> Dict[str, Any]:
-    """The student's tokenizer/vocabulary signature, which every teacher must match."""
-    return model_signature(cfg.student)
-
-
-def model_signature(model: ModelConfig) -> Dict[str, Any]:
-    """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
-    from transformers import AutoConfig
-
-    from mopd.models import load_tokenizer
-    from teachers.common import config_vocab_size, tokenizer_signature
-
-    if model.config is not None:
-        extra = dict(model.config)
-        config = AutoConfig.for_model(extra.pop("model_type"), **extra)
-    else:
-        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
-
-
-def check_teacher_vocabularies(cfg: MOPDConfig, student: Dict[str, Any]) -> None:
-    """Compare every teacher's vocabulary with the student's before any actor starts. A teacher
-    whose tokenizer or config this process cannot read (a path only the workers see) is left to
-    the same check in its actor, at start-up."""
-    from teachers.pool import check_vocabularies
-
-    signatures = {}
-    for domain, teacher in sorted(cfg.teachers.items()):
-        try:
-            signatures[domain] = model_signature(teacher)
-        except (OSError, ValueError) as e:
-            log.info("teacher '%s': vocabulary checked when its actor starts (%s)", domain, e)
-    check_vocabularies(signatures, student)

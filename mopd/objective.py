@@ -4,7 +4,9 @@ All tensors are aligned on response tokens: position t of every (B, T) input ref
 sampled token. Only ``logp_train`` (or the student's top-k log-probs) carries gradient; everything
 else, including the importance weight and the advantage, is treated as a constant.
 
-    loss, metrics = mopd_loss(logp_train, logp_rollout, logp_teacher, response_mask)
+    o = cfg.objective   # every coefficient is the recipe's: the defaults live in mopd/config.py only
+    loss, metrics = mopd_loss(logp_train, logp_rollout, logp_teacher, response_mask, adv_orm,
+                              eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip)
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ def mopd_loss(
     response_mask: torch.Tensor,
     adv_orm: Optional[torch.Tensor] = None,
     *,
-    eps_low: float = 0.5,
-    eps_high: float = 5.0,
-    alpha: float = 0.0,
-    adv_clip: float = 5.0,
+    eps_low: float,
+    eps_high: float,
+    alpha: float,
+    adv_clip: float,
 ) -> Tuple[torch.Tensor, Metrics]:
     """The sampled-token MOPD surrogate loss.
 
@@ -119,9 +121,9 @@ def topk_reverse_kl_loss(
     logp_rollout: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    eps_low: float = 0.5,
-    eps_high: float = 5.0,
-    forward_kl: float = 0.0,
+    eps_low: float,
+    eps_high: float,
+    forward_kl: float,
 ) -> Tuple[torch.Tensor, Metrics]:
     """Per-position reverse KL on the teacher's top-k support (the lower-variance variant), plus
     ``forward_kl`` times the forward KL on the same support.

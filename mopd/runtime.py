@@ -1,11 +1,15 @@
-"""Connecting to Ray: an existing cluster (recipe ``ray.address`` or ``RAY_ADDRESS``, which is also
-how ``ray job submit -- mopd train ...`` reaches the driver), otherwise a local Ray for the run."""
+"""What the worker pools share: connecting to Ray, an actor's environment, a free port, an even split.
+
+Ray: an existing cluster (recipe ``ray.address`` or ``RAY_ADDRESS``, which is also how
+``ray job submit -- mopd train ...`` reaches the driver), otherwise a local Ray for the run."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from typing import Dict, Mapping
+import socket
+from typing import Dict, List, Mapping, Tuple
 
 from mopd.config import MOPDConfig
 
@@ -62,3 +66,19 @@ def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> Dict[str, object]:
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": dict(ACTOR_ENV)},
     )
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on this machine for ``host`` ("" for every interface), e.g. for the trainer's
+    process-group rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def split_evenly(n_items: int, n_parts: int) -> List[Tuple[int, int]]:
+    """Contiguous [start, end) ranges of near-equal size (the first ones get the remainder);
+    empty ranges (all at the end) are dropped, so fewer items than parts uses fewer parts."""
+    sizes = [n_items // n_parts + (1 if i < n_items % n_parts else 0) for i in range(n_parts)]
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

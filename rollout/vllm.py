@@ -39,7 +39,8 @@ from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
-from rollout.batching import encode_prompts, pack_samples, seed_for
+from mopd.seeds import seed_for
+from rollout.batching import encode_prompts, pack_samples
 from rollout.hf import set_threads
 
 WEIGHTS_FILE = "model.safetensors"

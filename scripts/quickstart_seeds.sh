@@ -18,4 +18,4 @@ for s in $SEEDS; do
   "$MOPD" quickstart --output-dir "$OUT/seed_$s" "seed=$s" "run.seed=$s" "$@"
   echo "=== seed $s: $(( $(date +%s) - start )) s"
 done
-"$PY" -m mopd.report "$OUT" $SEEDS
+"$PY" -m mopd.app.report "$OUT" $SEEDS

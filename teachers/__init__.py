@@ -15,7 +15,6 @@ from typing import Any
 
 _EXPORTS = {
     "TeacherPool": "teachers.pool",
-    "tokenizer_signature": "teachers.common",
     "HFTeacherWorker": "teachers.hf",
     "VLLMTeacherWorker": "teachers.vllm",
 }

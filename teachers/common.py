@@ -1,5 +1,5 @@
-"""Helpers shared by the teacher backends: input checks, row chunks, padding trims, vocabulary
-signatures. Pure functions on tensors; no Ray, no vLLM.
+"""Helpers shared by the teacher backends: input checks, row chunks, padding trims. Pure functions
+on tensors; no Ray, no vLLM (vocabulary signatures are in ``mopd.vocab``).
 
 Tensor layout (see ``mopd.types``): a batch of B rows and T columns, prompts left-padded, responses
 right-padded; position t of every (B, T) tensor refers to token ``input_ids[:, t]``.
@@ -7,10 +7,8 @@ right-padded; position t of every (B, T) tensor refers to token ``input_ids[:, t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -85,42 +83,3 @@ def empty_scores(num_rows: int, num_cols: int, topk: int) -> TeacherScores:
         topk_ids=torch.zeros(num_rows, num_cols, topk, dtype=torch.int64),
         topk_logprobs=torch.zeros(num_rows, num_cols, topk, dtype=torch.float32),
     )
-
-
-# --------------------------------------------------------------------------- vocabulary
-
-
-def tokenizer_signature(tokenizer: Any, model_vocab_size: Optional[int]) -> Dict[str, Any]:
-    """What a teacher must share with the student to score the student's tokens.
-
-    tokenizer_vocab_size  len(tokenizer), added tokens included
-    vocab_hash            sha256 of the sorted (token, id) pairs: same ids for the same strings
-    special_token_ids     bos / eos / pad / unk ids (None where the tokenizer has none)
-    model_vocab_size      rows of the model's output layer: a padded vocabulary (e.g. 152064 vs
-                          151936) changes the softmax support and admits ids the other side lacks
-    """
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
-    specials = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
-    return {
-        "tokenizer_vocab_size": len(tokenizer),
-        "vocab_hash": digest,
-        "special_token_ids": specials,
-        "model_vocab_size": None if model_vocab_size is None else int(model_vocab_size),
-    }
-
-
-def config_vocab_size(config: Any) -> int:
-    """``vocab_size`` of a transformers config (of its text part for multimodal configs)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
-
-
-def signature_differences(expected: Dict[str, Any], got: Dict[str, Any]) -> List[str]:
-    """Human-readable differences between two signatures, e.g. ``model_vocab_size: 256 vs 128``."""
-    diffs = []
-    for key in sorted(set(expected) | set(got)):
-        a, b = got.get(key), expected.get(key)
-        if a != b:
-            diffs.append(f"{key}: {a!r} vs {b!r}")
-    return diffs

@@ -19,15 +19,8 @@ import torch
 from mopd.config import TeacherConfig
 from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
 from mopd.types import TeacherScores
-from teachers.common import (
-    active_columns,
-    check_score_inputs,
-    config_vocab_size,
-    empty_scores,
-    row_chunks,
-    set_torch_threads,
-    tokenizer_signature,
-)
+from mopd.vocab import config_vocab_size, tokenizer_signature
+from teachers.common import active_columns, check_score_inputs, empty_scores, row_chunks, set_torch_threads
 
 
 class HFTeacherWorker:

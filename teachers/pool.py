@@ -20,18 +20,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from mopd.config import TeacherConfig
+from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
 from mopd.faults import RestartingCalls
-from mopd.runtime import actor_env
+from mopd.runtime import actor_env, split_evenly
 from mopd.types import RolloutBatch, TeacherScores
 from mopd.vllm_compat import VLLM_CPU_ENV
-from teachers.common import signature_differences, tokenizer_signature  # noqa: F401 (re-export)
+from mopd.vocab import check_vocabularies
 
 log = logging.getLogger("mopd")
-
-
-class VocabularyMismatchError(ValueError):
-    """A teacher whose tokenizer / vocabulary differs from the student's."""
 
 
 class TeacherScoreError(RuntimeError):
@@ -61,25 +57,13 @@ def group_rows(domains: Sequence[str], teachers: Sequence[str]) -> Dict[str, Lis
     return groups
 
 
-def split_balanced(rows: List[int], parts: int) -> List[List[int]]:
-    """``rows`` cut into ``parts`` contiguous pieces whose sizes differ by at most one."""
-    size, extra = divmod(len(rows), parts)
-    out, start = [], 0
-    for p in range(parts):
-        end = start + size + (1 if p < extra else 0)
-        out.append(rows[start:end])
-        start = end
-    return out
-
-
 def plan_shards(domains: Sequence[str], replicas: Mapping[str, int]) -> List[Shard]:
     """One shard per (domain, replica) that gets rows: each domain's rows split evenly across its
     replicas. ``replicas`` maps every configured domain to its number of workers."""
     shards = []
     for domain, rows in group_rows(domains, list(replicas)).items():
-        for r, part in enumerate(split_balanced(rows, replicas[domain])):
-            if part:
-                shards.append(Shard(domain, r, part))
+        for r, (start, end) in enumerate(split_evenly(len(rows), replicas[domain])):
+            shards.append(Shard(domain, r, rows[start:end]))
     return shards
 
 
@@ -138,27 +122,6 @@ def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) ->
     return metrics
 
 
-def check_vocabularies(signatures: Mapping[str, Dict[str, Any]], student: Optional[Dict[str, Any]]) -> None:
-    """Fail loudly if a teacher's vocabulary differs from the student's (or, without a student
-    signature, from the other teachers'). ``signatures`` maps domain -> ``tokenizer_signature``."""
-    if not signatures:
-        return
-    reference, ref_name = student, "the student"
-    if reference is None:
-        ref_name = f"teacher '{next(iter(signatures))}'"
-        reference = next(iter(signatures.values()))
-    problems = []
-    for name, sig in signatures.items():
-        diffs = signature_differences(reference, sig)
-        if diffs:
-            problems.append(f"teacher '{name}' vs {ref_name}: " + "; ".join(diffs))
-    if problems:
-        raise VocabularyMismatchError(
-            "teachers must share the student's tokenizer and vocabulary (values: teacher vs reference):\n  - "
-            + "\n  - ".join(problems)
-        )
-
-
 # --------------------------------------------------------------------------- the pool
 
 
@@ -172,7 +135,7 @@ def worker_class(backend: str) -> type:
         from teachers.vllm import VLLMTeacherWorker
 
         return VLLMTeacherWorker
-    raise ValueError(f"unknown teacher backend {backend!r}; valid: hf, vllm")
+    raise ValueError(f"unknown teacher backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
 class TeacherPool:
@@ -185,6 +148,8 @@ class TeacherPool:
     max_topk  largest top-k the vLLM backend must serve (its engine caps ``max_logprobs``)
     env       extra environment variables for every actor (e.g. ``ray.env`` of the recipe)
     max_restarts  times Ray restarts a dead actor (its call is then retried); ``restarts`` counts them
+    The defaults of ``max_topk`` and ``max_restarts`` are the recipe's (``objective.topk``,
+    ``ray.max_restarts`` in mopd/config.py).
     """
 
     def __init__(
@@ -193,9 +158,9 @@ class TeacherPool:
         seed: Union[int, Mapping[str, int]],
         student_tokenizer_signature: Optional[Dict[str, Any]] = None,
         local: bool = False,
-        max_topk: int = 64,
+        max_topk: int = ObjectiveConfig.topk,
         env: Optional[Mapping[str, str]] = None,
-        max_restarts: int = 3,
+        max_restarts: int = RayConfig.max_restarts,
     ) -> None:
         if not teachers:
             raise ValueError("no teachers configured: add at least one 'teachers.<domain>' entry")

@@ -41,13 +41,8 @@ from mopd.vllm_compat import (
     set_cpu_env_defaults,
     vllm_config_overrides,
 )
-from teachers.common import (
-    check_score_inputs,
-    empty_scores,
-    row_span,
-    set_torch_threads,
-    tokenizer_signature,
-)
+from mopd.vocab import tokenizer_signature
+from teachers.common import check_score_inputs, empty_scores, row_span, set_torch_threads
 
 
 # --------------------------------------------------------------------------- model directory

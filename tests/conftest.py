@@ -23,7 +23,7 @@ REFERENCE_ARGS = ["trainer.world_size=2", "trainer.zero_stage=2"]
 def uninterrupted(tmp_path_factory) -> Path:
     """Three steps in one go, trainer world size 2 with ZeRO-2; returns the output directory."""
     out = tmp_path_factory.mktemp("run_a")
-    cmd = [sys.executable, "-m", "mopd.cli", "train", str(TINY), f"run.output_dir={out}", *REFERENCE_ARGS]
+    cmd = [sys.executable, "-m", "mopd.app.cli", "train", str(TINY), f"run.output_dir={out}", *REFERENCE_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]

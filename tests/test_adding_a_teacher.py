@@ -38,7 +38,7 @@ def doc_commands() -> list[list[str]]:
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mopd.cli", *cmd[1:]]
+    cmd = [sys.executable, "-m", "mopd.app.cli", *cmd[1:]]
     # The document's paths are relative to the repository (recipes/...) and to the user's files.
     cmd = [str(ROOT / c) if c.startswith("recipes/") else c for c in cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -17,7 +17,8 @@ import pytest
 from mopd import checkpoint as ckpt
 from mopd.config import load_config
 from mopd.faults import ActorFailedError
-from mopd.loop import MOPDLoop, _checkpoint_to_resume, build_mixer
+from mopd.app.run import _checkpoint_to_resume, build_mixer
+from mopd.loop import MOPDLoop
 from mopd.metrics import MetricsWriter, read_metrics
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
@@ -136,11 +137,11 @@ def stopped_run(tmp_path_factory):
     """`mopd train` (in-process pools, no Ray) whose trainer rank dies at step 3, on a data file
     with one bad row of each kind and ``data.on_bad_row=skip``; returns (status, stderr, shut
     pools, argv, output dir)."""
-    import mopd.runtime
+    import mopd.app.run
     import rollout
     import teachers
     import trainers
-    from mopd.cli import main
+    from mopd.app.cli import main
     from rollout.pool import RolloutPool
     from teachers.pool import TeacherPool
 
@@ -177,7 +178,7 @@ def stopped_run(tmp_path_factory):
         "data.on_bad_row=skip", f"data.sources=[{{domain: math, path: '{data}'}}, {{domain: code, generator: code}}]",
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mopd.runtime, "init_ray", lambda cfg: None)
+        mp.setattr(mopd.app.run, "init_ray", lambda cfg: None)
         mp.setattr(rollout, "RolloutPool", LocalRollout)
         mp.setattr(teachers, "TeacherPool", LocalTeachers)
         mp.setattr(trainers, "TrainerPool", lambda cfg: Trainer(step=3))

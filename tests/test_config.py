@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mopd import cli
+from mopd.app import cli
 from mopd.config import ConfigError, MOPDConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,57 @@ def test_missing_recipe_file(tmp_path):
 def test_bad_choice_names_valid_options(recipe):
     assert "rollout.backend is 'sglang'; valid: hf, vllm" in _error(recipe, "rollout.backend=sglang")
     assert "objective.kind is 'full'; valid: sampled, topk" in _error(recipe, "objective.kind=full")
+    assert "teachers.code.backend is 'trt'; valid: hf, vllm" in _error(recipe, "teachers.code.backend=trt")
+    assert "trainer.lr_schedule is 'wsd'; valid: constant, linear, cosine" in _error(recipe, "trainer.lr_schedule=wsd")
+    assert "data.on_bad_row is 'drop'; valid: reject, skip" in _error(recipe, "data.on_bad_row=drop")
+    assert "student.dtype is 'int8'; valid: float32, bfloat16, float16" in _error(recipe, "student.dtype=int8")
+    assert "trainer.zero_stage is 4; valid: 0, 1, 2, 3" in _error(recipe, "trainer.zero_stage=4")
+
+
+def test_bad_choice_in_a_recipe_file_names_the_file_the_key_and_the_choices(recipe):
+    recipe.write_text(recipe.read_text() + "objective: {kind: full}\n")
+    assert _error(recipe) == f"{recipe}: objective.kind is 'full'; valid: sampled, topk"
+
+
+def test_cli_validate_reports_a_bad_choice_on_one_line(recipe, capsys):
+    assert cli.main(["validate", str(recipe), "objective.kind=full"]) == 2
+    assert capsys.readouterr().err == "mopd: error: override: objective.kind is 'full'; valid: sampled, topk\n"
+
+
+@pytest.mark.parametrize("key", ["run.log_every=5", "eval.greedy=false", "eval.max_new_tokens=8"])
+def test_settings_nothing_read_are_gone(recipe, key):
+    """run.log_every, eval.greedy and eval.max_new_tokens were validated and never read: removed
+    (eval is greedy accuracy with the rollout's max_new_tokens, as the report and docs say)."""
+    assert f"unknown key '{key.partition('=')[0]}'" in _error(recipe, key)
+
+
+def test_topk_with_an_outcome_advantage_is_refused(recipe):
+    msg = _error(recipe, "objective.kind=topk", "objective.alpha=0.5")
+    assert "objective.alpha=0.5 does nothing with objective.kind=topk" in msg
+    assert "set objective.alpha=0, or objective.kind=sampled" in msg
+    load_config(recipe, ["objective.kind=sampled", "objective.alpha=0.5"])  # math has a verifier
+
+
+def test_outcome_advantage_needs_a_verifier_for_every_domain(recipe, tmp_path):
+    """A file-only domain has no verifier: refused before any actor starts (it used to die with a
+    KeyError at step 1), until a plugin registers one."""
+    data = tmp_path / "legal.jsonl"
+    data.write_text('{"prompt": "may I?"}\n')
+    file_only = [
+        f"teachers.legal={{path: {tmp_path}, tokenizer: 'builtin:char'}}",
+        f"data.sources=[{{domain: math, path: {tmp_path / 'math.jsonl'}}}, {{domain: legal, path: {data}}}]",
+    ]
+    load_config(recipe, file_only)  # alpha = 0: no verifier needed
+    msg = _error(recipe, *file_only, "objective.alpha=0.5")
+    assert "domain 'legal' (data.sources[1]) has none" in msg and msg.count("needs a verifier") == 1
+    assert "register one with mopd.domains.register_domain in a module listed in run.plugins" in msg
+    assert "or set objective.alpha=0" in msg
+    plugin = tmp_path / "legal_verifier.py"
+    plugin.write_text(
+        "from mopd.domains import register_domain\n"
+        "register_domain('legal', lambda rng, n, split: [], lambda row, response: 0.0)\n"
+    )
+    load_config(recipe, [*file_only, "objective.alpha=0.5", f"run.plugins=[{plugin}]"])
 
 
 def test_several_errors_reported_together(recipe):

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from mopd.domains import get_domain, registered_generators
+from mopd.domains import agent, code, get_domain, registered_generators
+from mopd.domains.common import format_sft_example, split_of
 from mopd.models import CHARS
 from mopd.types import PromptRow
-from teachers.domains import agent, code, format_sft_example, split_of
 
 DOMAINS = ("math", "code", "agent")
 LEVELED = [f"{d}_l{level}" for d in DOMAINS for level in (1, 2, 3)]
@@ -58,7 +58,7 @@ def test_eval_rows_are_distinct():
 
 
 def test_small_space_repeats_rather_than_hangs():
-    from teachers.domains.common import sample_split
+    from mopd.domains.common import sample_split
 
     space = [f"q{i} ->" for i in range(200)]  # about 20 of them hash into the eval split
     rows = sample_split(random.Random(0), 500, "eval", "toy", lambda r: (r.choice(space), "a", "toy"))
@@ -138,7 +138,7 @@ def test_verifier_without_answer_says_so():
 
 
 def test_unknown_split_and_level_rejected():
-    from teachers.domains import math as math_domain
+    from mopd.domains import math as math_domain
 
     with pytest.raises(ValueError, match="valid: train, eval"):
         math_domain.generate(random.Random(0), 3, "test")

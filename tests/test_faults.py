@@ -89,7 +89,8 @@ class Records(logging.Handler):
 def faulty_run(tmp_path_factory):
     """The recipe's 3 steps (checkpoint at 2) with the FAULTS above, then ``--resume``."""
     ray = pytest.importorskip("ray")
-    from mopd.loop import MOPDLoop, RunStoppedError, run_training
+    from mopd.app.run import RunStoppedError, run_training
+    from mopd.loop import MOPDLoop
 
     out = tmp_path_factory.mktemp("faults")
     cfg = load_config(TINY, [f"run.output_dir={out}", *REFERENCE_ARGS])

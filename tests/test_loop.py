@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mopd.config import load_config
-from mopd.loop import MOPDLoop, NonFiniteError, build_eval_rows, build_mixer
+from mopd.app.run import build_eval_rows, build_mixer
+from mopd.loop import MOPDLoop, NonFiniteError
 from mopd.metrics import MetricsWriter
 from rollout.pool import RolloutPool
 from teachers.pool import TeacherPool
@@ -184,7 +185,7 @@ def test_overlap_drains_before_eval_and_the_last_step(tmp_path):
 def test_pools_start_together_and_the_first_failure_in_order_is_raised():
     import threading
 
-    from mopd.loop import start_pools
+    from mopd.app.run import start_pools
 
     barrier = threading.Barrier(3, timeout=10)  # passes only if all three starters run at once
 

@@ -1,11 +1,34 @@
 """The MOPD objective: hand-computed values, the IS band, empty responses, and Eq. 6."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from mopd.objective import grpo_advantages, mopd_loss, topk_reverse_kl_loss
+from mopd import objective
+from mopd.config import ObjectiveConfig
+from mopd.objective import grpo_advantages
+
+# The coefficients the hand-computed values below use, passed explicitly: the objective functions
+# have no defaults of their own (a recipe's come from mopd/config.py).
+SAMPLED = dict(eps_low=0.5, eps_high=5.0, alpha=0.0, adv_clip=5.0)
+TOPK = dict(eps_low=0.5, eps_high=5.0, forward_kl=0.0)
+
+
+def mopd_loss(*args, **kwargs):
+    return objective.mopd_loss(*args, **{**SAMPLED, **kwargs})
+
+
+def topk_reverse_kl_loss(*args, **kwargs):
+    return objective.topk_reverse_kl_loss(*args, **{**TOPK, **kwargs})
+
+
+def test_coefficients_have_no_default_but_the_recipes():
+    for fn, coefficients in ((objective.mopd_loss, SAMPLED), (objective.topk_reverse_kl_loss, TOPK)):
+        params = inspect.signature(fn).parameters
+        assert all(params[name].default is inspect.Parameter.empty for name in coefficients), fn.__name__
+    assert {k: getattr(ObjectiveConfig(), k) for k in {**SAMPLED, **TOPK}} == {**SAMPLED, **TOPK}
 
 
 def _t(rows):

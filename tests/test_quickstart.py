@@ -41,14 +41,14 @@ TOLERANCE = 3 / 64
     ],
 )
 def test_bad_settings_fail_before_any_stage(items, message):
-    from mopd.quickstart import settings_from
+    from mopd.app.quickstart import settings_from
 
     with pytest.raises(ValueError, match=re.escape(message)):
         settings_from(items)
 
 
 def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
-    from mopd.quickstart import settings_from, split_overrides
+    from mopd.app.quickstart import settings_from, split_overrides
 
     mine, recipe = split_overrides(["generators.agent=agent_l2", "student_mix.agent=0.5", "trainer.lr=1e-3"])
     assert recipe == ["trainer.lr=1e-3"]
@@ -58,7 +58,7 @@ def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
 
 
 def test_typo_swaps_the_first_two_characters():
-    from mopd.quickstart import typo
+    from mopd.app.quickstart import typo
 
     assert typo("time(Sive)") == "itme(Sive)" and typo("54") == "45"
     assert typo("55") == "55" and typo("5") == "5" and typo("") == ""
@@ -67,7 +67,7 @@ def test_typo_swaps_the_first_two_characters():
 def test_the_student_sees_typos_only_on_its_noisy_kinds_at_the_set_rate():
     import random
 
-    from mopd.quickstart import settings_from, student_noise
+    from mopd.app.quickstart import settings_from, student_noise
     from mopd.types import PromptRow
 
     noise = student_noise(settings_from({"student_noise": "0.6"}))
@@ -90,7 +90,7 @@ def _report(before, teacher, after, score):
 
 
 def test_the_seed_table_gives_mean_min_and_every_missed_target():
-    from mopd.report import seeds_table, target_misses
+    from mopd.app.report import seeds_table, target_misses
 
     good = _report((0.3, 0.5), (1.0, 0.95), (0.9, 0.9), 0.93)
     bad = _report((0.75, 0.2), (1.0, 0.85), (0.7, 0.8), float("nan"))
@@ -106,7 +106,7 @@ def test_the_seed_table_gives_mean_min_and_every_missed_target():
 
 def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
     """Changing a setting re-runs the first stage that used it and every stage after it."""
-    from mopd.quickstart import STAGES, StageCache, settings_from, stage_inputs
+    from mopd.app.quickstart import STAGES, StageCache, settings_from, stage_inputs
 
     cache = StageCache(tmp_path)
     ran = stage_inputs(settings_from({}), [])
@@ -120,7 +120,7 @@ def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
 
 
 def test_run_quickstart_reruns_from_the_changed_stage(tmp_path, monkeypatch, capsys):
-    import mopd.quickstart as qs
+    import mopd.app.quickstart as qs
 
     ran = []
     monkeypatch.setattr(qs, "STAGE_FUNCS", {s: (lambda *a, s=s: ran.append(s) or {}) for s in qs.STAGES})
@@ -138,7 +138,7 @@ def test_run_quickstart_reruns_from_the_changed_stage(tmp_path, monkeypatch, cap
 def quickstart(*args: str) -> str:
     """Run `mopd quickstart` in its own process (it starts Ray and a gloo group); return stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mopd.cli", "quickstart", *args, *REDUCED]
+    cmd = [sys.executable, "-m", "mopd.app.cli", "quickstart", *args, *REDUCED]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -13,8 +13,9 @@ import torch
 
 from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig
 from mopd.models import build_char_tokenizer, forward_logits, load_model, sequence_logprobs, tiny_mimo_config
+from mopd.runtime import split_evenly
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import cut_at_eos, merge_batches, pack_rollout, repad, split_evenly
+from rollout.batching import cut_at_eos, merge_batches, pack_rollout, repad
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MAX_NEW = 32
@@ -169,6 +170,9 @@ def test_split_evenly():
     assert split_evenly(5, 2) == [(0, 3), (3, 5)]
     assert split_evenly(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert split_evenly(1, 3) == [(0, 1)]  # fewer prompts than replicas: idle replicas get nothing
+    assert split_evenly(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    sizes = [b - a for a, b in split_evenly(10, 4)]
+    assert sum(sizes) == 10 and max(sizes) - min(sizes) <= 1
 
 
 # --------------------------------------------------------------------------- HF actor

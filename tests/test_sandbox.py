@@ -18,9 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from mopd import sandbox
-from mopd.domains import get_domain
+from mopd.domains import code, get_domain
 from mopd.sandbox import live_group_members, run_untrusted
-from teachers.domains import code
 
 needs_ns = pytest.mark.skipif(
     sandbox.isolation() != "namespaces", reason="namespaces unavailable here (needs root and unshare)"

@@ -24,18 +24,17 @@ from mopd.models import (
     tiny_mimo_config,
 )
 from mopd.types import PromptRow, RolloutBatch, TeacherScores
-from teachers.common import active_columns, row_span, tokenizer_signature
+from mopd.vocab import VocabularyMismatchError, tokenizer_signature
+from teachers.common import active_columns, row_span
 from teachers.hf import HFTeacherWorker
 from teachers.pool import (
     Shard,
     TeacherPool,
     TeacherScoreError,
-    VocabularyMismatchError,
     assemble_scores,
     domain_metrics,
     group_rows,
     plan_shards,
-    split_balanced,
 )
 
 # Same math as mopd.models, other chunk shapes (and kernels): float32 summation order only. Log-probs
@@ -186,13 +185,6 @@ def test_unknown_domain_names_configured_teachers():
     assert str(e.value) == "no teacher for domain 'law'; configured teachers: code, math"
 
 
-def test_split_balanced():
-    assert split_balanced(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert split_balanced([4], 2) == [[4], []]
-    parts = split_balanced(list(range(10)), 4)
-    assert sum(parts, []) == list(range(10)) and max(map(len, parts)) - min(map(len, parts)) <= 1
-
-
 def test_plan_shards_covers_every_row_once():
     domains = ["code", "math", "math", "code", "math", "math", "math"]
     shards = plan_shards(domains, {"math": 2, "code": 3, "safety": 1})
@@ -201,6 +193,9 @@ def test_plan_shards_covers_every_row_once():
     assert all(domains[r] == s.domain for s in shards for r in s.rows)
     assert [len(s.rows) for s in shards if s.domain == "math"] == [3, 2]
     assert [len(s.rows) for s in shards if s.domain == "code"] == [1, 1]  # 2 rows, 3 replicas: no empty call
+    assert [(s.domain, s.replica, s.rows) for s in shards] == [
+        ("code", 0, [0]), ("code", 1, [3]), ("math", 0, [1, 2, 4]), ("math", 1, [5, 6]),
+    ]  # fmt: skip
 
 
 def fake_scores(rows, num_cols: int, k: int = 0) -> TeacherScores:

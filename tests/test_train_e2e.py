@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 def mopd(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mopd.cli", *args]
+    cmd = [sys.executable, "-m", "mopd.app.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -79,7 +79,7 @@ def sigkill_after_checkpoint(args, checkpoint: Path, timeout: float = 400) -> No
     """Start `mopd train ARGS`, SIGKILL its whole process group (the driver and the local Ray it
     started: GCS, raylet, actors) once ``checkpoint`` is complete, and reap what is left of it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mopd.cli", "train", *args]
+    cmd = [sys.executable, "-m", "mopd.app.cli", "train", *args]
     log = open(checkpoint.parents[1] / "killed_run.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
     try:

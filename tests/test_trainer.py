@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 from mopd.config import MOPDConfig, ModelConfig
 from mopd.models import forward_logits, load_model, sequence_logprobs, tiny_mimo_config, topk_logprobs
 from mopd.objective import grpo_advantages
+from mopd.runtime import free_port
 from mopd.types import PromptRow, RolloutBatch, TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker, lr_lambda, plan_micro_batches
 from trainers.moe_balance import sigmoid_balance_loss
@@ -75,14 +75,8 @@ def make_batch(cfg: MOPDConfig, rows: int = 6, teacher_seed: int = 1, data_seed:
     return TrainBatch(rollout, teacher_lp, adv_orm, top_ids, top_lp)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(cfg: MOPDConfig) -> TrainerWorker:
-    return TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+    return TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
 
 
 def max_change(a: dict, b: dict) -> float:

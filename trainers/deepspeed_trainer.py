@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from mopd.config import ModelConfig, MOPDConfig
+from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import mopd_loss, topk_reverse_kl_loss
 from mopd.routing import replay_routes
@@ -45,7 +45,11 @@ _STATS = ("tokens", "reverse_kl", "is_masked", "adv", "abs_diff")
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier per optimizer step: linear warmup over ``warmup_steps``, then constant, or a
-    linear / cosine decay that reaches 0 at ``total_steps``."""
+    linear / cosine decay that reaches 0 at ``total_steps``.
+
+    Not ``transformers.get_scheduler``: its warmup starts at 0 (step / warmup) where this one starts
+    at 1 / warmup, and its linear decay rounds differently, so every run with warmup or a linear
+    decay (the quickstart's) would change."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -57,7 +61,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
             return 1.0 - progress
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ValueError(f"unknown trainer.lr_schedule {schedule!r}; valid: constant, linear, cosine")
+        raise ValueError(f"unknown trainer.lr_schedule {schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 
     return factor
 

@@ -13,7 +13,6 @@ that dies raises ``ActorFailedError`` naming it; the run then stops and continue
 
 from __future__ import annotations
 
-import socket
 from typing import Any, Dict, List, Tuple
 
 import ray
@@ -24,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.config import MOPDConfig, ResourcesConfig
 from mopd.faults import ActorFailedError
-from mopd.runtime import actor_env
+from mopd.runtime import actor_env, free_port
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
 
@@ -33,10 +32,7 @@ TrainerActor = ray.remote(TrainerWorker)
 
 def _free_address() -> Tuple[str, int]:
     """This node's IP and a port free on it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 _remote_free_address = ray.remote(num_cpus=0)(_free_address)

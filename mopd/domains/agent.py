@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 from mopd.types import PromptRow
-from teachers.domains.common import register_levels, sample_split
+from mopd.domains.common import register_levels, sample_split
 
 DOMAIN = "agent"
 DEFAULT_LEVEL = 2

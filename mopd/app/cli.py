@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    from mopd.loop import RunStoppedError, run_training
-    from teachers.pool import VocabularyMismatchError
+    from mopd.app.run import RunStoppedError, run_training
+    from mopd.vocab import VocabularyMismatchError
 
     try:
         run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)
@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"exported {path}")
             return 0
         if args.command == "quickstart":
-            from mopd.quickstart import run_quickstart
+            from mopd.app.quickstart import run_quickstart
 
             run_quickstart(args.output_dir, args.from_stage, args.overrides)
             return 0

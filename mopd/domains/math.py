@@ -18,7 +18,7 @@ import random
 from typing import List, Tuple
 
 from mopd.types import PromptRow
-from teachers.domains.common import register_levels, sample_split
+from mopd.domains.common import register_levels, sample_split
 
 DOMAIN = "math"
 MAX_OPERAND = 99

@@ -30,7 +30,7 @@ from mopd.config import LR_SCHEDULES, MOPDConfig, load_config
 log = logging.getLogger("mopd.quickstart")
 
 STAGES = ("domains", "student", "teachers", "mopd", "report")
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 
 
 @dataclass
@@ -135,8 +135,8 @@ def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Di
 
 def stage_domains(out: Path, st: QuickstartSettings) -> Dict[str, Any]:
     """Write ``data/<domain>_{train,eval}.jsonl`` from each domain's generator (own RNG per split)."""
-    from mopd.data import derive_seed
     from mopd.domains import get_domain
+    from mopd.seeds import derive_seed
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -199,6 +199,7 @@ def run_sft(
     from tqdm import tqdm
 
     from mopd.models import load_tokenizer
+    from mopd.runtime import free_port
     from trainers.deepspeed_trainer import TrainerWorker
 
     cfg = replace(
@@ -208,7 +209,7 @@ def run_sft(
         trainer=replace(recipe.trainer, lr=lr, zero_stage=0, world_size=1, lr_schedule=schedule, warmup_steps=10, micro_batch_size=batch),
     )
     tok = load_tokenizer(cfg.student)
-    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port())
+    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
     rng = random.Random(seed)
     t0, loss = time.time(), float("nan")
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
@@ -220,14 +221,6 @@ def run_sft(
     # The gloo process group stays up for the next SFT run in this process: DeepSpeed caches its
     # groups, so tearing it down and re-creating it breaks the next engine.
     return {"final_loss": loss, "seconds": time.time() - t0, "steps": steps}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -410,7 +403,7 @@ def _stage_teachers(out, st, base, recipe_over, results):
 
 
 def _stage_mopd(out, st, base, recipe_over, results):
-    from mopd.loop import run_training
+    from mopd.app.run import run_training
 
     shutil.rmtree(out / "mopd", ignore_errors=True)  # a re-run starts the MOPD stage afresh
     cfg = load_config(RECIPE, mopd_overrides(out, st) + recipe_over)
@@ -420,7 +413,7 @@ def _stage_mopd(out, st, base, recipe_over, results):
 
 def _stage_report(out, st, base, recipe_over, results):
     from mopd.checkpoint import export_checkpoint
-    from mopd.report import build_report, plot_curves
+    from mopd.app.report import build_report, plot_curves
 
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")

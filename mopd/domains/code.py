@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Tuple
 
 from mopd.domains import register_domain
 from mopd.types import PromptRow
-from teachers.domains.common import exact_match, register_levels, sample_split
+from mopd.domains.common import exact_match, register_levels, sample_split
 
 log = logging.getLogger("mopd")
 

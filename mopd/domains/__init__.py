@@ -1,7 +1,10 @@
 """The registry of domains: a synthetic prompt generator and a verifier per name.
 
-The built-in domains (math, code, agent) live in ``teachers/domains`` and register on import. A user
-adds one by calling ``register_domain`` in a module listed in the recipe's ``run.plugins``.
+The built-in domains (``mopd/domains/math.py``, ``code.py``, ``agent.py``; what they share in
+``common.py``) register themselves when the registry is first read: each as ``<name>`` (its
+default level) and ``<name>_l<k>`` for every level k; prompts are short, answers exact, and the
+train and eval splits are disjoint by a hash of the prompt. A user adds a domain by calling
+``register_domain`` in a module listed in the recipe's ``run.plugins``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class Domain:
 
 _REGISTRY: Dict[str, Domain] = {}
 _BUILTINS_LOADED = False
+# The built-in domain modules, in the order they register.
+BUILTINS = ("mopd.domains.agent", "mopd.domains.code", "mopd.domains.math")
 
 
 def register_domain(name: str, generate: Generator, verify: Verifier) -> Domain:
@@ -44,7 +49,8 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        importlib.import_module("teachers.domains")
+        for module in BUILTINS:
+            importlib.import_module(module)
 
 
 def registered_generators() -> Dict[str, Domain]:

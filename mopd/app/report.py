@@ -129,7 +129,7 @@ def seeds_table(reports: Dict[int, Dict[str, Any]], targets: Optional[Dict[str, 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m mopd.report DIR SEED...``: the table of ``DIR/seed_S/report.json``; exit status
+    """``python -m mopd.app.report DIR SEED...``: the table of ``DIR/seed_S/report.json``; exit status
     1 if a seed misses a target."""
     import json
     import sys
