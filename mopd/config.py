@@ -344,6 +344,7 @@ def _suggest(full_key: str) -> str:
 def validate(cfg: MOPDConfig) -> None:
     """Cross-field checks; raises ConfigError naming the field and the valid options."""
     errors: List[str] = []
+    _check_choices(cfg, "", errors)
     _check_sizes(cfg, errors)
     _check_models(cfg, errors)
     _check_data(cfg, errors)  # loads run.plugins, which may register domains
@@ -351,6 +352,27 @@ def validate(cfg: MOPDConfig) -> None:
     _check_objective(cfg, errors)
     if errors:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
+
+
+def _check_choices(node: Any, where: str, errors: List[str]) -> None:
+    """``Literal`` fields hold one of their values. OmegaConf checks them when a recipe is loaded;
+    this covers a config built or changed in Python (tests, scripts, the quickstart)."""
+    if isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _check_choices(item, f"{where}[{i}]", errors)
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            _check_choices(item, f"{where}.{key}" if where else str(key), errors)
+    elif is_dataclass(node):
+        hints = get_type_hints(type(node))
+        for f in fields(node):
+            value, key = getattr(node, f.name), f"{where}.{f.name}" if where else f.name
+            tp = _strip_optional(hints[f.name])
+            if get_origin(tp) is Literal:
+                if value not in get_args(tp):
+                    errors.append(f"{key} is {value!r}; valid: {', '.join(map(str, get_args(tp)))}")
+            elif f.name != "config":  # a model's inline config is a free-form dict
+                _check_choices(value, key, errors)
 
 
 def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:

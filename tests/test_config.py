@@ -200,3 +200,16 @@ def test_cli_train_fails_before_any_actor_starts(recipe, capsys, monkeypatch):
     monkeypatch.setattr(ray, "init", no_ray)
     assert cli.main(["train", str(recipe), "trainer.lrr=1"]) == 2
     assert "unknown key 'trainer.lrr'" in capsys.readouterr().err
+
+
+def test_a_bad_choice_set_in_python_is_refused_by_validate():
+    """OmegaConf checks Literal fields when a recipe is loaded; validate checks a config changed in code."""
+    from mopd.config import validate
+
+    cfg = load_config(ROOT / "recipes" / "tiny.yaml")
+    cfg.objective.kind = "topK"
+    cfg.teachers[next(iter(cfg.teachers))].backend = "vLLM"
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert "objective.kind is 'topK'; valid: sampled, topk" in str(e.value)
+    assert ".backend is 'vLLM'; valid: hf, vllm" in str(e.value)
