@@ -17,9 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# A shorter student and teacher SFT, a sixth of the MOPD samples, half the eval prompts. The
-# student still masters the sub-tasks it sees, so its gaps come from the sub-tasks only the
-# teachers saw (student_kinds), as in the default run.
+# A shorter student and teacher SFT, an eighth of the MOPD samples, half the eval prompts. The
+# student's gaps still come mostly from the sub-tasks where its SFT data was noisy
+# (student_noisy_kinds), as in the default run.
 REDUCED = [
     "eval_prompts=64", "student_sft_steps=400", "teacher_sft_steps=150",
     "run.total_steps=60", "rollout.prompts_per_step=48", "trainer.micro_batch_size=48",

@@ -45,17 +45,17 @@ class QuickstartSettings:
     # Sub-tasks (a row's ``kind``) where the student is noisy and its teacher is sharp. In the
     # student's SFT a share ``student_noise`` of these rows' answers carry a typo (the first two
     # characters swapped); the teachers learn them clean. The student then samples the right
-    # answer ~40% of the time but its greedy answer is the typo: its teacher sharpens what it
+    # answer ~30% of the time but its greedy answer is the typo: its teacher sharpens what it
     # half-knows, the regime MOPD is made for (teachers trained from the student by RL), and its
     # gap is set by the data, not by where an unfinished SFT stopped (docs/quickstart.md).
     student_noisy_kinds: Dict[str, List[str]] = field(
         default_factory=lambda: {"math": ["-"], "code": ["concat"], "agent": ["time", "dial"]}
     )
-    student_noise: float = 0.6
+    student_noise: float = 0.7
     train_prompts: int = 4000  # per domain
     eval_prompts: int = 128  # per domain
     sft_batch: int = 64
-    student_sft_steps: int = 600
+    student_sft_steps: int = 1000
     student_sft_lr: float = 3e-3
     # The student's SFT ends at its full rate (a checkpoint from the stable phase of a
     # warmup-stable-decay schedule); teachers and MOPD decay theirs to 0. With a cosine-decayed
