@@ -8,6 +8,7 @@ Not a test and not part of the package: the scripts import it from their own fol
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -99,8 +100,10 @@ teachers:
   math: {{path: {models['teacher']['path']}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
 data:
   sources: [{{domain: math, generator: math, num_prompts: 2000}}]
-rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new}, replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
-trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch}, aux_loss_coef: 0.0}}
+rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new},
+  replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
+trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch},
+  aux_loss_coef: 0.0}}
 objective: {{kind: topk, topk: {CHAR_VOCAB_SIZE}}}
 eval: {{every: 0}}
 checkpoint: {{every: 0, keep: 1}}
@@ -153,7 +156,7 @@ def mopd_steady(run: Dict[str, Any], warmup: int = 1) -> Dict[str, Any]:
     between consecutive metric records (everything the driver did, writer included)."""
     recs = run["records"]
     times = [run["start"]] + [r["time"] for r in recs]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     steady = list(range(warmup, len(recs)))
     wall = sum(gaps[i] for i in steady)
     tokens = sum(recs[i]["rollout/tokens"] for i in steady)
@@ -187,7 +190,7 @@ def quality(student_dir: str, teacher_dir: str, rows: List[PromptRow], max_new: 
     cfg.rollout.max_new_tokens = max_new
     actor = HFRolloutActor(cfg)
     greedy = actor.generate(rows, 1, seed=seed, greedy=True)
-    acc = sum(get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses)) / len(rows)
+    acc = sum(get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses, strict=True)) / len(rows)
     sampled = actor.generate(rows, 1, seed=seed)
     teacher = load_model(ModelConfig(path=teacher_dir, tokenizer=BUILTIN_TOKENIZER)).eval()
     ids, am, rm = sampled.input_ids, sampled.attention_mask, sampled.response_mask

@@ -48,7 +48,7 @@ def measure(backend: str, cfg, rows, args) -> Dict[str, Any]:
         actor.shutdown()
         del actor
         gc.collect()
-    per_s = [k / t for k, t in zip(tokens, times)]
+    per_s = [k / t for k, t in zip(tokens, times, strict=True)]
     return {
         "start_s": start_s,
         "generate_s": times,
@@ -83,7 +83,7 @@ def main() -> None:
         print(f"{backend} ...", flush=True)
         res[backend] = measure(backend, cfg, rows, args)
     print(f"student {models['student']['params'] / 1e6:.1f}M params, {args.prompts} prompts x {args.n} samples x "
-          f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}")  # fmt: skip
+          f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}")
     print("| backend | engine start s | generate s (each call) | response tok/s (median) | weight sync s |")
     print("|---|---|---|---|---|")
     for b in args.backends.split(","):

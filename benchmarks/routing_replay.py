@@ -81,12 +81,13 @@ def measure(name: str, config: dict, args) -> Dict[str, float]:
 
 
 def table(results: Dict[str, Dict[str, float]]) -> str:
-    rows = ["| student | R3 | mean abs diff | max abs diff | route mismatch | " + " | ".join(
-        f"masked ({lo}, {hi})" for lo, hi in BANDS) + " |", "|" + "---|" * (5 + len(BANDS))]  # fmt: skip
+    header = ["student", "R3", "mean abs diff", "max abs diff", "route mismatch"]
+    header += [f"masked ({lo}, {hi})" for lo, hi in BANDS]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         for mode in ("off", "on"):
             cells = [f"{r[f'{mode}/mean_abs_diff']:.2e}", f"{r[f'{mode}/max_abs_diff']:.2e}",
-                     f"{100 * r[f'{mode}/route_mismatch']:.2f}%"]  # fmt: skip
+                     f"{100 * r[f'{mode}/route_mismatch']:.2f}%"]
             cells += [f"{100 * r[f'{mode}/masked[{lo},{hi}]']:.2f}%" for lo, hi in BANDS]
             rows.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -18,6 +18,7 @@ a phase in part 1 and its bare cost in part 2 is what Ray calls and serialisatio
 
 from __future__ import annotations
 
+import itertools
 import argparse
 import socket
 import statistics
@@ -37,7 +38,7 @@ PHASES = ("rollout", "teachers", "train", "sync", "other", "outside")
 def phase_table(records: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
     """Mean seconds per steady step (2..N) of each phase, and fractions of the step."""
     times = [start] + [r["time"] for r in records]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     steady = list(range(1, len(records)))
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     secs = {p: mean([records[i].get(f"timing/{p}", 0.0) for i in steady]) for p in PHASES[:-1]}
@@ -132,13 +133,17 @@ def part2(args, work: Path) -> Dict[str, Any]:
 
 def report(res: Dict[str, Any]) -> str:
     p1, p2 = res["ray_run"], res["bare"]
-    lines = [f"mopd train, steady steps (2..N): {p1['step_s']:.2f} s/step, {p1['response_tokens']:.0f} response tokens/step; load {res['machine']['load_avg_1_5_15']}"]
+    lines = [
+        f"mopd train, steady steps (2..N): {p1['step_s']:.2f} s/step, "
+        f"{p1['response_tokens']:.0f} response tokens/step; load {res['machine']['load_avg_1_5_15']}"
+    ]
     lines += ["| phase | s/step | fraction |", "|---|---|---|"]
     lines += [f"| {p} | {p1['phase_s'][p]:.3f} | {100 * p1['fraction'][p]:.1f}% |" for p in PHASES]
     lines.append(f"outside rollout + teacher scoring + train: {100 * p1['beyond_rollout_teachers_train']:.1f}% of the step")
     lines.append(
-        f"in-process, one thread, {p2['rows']} rows x {p2['columns']} columns ({p2['response_tokens']} response tokens): "
-        f"generate {p2['generate_s']:.2f} s, train step {p2['train_step_s']:.2f} s, sync {p2['sync_s']:.3f} s"
+        f"in-process, one thread, {p2['rows']} rows x {p2['columns']} columns "
+        f"({p2['response_tokens']} response tokens): generate {p2['generate_s']:.2f} s, "
+        f"train step {p2['train_step_s']:.2f} s, sync {p2['sync_s']:.3f} s"
     )
     lines.append(
         f"teacher: bare forward {p2['teacher_bare_forward_s']:.3f} s; score (log-probs + top-{res['args']['topk']}) "

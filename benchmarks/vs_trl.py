@@ -16,6 +16,7 @@ the teacher on the students' own samples), also per wall-clock second of trainin
 
 from __future__ import annotations
 
+import itertools
 import argparse
 import json
 import os
@@ -67,12 +68,12 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
     torch.set_num_threads(int(args.trl_threads))
     rows_per_step = args.prompts * args.n
     config = DistillationConfig(
-        output_dir=str(work / f"trl_{args.trl_threads}t"), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=rows_per_step // args.micro_batch, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, max_completion_length=args.max_new,
-        temperature=1.0, top_p=1.0, top_k=0, beta=1.0, shuffle_dataset=False, seed=args.seed,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(work / f"trl_{args.trl_threads}t"), max_steps=args.steps,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=rows_per_step // args.micro_batch,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, bf16=False, gradient_checkpointing=False,
+        max_completion_length=args.max_new, temperature=1.0, top_p=1.0, top_k=0, beta=1.0, shuffle_dataset=False,
+        seed=args.seed, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         disable_dropout=True,
     )  # fmt: skip
     t0 = time.time()
@@ -89,7 +90,7 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
     trainer.model.save_pretrained(out_dir)
     build_char_tokenizer().save_pretrained(out_dir)
     times = [t_train] + record["step_end"]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     steady = gaps[1:]
     tokens = sum(record["tokens"][1:])
     return {
@@ -136,12 +137,15 @@ def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def report(res: Dict[str, Any]) -> str:
-    m, t = res["mopd"], res["trl"]
+    m, t, student = res["mopd"], res["trl"], res["models"]["student"]
     lines = [
-        f"student {res['models']['student']['params'] / 1e6:.1f}M params ({res['models']['student']['active_params'] / 1e6:.1f}M active), "
-        f"teacher {res['models']['teacher']['params'] / 1e6:.1f}M; {res['args']['prompts']} prompts x {res['args']['n']} samples x "
-        f"<= {res['args']['max_new']} new tokens per step, {res['args']['steps']} steps; load {res['machine']['load_avg_1_5_15']}",
-        "| | start-up s | step 1 s | steady s/step | response tok/s | held-out acc | reverse KL (init -> final) | KL drop per s of steps |",
+        f"student {student['params'] / 1e6:.1f}M params ({student['active_params'] / 1e6:.1f}M active), "
+        f"teacher {res['models']['teacher']['params'] / 1e6:.1f}M; "
+        f"{res['args']['prompts']} prompts x {res['args']['n']} samples x "
+        f"<= {res['args']['max_new']} new tokens per step, {res['args']['steps']} steps; "
+        f"load {res['machine']['load_avg_1_5_15']}",
+        "| | start-up s | step 1 s | steady s/step | response tok/s | held-out acc | reverse KL (init -> final) "
+        "| KL drop per s of steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
     kl0 = res["quality"]["init"]["reverse_kl"]
@@ -153,12 +157,15 @@ def report(res: Dict[str, Any]) -> str:
         q = res["quality"][key]
         drop = (kl0 - q["reverse_kl"]) / r["train_wall_s"]
         lines.append(
-            f"| {name} | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{q['accuracy']:.3f} | {kl0:.3f} -> {q['reverse_kl']:.3f} | {drop:.4f} |"
+            f"| {name} | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | {q['accuracy']:.3f} | {kl0:.3f} -> {q['reverse_kl']:.3f} | {drop:.4f} |"
         )
     for k in (k for k in res if k.startswith("trl_")):
         r = res[k]
-        lines.append(f"| TRL, {k.split('_')[1]} thread(s) | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | | | |")
+        lines.append(
+            f"| TRL, {k.split('_')[1]} thread(s) | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | | | |"
+        )
     lines.append(f"throughput ratio mopd / TRL: {res['ratio']:.2f}x")
     lines.append("mopd phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in m["phase_s"].items()))
     if "mopd_overlap" in res:
@@ -168,7 +175,9 @@ def report(res: Dict[str, Any]) -> str:
     lines.append(f"TRL generate (s/step, steps 2..N): {t['generate_s']:.3f}")
     for k in res:
         if k.startswith("trl_"):
-            lines.append(f"{k}: {res[k]['step_s']:.2f} s/step; TRL first-listed / this = {t['step_s'] / res[k]['step_s']:.2f}")
+            lines.append(
+                f"{k}: {res[k]['step_s']:.2f} s/step; TRL first-listed / this = {t['step_s'] / res[k]['step_s']:.2f}"
+            )
     return "\n".join(lines)
 
 

@@ -180,7 +180,7 @@ class MOPDLoop:
         from mopd.domains import get_domain
 
         rewards = torch.tensor(
-            [get_domain(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses)],
+            [get_domain(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses, strict=True)],
             dtype=torch.float32,
         )
         metrics = {
@@ -314,6 +314,6 @@ def evaluate(rollout: Rollout, rows: List[PromptRow], seed: int = 0) -> Dict[str
 
     batch = rollout.generate(rows, 1, seed=seed, greedy=True)
     by_domain: Dict[str, List[float]] = {}
-    for row, resp in zip(batch.rows, batch.responses):
+    for row, resp in zip(batch.rows, batch.responses, strict=True):
         by_domain.setdefault(row.domain, []).append(get_domain(row.domain).verify(row, resp))
     return {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}

@@ -81,4 +81,4 @@ def split_evenly(n_items: int, n_parts: int) -> List[Tuple[int, int]]:
     empty ranges (all at the end) are dropped, so fewer items than parts uses fewer parts."""
     sizes = [n_items // n_parts + (1 if i < n_items % n_parts else 0) for i in range(n_parts)]
     bounds = list(itertools.accumulate(sizes, initial=0))
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]

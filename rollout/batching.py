@@ -66,7 +66,7 @@ def pack_rollout(
     resp_ids = torch.full((B, R), pad_id, dtype=torch.int64)
     resp_mask = torch.zeros((B, R), dtype=torch.bool)
     resp_lp = torch.zeros((B, R), dtype=torch.float32)
-    for i, (r, lp) in enumerate(zip(responses, logprobs)):
+    for i, (r, lp) in enumerate(zip(responses, logprobs, strict=True)):
         if len(r) != len(lp):
             raise ValueError(f"trajectory {i}: {len(r)} tokens but {len(lp)} log-probs")
         resp_ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
@@ -150,7 +150,7 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         attention_mask=cat("attention_mask", False),
         response_mask=cat("response_mask", False),
         rollout_logprobs=cat("rollout_logprobs", 0.0),
-        group_ids=torch.cat([b.group_ids + int(o) for b, o in zip(batches, offsets)]),
+        group_ids=torch.cat([b.group_ids + int(o) for b, o in zip(batches, offsets, strict=True)]),
         domains=[d for b in batches for d in b.domains],
         rows=[r for b in batches for r in b.rows],
         responses=[s for b in batches for s in b.responses],

@@ -77,15 +77,15 @@ class HFRolloutActor:
         token (prefill and each sampling step; -1 where nothing was routed)."""
         prompts = encode_prompts(self.tokenizer, rows)
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        replay = self.cfg.rollout.routing_replay
-        with torch.random.fork_rng(devices=[]), (record_routes(self.model) if replay else nullcontext()) as rec:
+        routes = record_routes(self.model) if self.cfg.rollout.routing_replay else nullcontext()
+        with torch.random.fork_rng(devices=[]), routes as rec:
             torch.manual_seed(seed)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask.long(), generation_config=self._sampling_config(n, greedy)
             )
         new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R')
         logp = sampled_logprobs(out.scores, new_tokens)  # (B*n, R')
-        samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp)]
+        samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp, strict=True)]
         batch = pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
         if rec is None:
             return batch

@@ -86,10 +86,13 @@ class RolloutPool:
     # ----------------------------------------------------------------- calls
 
     def _call_all(self, method: str, args_per_actor: List[tuple]) -> List:
-        """Call ``method`` on actor i with args_per_actor[i] (in parallel); results in order."""
+        """Call ``method`` on actor i with args_per_actor[i] (in parallel); results in order.
+        ``args_per_actor`` may be shorter than the pool (fewer prompts than replicas): only the
+        first len(args_per_actor) actors are called."""
+        pairs = list(zip(self._actors, args_per_actor, strict=False))
         if self.local:
-            return [getattr(a, method)(*args) for a, args in zip(self._actors, args_per_actor)]
-        calls = [(a, method, args) for a, args in zip(self._actors, args_per_actor)]
+            return [getattr(a, method)(*args) for a, args in pairs]
+        calls = [(a, method, args) for a, args in pairs]
         return self._calls.run(calls, prepare=self._resync)
 
     def _call_one(self, i: int, method: str, *args):

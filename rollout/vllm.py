@@ -202,7 +202,7 @@ class VLLMRolloutActor:
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
         result = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for i, (seq, out) in enumerate(zip(seqs, outs)):
+        for i, (seq, out) in enumerate(zip(seqs, outs, strict=True)):
             # prompt_logprobs[0] is None (nothing conditions the first token).
             values = [0.0] + [out.prompt_logprobs[j][tok].logprob for j, tok in enumerate(seq) if j > 0]
             result[i, mask[i]] = torch.tensor(values, dtype=torch.float32)

@@ -159,9 +159,10 @@ def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> Dict[str, 
     return out
 
 
-def timed(fn, sync):
+def timed(sync, fn, *args, **kwargs):
+    """fn(*args, **kwargs) and its seconds, after ``sync`` (the device has finished)."""
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     sync()
     return out, time.perf_counter() - t0
 
@@ -180,16 +181,16 @@ def run(args) -> Dict:
     n_active = active_params(trainer.engine.module)
     setup_s = time.perf_counter() - t0
     print(f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
-          f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s", flush=True)  # fmt: skip
+          f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s", flush=True)
     steps: List[Dict] = []
     for step in range(args.steps):
         rows = prompts(args.prompts, step)
-        batch, t_roll = timed(lambda: actor.generate(rows, n=args.n, seed=step), sync)
+        batch, t_roll = timed(sync, actor.generate, rows, n=args.n, seed=step)
         if step == 0:
             r3 = replay_effect(trainer, batch)
-        scores, t_teach = timed(lambda: teacher.score(batch.input_ids, batch.attention_mask, batch.response_mask), sync)
-        metrics, t_train = timed(lambda: trainer.train_step(TrainBatch(batch, scores.logprobs)), sync)
-        _, t_sync = timed(lambda: actor.load_weights(trainer.state_dict(), trainer.get_version()), sync)
+        scores, t_teach = timed(sync, teacher.score, batch.input_ids, batch.attention_mask, batch.response_mask)
+        metrics, t_train = timed(sync, lambda b, lp: trainer.train_step(TrainBatch(b, lp)), batch, scores.logprobs)
+        _, t_sync = timed(sync, lambda: actor.load_weights(trainer.state_dict(), trainer.get_version()))
         real, resp = int(batch.attention_mask.sum()), int(batch.response_mask.sum())
         s = dict(
             step=step, rollout_s=t_roll, teacher_s=t_teach, train_s=t_train, sync_s=t_sync,
@@ -205,7 +206,7 @@ def run(args) -> Dict:
     timed_steps = steps[1:] or steps  # step 0 carries the warm-up (allocations, kernel selection)
     mean = {k: sum(s[k] for s in timed_steps) / len(timed_steps) for k in steps[0] if k != "step"}
     return dict(setup_s=setup_s, params=n_total, active_params=n_active, steps=steps, mean=mean, r3=r3,
-                device=("cpu" if args.cpu else torch.cuda.get_device_name()))  # fmt: skip
+                device=("cpu" if args.cpu else torch.cuda.get_device_name()))
 
 
 def summary(res: Dict, cpu: bool) -> str:

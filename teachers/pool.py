@@ -86,14 +86,14 @@ def assemble_scores(
     ``topk``, (num_rows, num_cols, K) top-k tensors; ``latency_s`` is the slowest shard's."""
     if len(shards) != len(results):
         raise TeacherScoreError(f"{len(results)} results for {len(shards)} shards")
-    for shard, res in zip(shards, results):
+    for shard, res in zip(shards, results, strict=True):
         check_shard_result(shard, res, num_cols, topk)
     out = TeacherScores(logprobs=torch.zeros(num_rows, num_cols, dtype=torch.float32))
     if topk > 0 and results:
         k = _common_k(shards, results)
         out.topk_ids = torch.zeros(num_rows, num_cols, k, dtype=torch.int64)
         out.topk_logprobs = torch.zeros(num_rows, num_cols, k, dtype=torch.float32)
-    for shard, res in zip(shards, results):
+    for shard, res in zip(shards, results, strict=True):
         idx = torch.as_tensor(shard.rows, dtype=torch.long)
         out.logprobs[idx] = res.logprobs
         if out.topk_ids is not None:
@@ -106,7 +106,7 @@ def assemble_scores(
 def _common_k(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> int:
     ks = {r.topk_ids.shape[-1] for r in results}
     if len(ks) != 1:
-        got = ", ".join(f"{s.domain}: {r.topk_ids.shape[-1]}" for s, r in zip(shards, results))
+        got = ", ".join(f"{s.domain}: {r.topk_ids.shape[-1]}" for s, r in zip(shards, results, strict=True))
         raise TeacherScoreError(f"teachers returned different top-k sizes ({got})")
     return ks.pop()
 
@@ -115,7 +115,7 @@ def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) ->
     """``teacher/<domain>/latency_s`` (slowest replica: they run in parallel) and
     ``teacher/<domain>/rows`` for every domain present in the batch."""
     metrics: Dict[str, float] = {}
-    for shard, res in zip(shards, results):
+    for shard, res in zip(shards, results, strict=True):
         lat, rows = f"teacher/{shard.domain}/latency_s", f"teacher/{shard.domain}/rows"
         metrics[lat] = max(metrics.get(lat, 0.0), float(res.latency_s))
         metrics[rows] = metrics.get(rows, 0.0) + len(shard.rows)
@@ -204,7 +204,7 @@ class TeacherPool:
     def _signatures(self) -> Dict[str, Dict[str, Any]]:
         """One vocabulary signature per domain (replicas share a config, so the first speaks)."""
         sigs = self._call_all([(ws[0], "vocab_signature", ()) for ws in self._workers.values()])
-        return dict(zip(self._workers, sigs))
+        return dict(zip(self._workers, sigs, strict=True))
 
     @property
     def replicas(self) -> Dict[str, int]:

@@ -3,7 +3,6 @@ advantages when alpha > 0, non-finite inputs skip the update, and a streak of th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -152,7 +151,7 @@ def test_overlap_generates_one_step_ahead_and_drains_before_checkpoints(tmp_path
     ovl, metrics = _run_steps(tmp_path / "ovl", 6, "checkpoint.every=3", "rollout.overlap=true")
     assert [b.rollout.policy_version for b in seq] == [0, 1, 2, 3, 4, 5]
     assert [b.rollout.policy_version for b in ovl] == [0, 0, 1, 3, 3, 4]
-    for s, o in zip(seq, ovl):
+    for s, o in zip(seq, ovl, strict=True):
         assert s.rollout.rows == o.rollout.rows
         # NoSync leaves the weights as they are, so the same seed must give the same samples.
         assert torch.equal(s.rollout.input_ids, o.rollout.input_ids)

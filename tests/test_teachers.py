@@ -68,7 +68,7 @@ def make_batch(prompts, responses, domains) -> RolloutBatch:
     ids = torch.full((B, P + R), tok.pad_token_id, dtype=torch.int64)
     am = torch.zeros(B, P + R, dtype=torch.bool)
     rm = torch.zeros(B, P + R, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(enc_p, enc_r)):
+    for i, (p, r) in enumerate(zip(enc_p, enc_r, strict=True)):
         ids[i, P - len(p) : P] = torch.tensor(p)
         am[i, P - len(p) : P] = True
         ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.int64)
@@ -80,7 +80,7 @@ def make_batch(prompts, responses, domains) -> RolloutBatch:
         rollout_logprobs=torch.zeros(B, P + R),
         group_ids=torch.arange(B),
         domains=list(domains),
-        rows=[PromptRow(prompt=p, domain=d) for p, d in zip(prompts, domains)],
+        rows=[PromptRow(prompt=p, domain=d) for p, d in zip(prompts, domains, strict=True)],
         responses=list(responses),
         policy_version=0,
         prompt_len=P,
@@ -323,7 +323,10 @@ def test_tokenizer_signature_fields(student_sig):
 
 
 def test_package_import_is_light():
-    code = "import sys, teachers; assert not {'ray', 'vllm', 'transformers', 'torch'} & set(sys.modules), sys.modules.keys()"
+    code = (
+        "import sys, teachers; "
+        "assert not {'ray', 'vllm', 'transformers', 'torch'} & set(sys.modules), sys.modules.keys()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -190,8 +190,8 @@ def test_three_steps_vllm_rollout(tmp_path):
         mopd(
             "train", str(TINY), f"run.output_dir={tmp_path}", "rollout.backend=vllm",
             "teachers.math.backend=vllm", "trainer.world_size=1", "checkpoint.every=0", timeout=580,
-        )  # fmt: skip
-    )
+        )
+    )  # fmt: skip
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert [r["policy_version"] for r in records] == [1.0, 2.0, 3.0], proc.stderr[-2000:]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)

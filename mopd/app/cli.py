@@ -4,6 +4,8 @@
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
+
+``mopd COMMAND --help`` lists a command's options.
 """
 
 from __future__ import annotations

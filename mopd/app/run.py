@@ -69,7 +69,7 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
             ),
             lambda: TrainerPool(cfg),
             lambda: RolloutPool(cfg),
-        )  # fmt: skip
+        )
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
             loop.restore(latest, force_teachers)
