@@ -17,13 +17,13 @@ import gc
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import _bench
 from mopd.config import load_config
 
 
-def measure(backend: str, cfg, rows, args) -> Dict[str, Any]:
+def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
     from rollout.pool import actor_class
 
     cfg.rollout.backend = backend
@@ -78,7 +78,7 @@ def main() -> None:
     cfg = load_config(recipe)
     cfg.rollout.max_model_len = 512
     rows = _bench.prompt_stream(recipe, 1)[0]
-    res: Dict[str, Any] = {"args": vars(args), "machine": _bench.machine(), "student": models["student"]}
+    res: dict[str, Any] = {"args": vars(args), "machine": _bench.machine(), "student": models["student"]}
     for backend in args.backends.split(","):
         print(f"{backend} ...", flush=True)
         res[backend] = measure(backend, cfg, rows, args)

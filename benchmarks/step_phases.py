@@ -18,13 +18,14 @@ a phase in part 1 and its bare cost in part 2 is what Ray calls and serialisatio
 
 from __future__ import annotations
 
-import itertools
 import argparse
+import itertools
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ from mopd.metrics import read_metrics
 PHASES = ("rollout", "teachers", "train", "sync", "other", "outside")
 
 
-def phase_table(records: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
+def phase_table(records: list[dict[str, Any]], start: float) -> dict[str, Any]:
     """Mean seconds per steady step (2..N) of each phase, and fractions of the step."""
     times = [start] + [r["time"] for r in records]
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -59,7 +60,7 @@ def phase_table(records: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
     }
 
 
-def part1(args, work: Path) -> Dict[str, Any]:
+def part1(args, work: Path) -> dict[str, Any]:
     if args.from_run:
         out = Path(args.from_run)
         records = [r for r in read_metrics(out / "metrics.jsonl") if "timing/rollout" in r]
@@ -76,7 +77,7 @@ def part1(args, work: Path) -> Dict[str, Any]:
 # ---------------------------------------------------------------------- part 2: bare costs
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> Tuple[Any, float]:
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     """Result of the last call and the median wall time of ``repeats`` calls (after one warm-up)."""
     out = fn()
     ts = []
@@ -87,7 +88,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> Tuple[Any, float]:
     return out, statistics.median(ts)
 
 
-def part2(args, work: Path) -> Dict[str, Any]:
+def part2(args, work: Path) -> dict[str, Any]:
     from mopd.models import forward_logits
     from mopd.types import TrainBatch
     from rollout.hf import HFRolloutActor
@@ -131,7 +132,7 @@ def part2(args, work: Path) -> Dict[str, Any]:
     }
 
 
-def report(res: Dict[str, Any]) -> str:
+def report(res: dict[str, Any]) -> str:
     p1, p2 = res["ray_run"], res["bare"]
     lines = [
         f"mopd train, steady steps (2..N): {p1['step_s']:.2f} s/step, "
@@ -166,7 +167,7 @@ def main() -> None:
     args.topk = _bench.CHAR_VOCAB_SIZE
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    res: Dict[str, Any] = {"args": vars(args), "machine": _bench.machine()}
+    res: dict[str, Any] = {"args": vars(args), "machine": _bench.machine()}
     print("part 1: mopd train ...", flush=True)
     res["ray_run"] = part1(args, work)
     print("part 2: the same classes in-process ...", flush=True)

@@ -16,26 +16,25 @@ the teacher on the students' own samples), also per wall-clock second of trainin
 
 from __future__ import annotations
 
-import itertools
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 
 import _bench
 from mopd.types import PromptRow
 
-
 # ---------------------------------------------------------------------- TRL side
 
 
-def trl_dataset(stream: List[List[PromptRow]], n: int):
+def trl_dataset(stream: list[list[PromptRow]], n: int):
     """The prompt stream as a TRL dataset: each prompt n times in a row, steps in order (TRL's
     DistillationTrainer samples one completion per row, so n copies = n samples per prompt)."""
     from datasets import Dataset
@@ -43,7 +42,7 @@ def trl_dataset(stream: List[List[PromptRow]], n: int):
     return Dataset.from_list([{"prompt": r.prompt} for rows in stream for r in rows for _ in range(n)])
 
 
-def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
+def run_trl(work: Path, models: dict[str, Any], stream, args) -> dict[str, Any]:
     """Train with TRL's DistillationTrainer; per-step wall times, generation times and response
     tokens recorded by a thin subclass."""
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -51,7 +50,7 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
 
     from mopd.models import build_char_tokenizer
 
-    record: Dict[str, List[float]] = {"step_end": [], "generate_s": [], "tokens": []}
+    record: dict[str, list[float]] = {"step_end": [], "generate_s": [], "tokens": []}
 
     class Timed(DistillationTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -109,7 +108,7 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
     }
 
 
-def run_trl_child(work: Path, args, threads: int) -> Dict[str, Any]:
+def run_trl_child(work: Path, args, threads: int) -> dict[str, Any]:
     """``run_trl`` in a fresh process whose OpenMP threads sleep instead of spinning while they
     wait (as MOPD's actors do): on 2 shared cores spinning threads slowed TRL's steps ~20x."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
@@ -122,7 +121,7 @@ def run_trl_child(work: Path, args, threads: int) -> Dict[str, Any]:
 # ---------------------------------------------------------------------- MOPD side
 
 
-def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
+def mopd_figures(run: dict[str, Any]) -> dict[str, Any]:
     steady = _bench.mopd_steady(run)
     recs = run["records"]
     phases = ("rollout", "teachers", "train", "rollout_wait", "sync", "other")
@@ -136,7 +135,7 @@ def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------- report
 
 
-def report(res: Dict[str, Any]) -> str:
+def report(res: dict[str, Any]) -> str:
     m, t, student = res["mopd"], res["trl"], res["models"]["student"]
     lines = [
         f"student {student['params'] / 1e6:.1f}M params ({student['active_params'] / 1e6:.1f}M active), "
@@ -201,7 +200,7 @@ def main() -> None:
         (work / f"trl_{args.trl_threads}t.json").write_text(json.dumps(run_trl(work, models, stream, args)))
         return
     held_out = _bench.eval_rows(recipe, args.eval_prompts)
-    res: Dict[str, Any] = {"args": vars(args), "models": models, "machine": _bench.machine()}
+    res: dict[str, Any] = {"args": vars(args), "models": models, "machine": _bench.machine()}
 
     print(f"mopd train ({args.steps} steps) ...", flush=True)
     res["mopd"] = mopd_figures(_bench.run_mopd(recipe, log=work / "mopd_vs_trl.log"))

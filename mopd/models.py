@@ -7,7 +7,7 @@ Heavy imports (transformers) happen inside functions so that ``import mopd`` sta
 from __future__ import annotations
 
 import string
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -53,7 +53,7 @@ def load_tokenizer(spec: ModelConfig):
     return tok
 
 
-def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> Dict[str, Any]:
+def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> dict[str, Any]:
     """A small ``MiMoV2FlashForCausalLM`` config (MoE with a dense first layer, hybrid
     sliding-window/global attention) that trains on two CPU cores."""
     cfg = dict(
@@ -82,14 +82,14 @@ def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> Dic
     return cfg
 
 
-def _attn_impl(model_type: str, requested: Optional[str]) -> Optional[str]:
+def _attn_impl(model_type: str, requested: str | None) -> str | None:
     if requested:
         return requested
     # MiMoV2Flash supports only eager attention (attention sinks, asymmetric V head dim).
     return "eager" if model_type == "mimo_v2_flash" else None
 
 
-def load_model(spec: ModelConfig, seed: int = 0, dtype: Optional[str] = None):
+def load_model(spec: ModelConfig, seed: int = 0, dtype: str | None = None):
     """A causal LM from ``spec.path`` or built from ``spec.config`` (random init seeded by ``seed``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -139,7 +139,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, K) ids and log-probs of the k most likely next tokens at each position, aligned like
     ``token_logprobs`` (position t holds the distribution of token t); column 0 is filled with 0."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 log = logging.getLogger("mopd")
 
@@ -47,10 +46,10 @@ class SandboxResult:
     ok: bool  # exited 0 within every limit
     stdout: str
     stderr: str
-    returncode: Optional[int]  # None when killed at the wall-clock deadline
+    returncode: int | None  # None when killed at the wall-clock deadline
     reason: str  # "ok", "exit <n>", "cpu", "file_size", "signal <name>", "timeout", "error: ..."
     seconds: float
-    pgid: Optional[int] = None  # the run's process group (gone by the time the result exists)
+    pgid: int | None = None  # the run's process group (gone by the time the result exists)
 
 
 # Runs inside the namespaces as root and PID 1 (or directly, in basic mode): locks the file system
@@ -162,7 +161,7 @@ def _limits(cpu_s: float, memory_mb: int, max_procs: int, max_file_mb: int, max_
     }
 
 
-def _reason(rc: Optional[int], timed_out: bool) -> str:
+def _reason(rc: int | None, timed_out: bool) -> str:
     if timed_out:
         return "timeout"
     if rc == 0:
@@ -227,7 +226,7 @@ def run_untrusted(
     max_file_mb: int = 4,
     max_files: int = 64,
     audit: bool = True,
-    namespaces: Optional[bool] = None,
+    namespaces: bool | None = None,
 ) -> SandboxResult:
     """Run ``code`` (Python source) contained; never raises for anything the code does.
 
@@ -262,7 +261,7 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float) -> S
                                     cwd=work, start_new_session=True, close_fds=True)
         timed_out = False
         try:
-            rc: Optional[int] = proc.wait(timeout=wall_s)
+            rc: int | None = proc.wait(timeout=wall_s)
         except subprocess.TimeoutExpired:
             timed_out, rc = True, None
         _kill_group(proc)  # whatever it left behind, finished or not
@@ -276,7 +275,7 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float) -> S
         shutil.rmtree(io_dir, ignore_errors=True)
 
 
-_ISOLATION: Optional[str] = None
+_ISOLATION: str | None = None
 
 
 def _namespaces_work() -> bool:

@@ -9,9 +9,9 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Dict, List, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ class HFRolloutActor:
         )
 
     @torch.no_grad()
-    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
 
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs.
@@ -92,7 +92,7 @@ class HFRolloutActor:
         # Same columns as the batch: generate's prompt is left-padded to the same P.
         return replace(batch, routed_experts=align_routes(rec.routes(rows=len(batch)), batch.attention_mask))
 
-    def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)

@@ -31,15 +31,14 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, List
 
 import torch
 
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer
+from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
-from mopd.seeds import seed_for
 from rollout.batching import encode_prompts, pack_samples
 from rollout.hf import set_threads
 
@@ -67,7 +66,7 @@ def export_checkpoint(state_dict, skeleton, pad_v: bool):
     return {**config, **vllm_config_overrides(config, pad_v)}, tensors
 
 
-def write_weights(directory: str, tensors: Dict[str, torch.Tensor]) -> None:
+def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``model.safetensors`` atomically (the engine may still map the previous file)."""
     from safetensors.torch import save_file
 
@@ -155,7 +154,7 @@ class VLLMRolloutActor:
             detokenize=False,
         )
 
-    def _check_lengths(self, token_lists: List[List[int]], extra: int) -> None:
+    def _check_lengths(self, token_lists: list[list[int]], extra: int) -> None:
         limit = self.cfg.rollout.max_model_len
         longest = max((len(t) for t in token_lists), default=0)
         if longest + extra > limit:
@@ -164,7 +163,7 @@ class VLLMRolloutActor:
                 f"({limit}); raise rollout.max_model_len or lower data.max_prompt_len / rollout.max_new_tokens"
             )
 
-    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
 
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
@@ -181,7 +180,7 @@ class VLLMRolloutActor:
         ]
         return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
 
-    def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names) into the running engine."""
         _, tensors = export_checkpoint(state_dict, self._skeleton, self._pad_v)
         write_weights(self._dir, tensors)
@@ -224,7 +223,7 @@ class VLLMRolloutActor:
             self._dir = None
 
 
-def _sampled(token_ids, logprobs) -> List[float]:
+def _sampled(token_ids, logprobs) -> list[float]:
     """The log-prob vLLM recorded for each sampled token (position t: ``logprobs[t][token]``)."""
     return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
 

@@ -25,7 +25,6 @@ import os
 import socket
 import sys
 import time
-from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,7 +37,7 @@ PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM, dense (no sparsity)
 # --------------------------------------------------------------------------- configuration
 
 
-def student_config(tiny: bool) -> Dict:
+def student_config(tiny: bool) -> dict:
     """~340M total / ~130M active parameters (hybrid attention 5:1, first layer dense, 16 experts
     top-4), or the tests' tiny student."""
     from mopd.models import tiny_mimo_config
@@ -55,7 +54,7 @@ def student_config(tiny: bool) -> Dict:
 
 
 def make_cfg(args):
-    from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig, TeacherConfig
+    from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig, TeacherConfig
 
     cfg = MOPDConfig()
     cfg.run.total_steps = args.steps
@@ -145,7 +144,7 @@ def active_params(model) -> int:
 # --------------------------------------------------------------------------- the run
 
 
-def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> Dict[str, float]:
+def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> dict[str, float]:
     """Trainer vs rollout log-probs on ``batch``, without and with its recorded routes."""
     out = {}
     resp = batch.response_mask
@@ -167,7 +166,7 @@ def timed(sync, fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def run(args) -> Dict:
+def run(args) -> dict:
     from mopd.types import TrainBatch
 
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -182,7 +181,7 @@ def run(args) -> Dict:
     setup_s = time.perf_counter() - t0
     print(f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
           f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s", flush=True)
-    steps: List[Dict] = []
+    steps: list[dict] = []
     for step in range(args.steps):
         rows = prompts(args.prompts, step)
         batch, t_roll = timed(sync, actor.generate, rows, n=args.n, seed=step)
@@ -209,7 +208,7 @@ def run(args) -> Dict:
                 device=("cpu" if args.cpu else torch.cuda.get_device_name()))
 
 
-def summary(res: Dict, cpu: bool) -> str:
+def summary(res: dict, cpu: bool) -> str:
     m = res["mean"]
     mfu = (lambda x: "n/a (CPU)") if cpu else (lambda x: f"{100 * x:.2f}%")
     lines = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -37,7 +37,7 @@ class HFTeacherWorker:
         # Most causal LMs accept `logits_to_keep`: the LM head then skips prompt positions.
         self._can_trim_head = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
-    def vocab_signature(self) -> Dict[str, Any]:
+    def vocab_signature(self) -> dict[str, Any]:
         return tokenizer_signature(self.tokenizer, config_vocab_size(self.model.config))
 
     @torch.no_grad()
@@ -73,7 +73,7 @@ class HFTeacherWorker:
 
     def _score_chunk(
         self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
-    ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Scores of one trimmed chunk: ids/am/rm (b, t) -> logprobs (b, t) and optional top-k
         (b, t, k) ids and log-probs, all 0 outside ``rm``."""
         b, t = ids.shape

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mopd.config import load_config
 from mopd.app.run import build_eval_rows, build_mixer
+from mopd.config import load_config
 from mopd.loop import MOPDLoop, NonFiniteError
 from mopd.metrics import MetricsWriter
 from rollout.pool import RolloutPool

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mopd.config import MOPDConfig, ModelConfig, load_config
+from mopd.config import ModelConfig, MOPDConfig, load_config
 from mopd.models import load_model
 from mopd.runtime import local_ray_kwargs
 

@@ -252,7 +252,7 @@ def _connect(port: int) -> str:
 def _no_connection(srv: socket.socket) -> bool:
     try:
         srv.accept()[0].close()
-    except socket.timeout:
+    except TimeoutError:
         return True
     return False
 

@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 
-from mopd.config import MOPDConfig, ModelConfig
+from mopd.config import ModelConfig, MOPDConfig
 from mopd.models import forward_logits, load_model, sequence_logprobs, tiny_mimo_config, topk_logprobs
 from mopd.objective import grpo_advantages
 from mopd.runtime import free_port
