@@ -85,7 +85,12 @@ def save_models(work: Path, seed: int = 0) -> dict[str, Any]:
         model.save_pretrained(out)
         tok.save_pretrained(out)
         total = count_params(model)
-        info[name] = {"path": str(out), "params": total, "active_params": active_params(config, total), "config": config}
+        info[name] = {
+            "path": str(out),
+            "params": total,
+            "active_params": active_params(config, total),
+            "config": config,
+        }
     info_path.write_text(json.dumps(info, indent=2))
     return info
 
@@ -95,9 +100,9 @@ def recipe(work: Path, models: dict[str, Any], args, name: str, **extra: Any) ->
     per-position reverse KL objective, i.e. TRL's beta=1 loss, no MoE balance loss)."""
     lines = f"""
 run: {{name: {name}, output_dir: {work / name}, total_steps: {args.steps}, seed: {args.seed}}}
-student: {{path: {models['student']['path']}, tokenizer: {BUILTIN_TOKENIZER}}}
+student: {{path: {models["student"]["path"]}, tokenizer: {BUILTIN_TOKENIZER}}}
 teachers:
-  math: {{path: {models['teacher']['path']}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
+  math: {{path: {models["teacher"]["path"]}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
 data:
   sources: [{{domain: math, generator: math, num_prompts: 2000}}]
 rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new},
@@ -177,7 +182,9 @@ def mopd_steady(run: dict[str, Any], warmup: int = 1) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def quality(student_dir: str, teacher_dir: str, rows: list[PromptRow], max_new: int, seed: int = 1234) -> dict[str, float]:
+def quality(
+    student_dir: str, teacher_dir: str, rows: list[PromptRow], max_new: int, seed: int = 1234
+) -> dict[str, float]:
     """Held-out quality of a student: greedy exact-match accuracy (the domain's verifier) and the
     per-token reverse KL(student || teacher) over the full vocabulary on the student's own sampled
     responses (temperature 1, seeded), the quantity both toolkits minimise."""
@@ -190,7 +197,9 @@ def quality(student_dir: str, teacher_dir: str, rows: list[PromptRow], max_new: 
     cfg.rollout.max_new_tokens = max_new
     actor = HFRolloutActor(cfg)
     greedy = actor.generate(rows, 1, seed=seed, greedy=True)
-    acc = sum(get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses, strict=True)) / len(rows)
+    acc = sum(
+        get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses, strict=True)
+    ) / len(rows)
     sampled = actor.generate(rows, 1, seed=seed)
     teacher = load_model(ModelConfig(path=teacher_dir, tokenizer=BUILTIN_TOKENIZER)).eval()
     ids, am, rm = sampled.input_ids, sampled.attention_mask, sampled.response_mask

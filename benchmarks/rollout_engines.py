@@ -82,8 +82,10 @@ def main() -> None:
     for backend in args.backends.split(","):
         print(f"{backend} ...", flush=True)
         res[backend] = measure(backend, cfg, rows, args)
-    print(f"student {models['student']['params'] / 1e6:.1f}M params, {args.prompts} prompts x {args.n} samples x "
-          f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}")
+    print(
+        f"student {models['student']['params'] / 1e6:.1f}M params, {args.prompts} prompts x {args.n} samples x "
+        f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}"
+    )
     print("| backend | engine start s | generate s (each call) | response tok/s (median) | weight sync s |")
     print("|---|---|---|---|---|")
     for b in args.backends.split(","):

@@ -85,8 +85,11 @@ def table(results: dict[str, dict[str, float]]) -> str:
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         for mode in ("off", "on"):
-            cells = [f"{r[f'{mode}/mean_abs_diff']:.2e}", f"{r[f'{mode}/max_abs_diff']:.2e}",
-                     f"{100 * r[f'{mode}/route_mismatch']:.2f}%"]
+            cells = [
+                f"{r[f'{mode}/mean_abs_diff']:.2e}",
+                f"{r[f'{mode}/max_abs_diff']:.2e}",
+                f"{100 * r[f'{mode}/route_mismatch']:.2f}%",
+            ]
             cells += [f"{100 * r[f'{mode}/masked[{lo},{hi}]']:.2f}%" for lo, hi in BANDS]
             rows.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

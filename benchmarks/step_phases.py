@@ -140,7 +140,9 @@ def report(res: dict[str, Any]) -> str:
     ]
     lines += ["| phase | s/step | fraction |", "|---|---|---|"]
     lines += [f"| {p} | {p1['phase_s'][p]:.3f} | {100 * p1['fraction'][p]:.1f}% |" for p in PHASES]
-    lines.append(f"outside rollout + teacher scoring + train: {100 * p1['beyond_rollout_teachers_train']:.1f}% of the step")
+    lines.append(
+        f"outside rollout + teacher scoring + train: {100 * p1['beyond_rollout_teachers_train']:.1f}% of the step"
+    )
     lines.append(
         f"in-process, one thread, {p2['rows']} rows x {p2['columns']} columns "
         f"({p2['response_tokens']} response tokens): generate {p2['generate_s']:.2f} s, "

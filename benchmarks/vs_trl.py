@@ -170,7 +170,9 @@ def report(res: dict[str, Any]) -> str:
     if "mopd_overlap" in res:
         lines.append(f"throughput ratio mopd (rollout.overlap) / TRL: {res['ratio_overlap']:.2f}x")
         phases = res["mopd_overlap"]["phase_s"].items()
-        lines.append("mopd, rollout.overlap phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
+        lines.append(
+            "mopd, rollout.overlap phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in phases)
+        )
     lines.append(f"TRL generate (s/step, steps 2..N): {t['generate_s']:.3f}")
     for k in res:
         if k.startswith("trl_"):
@@ -183,7 +185,9 @@ def report(res: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _bench.add_workload_args(p)
-    p.add_argument("--trl-threads", default="2", help="torch threads of the TRL process; a list (2,1) runs TRL once per entry")
+    p.add_argument(
+        "--trl-threads", default="2", help="torch threads of the TRL process; a list (2,1) runs TRL once per entry"
+    )
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/bench", help="models, runs and logs go here")
@@ -226,7 +230,9 @@ def main() -> None:
         "trl": _bench.quality(res["trl"]["final_dir"], teacher, held_out, args.max_new),
     }
     if "mopd_overlap" in res:
-        res["quality"]["mopd_overlap"] = _bench.quality(res["mopd_overlap"]["final_dir"], teacher, held_out, args.max_new)
+        res["quality"]["mopd_overlap"] = _bench.quality(
+            res["mopd_overlap"]["final_dir"], teacher, held_out, args.max_new
+        )
     print(report(res))
     _bench.write_json(args.out, res)
 

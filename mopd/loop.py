@@ -226,7 +226,10 @@ class MOPDLoop:
                 if self._due(self.cfg.eval.every) and self.eval_rows:
                     metrics.update(self._evaluate())
                 self.writer.write(self.step, metrics)
-                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", kl=f"{metrics.get('train/reverse_kl', float('nan')):.3f}")
+                bar.set_postfix(
+                    loss=f"{metrics.get('train/loss', float('nan')):.4f}",
+                    kl=f"{metrics.get('train/reverse_kl', float('nan')):.3f}",
+                )
                 bar.update(1)
                 if self._due(self.cfg.checkpoint.every) or self.step == total:
                     self.save()

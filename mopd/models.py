@@ -150,7 +150,9 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def sequence_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
     """Teacher-forced (B, T) f32 log-probs of every token, in chunks of ``batch_size`` rows."""
     out = []
     for i in range(0, input_ids.shape[0], batch_size):

@@ -251,14 +251,35 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float) -> S
             os.chown(os.path.join(work, "main.py"), NOBODY, NOBODY)
         lims = ",".join(f"{k}={v}" for k, v in limits.items())
         uid = str(NOBODY) if drop else "-"
-        argv = [_python(), "-I", "-S", "-c", _LAUNCHER, os.path.realpath(work), str(int(use_ns)), uid,
-                _python(), os.path.realpath(sys.base_prefix), str(int(audit)), lims, _BOOT]
+        argv = [
+            _python(),
+            "-I",
+            "-S",
+            "-c",
+            _LAUNCHER,
+            os.path.realpath(work),
+            str(int(use_ns)),
+            uid,
+            _python(),
+            os.path.realpath(sys.base_prefix),
+            str(int(audit)),
+            lims,
+            _BOOT,
+        ]
         if use_ns:
             argv = [shutil.which("unshare") or "unshare", *_UNSHARE, *argv]
         out_path, err_path = os.path.join(io_dir, "out"), os.path.join(io_dir, "err")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={},
-                                    cwd=work, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env={},
+                cwd=work,
+                start_new_session=True,
+                close_fds=True,
+            )
         timed_out = False
         try:
             rc: int | None = proc.wait(timeout=wall_s)
@@ -266,8 +287,15 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float) -> S
             timed_out, rc = True, None
         _kill_group(proc)  # whatever it left behind, finished or not
         cap = limits["RLIMIT_FSIZE"]
-        return SandboxResult(rc == 0 and not timed_out, _read(out_path, cap), _read(err_path, cap), rc,
-                             _reason(rc, timed_out), time.monotonic() - t0, proc.pid)
+        return SandboxResult(
+            rc == 0 and not timed_out,
+            _read(out_path, cap),
+            _read(err_path, cap),
+            rc,
+            _reason(rc, timed_out),
+            time.monotonic() - t0,
+            proc.pid,
+        )
     except OSError as e:  # we could not start it: a failure of the run, never of the caller
         return SandboxResult(False, "", "", None, f"error: {e}", time.monotonic() - t0)
     finally:
@@ -293,8 +321,11 @@ def isolation() -> str:
             if probe.stdout == "ok\n":
                 _ISOLATION = "namespaces"
             else:
-                log.warning("sandbox: namespaces unavailable (%s %s); using limits + audit hook only",
-                            probe.reason, probe.stderr.strip()[-200:])
+                log.warning(
+                    "sandbox: namespaces unavailable (%s %s); using limits + audit hook only",
+                    probe.reason,
+                    probe.stderr.strip()[-200:],
+                )
         else:
             log.warning("sandbox: not root or no unshare; using limits + audit hook only")
     return _ISOLATION

@@ -162,4 +162,3 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
 
 def decode_responses(tokenizer, responses: Sequence[Sequence[int]]) -> list[str]:
     return [tokenizer.decode(list(r), skip_special_tokens=True) for r in responses]
-

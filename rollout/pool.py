@@ -184,4 +184,3 @@ class RolloutPool:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-

@@ -179,8 +179,11 @@ def run(args) -> dict:
     n_total = sum(p.numel() for p in trainer.engine.module.parameters())
     n_active = active_params(trainer.engine.module)
     setup_s = time.perf_counter() - t0
-    print(f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
-          f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s", flush=True)
+    print(
+        f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
+        f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s",
+        flush=True,
+    )
     steps: list[dict] = []
     for step in range(args.steps):
         rows = prompts(args.prompts, step)
@@ -204,8 +207,15 @@ def run(args) -> dict:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in s.items()}), flush=True)
     timed_steps = steps[1:] or steps  # step 0 carries the warm-up (allocations, kernel selection)
     mean = {k: sum(s[k] for s in timed_steps) / len(timed_steps) for k in steps[0] if k != "step"}
-    return dict(setup_s=setup_s, params=n_total, active_params=n_active, steps=steps, mean=mean, r3=r3,
-                device=("cpu" if args.cpu else torch.cuda.get_device_name()))
+    return dict(
+        setup_s=setup_s,
+        params=n_total,
+        active_params=n_active,
+        steps=steps,
+        mean=mean,
+        r3=r3,
+        device=("cpu" if args.cpu else torch.cuda.get_device_name()),
+    )
 
 
 def summary(res: dict, cpu: bool) -> str:
@@ -213,7 +223,8 @@ def summary(res: dict, cpu: bool) -> str:
     mfu = (lambda x: "n/a (CPU)") if cpu else (lambda x: f"{100 * x:.2f}%")
     lines = [
         f"mean over steps 1..{len(res['steps']) - 1} (step 0 is warm-up):"
-        if len(res["steps"]) > 1 else "step 0 (warm-up included):",
+        if len(res["steps"]) > 1
+        else "step 0 (warm-up included):",
         f"  rollout  {m['rollout_tok_s']:10.0f} response tok/s  ({m['rollout_s']:.2f} s)",
         f"  teacher  {m['teacher_tok_s']:10.0f} tok/s           ({m['teacher_s']:.2f} s)  MFU {mfu(m['teacher_mfu'])}",
         f"  train    {m['train_tok_s']:10.0f} tok/s           ({m['train_s']:.2f} s)  MFU {mfu(m['train_mfu'])}",

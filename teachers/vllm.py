@@ -174,7 +174,11 @@ class VLLMTeacherWorker:
         B, T = input_ids.shape
         out = empty_scores(B, T, topk)
         rows, spans = self._rows_to_score(attention_mask, response_mask)
-        outputs = self._generate([input_ids[i, a:b].tolist() for i, (a, b) in zip(rows, spans, strict=True)], topk) if rows else []
+        outputs = (
+            self._generate([input_ids[i, a:b].tolist() for i, (a, b) in zip(rows, spans, strict=True)], topk)
+            if rows
+            else []
+        )
         for i, (a, b), res in zip(rows, spans, outputs, strict=True):
             lp, top = flat_to_tensors(res.prompt_logprobs, b - a, topk)
             keep = response_mask[i, a:b]

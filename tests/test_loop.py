@@ -41,7 +41,14 @@ def make_loop(tmp_path, *overrides):
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "rollout.n=4", "rollout.max_new_tokens=6", *overrides])
     mixer, _ = build_mixer(cfg)
     trainer = RecordingTrainer()
-    loop = MOPDLoop(cfg, NoSync(cfg, local=True), TeacherPool(cfg.teachers, 0, local=True), trainer, mixer, MetricsWriter(tmp_path, tensorboard=False))
+    loop = MOPDLoop(
+        cfg,
+        NoSync(cfg, local=True),
+        TeacherPool(cfg.teachers, 0, local=True),
+        trainer,
+        mixer,
+        MetricsWriter(tmp_path, tensorboard=False),
+    )
     return loop, trainer
 
 
@@ -119,12 +126,20 @@ class VersionedSync(RolloutPool):
 def _overlap_loop(tmp_path, total, *overrides):
     cfg = load_config(
         TINY,
-        [f"run.output_dir={tmp_path}", f"run.total_steps={total}", "rollout.n=2", "rollout.max_new_tokens=4", *overrides],
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.total_steps={total}",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            *overrides,
+        ],
     )
     mixer, _ = build_mixer(cfg)
     rollout = VersionedSync(cfg, local=True)
     writer = MetricsWriter(tmp_path, tensorboard=False)
-    return MOPDLoop(cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), RecordingTrainer(), mixer, writer, build_eval_rows(cfg))
+    return MOPDLoop(
+        cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), RecordingTrainer(), mixer, writer, build_eval_rows(cfg)
+    )
 
 
 def _steps(loop, steps):

@@ -407,7 +407,9 @@ class TrainerWorker:
             )  # fmt: skip
         n = m["num_tokens"]
         abs_diff = float(((lp.detach() - sub.rollout).abs() * sub.response_mask).sum())
-        stat = torch.tensor([n, m["reverse_kl"] * n, m["is_masked_frac"] * n, m["adv_mean"] * n, abs_diff], dtype=torch.float64)
+        stat = torch.tensor(
+            [n, m["reverse_kl"] * n, m["is_masked_frac"] * n, m["adv_mean"] * n, abs_diff], dtype=torch.float64
+        )
         return loss, stat
 
     def _optimizer_step(self, skip: bool) -> tuple[float, bool]:

@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default="runs/quickstart")
     q.add_argument("--from-stage", default=None, help="re-run this stage and the ones after it")
     q.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="quickstart settings (e.g. teacher_sft_steps=300) or recipe keys"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="quickstart settings (e.g. teacher_sft_steps=300) or recipe keys",
     )
     return p
 

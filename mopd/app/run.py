@@ -65,7 +65,11 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
         teachers, trainer, rollout = start_pools(
             pools,
             lambda: TeacherPool(
-                cfg.teachers, cfg.run.seed, signature, max_topk=max(topk, 1), env=cfg.ray.env,
+                cfg.teachers,
+                cfg.run.seed,
+                signature,
+                max_topk=max(topk, 1),
+                env=cfg.ray.env,
                 max_restarts=cfg.ray.max_restarts,
             ),
             lambda: TrainerPool(cfg),
