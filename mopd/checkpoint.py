@@ -36,8 +36,10 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found, key=lambda step_path: step_path[0])]
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

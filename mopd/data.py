@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SKIPPED = "data/skipped/"
 # (where, record or None, problem or None): a record from a file, or the reason it has none.
-Record = tuple[str, Any | None, str | None]
+Record = tuple[str, Any, str | None]
 Source = tuple[DataSourceConfig, list[PromptRow]]
 
 

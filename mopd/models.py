@@ -102,6 +102,8 @@ def load_model(spec: ModelConfig, seed: int = 0, dtype: str | None = None):
         return AutoModelForCausalLM.from_pretrained(
             spec.path, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True, **kw
         )
+    if spec.config is None:
+        raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
     cfg = dict(spec.config)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def _sigmoid_gate_weights(router: torch.nn.Module, logits: torch.Tensor, idx: to
     w = logits.float().sigmoid().gather(1, idx)
     if router.norm_topk_prob:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-    return w * router.routed_scaling_factor
+    return w * cast(float, router.routed_scaling_factor)
 
 
 def _softmax_gate_weights(router: torch.nn.Module, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
+from typing import Any
 
 from mopd.config import MOPDConfig
 
@@ -56,7 +57,7 @@ def init_ray(cfg: MOPDConfig) -> None:
     ray.init(**local_ray_kwargs(cfg, num_cpus))
 
 
-def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, object]:
+def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, Any]:
     """``ray.init`` arguments of a local run: the dashboard is off unless the recipe turns it on,
     and then it listens on 127.0.0.1 only."""
     return dict(

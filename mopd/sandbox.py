@@ -162,7 +162,7 @@ def _limits(cpu_s: float, memory_mb: int, max_procs: int, max_file_mb: int, max_
 
 
 def _reason(rc: int | None, timed_out: bool) -> str:
-    if timed_out:
+    if timed_out or rc is None:  # rc is None only when the run timed out
         return "timeout"
     if rc == 0:
         return "ok"

@@ -114,7 +114,7 @@ class TeacherScores:
         _check("logprobs", self.logprobs, tuple(self.logprobs.shape), torch.float32)
         if (self.topk_ids is None) != (self.topk_logprobs is None):
             raise ValueError("topk_ids and topk_logprobs go together")
-        if self.topk_ids is not None:
+        if self.topk_ids is not None and self.topk_logprobs is not None:
             B, T = self.logprobs.shape
             _check("topk_ids", self.topk_ids, (B, T), torch.int64)
             _check("topk_logprobs", self.topk_logprobs, (B, T), torch.float32)

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import torch
 
@@ -99,7 +100,7 @@ class VLLMRolloutActor:
         self.tokenizer = load_tokenizer(cfg.student)
         self._pad_v = current_platform.is_cpu()
         self._dir = tempfile.mkdtemp(prefix=f"mopd-rollout-vllm-{replica}-")
-        self.llm = None
+        self.llm: Any = None
         try:
             self._write_initial_checkpoint()
             self.llm = self._start_engine()
@@ -220,7 +221,7 @@ class VLLMRolloutActor:
             gc.collect()
         if getattr(self, "_dir", None):
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+            del self._dir
 
 
 def _sampled(token_ids, logprobs) -> list[float]:

@@ -67,6 +67,7 @@ class HFTeacherWorker:
             lp, top = self._score_chunk(input_ids[rows, cols], attention_mask[rows, cols], response_mask[rows, cols], k)
             out.logprobs[rows, cols] = lp
             if top is not None:
+                assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(k > 0)
                 out.topk_ids[rows, cols], out.topk_logprobs[rows, cols] = top
         out.latency_s = time.perf_counter() - start
         return out

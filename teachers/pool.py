@@ -97,7 +97,8 @@ def assemble_scores(
     for shard, res in zip(shards, results, strict=True):
         idx = torch.as_tensor(shard.rows, dtype=torch.long)
         out.logprobs[idx] = res.logprobs
-        if out.topk_ids is not None:
+        if out.topk_ids is not None and out.topk_logprobs is not None:
+            assert res.topk_ids is not None and res.topk_logprobs is not None  # check_shard_result
             out.topk_ids[idx] = res.topk_ids
             out.topk_logprobs[idx] = res.topk_logprobs
     out.latency_s = max((r.latency_s for r in results), default=0.0)
@@ -105,11 +106,16 @@ def assemble_scores(
 
 
 def _common_k(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> int:
-    ks = {r.topk_ids.shape[-1] for r in results}
+    ks = {_k(r) for r in results}
     if len(ks) != 1:
-        got = ", ".join(f"{s.domain}: {r.topk_ids.shape[-1]}" for s, r in zip(shards, results, strict=True))
+        got = ", ".join(f"{s.domain}: {_k(r)}" for s, r in zip(shards, results, strict=True))
         raise TeacherScoreError(f"teachers returned different top-k sizes ({got})")
     return ks.pop()
+
+
+def _k(scores: TeacherScores) -> int:
+    assert scores.topk_ids is not None  # check_shard_result: present when top-k was requested
+    return scores.topk_ids.shape[-1]
 
 
 def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> dict[str, float]:
@@ -193,7 +199,7 @@ class TeacherPool:
             max_restarts=self._calls.max_restarts,
             runtime_env={"env_vars": actor_env(cfg.resources.num_cpus, backend_env, env)},
         )
-        actor_cls = ray.remote(cls).options(**options)
+        actor_cls: Any = ray.remote(cls).options(**options)
         return [actor_cls.remote(domain, cfg, seed, **kwargs) for _ in range(cfg.replicas)]
 
     def _call_all(self, calls: list[tuple]) -> list[Any]:

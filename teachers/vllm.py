@@ -184,6 +184,7 @@ class VLLMTeacherWorker:
             keep = response_mask[i, a:b]
             out.logprobs[i, a:b] = torch.where(keep, lp, 0.0)
             if top is not None:
+                assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(topk > 0)
                 out.topk_ids[i, a:b] = torch.where(keep[:, None], top[0], 0)
                 out.topk_logprobs[i, a:b] = torch.where(keep[:, None], top[1], 0.0)
         out.latency_s = time.perf_counter() - start

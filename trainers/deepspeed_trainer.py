@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -148,9 +148,9 @@ class _Rows:
     def to(self, device: torch.device) -> _Rows:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return _Rows(
-            move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.rollout),
-            move(self.teacher), move(self.adv_orm), move(self.topk_ids), move(self.topk_logprobs), self.domains,
-            move(self.routes),
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+            self.rollout.to(device), self.teacher.to(device),
+            move(self.adv_orm), move(self.topk_ids), move(self.topk_logprobs), self.domains, move(self.routes),
         )  # fmt: skip
 
     def subset(self, idx: list[int]) -> _Rows:
@@ -239,13 +239,16 @@ class TrainerWorker:
 
         _quiet_deepspeed()
         # The shm all-reduce op JIT-compiles for ~50 s; gloo does the job on CPU.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        ds_comm: Any = importlib.import_module("deepspeed.comm.torch")
+        ds_comm.build_shm_op = lambda: None
         # Same seed on every rank, so all ranks start from identical weights. Loaded in fp32: these
         # are the master weights; DeepSpeed casts the module when trainer.bf16 is on.
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
         self._routes = RouterCapture(model)
         self._moe = hasattr(model.config, "output_router_logits")
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, t.weight_decay), lr=t.lr, betas=cast(tuple[float, float], tuple(t.betas))
+        )
         factor = lr_lambda(t.lr_schedule, t.warmup_steps, cfg.run.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -395,6 +398,7 @@ class TrainerWorker:
         t = torch.as_tensor(idx, dtype=torch.long, device=logp_train.device)
         lp = logp_train[t]
         if o.kind == "topk":
+            assert student_topk is not None and sub.topk_logprobs is not None  # computed / sent for kind=topk
             loss, m = topk_reverse_kl_loss(
                 student_topk[t], sub.topk_logprobs, lp, sub.rollout, sub.response_mask,
                 eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
@@ -501,7 +505,7 @@ class TrainerWorker:
         """Write a Hugging Face directory (safetensors, config, generation config, tokenizer) that
         ``AutoModelForCausalLM.from_pretrained`` loads. Collective; rank 0 writes."""
         sd = self.state_dict()
-        if self.rank != 0:
+        if self.rank != 0 or sd is None:
             return
         _write_hf_dir(self.engine.module, sd, out_dir, self.cfg.student)
         load_tokenizer(self.cfg.student).save_pretrained(out_dir)

@@ -183,8 +183,10 @@ def model_signature(model: ModelConfig) -> dict[str, Any]:
     if model.config is not None:
         extra = dict(model.config)
         config = AutoConfig.for_model(extra.pop("model_type"), **extra)
-    else:
+    elif model.path is not None:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    else:
+        raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
     return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
 
 

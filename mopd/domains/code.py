@@ -27,6 +27,7 @@ import random
 import string
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from mopd.domains import register_domain
 from mopd.domains.common import exact_match, register_levels, sample_split
@@ -120,7 +121,7 @@ EXEC_LEVEL = 3
 # The helpers as source, defined in the sandbox before the response runs.
 HELPERS_SRC = "rev = lambda s: s[::-1]\nupper = str.upper\nsort = lambda s: ''.join(sorted(s))\n"
 # Per-response limits: the answer is one short expression, so anything slow or big is wrong anyway.
-EXEC_LIMITS = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1)
+EXEC_LIMITS: dict[str, Any] = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1)
 # How executed responses ended, by sandbox reason ("ok", "timeout", "cpu", "exit 1", "error: ...").
 EXEC_OUTCOMES: Counter = Counter()
 
