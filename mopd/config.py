@@ -14,11 +14,12 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, cast, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -245,7 +246,7 @@ def load_config(path: str | os.PathLike | None, overrides: List[str] | None = No
         cfg = _merge(cfg, _parse_overrides(overrides), source="override")
     try:
         OmegaConf.resolve(cfg)
-        obj: MOPDConfig = OmegaConf.to_object(cfg)
+        obj = cast(MOPDConfig, OmegaConf.to_object(cfg))
     except MissingMandatoryValue as e:
         raise ConfigError(f"missing required value: {e.full_key} (set it in the recipe or as {e.full_key}=...)") from e
     except OmegaConfBaseException as e:
@@ -264,9 +265,9 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         raise ConfigError(f"bad override: {e}") from e
 
 
-def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+def _merge(base: DictConfig, layer: DictConfig | ListConfig, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, layer)
+        return cast(DictConfig, OmegaConf.merge(base, layer))  # merged into a DictConfig: a DictConfig
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = e.full_key or str(e.key)
         raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}") from e
@@ -302,7 +303,7 @@ def _choices(full_key: str) -> Optional[Tuple[Any, ...]]:
 
 
 def _strip_optional(tp: Any) -> Any:
-    if get_origin(tp) is Union:
+    if get_origin(tp) in (Union, types.UnionType):  # Optional[X] or X | None
         args = [a for a in get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
     return tp

@@ -83,7 +83,7 @@ def test_the_student_sees_typos_only_on_its_noisy_kinds_at_the_set_rate():
 
 def _report(before, teacher, after, score):
     return {
-        "domains": {d: {"student_before": b, "teacher": t, "student_after": a} for d, b, t, a in zip("xy", before, teacher, after)},
+        "domains": {d: {"student_before": b, "teacher": t, "student_after": a} for d, b, t, a in zip("xy", before, teacher, after, strict=True)},
         "normalized_score": score,
         "wall_time_s": 300.0,
     }

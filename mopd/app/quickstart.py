@@ -23,9 +23,12 @@ import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, cast
 
-from mopd.config import LR_SCHEDULES, MOPDConfig, load_config
+from mopd.config import LR_SCHEDULES, LRSchedule, MOPDConfig, load_config
+
+if TYPE_CHECKING:
+    from mopd.types import TrainBatch
 
 log = logging.getLogger("mopd.quickstart")
 
@@ -116,14 +119,15 @@ def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Di
 
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(OmegaConf.structured(st))
+    settings = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.structured(st)))
     own = {
         "domains": ("generators", "train_prompts", "eval_prompts", "seed"),
         "student": ("student_mix", "student_noisy_kinds", "student_noise", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
         "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
     }
     recipe = {"recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16], "recipe_overrides": list(recipe_over)}
-    out, acc = {}, {}
+    out: Dict[str, Dict[str, Any]] = {}
+    acc: Dict[str, Any] = {}
     for stage in STAGES:
         acc = {**acc, **{k: settings[k] for k in own.get(stage, ())}, **(recipe if stage == "mopd" else {})}
         out[stage] = dict(acc)
@@ -164,7 +168,7 @@ def read_rows(out: Path, domain: str, split: str, base: MOPDConfig):
 # ---------------------------------------------------------------------- stages 2-3: SFT
 
 
-def sft_batch(tokenizer, rows) -> "TrainBatch":  # noqa: F821
+def sft_batch(tokenizer, rows) -> TrainBatch:
     """A TrainBatch whose responses are the reference answers (+ EOS), in the rollout layout."""
     import torch
 
@@ -191,7 +195,7 @@ def run_sft(
     desc: str,
     weights: Optional[List[float]] = None,
     noise: Optional[Callable[[Any, random.Random], Any]] = None,
-) -> Dict[str, float]:
+) -> Dict[str, Any]:
     """SFT through the project's DeepSpeed trainer (one in-process rank, ZeRO 0) and save the
     result as a Hugging Face directory. ``init`` overrides ``recipe.student`` (path or config);
     each batch draws rows uniformly, or in proportion to ``weights`` (one per row); ``noise(row,
@@ -206,7 +210,7 @@ def run_sft(
         recipe,
         student=replace(recipe.student, **init),
         run=replace(recipe.run, total_steps=steps, seed=seed),
-        trainer=replace(recipe.trainer, lr=lr, zero_stage=0, world_size=1, lr_schedule=schedule, warmup_steps=10, micro_batch_size=batch),
+        trainer=replace(recipe.trainer, lr=lr, zero_stage=0, world_size=1, lr_schedule=cast(LRSchedule, schedule), warmup_steps=10, micro_batch_size=batch),
     )
     tok = load_tokenizer(cfg.student)
     worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
@@ -279,7 +283,7 @@ def settings_from(items: Dict[str, str]) -> QuickstartSettings:
     from omegaconf import OmegaConf
 
     base = OmegaConf.structured(QuickstartSettings)
-    st = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()])))
+    st = cast(QuickstartSettings, OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()]))))
     errors = []
     unknown = sorted(set(st.student_mix) - set(st.generators))
     if unknown:
@@ -328,7 +332,10 @@ def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Op
     changed = cache.first_changed(inputs)
     if changed is not None and (from_stage is None or STAGES.index(changed[0]) < STAGES.index(from_stage)):
         # A cached stage made with other settings must not feed this run.
-        print(f"[quickstart] {changed[0]}: its settings changed since it ran ({', '.join(changed[1])}); re-running it and the stages after it")
+        print(
+            f"[quickstart] {changed[0]}: its settings changed since it ran ({', '.join(changed[1])}); "
+            "re-running it and the stages after it"
+        )
         from_stage = changed[0]
     if from_stage is not None:
         cache.invalidate_from(from_stage)

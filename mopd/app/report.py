@@ -66,7 +66,7 @@ def plot_curves(metrics_path: Path, domains: List[str], png: Path) -> Optional[P
         for ax, key in ((ax_acc, f"eval/{d}/accuracy"), (ax_kl, f"teacher/{d}/reverse_kl")):
             pts = [(s, v) for s, v in curve(records, key) if math.isfinite(v)]
             if pts:
-                ax.plot(*zip(*pts), label=d, marker="o" if ax is ax_acc else None, markersize=3)
+                ax.plot(*zip(*pts, strict=True), label=d, marker="o" if ax is ax_acc else None, markersize=3)
     ax_acc.set(title="eval accuracy (greedy)", xlabel="MOPD step", ylim=(0, 1.02))
     ax_kl.set(title="token reverse KL to the domain's teacher", xlabel="MOPD step", yscale="log")
     for ax in (ax_acc, ax_kl):
