@@ -8,17 +8,18 @@ Not a test and not part of the package: the scripts import it from their own fol
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
-from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig, load_config
+from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig, load_config
 from mopd.models import CHAR_VOCAB_SIZE, build_char_tokenizer, load_model
 from mopd.types import PromptRow
 
@@ -57,7 +58,7 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def active_params(config: Dict[str, Any], total: int) -> int:
+def active_params(config: dict[str, Any], total: int) -> int:
     """Parameters a token passes through: all but the inactive experts (and the input embedding)."""
     emb = config["vocab_size"] * config["hidden_size"]
     if "num_experts" not in config:
@@ -67,14 +68,14 @@ def active_params(config: Dict[str, Any], total: int) -> int:
     return total - emb - inactive
 
 
-def save_models(work: Path, seed: int = 0) -> Dict[str, Any]:
+def save_models(work: Path, seed: int = 0) -> dict[str, Any]:
     """Build the student and the teacher from config (random init, seeded) and save both as
     Hugging Face directories with the character tokenizer; cached in ``work``."""
     info_path = work / "models.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
     tok = build_char_tokenizer()
-    info: Dict[str, Any] = {}
+    info: dict[str, Any] = {}
     for name, config, s in (("student", STUDENT, seed), ("teacher", TEACHER, seed + 1)):
         model = load_model(ModelConfig(config=dict(config), tokenizer=BUILTIN_TOKENIZER), seed=s)
         if name == "teacher":
@@ -84,23 +85,30 @@ def save_models(work: Path, seed: int = 0) -> Dict[str, Any]:
         model.save_pretrained(out)
         tok.save_pretrained(out)
         total = count_params(model)
-        info[name] = {"path": str(out), "params": total, "active_params": active_params(config, total), "config": config}
+        info[name] = {
+            "path": str(out),
+            "params": total,
+            "active_params": active_params(config, total),
+            "config": config,
+        }
     info_path.write_text(json.dumps(info, indent=2))
     return info
 
 
-def recipe(work: Path, models: Dict[str, Any], args, name: str, **extra: Any) -> Path:
+def recipe(work: Path, models: dict[str, Any], args, name: str, **extra: Any) -> Path:
     """The MOPD recipe of a benchmark run as a YAML file (one teacher for every prompt, the exact
     per-position reverse KL objective, i.e. TRL's beta=1 loss, no MoE balance loss)."""
     lines = f"""
 run: {{name: {name}, output_dir: {work / name}, total_steps: {args.steps}, seed: {args.seed}}}
-student: {{path: {models['student']['path']}, tokenizer: {BUILTIN_TOKENIZER}}}
+student: {{path: {models["student"]["path"]}, tokenizer: {BUILTIN_TOKENIZER}}}
 teachers:
-  math: {{path: {models['teacher']['path']}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
+  math: {{path: {models["teacher"]["path"]}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
 data:
   sources: [{{domain: math, generator: math, num_prompts: 2000}}]
-rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new}, replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
-trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch}, aux_loss_coef: 0.0}}
+rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new},
+  replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
+trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch},
+  aux_loss_coef: 0.0}}
 objective: {{kind: topk, topk: {CHAR_VOCAB_SIZE}}}
 eval: {{every: 0}}
 checkpoint: {{every: 0, keep: 1}}
@@ -112,7 +120,7 @@ checkpoint: {{every: 0, keep: 1}}
     return path
 
 
-def prompt_stream(recipe_path: Path, steps: int) -> List[List[PromptRow]]:
+def prompt_stream(recipe_path: Path, steps: int) -> list[list[PromptRow]]:
     """The prompts a ``mopd train`` of this recipe draws, step by step (same mixer, same seed)."""
     from mopd.app.run import build_mixer
 
@@ -121,7 +129,7 @@ def prompt_stream(recipe_path: Path, steps: int) -> List[List[PromptRow]]:
     return [mixer.next_batch(cfg.rollout.prompts_per_step) for _ in range(steps)]
 
 
-def eval_rows(recipe_path: Path, num: int) -> List[PromptRow]:
+def eval_rows(recipe_path: Path, num: int) -> list[PromptRow]:
     """Held-out prompts: the math generator's eval split (disjoint from the training prompts)."""
     from mopd.app.run import build_eval_rows
 
@@ -129,7 +137,7 @@ def eval_rows(recipe_path: Path, num: int) -> List[PromptRow]:
     return build_eval_rows(cfg)
 
 
-def run_mopd(recipe_path: Path, overrides: Optional[List[str]] = None, log: Optional[Path] = None) -> Dict[str, Any]:
+def run_mopd(recipe_path: Path, overrides: list[str] | None = None, log: Path | None = None) -> dict[str, Any]:
     """``mopd train`` in a child process (its Ray starts and stops with it). Returns the wall time
     of the whole command and the per-step records of its metrics.jsonl."""
     from mopd.metrics import read_metrics
@@ -148,12 +156,12 @@ def run_mopd(recipe_path: Path, overrides: Optional[List[str]] = None, log: Opti
     return {"start": t0, "wall_s": wall, "records": records, "output_dir": str(out)}
 
 
-def mopd_steady(run: Dict[str, Any], warmup: int = 1) -> Dict[str, Any]:
+def mopd_steady(run: dict[str, Any], warmup: int = 1) -> dict[str, Any]:
     """Steady-state figures of a ``run_mopd`` result: steps after ``warmup`` are timed by the gaps
     between consecutive metric records (everything the driver did, writer included)."""
     recs = run["records"]
     times = [run["start"]] + [r["time"] for r in recs]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     steady = list(range(warmup, len(recs)))
     wall = sum(gaps[i] for i in steady)
     tokens = sum(recs[i]["rollout/tokens"] for i in steady)
@@ -174,7 +182,9 @@ def mopd_steady(run: Dict[str, Any], warmup: int = 1) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def quality(student_dir: str, teacher_dir: str, rows: List[PromptRow], max_new: int, seed: int = 1234) -> Dict[str, float]:
+def quality(
+    student_dir: str, teacher_dir: str, rows: list[PromptRow], max_new: int, seed: int = 1234
+) -> dict[str, float]:
     """Held-out quality of a student: greedy exact-match accuracy (the domain's verifier) and the
     per-token reverse KL(student || teacher) over the full vocabulary on the student's own sampled
     responses (temperature 1, seeded), the quantity both toolkits minimise."""
@@ -187,7 +197,9 @@ def quality(student_dir: str, teacher_dir: str, rows: List[PromptRow], max_new: 
     cfg.rollout.max_new_tokens = max_new
     actor = HFRolloutActor(cfg)
     greedy = actor.generate(rows, 1, seed=seed, greedy=True)
-    acc = sum(get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses)) / len(rows)
+    acc = sum(
+        get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses, strict=True)
+    ) / len(rows)
     sampled = actor.generate(rows, 1, seed=seed)
     teacher = load_model(ModelConfig(path=teacher_dir, tokenizer=BUILTIN_TOKENIZER)).eval()
     ids, am, rm = sampled.input_ids, sampled.attention_mask, sampled.response_mask
@@ -201,7 +213,7 @@ def quality(student_dir: str, teacher_dir: str, rows: List[PromptRow], max_new: 
 # ---------------------------------------------------------------------- reporting
 
 
-def machine() -> Dict[str, Any]:
+def machine() -> dict[str, Any]:
     import transformers
 
     load = os.getloadavg()
@@ -221,7 +233,7 @@ def machine() -> Dict[str, Any]:
     }
 
 
-def write_json(path: Optional[str], data: Dict[str, Any]) -> None:
+def write_json(path: str | None, data: dict[str, Any]) -> None:
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)

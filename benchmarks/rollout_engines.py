@@ -17,13 +17,13 @@ import gc
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import _bench
 from mopd.config import load_config
 
 
-def measure(backend: str, cfg, rows, args) -> Dict[str, Any]:
+def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
     from rollout.pool import actor_class
 
     cfg.rollout.backend = backend
@@ -48,7 +48,7 @@ def measure(backend: str, cfg, rows, args) -> Dict[str, Any]:
         actor.shutdown()
         del actor
         gc.collect()
-    per_s = [k / t for k, t in zip(tokens, times)]
+    per_s = [k / t for k, t in zip(tokens, times, strict=True)]
     return {
         "start_s": start_s,
         "generate_s": times,
@@ -78,12 +78,14 @@ def main() -> None:
     cfg = load_config(recipe)
     cfg.rollout.max_model_len = 512
     rows = _bench.prompt_stream(recipe, 1)[0]
-    res: Dict[str, Any] = {"args": vars(args), "machine": _bench.machine(), "student": models["student"]}
+    res: dict[str, Any] = {"args": vars(args), "machine": _bench.machine(), "student": models["student"]}
     for backend in args.backends.split(","):
         print(f"{backend} ...", flush=True)
         res[backend] = measure(backend, cfg, rows, args)
-    print(f"student {models['student']['params'] / 1e6:.1f}M params, {args.prompts} prompts x {args.n} samples x "
-          f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}")  # fmt: skip
+    print(
+        f"student {models['student']['params'] / 1e6:.1f}M params, {args.prompts} prompts x {args.n} samples x "
+        f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}"
+    )
     print("| backend | engine start s | generate s (each call) | response tok/s (median) | weight sync s |")
     print("|---|---|---|---|---|")
     for b in args.backends.split(","):

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict
 
 import torch
 
-from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig
+from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
 from mopd.models import forward_logits, load_model, tiny_mimo_config, token_logprobs
 from mopd.routing import record_routes, replay_routes
 from mopd.types import PromptRow
@@ -28,7 +27,7 @@ from mopd.types import PromptRow
 BANDS = ((0.5, 5.0), (0.8, 1.25), (0.95, 1.05))
 
 
-def students(experts: int, top_k: int) -> Dict[str, dict]:
+def students(experts: int, top_k: int) -> dict[str, dict]:
     common = dict(hidden_size=128, moe_intermediate_size=64, num_experts_per_tok=top_k)
     qwen = dict(
         model_type="qwen3_moe", vocab_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -45,7 +44,7 @@ def prompts(k: int):
     return [PromptRow(prompt=f"{i * 13} + {i * 37} = ", domain="math", index=i) for i in range(k)]
 
 
-def measure(name: str, config: dict, args) -> Dict[str, float]:
+def measure(name: str, config: dict, args) -> dict[str, float]:
     from rollout.hf import HFRolloutActor
 
     cfg = MOPDConfig()
@@ -80,13 +79,17 @@ def measure(name: str, config: dict, args) -> Dict[str, float]:
     return out
 
 
-def table(results: Dict[str, Dict[str, float]]) -> str:
-    rows = ["| student | R3 | mean abs diff | max abs diff | route mismatch | " + " | ".join(
-        f"masked ({lo}, {hi})" for lo, hi in BANDS) + " |", "|" + "---|" * (5 + len(BANDS))]  # fmt: skip
+def table(results: dict[str, dict[str, float]]) -> str:
+    header = ["student", "R3", "mean abs diff", "max abs diff", "route mismatch"]
+    header += [f"masked ({lo}, {hi})" for lo, hi in BANDS]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         for mode in ("off", "on"):
-            cells = [f"{r[f'{mode}/mean_abs_diff']:.2e}", f"{r[f'{mode}/max_abs_diff']:.2e}",
-                     f"{100 * r[f'{mode}/route_mismatch']:.2f}%"]  # fmt: skip
+            cells = [
+                f"{r[f'{mode}/mean_abs_diff']:.2e}",
+                f"{r[f'{mode}/max_abs_diff']:.2e}",
+                f"{100 * r[f'{mode}/route_mismatch']:.2f}%",
+            ]
             cells += [f"{100 * r[f'{mode}/masked[{lo},{hi}]']:.2f}%" for lo, hi in BANDS]
             rows.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -19,11 +19,13 @@ a phase in part 1 and its bare cost in part 2 is what Ray calls and serialisatio
 from __future__ import annotations
 
 import argparse
+import itertools
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -34,10 +36,10 @@ from mopd.metrics import read_metrics
 PHASES = ("rollout", "teachers", "train", "sync", "other", "outside")
 
 
-def phase_table(records: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
+def phase_table(records: list[dict[str, Any]], start: float) -> dict[str, Any]:
     """Mean seconds per steady step (2..N) of each phase, and fractions of the step."""
     times = [start] + [r["time"] for r in records]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     steady = list(range(1, len(records)))
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     secs = {p: mean([records[i].get(f"timing/{p}", 0.0) for i in steady]) for p in PHASES[:-1]}
@@ -58,7 +60,7 @@ def phase_table(records: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
     }
 
 
-def part1(args, work: Path) -> Dict[str, Any]:
+def part1(args, work: Path) -> dict[str, Any]:
     if args.from_run:
         out = Path(args.from_run)
         records = [r for r in read_metrics(out / "metrics.jsonl") if "timing/rollout" in r]
@@ -75,7 +77,7 @@ def part1(args, work: Path) -> Dict[str, Any]:
 # ---------------------------------------------------------------------- part 2: bare costs
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> Tuple[Any, float]:
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     """Result of the last call and the median wall time of ``repeats`` calls (after one warm-up)."""
     out = fn()
     ts = []
@@ -86,7 +88,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> Tuple[Any, float]:
     return out, statistics.median(ts)
 
 
-def part2(args, work: Path) -> Dict[str, Any]:
+def part2(args, work: Path) -> dict[str, Any]:
     from mopd.models import forward_logits
     from mopd.types import TrainBatch
     from rollout.hf import HFRolloutActor
@@ -130,15 +132,21 @@ def part2(args, work: Path) -> Dict[str, Any]:
     }
 
 
-def report(res: Dict[str, Any]) -> str:
+def report(res: dict[str, Any]) -> str:
     p1, p2 = res["ray_run"], res["bare"]
-    lines = [f"mopd train, steady steps (2..N): {p1['step_s']:.2f} s/step, {p1['response_tokens']:.0f} response tokens/step; load {res['machine']['load_avg_1_5_15']}"]
+    lines = [
+        f"mopd train, steady steps (2..N): {p1['step_s']:.2f} s/step, "
+        f"{p1['response_tokens']:.0f} response tokens/step; load {res['machine']['load_avg_1_5_15']}"
+    ]
     lines += ["| phase | s/step | fraction |", "|---|---|---|"]
     lines += [f"| {p} | {p1['phase_s'][p]:.3f} | {100 * p1['fraction'][p]:.1f}% |" for p in PHASES]
-    lines.append(f"outside rollout + teacher scoring + train: {100 * p1['beyond_rollout_teachers_train']:.1f}% of the step")
     lines.append(
-        f"in-process, one thread, {p2['rows']} rows x {p2['columns']} columns ({p2['response_tokens']} response tokens): "
-        f"generate {p2['generate_s']:.2f} s, train step {p2['train_step_s']:.2f} s, sync {p2['sync_s']:.3f} s"
+        f"outside rollout + teacher scoring + train: {100 * p1['beyond_rollout_teachers_train']:.1f}% of the step"
+    )
+    lines.append(
+        f"in-process, one thread, {p2['rows']} rows x {p2['columns']} columns "
+        f"({p2['response_tokens']} response tokens): generate {p2['generate_s']:.2f} s, "
+        f"train step {p2['train_step_s']:.2f} s, sync {p2['sync_s']:.3f} s"
     )
     lines.append(
         f"teacher: bare forward {p2['teacher_bare_forward_s']:.3f} s; score (log-probs + top-{res['args']['topk']}) "
@@ -161,7 +169,7 @@ def main() -> None:
     args.topk = _bench.CHAR_VOCAB_SIZE
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    res: Dict[str, Any] = {"args": vars(args), "machine": _bench.machine()}
+    res: dict[str, Any] = {"args": vars(args), "machine": _bench.machine()}
     print("part 1: mopd train ...", flush=True)
     res["ray_run"] = part1(args, work)
     print("part 2: the same classes in-process ...", flush=True)

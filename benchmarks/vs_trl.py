@@ -17,24 +17,24 @@ the teacher on the students' own samples), also per wall-clock second of trainin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 
 import _bench
 from mopd.types import PromptRow
 
-
 # ---------------------------------------------------------------------- TRL side
 
 
-def trl_dataset(stream: List[List[PromptRow]], n: int):
+def trl_dataset(stream: list[list[PromptRow]], n: int):
     """The prompt stream as a TRL dataset: each prompt n times in a row, steps in order (TRL's
     DistillationTrainer samples one completion per row, so n copies = n samples per prompt)."""
     from datasets import Dataset
@@ -42,7 +42,7 @@ def trl_dataset(stream: List[List[PromptRow]], n: int):
     return Dataset.from_list([{"prompt": r.prompt} for rows in stream for r in rows for _ in range(n)])
 
 
-def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
+def run_trl(work: Path, models: dict[str, Any], stream, args) -> dict[str, Any]:
     """Train with TRL's DistillationTrainer; per-step wall times, generation times and response
     tokens recorded by a thin subclass."""
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -50,7 +50,7 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
 
     from mopd.models import build_char_tokenizer
 
-    record: Dict[str, List[float]] = {"step_end": [], "generate_s": [], "tokens": []}
+    record: dict[str, list[float]] = {"step_end": [], "generate_s": [], "tokens": []}
 
     class Timed(DistillationTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -67,12 +67,12 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
     torch.set_num_threads(int(args.trl_threads))
     rows_per_step = args.prompts * args.n
     config = DistillationConfig(
-        output_dir=str(work / f"trl_{args.trl_threads}t"), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=rows_per_step // args.micro_batch, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, max_completion_length=args.max_new,
-        temperature=1.0, top_p=1.0, top_k=0, beta=1.0, shuffle_dataset=False, seed=args.seed,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(work / f"trl_{args.trl_threads}t"), max_steps=args.steps,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=rows_per_step // args.micro_batch,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, bf16=False, gradient_checkpointing=False,
+        max_completion_length=args.max_new, temperature=1.0, top_p=1.0, top_k=0, beta=1.0, shuffle_dataset=False,
+        seed=args.seed, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         disable_dropout=True,
     )  # fmt: skip
     t0 = time.time()
@@ -89,7 +89,7 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
     trainer.model.save_pretrained(out_dir)
     build_char_tokenizer().save_pretrained(out_dir)
     times = [t_train] + record["step_end"]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     steady = gaps[1:]
     tokens = sum(record["tokens"][1:])
     return {
@@ -108,7 +108,7 @@ def run_trl(work: Path, models: Dict[str, Any], stream, args) -> Dict[str, Any]:
     }
 
 
-def run_trl_child(work: Path, args, threads: int) -> Dict[str, Any]:
+def run_trl_child(work: Path, args, threads: int) -> dict[str, Any]:
     """``run_trl`` in a fresh process whose OpenMP threads sleep instead of spinning while they
     wait (as MOPD's actors do): on 2 shared cores spinning threads slowed TRL's steps ~20x."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
@@ -121,7 +121,7 @@ def run_trl_child(work: Path, args, threads: int) -> Dict[str, Any]:
 # ---------------------------------------------------------------------- MOPD side
 
 
-def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
+def mopd_figures(run: dict[str, Any]) -> dict[str, Any]:
     steady = _bench.mopd_steady(run)
     recs = run["records"]
     phases = ("rollout", "teachers", "train", "rollout_wait", "sync", "other")
@@ -135,13 +135,16 @@ def mopd_figures(run: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------- report
 
 
-def report(res: Dict[str, Any]) -> str:
-    m, t = res["mopd"], res["trl"]
+def report(res: dict[str, Any]) -> str:
+    m, t, student = res["mopd"], res["trl"], res["models"]["student"]
     lines = [
-        f"student {res['models']['student']['params'] / 1e6:.1f}M params ({res['models']['student']['active_params'] / 1e6:.1f}M active), "
-        f"teacher {res['models']['teacher']['params'] / 1e6:.1f}M; {res['args']['prompts']} prompts x {res['args']['n']} samples x "
-        f"<= {res['args']['max_new']} new tokens per step, {res['args']['steps']} steps; load {res['machine']['load_avg_1_5_15']}",
-        "| | start-up s | step 1 s | steady s/step | response tok/s | held-out acc | reverse KL (init -> final) | KL drop per s of steps |",
+        f"student {student['params'] / 1e6:.1f}M params ({student['active_params'] / 1e6:.1f}M active), "
+        f"teacher {res['models']['teacher']['params'] / 1e6:.1f}M; "
+        f"{res['args']['prompts']} prompts x {res['args']['n']} samples x "
+        f"<= {res['args']['max_new']} new tokens per step, {res['args']['steps']} steps; "
+        f"load {res['machine']['load_avg_1_5_15']}",
+        "| | start-up s | step 1 s | steady s/step | response tok/s | held-out acc | reverse KL (init -> final) "
+        "| KL drop per s of steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
     kl0 = res["quality"]["init"]["reverse_kl"]
@@ -153,29 +156,38 @@ def report(res: Dict[str, Any]) -> str:
         q = res["quality"][key]
         drop = (kl0 - q["reverse_kl"]) / r["train_wall_s"]
         lines.append(
-            f"| {name} | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{q['accuracy']:.3f} | {kl0:.3f} -> {q['reverse_kl']:.3f} | {drop:.4f} |"
+            f"| {name} | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | {q['accuracy']:.3f} | {kl0:.3f} -> {q['reverse_kl']:.3f} | {drop:.4f} |"
         )
     for k in (k for k in res if k.startswith("trl_")):
         r = res[k]
-        lines.append(f"| TRL, {k.split('_')[1]} thread(s) | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | | | |")
+        lines.append(
+            f"| TRL, {k.split('_')[1]} thread(s) | {r['startup_s']:.1f} | {r['first_step_s']:.2f} | {r['step_s']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | | | |"
+        )
     lines.append(f"throughput ratio mopd / TRL: {res['ratio']:.2f}x")
     lines.append("mopd phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in m["phase_s"].items()))
     if "mopd_overlap" in res:
         lines.append(f"throughput ratio mopd (rollout.overlap) / TRL: {res['ratio_overlap']:.2f}x")
         phases = res["mopd_overlap"]["phase_s"].items()
-        lines.append("mopd, rollout.overlap phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
+        lines.append(
+            "mopd, rollout.overlap phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in phases)
+        )
     lines.append(f"TRL generate (s/step, steps 2..N): {t['generate_s']:.3f}")
     for k in res:
         if k.startswith("trl_"):
-            lines.append(f"{k}: {res[k]['step_s']:.2f} s/step; TRL first-listed / this = {t['step_s'] / res[k]['step_s']:.2f}")
+            lines.append(
+                f"{k}: {res[k]['step_s']:.2f} s/step; TRL first-listed / this = {t['step_s'] / res[k]['step_s']:.2f}"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _bench.add_workload_args(p)
-    p.add_argument("--trl-threads", default="2", help="torch threads of the TRL process; a list (2,1) runs TRL once per entry")
+    p.add_argument(
+        "--trl-threads", default="2", help="torch threads of the TRL process; a list (2,1) runs TRL once per entry"
+    )
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/bench", help="models, runs and logs go here")
@@ -192,7 +204,7 @@ def main() -> None:
         (work / f"trl_{args.trl_threads}t.json").write_text(json.dumps(run_trl(work, models, stream, args)))
         return
     held_out = _bench.eval_rows(recipe, args.eval_prompts)
-    res: Dict[str, Any] = {"args": vars(args), "models": models, "machine": _bench.machine()}
+    res: dict[str, Any] = {"args": vars(args), "models": models, "machine": _bench.machine()}
 
     print(f"mopd train ({args.steps} steps) ...", flush=True)
     res["mopd"] = mopd_figures(_bench.run_mopd(recipe, log=work / "mopd_vs_trl.log"))
@@ -218,7 +230,9 @@ def main() -> None:
         "trl": _bench.quality(res["trl"]["final_dir"], teacher, held_out, args.max_new),
     }
     if "mopd_overlap" in res:
-        res["quality"]["mopd_overlap"] = _bench.quality(res["mopd_overlap"]["final_dir"], teacher, held_out, args.max_new)
+        res["quality"]["mopd_overlap"] = _bench.quality(
+            res["mopd_overlap"]["final_dir"], teacher, held_out, args.max_new
+        )
     print(report(res))
     _bench.write_json(args.out, res)
 

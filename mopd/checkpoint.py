@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mopd.config import MOPDConfig
@@ -26,21 +26,23 @@ STEP_RE = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "state.json"
 
 
-def checkpoint_root(cfg: "MOPDConfig") -> Path:
+def checkpoint_root(cfg: MOPDConfig) -> Path:
     """Where a run's checkpoints go: ``checkpoint.dir``, by default ``<run.output_dir>/checkpoints``."""
     return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
 
 
-def checkpoint_dirs(root: str | os.PathLike) -> List[Path]:
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found, key=lambda step_path: step_path[0])]
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     dirs = checkpoint_dirs(root)
     return dirs[-1] if dirs else None
 
@@ -57,7 +59,7 @@ def begin(root: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, state: Dict[str, Any], keep: int) -> Path:
+def commit(tmp: Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``state.json`` last, rename the directory into place, prune old checkpoints."""
     state_path = tmp / STATE_FILE
     with open(state_path, "w") as f:
@@ -82,7 +84,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_state(ckpt: str | os.PathLike) -> Dict[str, Any]:
+def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     with open(Path(ckpt) / STATE_FILE) as f:
         return json.load(f)
 

@@ -14,11 +14,12 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -36,9 +37,9 @@ LRSchedule = Literal["constant", "linear", "cosine"]
 OnBadRow = Literal["reject", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
 ZeroStage = Literal[0, 1, 2, 3]
-BACKENDS: Tuple[str, ...] = get_args(Backend)
-LR_SCHEDULES: Tuple[str, ...] = get_args(LRSchedule)
-ON_BAD_ROWS: Tuple[str, ...] = get_args(OnBadRow)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
+ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
 # Students whose MoE routers mopd.routing can record and replay.
 ROUTING_REPLAY_MODEL_TYPES = ("mimo_v2_flash", "qwen3_moe")
 
@@ -54,21 +55,21 @@ class RunConfig:
     seed: int = 0
     total_steps: int = MISSING
     # Modules to import before validation, e.g. ones that call mopd.domains.register_domain.
-    plugins: List[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ModelConfig:
     """A model: a Hugging Face directory (``path``) or an inline config built from scratch."""
 
-    path: Optional[str] = None
+    path: str | None = None
     # Inline model config, e.g. {model_type: mimo_v2_flash, hidden_size: 64, ...}; random init.
-    config: Optional[Dict[str, Any]] = None
+    config: dict[str, Any] | None = None
     # Tokenizer directory; defaults to ``path``. ``builtin:char`` is the project's char tokenizer.
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     dtype: DType = "float32"
     trust_remote_code: bool = False
-    attn_implementation: Optional[str] = None
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -91,21 +92,21 @@ class DataSourceConfig:
     """Prompts of one domain: a file (jsonl/parquet), a ``datasets`` directory, or a generator."""
 
     domain: str = MISSING
-    path: Optional[str] = None
+    path: str | None = None
     # Name of a registered synthetic generator (e.g. ``math``) instead of a path.
-    generator: Optional[str] = None
+    generator: str | None = None
     num_prompts: int = 1000
     weight: float = 1.0
     prompt_key: str = "prompt"
     split: str = "train"
     # Held-out prompts of this domain for evaluation (a file like ``path``); generator sources
     # draw their eval prompts from the generator's disjoint "eval" split instead.
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
 
 
 @dataclass
 class DataConfig:
-    sources: List[DataSourceConfig] = field(default_factory=list)
+    sources: list[DataSourceConfig] = field(default_factory=list)
     max_prompt_len: int = 256
     # What to do with a bad row (empty prompt, unknown domain, too long, malformed line).
     on_bad_row: OnBadRow = "reject"
@@ -143,7 +144,7 @@ class TrainerConfig:
     lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     bf16: bool = False
     # Coefficient of the MoE load-balancing loss (0 turns it off; ignored for dense students).
@@ -183,18 +184,18 @@ class CheckpointConfig:
     every: int = 10
     keep: int = 2
     # Directory; defaults to <run.output_dir>/checkpoints.
-    dir: Optional[str] = None
+    dir: str | None = None
 
 
 @dataclass
 class RayConfig:
     # Cluster address; None means RAY_ADDRESS if set, else a local Ray started for the run.
-    address: Optional[str] = None
+    address: str | None = None
     namespace: str = "mopd"
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     include_dashboard: bool = False
     # Environment for every actor (OMP threads etc.).
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     # Times Ray restarts a dead teacher or rollout actor, whose call is then retried (trainer
     # ranks are not restarted: a dead rank stops the run, which continues with --resume).
     max_restarts: int = 3
@@ -204,7 +205,7 @@ class RayConfig:
 class MOPDConfig:
     run: RunConfig = field(default_factory=RunConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
-    teachers: Dict[str, TeacherConfig] = field(default_factory=dict)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -217,7 +218,7 @@ class MOPDConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike | None, overrides: List[str] | None = None) -> MOPDConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> MOPDConfig:
     """Merge defaults, the YAML at ``path``, extra YAML layers and ``key=value`` overrides (in the
     order given in ``overrides``: layers first); validate; return the recipe.
 
@@ -245,7 +246,7 @@ def load_config(path: str | os.PathLike | None, overrides: List[str] | None = No
         cfg = _merge(cfg, _parse_overrides(overrides), source="override")
     try:
         OmegaConf.resolve(cfg)
-        obj: MOPDConfig = OmegaConf.to_object(cfg)
+        obj = cast(MOPDConfig, OmegaConf.to_object(cfg))
     except MissingMandatoryValue as e:
         raise ConfigError(f"missing required value: {e.full_key} (set it in the recipe or as {e.full_key}=...)") from e
     except OmegaConfBaseException as e:
@@ -254,7 +255,7 @@ def load_config(path: str | os.PathLike | None, overrides: List[str] | None = No
     return obj
 
 
-def _parse_overrides(overrides: List[str]) -> DictConfig:
+def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -264,9 +265,9 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         raise ConfigError(f"bad override: {e}") from e
 
 
-def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+def _merge(base: DictConfig, layer: DictConfig | ListConfig, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, layer)
+        return cast(DictConfig, OmegaConf.merge(base, layer))  # merged into a DictConfig: a DictConfig
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = e.full_key or str(e.key)
         raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}") from e
@@ -288,7 +289,7 @@ def _describe(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def _choices(full_key: str) -> Optional[Tuple[Any, ...]]:
+def _choices(full_key: str) -> tuple[Any, ...] | None:
     """The valid values of a ``Literal`` setting (e.g. ``teachers.math.backend``), else None."""
     tp: Any = MOPDConfig
     for part in re.findall(r"[^.\[\]]+", full_key):  # data.sources[0].domain -> data, sources, 0, domain
@@ -302,13 +303,13 @@ def _choices(full_key: str) -> Optional[Tuple[Any, ...]]:
 
 
 def _strip_optional(tp: Any) -> Any:
-    if get_origin(tp) is Union:
+    if get_origin(tp) in (Union, types.UnionType):  # Optional[X] or X | None
         args = [a for a in get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
     return tp
 
 
-def _schema_keys(cls: type = MOPDConfig, prefix: str = "") -> Dict[str, List[str]]:
+def _schema_keys(cls: type = MOPDConfig, prefix: str = "") -> dict[str, list[str]]:
     """Map each section ('' for the top) to its valid field names."""
     out = {prefix: [f.name for f in fields(cls)]}
     for f in fields(cls):
@@ -343,7 +344,7 @@ def _suggest(full_key: str) -> str:
 
 def validate(cfg: MOPDConfig) -> None:
     """Cross-field checks; raises ConfigError naming the field and the valid options."""
-    errors: List[str] = []
+    errors: list[str] = []
     _check_choices(cfg, "", errors)
     _check_sizes(cfg, errors)
     _check_models(cfg, errors)
@@ -354,7 +355,7 @@ def validate(cfg: MOPDConfig) -> None:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
 
 
-def _check_choices(node: Any, where: str, errors: List[str]) -> None:
+def _check_choices(node: Any, where: str, errors: list[str]) -> None:
     """``Literal`` fields hold one of their values. OmegaConf checks them when a recipe is loaded;
     this covers a config built or changed in Python (tests, scripts, the quickstart)."""
     if isinstance(node, (list, tuple)):
@@ -375,7 +376,7 @@ def _check_choices(node: Any, where: str, errors: List[str]) -> None:
                 _check_choices(value, key, errors)
 
 
-def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
+def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
     positive = {
         "run.total_steps": cfg.run.total_steps,
         "rollout.n": cfg.rollout.n,
@@ -424,7 +425,7 @@ def _check_sizes(cfg: MOPDConfig, errors: List[str]) -> None:
         errors.append(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
 
 
-def _check_models(cfg: MOPDConfig, errors: List[str]) -> None:
+def _check_models(cfg: MOPDConfig, errors: list[str]) -> None:
     if not cfg.teachers:
         errors.append("no teachers configured: add at least one 'teachers.<domain>' entry")
     models = {"student": cfg.student, **{f"teachers.{n}": t for n, t in cfg.teachers.items()}}
@@ -444,7 +445,7 @@ def _check_models(cfg: MOPDConfig, errors: List[str]) -> None:
             errors.append(f"{name}.tokenizer: directory does not exist: {tok}")
 
 
-def _model_type(m: ModelConfig) -> Optional[str]:
+def _model_type(m: ModelConfig) -> str | None:
     """The model_type of an inline config or of a directory's config.json (None if unreadable)."""
     if m.config is not None:
         return m.config.get("model_type")
@@ -459,7 +460,7 @@ def _model_type(m: ModelConfig) -> Optional[str]:
         return None
 
 
-def _check_routing_replay(cfg: MOPDConfig, errors: List[str]) -> None:
+def _check_routing_replay(cfg: MOPDConfig, errors: list[str]) -> None:
     if not cfg.rollout.routing_replay:
         return
     if cfg.rollout.backend != "hf":
@@ -477,7 +478,7 @@ def _check_routing_replay(cfg: MOPDConfig, errors: List[str]) -> None:
         )
 
 
-def _check_data(cfg: MOPDConfig, errors: List[str]) -> None:
+def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
     from mopd.domains import load_plugins, registered_generators
 
     try:
@@ -504,7 +505,7 @@ def _check_data(cfg: MOPDConfig, errors: List[str]) -> None:
             )
 
 
-def _check_objective(cfg: MOPDConfig, errors: List[str]) -> None:
+def _check_objective(cfg: MOPDConfig, errors: list[str]) -> None:
     """Objective settings that cannot work together, or not with this data."""
     from mopd.domains import registered_generators
 
@@ -537,6 +538,5 @@ def to_yaml(cfg: MOPDConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: MOPDConfig) -> Dict[str, Any]:
+def to_dict(cfg: MOPDConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-

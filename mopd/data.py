@@ -20,8 +20,9 @@ import logging
 import math
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any
 
 from mopd.config import ON_BAD_ROWS, DataConfig, DataSourceConfig
 from mopd.seeds import derive_seed, rng_state_from_json, rng_state_to_json
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 SKIPPED = "data/skipped/"
 # (where, record or None, problem or None): a record from a file, or the reason it has none.
-Record = Tuple[str, Optional[Any], Optional[str]]
-Source = Tuple[DataSourceConfig, List[PromptRow]]
+Record = tuple[str, Any, str | None]
+Source = tuple[DataSourceConfig, list[PromptRow]]
 
 
 class DataError(ValueError):
@@ -132,7 +133,7 @@ def _generated_records(src: DataSourceConfig, seed: int) -> Iterator[Record]:
 # --------------------------------------------------------------------------- checking rows
 
 
-def _check_record(rec: Any, src: DataSourceConfig, max_prompt_len: int, known: Set[str]) -> str:
+def _check_record(rec: Any, src: DataSourceConfig, max_prompt_len: int, known: set[str]) -> str:
     """The record's prompt, or ``_BadRow`` saying why the record cannot be used."""
     if not isinstance(rec, dict):
         raise _BadRow("malformed_json", f"expected a JSON object, got {type(rec).__name__}")
@@ -156,9 +157,9 @@ def _check_record(rec: Any, src: DataSourceConfig, max_prompt_len: int, known: S
 
 
 def _rows(
-    records: Iterator[Record], src: DataSourceConfig, max_prompt_len: int, on_bad_row: str, known: Set[str]
-) -> Tuple[List[PromptRow], Counter]:
-    rows: List[PromptRow] = []
+    records: Iterator[Record], src: DataSourceConfig, max_prompt_len: int, on_bad_row: str, known: set[str]
+) -> tuple[list[PromptRow], Counter]:
+    rows: list[PromptRow] = []
     skipped: Counter = Counter()
     name = source_name(src)
     for where, rec, problem in records:
@@ -178,8 +179,8 @@ def _rows(
 
 
 def load_source(
-    src: DataSourceConfig, seed: int, max_prompt_len: int, on_bad_row: str, known_domains: Set[str]
-) -> Tuple[List[PromptRow], Dict[str, int]]:
+    src: DataSourceConfig, seed: int, max_prompt_len: int, on_bad_row: str, known_domains: set[str]
+) -> tuple[list[PromptRow], dict[str, int]]:
     """Load and check one source; returns its rows and stats (``data/skipped/<kind>``, ``data/loaded``).
 
     File rows keep every field other than the prompt and ``domain`` in ``row.meta``; generated rows
@@ -204,9 +205,9 @@ def load_source(
     return rows, stats
 
 
-def load_sources(cfg: DataConfig, seed: int, known_domains: Set[str]) -> Tuple[List[Source], Dict[str, int]]:
+def load_sources(cfg: DataConfig, seed: int, known_domains: set[str]) -> tuple[list[Source], dict[str, int]]:
     """Load every source of ``cfg``; stats are summed over sources."""
-    loaded: List[Source] = []
+    loaded: list[Source] = []
     total: Counter = Counter()
     for src in cfg.sources:
         rows, stats = load_source(src, seed, cfg.max_prompt_len, cfg.on_bad_row, known_domains)
@@ -244,7 +245,7 @@ class PromptMixer:
         self._epoch = [0] * len(sources)
         self._order = [self._permutation(i, 0) for i in range(len(sources))]
 
-    def _permutation(self, i: int, epoch: int) -> List[int]:
+    def _permutation(self, i: int, epoch: int) -> list[int]:
         order = list(range(len(self._sources[i][1])))
         random.Random(derive_seed(self._seed, "order", i, epoch)).shuffle(order)
         return order
@@ -262,11 +263,11 @@ class PromptMixer:
         self._pos[i] += 1
         return row
 
-    def next_batch(self, k: int) -> List[PromptRow]:
+    def next_batch(self, k: int) -> list[PromptRow]:
         """The next ``k`` prompts (rows are shared objects: do not mutate them)."""
         return [self._take(self._pick_source()) for _ in range(k)]
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The full cursor as JSON-serialisable data (plus what identifies the sources)."""
         return {
             "seed": self._seed,
@@ -276,7 +277,7 @@ class PromptMixer:
             "epochs": list(self._epoch),
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``; the sources and seed must be those it was taken with."""
         mine = [[source_name(src), len(rows)] for src, rows in self._sources]
         theirs = [list(s) for s in state["sources"]]

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("mopd")
 
-Call = Tuple[Any, str, tuple]  # (actor handle, method name, positional args)
+Call = tuple[Any, str, tuple]  # (actor handle, method name, positional args)
 
 
 class ActorFailedError(RuntimeError):
@@ -35,14 +36,14 @@ class RestartingCalls:
         self.kind, self.max_restarts, self.ready_timeout_s = kind, max_restarts, ready_timeout_s
         self.restarts = 0
 
-    def run(self, calls: Sequence[Call], prepare: Optional[Callable[[Any], None]] = None) -> List[Any]:
+    def run(self, calls: Sequence[Call], prepare: Callable[[Any], None] | None = None) -> list[Any]:
         """Results of ``calls`` (submitted concurrently) in order. A call whose actor died is
         resubmitted after the actor is back and ``prepare(actor)`` ran, at most ``max_restarts`` times."""
         import ray
         from ray.exceptions import RayActorError
 
         refs = [_submit(c) for c in calls]
-        results: List[Any] = [None] * len(calls)
+        results: list[Any] = [None] * len(calls)
         failures = [0] * len(calls)
         for i, call in enumerate(calls):
             while True:
@@ -58,7 +59,7 @@ class RestartingCalls:
                     refs[i] = _submit(call)
         return results
 
-    def recover(self, actor: Any, why: str, prepare: Optional[Callable[[Any], None]] = None) -> None:
+    def recover(self, actor: Any, why: str, prepare: Callable[[Any], None] | None = None) -> None:
         """Wait until Ray has restarted ``actor``, run ``prepare(actor)``, count and log the restart."""
         self.restarts += 1
         log.warning("%s actor died (%s); waiting for Ray to restart it (restart %d)", self.kind, why, self.restarts)

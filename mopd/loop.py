@@ -13,9 +13,10 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Protocol
 
 import torch
 
@@ -39,23 +40,23 @@ class NonFiniteError(RuntimeError):
 
 
 class Rollout(Protocol):
-    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch: ...
-    def sync_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None: ...
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch: ...
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 
 
 class Teachers(Protocol):
-    def score(self, batch: RolloutBatch, topk: int = 0) -> Tuple[TeacherScores, Dict[str, float]]: ...
+    def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, dict[str, float]]: ...
 
 
 class Trainer(Protocol):
-    def train_step(self, batch: TrainBatch) -> Dict[str, float]: ...
-    def state_dict(self) -> Dict[str, torch.Tensor]: ...
-    def save_checkpoint(self, path: str, client_state: Dict[str, Any]) -> None: ...
-    def load_checkpoint(self, path: str) -> Dict[str, Any]: ...
+    def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None: ...
+    def load_checkpoint(self, path: str) -> dict[str, Any]: ...
     def save_hf(self, path: str) -> None: ...
 
 
-def teacher_fingerprint(cfg: MOPDConfig) -> Dict[str, str]:
+def teacher_fingerprint(cfg: MOPDConfig) -> dict[str, str]:
     """What identifies the teacher set: each domain's model path or inline config."""
     out = {}
     for name, t in sorted(cfg.teachers.items()):
@@ -84,15 +85,15 @@ class MOPDLoop:
         self.nonfinite_streak = 0
         self.ckpt_root = ckpt.checkpoint_root(cfg)
         # rollout.overlap: the next step's batch, generating in a background thread meanwhile.
-        self._next: Optional[Future] = None
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._next: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ rollout, maybe ahead
-    def _next_rows(self) -> List[PromptRow]:
+    def _next_rows(self) -> list[PromptRow]:
         """The next step's prompts; always drawn on the driver thread, in step order."""
         return self.mixer.next_batch(self.cfg.rollout.prompts_per_step)
 
-    def _generate(self, step: int, rows: List[PromptRow]) -> RolloutBatch:
+    def _generate(self, step: int, rows: list[PromptRow]) -> RolloutBatch:
         """The batch of step ``step`` (1-based) from ``rows``, with that step's seed."""
         return self.rollout.generate(rows, self.cfg.rollout.n, seed=step_seed(self.cfg.run.seed, step))
 
@@ -127,7 +128,7 @@ class MOPDLoop:
             self._pool = None
 
     # ------------------------------------------------------------------ one step
-    def train_one_step(self) -> Dict[str, float]:
+    def train_one_step(self) -> dict[str, float]:
         cfg, timer = self.cfg, PhaseTimer(total="step")
         with timer("rollout"):
             if self._next is not None:
@@ -164,7 +165,7 @@ class MOPDLoop:
         out["rollout/policy_version"] = float(batch.policy_version)
         return out
 
-    def _fault_metrics(self) -> Dict[str, float]:
+    def _fault_metrics(self) -> dict[str, float]:
         """``faults/<kind>_restarts``: actor restarts so far in this process (once there was one)."""
         out = {}
         for kind, part in (("rollout", self.rollout), ("teacher", self.teachers)):
@@ -173,14 +174,14 @@ class MOPDLoop:
                 out[f"faults/{kind}_restarts"] = float(n)
         return out
 
-    def _outcome_advantages(self, batch: RolloutBatch) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    def _outcome_advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Verifier rewards -> GRPO advantages (only when alpha > 0)."""
         if self.cfg.objective.alpha <= 0:
             return None, {}
         from mopd.domains import get_domain
 
         rewards = torch.tensor(
-            [get_domain(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses)],
+            [get_domain(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses, strict=True)],
             dtype=torch.float32,
         )
         metrics = {
@@ -225,7 +226,10 @@ class MOPDLoop:
                 if self._due(self.cfg.eval.every) and self.eval_rows:
                     metrics.update(self._evaluate())
                 self.writer.write(self.step, metrics)
-                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", kl=f"{metrics.get('train/reverse_kl', float('nan')):.3f}")
+                bar.set_postfix(
+                    loss=f"{metrics.get('train/loss', float('nan')):.4f}",
+                    kl=f"{metrics.get('train/reverse_kl', float('nan')):.3f}",
+                )
                 bar.update(1)
                 if self._due(self.cfg.checkpoint.every) or self.step == total:
                     self.save()
@@ -240,7 +244,7 @@ class MOPDLoop:
     def _due_at(self, step: int, every: int) -> bool:
         return every > 0 and (step % every == 0 or step == self.cfg.run.total_steps)
 
-    def _evaluate(self) -> Dict[str, float]:
+    def _evaluate(self) -> dict[str, float]:
         timer = PhaseTimer()
         with timer("eval"):
             out = evaluate(self.rollout, self.eval_rows, seed=self.cfg.run.seed)
@@ -279,7 +283,7 @@ class MOPDLoop:
         log.info("resumed from %s at step %d (policy version %d)", path, self.step, self.policy_version)
 
 
-def check_teachers(saved: Dict[str, str], current: Dict[str, str], force: bool) -> None:
+def check_teachers(saved: dict[str, str], current: dict[str, str], force: bool) -> None:
     if saved == current:
         return
     diff = sorted(set(saved) ^ set(current)) + sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
@@ -293,7 +297,7 @@ def check_teachers(saved: Dict[str, str], current: Dict[str, str], force: bool) 
     log.warning("%s (forced)", msg)
 
 
-def rollout_metrics(batch: RolloutBatch) -> Dict[str, float]:
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     """Per-domain response length and token share of the batch."""
     lengths = batch.response_mask.sum(-1).float()
     total = float(lengths.sum()) or 1.0
@@ -308,12 +312,12 @@ def rollout_metrics(batch: RolloutBatch) -> Dict[str, float]:
 # ---------------------------------------------------------------------- evaluation
 
 
-def evaluate(rollout: Rollout, rows: List[PromptRow], seed: int = 0) -> Dict[str, float]:
+def evaluate(rollout: Rollout, rows: list[PromptRow], seed: int = 0) -> dict[str, float]:
     """Greedy accuracy per domain with each domain's verifier: ``eval/<domain>/accuracy``."""
     from mopd.domains import get_domain
 
     batch = rollout.generate(rows, 1, seed=seed, greedy=True)
-    by_domain: Dict[str, List[float]] = {}
-    for row, resp in zip(batch.rows, batch.responses):
+    by_domain: dict[str, list[float]] = {}
+    for row, resp in zip(batch.rows, batch.responses, strict=True):
         by_domain.setdefault(row.domain, []).append(get_domain(row.domain).verify(row, resp))
     return {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}

@@ -6,9 +6,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional
 
 
 class MetricsWriter:
@@ -18,7 +18,7 @@ class MetricsWriter:
     ``resume_step``: the checkpoint step a resumed run restarts from. Records of later steps (run
     before a crash, about to be redone) are dropped, so every step appears once."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: Optional[int] = None):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -31,7 +31,7 @@ class MetricsWriter:
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
-    def write(self, step: int, metrics: Dict[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -86,8 +86,8 @@ class PhaseTimer:
     made) and ``timing/other`` (that minus the named phases: Ray calls outside them, batch
     assembly, checks, idle)."""
 
-    def __init__(self, total: Optional[str] = None) -> None:
-        self.times: Dict[str, float] = {}
+    def __init__(self, total: str | None = None) -> None:
+        self.times: dict[str, float] = {}
         self.total = total
         self._t0 = time.perf_counter()
 
@@ -99,7 +99,7 @@ class PhaseTimer:
         finally:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         out = {f"timing/{k}": v for k, v in self.times.items()}
         if self.total:
             wall = time.perf_counter() - self._t0

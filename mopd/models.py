@@ -7,7 +7,7 @@ Heavy imports (transformers) happen inside functions so that ``import mopd`` sta
 from __future__ import annotations
 
 import string
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -53,7 +53,7 @@ def load_tokenizer(spec: ModelConfig):
     return tok
 
 
-def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> Dict[str, Any]:
+def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> dict[str, Any]:
     """A small ``MiMoV2FlashForCausalLM`` config (MoE with a dense first layer, hybrid
     sliding-window/global attention) that trains on two CPU cores."""
     cfg = dict(
@@ -82,14 +82,14 @@ def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> Dic
     return cfg
 
 
-def _attn_impl(model_type: str, requested: Optional[str]) -> Optional[str]:
+def _attn_impl(model_type: str, requested: str | None) -> str | None:
     if requested:
         return requested
     # MiMoV2Flash supports only eager attention (attention sinks, asymmetric V head dim).
     return "eager" if model_type == "mimo_v2_flash" else None
 
 
-def load_model(spec: ModelConfig, seed: int = 0, dtype: Optional[str] = None):
+def load_model(spec: ModelConfig, seed: int = 0, dtype: str | None = None):
     """A causal LM from ``spec.path`` or built from ``spec.config`` (random init seeded by ``seed``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -102,6 +102,8 @@ def load_model(spec: ModelConfig, seed: int = 0, dtype: Optional[str] = None):
         return AutoModelForCausalLM.from_pretrained(
             spec.path, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True, **kw
         )
+    if spec.config is None:
+        raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
     cfg = dict(spec.config)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
@@ -139,7 +141,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, K) ids and log-probs of the k most likely next tokens at each position, aligned like
     ``token_logprobs`` (position t holds the distribution of token t); column 0 is filled with 0."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -150,7 +152,9 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def sequence_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
     """Teacher-forced (B, T) f32 log-probs of every token, in chunks of ``batch_size`` rows."""
     out = []
     for i in range(0, input_ids.shape[0], batch_size):

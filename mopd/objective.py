@@ -11,16 +11,14 @@ else, including the importance weight and the advantage, is treated as a constan
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 
-Metrics = Dict[str, float]
+Metrics = dict[str, float]
 
 
 def _is_weights(
     logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IcePop-style weight: the trainer/rollout ratio inside [eps_low, eps_high], 0 outside (masked,
     not clipped). Returns (w (B, T) f32, in_band (B, T) bool); padding gets w = 0."""
     logp_rollout = logp_rollout.detach()
@@ -62,13 +60,13 @@ def mopd_loss(
     logp_rollout: torch.Tensor,
     logp_teacher: torch.Tensor,
     response_mask: torch.Tensor,
-    adv_orm: Optional[torch.Tensor] = None,
+    adv_orm: torch.Tensor | None = None,
     *,
     eps_low: float,
     eps_high: float,
     alpha: float,
     adv_clip: float,
-) -> Tuple[torch.Tensor, Metrics]:
+) -> tuple[torch.Tensor, Metrics]:
     """The sampled-token MOPD surrogate loss.
 
     Args:
@@ -124,7 +122,7 @@ def topk_reverse_kl_loss(
     eps_low: float,
     eps_high: float,
     forward_kl: float,
-) -> Tuple[torch.Tensor, Metrics]:
+) -> tuple[torch.Tensor, Metrics]:
     """Per-position reverse KL on the teacher's top-k support (the lower-variance variant), plus
     ``forward_kl`` times the forward KL on the same support.
 

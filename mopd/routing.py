@@ -25,8 +25,9 @@ sampled token, which generate never feeds back through the model).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def _sigmoid_gate_weights(router: torch.nn.Module, logits: torch.Tensor, idx: to
     w = logits.float().sigmoid().gather(1, idx)
     if router.norm_topk_prob:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-    return w * router.routed_scaling_factor
+    return w * cast(float, router.routed_scaling_factor)
 
 
 def _softmax_gate_weights(router: torch.nn.Module, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -52,13 +53,13 @@ def _softmax_gate_weights(router: torch.nn.Module, logits: torch.Tensor, idx: to
 
 
 # Router class name -> gate weight formula. Every router here returns (logits, weights, indices).
-GATE_WEIGHTS: Dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+GATE_WEIGHTS: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "MiMoV2FlashTopkRouter": _sigmoid_gate_weights,
     "Qwen3MoeTopKRouter": _softmax_gate_weights,
 }
 
 
-def moe_routers(model: torch.nn.Module) -> List[torch.nn.Module]:
+def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The supported router modules of ``model`` in forward order (one per MoE layer)."""
     return [m for m in model.modules() if type(m).__name__ in GATE_WEIGHTS]
 
@@ -67,7 +68,7 @@ def supports_routing_replay(model: torch.nn.Module) -> bool:
     return bool(moe_routers(model))
 
 
-def _routers_or_fail(model: torch.nn.Module) -> List[torch.nn.Module]:
+def _routers_or_fail(model: torch.nn.Module) -> list[torch.nn.Module]:
     routers = moe_routers(model)
     if not routers:
         raise ValueError(
@@ -82,7 +83,7 @@ class RouteRecorder:
     (on the model's device until ``routes`` collects them)."""
 
     def __init__(self, n_layers: int) -> None:
-        self.calls: List[List[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.calls: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
 
     def routes(self, rows: int) -> torch.Tensor:
         """(rows, T', L, k) int16: the forwards' tokens laid end to end along T.
@@ -124,7 +125,7 @@ def record_routes(model: torch.nn.Module) -> Iterator[RouteRecorder]:
 
 
 @contextmanager
-def replay_routes(model: torch.nn.Module, routes: Optional[torch.Tensor]) -> Iterator[None]:
+def replay_routes(model: torch.nn.Module, routes: torch.Tensor | None) -> Iterator[None]:
     """Make every forward in the context route token (b, t) of MoE layer l to ``routes[b, t, l]``.
 
     routes: (B, T, L, k) integer, matching the forward's (B, T); rows of -1 are routed afresh.

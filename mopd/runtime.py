@@ -9,7 +9,8 @@ import itertools
 import logging
 import os
 import socket
-from typing import Dict, List, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 from mopd.config import MOPDConfig
 
@@ -27,7 +28,7 @@ def required_cpus(cfg: MOPDConfig) -> float:
     return total
 
 
-def actor_env(num_cpus: float, *extra: Mapping[str, str]) -> Dict[str, str]:
+def actor_env(num_cpus: float, *extra: Mapping[str, str]) -> dict[str, str]:
     """Environment variables of a Ray actor that reserved ``num_cpus`` CPUs: one OpenMP / MKL
     thread per CPU (at least one), threads that sleep instead of spinning, no tokenizer thread
     pool; then each of ``extra`` in order (later ones win), e.g. backend settings, ``ray.env``."""
@@ -56,7 +57,7 @@ def init_ray(cfg: MOPDConfig) -> None:
     ray.init(**local_ray_kwargs(cfg, num_cpus))
 
 
-def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> Dict[str, object]:
+def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, Any]:
     """``ray.init`` arguments of a local run: the dashboard is off unless the recipe turns it on,
     and then it listens on 127.0.0.1 only."""
     return dict(
@@ -76,9 +77,9 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def split_evenly(n_items: int, n_parts: int) -> List[Tuple[int, int]]:
+def split_evenly(n_items: int, n_parts: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges of near-equal size (the first ones get the remainder);
     empty ranges (all at the end) are dropped, so fewer items than parts uses fewer parts."""
     sizes = [n_items // n_parts + (1 if i < n_items % n_parts else 0) for i in range(n_parts)]
     bounds = list(itertools.accumulate(sizes, initial=0))
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 log = logging.getLogger("mopd")
 
@@ -47,10 +46,10 @@ class SandboxResult:
     ok: bool  # exited 0 within every limit
     stdout: str
     stderr: str
-    returncode: Optional[int]  # None when killed at the wall-clock deadline
+    returncode: int | None  # None when killed at the wall-clock deadline
     reason: str  # "ok", "exit <n>", "cpu", "file_size", "signal <name>", "timeout", "error: ..."
     seconds: float
-    pgid: Optional[int] = None  # the run's process group (gone by the time the result exists)
+    pgid: int | None = None  # the run's process group (gone by the time the result exists)
 
 
 # Runs inside the namespaces as root and PID 1 (or directly, in basic mode): locks the file system
@@ -162,8 +161,8 @@ def _limits(cpu_s: float, memory_mb: int, max_procs: int, max_file_mb: int, max_
     }
 
 
-def _reason(rc: Optional[int], timed_out: bool) -> str:
-    if timed_out:
+def _reason(rc: int | None, timed_out: bool) -> str:
+    if timed_out or rc is None:  # rc is None only when the run timed out
         return "timeout"
     if rc == 0:
         return "ok"
@@ -227,7 +226,7 @@ def run_untrusted(
     max_file_mb: int = 4,
     max_files: int = 64,
     audit: bool = True,
-    namespaces: Optional[bool] = None,
+    namespaces: bool | None = None,
 ) -> SandboxResult:
     """Run ``code`` (Python source) contained; never raises for anything the code does.
 
@@ -252,23 +251,51 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float) -> S
             os.chown(os.path.join(work, "main.py"), NOBODY, NOBODY)
         lims = ",".join(f"{k}={v}" for k, v in limits.items())
         uid = str(NOBODY) if drop else "-"
-        argv = [_python(), "-I", "-S", "-c", _LAUNCHER, os.path.realpath(work), str(int(use_ns)), uid,
-                _python(), os.path.realpath(sys.base_prefix), str(int(audit)), lims, _BOOT]
+        argv = [
+            _python(),
+            "-I",
+            "-S",
+            "-c",
+            _LAUNCHER,
+            os.path.realpath(work),
+            str(int(use_ns)),
+            uid,
+            _python(),
+            os.path.realpath(sys.base_prefix),
+            str(int(audit)),
+            lims,
+            _BOOT,
+        ]
         if use_ns:
             argv = [shutil.which("unshare") or "unshare", *_UNSHARE, *argv]
         out_path, err_path = os.path.join(io_dir, "out"), os.path.join(io_dir, "err")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={},
-                                    cwd=work, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env={},
+                cwd=work,
+                start_new_session=True,
+                close_fds=True,
+            )
         timed_out = False
         try:
-            rc: Optional[int] = proc.wait(timeout=wall_s)
+            rc: int | None = proc.wait(timeout=wall_s)
         except subprocess.TimeoutExpired:
             timed_out, rc = True, None
         _kill_group(proc)  # whatever it left behind, finished or not
         cap = limits["RLIMIT_FSIZE"]
-        return SandboxResult(rc == 0 and not timed_out, _read(out_path, cap), _read(err_path, cap), rc,
-                             _reason(rc, timed_out), time.monotonic() - t0, proc.pid)
+        return SandboxResult(
+            rc == 0 and not timed_out,
+            _read(out_path, cap),
+            _read(err_path, cap),
+            rc,
+            _reason(rc, timed_out),
+            time.monotonic() - t0,
+            proc.pid,
+        )
     except OSError as e:  # we could not start it: a failure of the run, never of the caller
         return SandboxResult(False, "", "", None, f"error: {e}", time.monotonic() - t0)
     finally:
@@ -276,7 +303,7 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float) -> S
         shutil.rmtree(io_dir, ignore_errors=True)
 
 
-_ISOLATION: Optional[str] = None
+_ISOLATION: str | None = None
 
 
 def _namespaces_work() -> bool:
@@ -294,8 +321,11 @@ def isolation() -> str:
             if probe.stdout == "ok\n":
                 _ISOLATION = "namespaces"
             else:
-                log.warning("sandbox: namespaces unavailable (%s %s); using limits + audit hook only",
-                            probe.reason, probe.stderr.strip()[-200:])
+                log.warning(
+                    "sandbox: namespaces unavailable (%s %s); using limits + audit hook only",
+                    probe.reason,
+                    probe.stderr.strip()[-200:],
+                )
         else:
             log.warning("sandbox: not root or no unshare; using limits + audit hook only")
     return _ISOLATION

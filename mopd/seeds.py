@@ -11,7 +11,8 @@ sample drawn with it (and the quickstart's report), so they are kept side by sid
 from __future__ import annotations
 
 import hashlib
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +34,13 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
 
 
-def rng_state_to_json(state: Tuple[Any, ...]) -> List[Any]:
+def rng_state_to_json(state: tuple[Any, ...]) -> list[Any]:
     """``random.getstate()`` (or ``Random.getstate()``) as JSON-serialisable lists."""
     version, internal, gauss = state
     return [version, list(internal), gauss]
 
 
-def rng_state_from_json(data: Sequence[Any]) -> Tuple[Any, ...]:
+def rng_state_from_json(data: Sequence[Any]) -> tuple[Any, ...]:
     """The state ``rng_state_to_json`` wrote, ready for ``setstate``."""
     version, internal, gauss = data
     return (version, tuple(internal), gauss)

@@ -8,7 +8,7 @@ each response right-padded to R columns, so every response starts at column P. P
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ class PromptRow:
     prompt: str
     domain: str
     # Whatever the domain's verifier needs (e.g. the exact answer); opaque to the loop.
-    meta: Dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     index: int = 0
 
@@ -55,12 +55,12 @@ class RolloutBatch:
     response_mask: torch.Tensor
     rollout_logprobs: torch.Tensor
     group_ids: torch.Tensor
-    domains: List[str]
-    rows: List[PromptRow]
-    responses: List[str]
+    domains: list[str]
+    rows: list[PromptRow]
+    responses: list[str]
     policy_version: int
     prompt_len: int
-    routed_experts: Optional[torch.Tensor] = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, T = self.input_ids.shape
@@ -77,7 +77,7 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: List[int]) -> "RolloutBatch":
+    def select(self, idx: list[int]) -> RolloutBatch:
         """The rows ``idx``, in that order."""
         t = torch.as_tensor(idx, dtype=torch.long)
         return RolloutBatch(
@@ -106,15 +106,15 @@ class TeacherScores:
     """
 
     logprobs: torch.Tensor
-    topk_ids: Optional[torch.Tensor] = None
-    topk_logprobs: Optional[torch.Tensor] = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
     latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check("logprobs", self.logprobs, tuple(self.logprobs.shape), torch.float32)
         if (self.topk_ids is None) != (self.topk_logprobs is None):
             raise ValueError("topk_ids and topk_logprobs go together")
-        if self.topk_ids is not None:
+        if self.topk_ids is not None and self.topk_logprobs is not None:
             B, T = self.logprobs.shape
             _check("topk_ids", self.topk_ids, (B, T), torch.int64)
             _check("topk_logprobs", self.topk_logprobs, (B, T), torch.float32)
@@ -132,9 +132,9 @@ class TrainBatch:
 
     rollout: RolloutBatch
     teacher_logprobs: torch.Tensor
-    adv_orm: Optional[torch.Tensor] = None
-    teacher_topk_ids: Optional[torch.Tensor] = None
-    teacher_topk_logprobs: Optional[torch.Tensor] = None
+    adv_orm: torch.Tensor | None = None
+    teacher_topk_ids: torch.Tensor | None = None
+    teacher_topk_logprobs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, T = self.rollout.input_ids.shape

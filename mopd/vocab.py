@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 
 class VocabularyMismatchError(ValueError):
     """A teacher whose tokenizer / vocabulary differs from the student's."""
 
 
-def tokenizer_signature(tokenizer: Any, model_vocab_size: Optional[int]) -> Dict[str, Any]:
+def tokenizer_signature(tokenizer: Any, model_vocab_size: int | None) -> dict[str, Any]:
     """What a teacher must share with the student to score the student's tokens.
 
     tokenizer_vocab_size  len(tokenizer), added tokens included
@@ -44,7 +45,7 @@ def config_vocab_size(config: Any) -> int:
     return int(text.vocab_size)
 
 
-def signature_differences(expected: Dict[str, Any], got: Dict[str, Any]) -> List[str]:
+def signature_differences(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
     """Human-readable differences between two signatures, e.g. ``model_vocab_size: 256 vs 128``."""
     diffs = []
     for key in sorted(set(expected) | set(got)):
@@ -54,7 +55,7 @@ def signature_differences(expected: Dict[str, Any], got: Dict[str, Any]) -> List
     return diffs
 
 
-def check_vocabularies(signatures: Mapping[str, Dict[str, Any]], student: Optional[Dict[str, Any]]) -> None:
+def check_vocabularies(signatures: Mapping[str, dict[str, Any]], student: dict[str, Any] | None) -> None:
     """Fail loudly if a teacher's vocabulary differs from the student's (or, without a student
     signature, from the other teachers'). ``signatures`` maps domain -> ``tokenizer_signature``."""
     if not signatures:

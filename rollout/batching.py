@@ -10,7 +10,7 @@ every response starts at column P; EOS (when sampled) is the last response token
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,12 +18,12 @@ import torch
 from mopd.types import PromptRow, RolloutBatch
 
 
-def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> List[List[int]]:
+def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> list[list[int]]:
     """Token ids of each prompt, special tokens (BOS) added by the tokenizer."""
     return [list(tokenizer(r.prompt)["input_ids"]) for r in rows]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) int64 ids and (B, P) bool mask of prompts left-padded to the longest one."""
     P = max((len(p) for p in prompts), default=0)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.int64)
@@ -35,7 +35,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tenso
     return ids, mask
 
 
-def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_id: int) -> Tuple[List[int], List[float]]:
+def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_id: int) -> tuple[list[int], list[float]]:
     """Keep tokens up to and including the first EOS; the rest was never part of the response."""
     tokens = list(tokens)
     end = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
@@ -66,7 +66,7 @@ def pack_rollout(
     resp_ids = torch.full((B, R), pad_id, dtype=torch.int64)
     resp_mask = torch.zeros((B, R), dtype=torch.bool)
     resp_lp = torch.zeros((B, R), dtype=torch.float32)
-    for i, (r, lp) in enumerate(zip(responses, logprobs)):
+    for i, (r, lp) in enumerate(zip(responses, logprobs, strict=True)):
         if len(r) != len(lp):
             raise ValueError(f"trajectory {i}: {len(r)} tokens but {len(lp)} log-probs")
         resp_ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
@@ -90,7 +90,7 @@ def pack_samples(
     tokenizer,
     prompts: Sequence[Sequence[int]],
     rows: Sequence[PromptRow],
-    samples: Sequence[Tuple[Sequence[int], Sequence[float]]],
+    samples: Sequence[tuple[Sequence[int], Sequence[float]]],
     n: int,
     policy_version: int,
 ) -> RolloutBatch:
@@ -150,7 +150,7 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         attention_mask=cat("attention_mask", False),
         response_mask=cat("response_mask", False),
         rollout_logprobs=cat("rollout_logprobs", 0.0),
-        group_ids=torch.cat([b.group_ids + int(o) for b, o in zip(batches, offsets)]),
+        group_ids=torch.cat([b.group_ids + int(o) for b, o in zip(batches, offsets, strict=True)]),
         domains=[d for b in batches for d in b.domains],
         rows=[r for b in batches for r in b.rows],
         responses=[s for b in batches for s in b.responses],
@@ -160,6 +160,5 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
     )
 
 
-def decode_responses(tokenizer, responses: Sequence[Sequence[int]]) -> List[str]:
+def decode_responses(tokenizer, responses: Sequence[Sequence[int]]) -> list[str]:
     return [tokenizer.decode(list(r), skip_special_tokens=True) for r in responses]
-

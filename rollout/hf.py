@@ -9,9 +9,9 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Dict, List, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ class HFRolloutActor:
         )
 
     @torch.no_grad()
-    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
 
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs.
@@ -77,22 +77,22 @@ class HFRolloutActor:
         token (prefill and each sampling step; -1 where nothing was routed)."""
         prompts = encode_prompts(self.tokenizer, rows)
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        replay = self.cfg.rollout.routing_replay
-        with torch.random.fork_rng(devices=[]), (record_routes(self.model) if replay else nullcontext()) as rec:
+        routes = record_routes(self.model) if self.cfg.rollout.routing_replay else nullcontext()
+        with torch.random.fork_rng(devices=[]), routes as rec:
             torch.manual_seed(seed)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask.long(), generation_config=self._sampling_config(n, greedy)
             )
         new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R')
         logp = sampled_logprobs(out.scores, new_tokens)  # (B*n, R')
-        samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp)]
+        samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp, strict=True)]
         batch = pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
         if rec is None:
             return batch
         # Same columns as the batch: generate's prompt is left-padded to the same P.
         return replace(batch, routed_experts=align_routes(rec.routes(rows=len(batch)), batch.attention_mask))
 
-    def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)

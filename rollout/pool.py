@@ -16,7 +16,7 @@ than the pool last synced (restarted while idle) is treated the same way.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -51,7 +51,7 @@ class RolloutPool:
         self.cfg = cfg
         self.local = local
         self._calls = RestartingCalls("rollout", cfg.ray.max_restarts)
-        self._weights: Optional[Any] = None  # object ref of the last synced state dict
+        self._weights: Any | None = None  # object ref of the last synced state dict
         self._version = 0
         cls = actor_class(cfg.rollout.backend)
         if local:
@@ -60,7 +60,7 @@ class RolloutPool:
             self._actors = self._start_actors(cls)
         self._pad_id = self._call_one(0, "pad_token_id")
 
-    def _start_actors(self, cls) -> List:
+    def _start_actors(self, cls) -> list:
         import ray
 
         init_ray(self.cfg)
@@ -85,11 +85,14 @@ class RolloutPool:
 
     # ----------------------------------------------------------------- calls
 
-    def _call_all(self, method: str, args_per_actor: List[tuple]) -> List:
-        """Call ``method`` on actor i with args_per_actor[i] (in parallel); results in order."""
+    def _call_all(self, method: str, args_per_actor: list[tuple]) -> list:
+        """Call ``method`` on actor i with args_per_actor[i] (in parallel); results in order.
+        ``args_per_actor`` may be shorter than the pool (fewer prompts than replicas): only the
+        first len(args_per_actor) actors are called."""
+        pairs = list(zip(self._actors, args_per_actor, strict=False))
         if self.local:
-            return [getattr(a, method)(*args) for a, args in zip(self._actors, args_per_actor)]
-        calls = [(a, method, args) for a, args in zip(self._actors, args_per_actor)]
+            return [getattr(a, method)(*args) for a, args in pairs]
+        calls = [(a, method, args) for a, args in pairs]
         return self._calls.run(calls, prepare=self._resync)
 
     def _call_one(self, i: int, method: str, *args):
@@ -115,7 +118,7 @@ class RolloutPool:
     def num_replicas(self) -> int:
         return len(self._actors)
 
-    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples per prompt; the prompts are split into contiguous, even chunks, one per replica.
 
         Returns one batch in the order of ``rows`` (sample k of rows[i] at index i*n + k) with a
@@ -135,7 +138,7 @@ class RolloutPool:
                 batches[i] = self._call_one(i, "generate", *args[i])
         return merge_batches(batches, self._pad_id)
 
-    def sync_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Load the trainer's weights on every replica; the state dict is serialised once."""
         cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
         if self.local:
@@ -151,7 +154,7 @@ class RolloutPool:
         """(B, T) f32 teacher-forced log-probs under the rollout weights (replica 0)."""
         return self._call_one(0, "logprobs", input_ids, attention_mask)
 
-    def versions(self) -> List[int]:
+    def versions(self) -> list[int]:
         return self._call_all("version", [()] * self.num_replicas)
 
     def shutdown(self) -> None:
@@ -176,9 +179,8 @@ class RolloutPool:
             self._actors = []
             self._weights = None
 
-    def __enter__(self) -> "RolloutPool":
+    def __enter__(self) -> RolloutPool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-

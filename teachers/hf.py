@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -37,7 +37,7 @@ class HFTeacherWorker:
         # Most causal LMs accept `logits_to_keep`: the LM head then skips prompt positions.
         self._can_trim_head = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
-    def vocab_signature(self) -> Dict[str, Any]:
+    def vocab_signature(self) -> dict[str, Any]:
         return tokenizer_signature(self.tokenizer, config_vocab_size(self.model.config))
 
     @torch.no_grad()
@@ -67,13 +67,14 @@ class HFTeacherWorker:
             lp, top = self._score_chunk(input_ids[rows, cols], attention_mask[rows, cols], response_mask[rows, cols], k)
             out.logprobs[rows, cols] = lp
             if top is not None:
+                assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(k > 0)
                 out.topk_ids[rows, cols], out.topk_logprobs[rows, cols] = top
         out.latency_s = time.perf_counter() - start
         return out
 
     def _score_chunk(
         self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
-    ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Scores of one trimmed chunk: ids/am/rm (b, t) -> logprobs (b, t) and optional top-k
         (b, t, k) ids and log-probs, all 0 outside ``rm``."""
         b, t = ids.shape

@@ -15,8 +15,9 @@ without Ray. Ray is imported only when actors are created.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -40,16 +41,16 @@ class Shard:
 
     domain: str
     replica: int
-    rows: List[int]
+    rows: list[int]
 
 
 # --------------------------------------------------------------------------- pure routing
 
 
-def group_rows(domains: Sequence[str], teachers: Sequence[str]) -> Dict[str, List[int]]:
+def group_rows(domains: Sequence[str], teachers: Sequence[str]) -> dict[str, list[int]]:
     """Row indices per domain, in batch order; a domain without a teacher raises ValueError."""
     known = set(teachers)
-    groups: Dict[str, List[int]] = {}
+    groups: dict[str, list[int]] = {}
     for i, d in enumerate(domains):
         if d not in known:
             raise ValueError(f"no teacher for domain '{d}'; configured teachers: {', '.join(sorted(known))}")
@@ -57,7 +58,7 @@ def group_rows(domains: Sequence[str], teachers: Sequence[str]) -> Dict[str, Lis
     return groups
 
 
-def plan_shards(domains: Sequence[str], replicas: Mapping[str, int]) -> List[Shard]:
+def plan_shards(domains: Sequence[str], replicas: Mapping[str, int]) -> list[Shard]:
     """One shard per (domain, replica) that gets rows: each domain's rows split evenly across its
     replicas. ``replicas`` maps every configured domain to its number of workers."""
     shards = []
@@ -86,17 +87,18 @@ def assemble_scores(
     ``topk``, (num_rows, num_cols, K) top-k tensors; ``latency_s`` is the slowest shard's."""
     if len(shards) != len(results):
         raise TeacherScoreError(f"{len(results)} results for {len(shards)} shards")
-    for shard, res in zip(shards, results):
+    for shard, res in zip(shards, results, strict=True):
         check_shard_result(shard, res, num_cols, topk)
     out = TeacherScores(logprobs=torch.zeros(num_rows, num_cols, dtype=torch.float32))
     if topk > 0 and results:
         k = _common_k(shards, results)
         out.topk_ids = torch.zeros(num_rows, num_cols, k, dtype=torch.int64)
         out.topk_logprobs = torch.zeros(num_rows, num_cols, k, dtype=torch.float32)
-    for shard, res in zip(shards, results):
+    for shard, res in zip(shards, results, strict=True):
         idx = torch.as_tensor(shard.rows, dtype=torch.long)
         out.logprobs[idx] = res.logprobs
-        if out.topk_ids is not None:
+        if out.topk_ids is not None and out.topk_logprobs is not None:
+            assert res.topk_ids is not None and res.topk_logprobs is not None  # check_shard_result
             out.topk_ids[idx] = res.topk_ids
             out.topk_logprobs[idx] = res.topk_logprobs
     out.latency_s = max((r.latency_s for r in results), default=0.0)
@@ -104,18 +106,23 @@ def assemble_scores(
 
 
 def _common_k(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> int:
-    ks = {r.topk_ids.shape[-1] for r in results}
+    ks = {_k(r) for r in results}
     if len(ks) != 1:
-        got = ", ".join(f"{s.domain}: {r.topk_ids.shape[-1]}" for s, r in zip(shards, results))
+        got = ", ".join(f"{s.domain}: {_k(r)}" for s, r in zip(shards, results, strict=True))
         raise TeacherScoreError(f"teachers returned different top-k sizes ({got})")
     return ks.pop()
 
 
-def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> Dict[str, float]:
+def _k(scores: TeacherScores) -> int:
+    assert scores.topk_ids is not None  # check_shard_result: present when top-k was requested
+    return scores.topk_ids.shape[-1]
+
+
+def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> dict[str, float]:
     """``teacher/<domain>/latency_s`` (slowest replica: they run in parallel) and
     ``teacher/<domain>/rows`` for every domain present in the batch."""
-    metrics: Dict[str, float] = {}
-    for shard, res in zip(shards, results):
+    metrics: dict[str, float] = {}
+    for shard, res in zip(shards, results, strict=True):
         lat, rows = f"teacher/{shard.domain}/latency_s", f"teacher/{shard.domain}/rows"
         metrics[lat] = max(metrics.get(lat, 0.0), float(res.latency_s))
         metrics[rows] = metrics.get(rows, 0.0) + len(shard.rows)
@@ -155,11 +162,11 @@ class TeacherPool:
     def __init__(
         self,
         teachers: Mapping[str, TeacherConfig],
-        seed: Union[int, Mapping[str, int]],
-        student_tokenizer_signature: Optional[Dict[str, Any]] = None,
+        seed: int | Mapping[str, int],
+        student_tokenizer_signature: dict[str, Any] | None = None,
         local: bool = False,
         max_topk: int = ObjectiveConfig.topk,
-        env: Optional[Mapping[str, str]] = None,
+        env: Mapping[str, str] | None = None,
         max_restarts: int = RayConfig.max_restarts,
     ) -> None:
         if not teachers:
@@ -167,7 +174,7 @@ class TeacherPool:
         self.local = local
         self._calls = RestartingCalls("teacher", max_restarts)
         self.domains = sorted(teachers)
-        self._workers: Dict[str, List[Any]] = {}
+        self._workers: dict[str, list[Any]] = {}
         for domain in self.domains:
             cfg, s = teachers[domain], seed if isinstance(seed, int) else seed[domain]
             self._workers[domain] = self._start(domain, cfg, s, max_topk, dict(env or {}))
@@ -178,7 +185,7 @@ class TeacherPool:
             self.shutdown()
             raise
 
-    def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: Dict[str, str]) -> List[Any]:
+    def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: dict[str, str]) -> list[Any]:
         cls = worker_class(cfg.backend)
         kwargs = {"max_logprobs": max_topk} if cfg.backend == "vllm" else {}
         if self.local:
@@ -192,22 +199,22 @@ class TeacherPool:
             max_restarts=self._calls.max_restarts,
             runtime_env={"env_vars": actor_env(cfg.resources.num_cpus, backend_env, env)},
         )
-        actor_cls = ray.remote(cls).options(**options)
+        actor_cls: Any = ray.remote(cls).options(**options)
         return [actor_cls.remote(domain, cfg, seed, **kwargs) for _ in range(cfg.replicas)]
 
-    def _call_all(self, calls: List[tuple]) -> List[Any]:
+    def _call_all(self, calls: list[tuple]) -> list[Any]:
         """Run ``(worker, method, args)`` calls: concurrently on actors, in order in-process."""
         if self.local:
             return [getattr(w, m)(*args) for w, m, args in calls]
         return self._calls.run(calls)
 
-    def _signatures(self) -> Dict[str, Dict[str, Any]]:
+    def _signatures(self) -> dict[str, dict[str, Any]]:
         """One vocabulary signature per domain (replicas share a config, so the first speaks)."""
         sigs = self._call_all([(ws[0], "vocab_signature", ()) for ws in self._workers.values()])
-        return dict(zip(self._workers, sigs))
+        return dict(zip(self._workers, sigs, strict=True))
 
     @property
-    def replicas(self) -> Dict[str, int]:
+    def replicas(self) -> dict[str, int]:
         return {d: len(ws) for d, ws in self._workers.items()}
 
     @property
@@ -215,7 +222,7 @@ class TeacherPool:
         """Teacher actor restarts seen so far (``faults/teacher_restarts``)."""
         return self._calls.restarts
 
-    def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, Dict[str, float]]:
+    def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, dict[str, float]]:
         """Scores of every row of ``batch`` by its domain's teacher, in batch order, and per-domain
         metrics. Returns (TeacherScores with (B, T) logprobs [and (B, T, K) top-k], metrics)."""
         shards = plan_shards(batch.domains, self.replicas)

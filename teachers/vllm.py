@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -43,7 +43,6 @@ from mopd.vllm_compat import (
 )
 from mopd.vocab import tokenizer_signature
 from teachers.common import check_score_inputs, empty_scores, row_span, set_torch_threads
-
 
 # --------------------------------------------------------------------------- model directory
 
@@ -103,7 +102,7 @@ class VLLMTeacherWorker:
         seed: int,
         *,
         max_logprobs: int = 64,
-        max_model_len: Optional[int] = None,
+        max_model_len: int | None = None,
         set_threads: bool = True,
         **engine_kwargs: Any,
     ) -> None:
@@ -137,10 +136,10 @@ class VLLMTeacherWorker:
         # The first request pays one-off set-up costs (~3 s on CPU); keep them out of latency_s.
         self._generate([[1, 2]], 0)
 
-    def vocab_signature(self) -> Dict[str, Any]:
+    def vocab_signature(self) -> dict[str, Any]:
         return tokenizer_signature(self.tokenizer, self.model_vocab_size)
 
-    def _generate(self, prompts: List[List[int]], k: int) -> List[Any]:
+    def _generate(self, prompts: list[list[int]], k: int) -> list[Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -175,12 +174,17 @@ class VLLMTeacherWorker:
         B, T = input_ids.shape
         out = empty_scores(B, T, topk)
         rows, spans = self._rows_to_score(attention_mask, response_mask)
-        outputs = self._generate([input_ids[i, a:b].tolist() for i, (a, b) in zip(rows, spans)], topk) if rows else []
-        for i, (a, b), res in zip(rows, spans, outputs):
+        outputs = (
+            self._generate([input_ids[i, a:b].tolist() for i, (a, b) in zip(rows, spans, strict=True)], topk)
+            if rows
+            else []
+        )
+        for i, (a, b), res in zip(rows, spans, outputs, strict=True):
             lp, top = flat_to_tensors(res.prompt_logprobs, b - a, topk)
             keep = response_mask[i, a:b]
             out.logprobs[i, a:b] = torch.where(keep, lp, 0.0)
             if top is not None:
+                assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(topk > 0)
                 out.topk_ids[i, a:b] = torch.where(keep[:, None], top[0], 0)
                 out.topk_logprobs[i, a:b] = torch.where(keep[:, None], top[1], 0.0)
         out.latency_s = time.perf_counter() - start
@@ -189,7 +193,7 @@ class VLLMTeacherWorker:
     @staticmethod
     def _rows_to_score(
         attention_mask: torch.Tensor, response_mask: torch.Tensor
-    ) -> Tuple[List[int], List[Tuple[int, int]]]:
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """Rows with a response token after at least one context token, and their (start, end)
         spans of real tokens."""
         rows, spans = [], []
@@ -214,7 +218,7 @@ class VLLMTeacherWorker:
 
 def flat_to_tensors(
     prompt_logprobs: Any, n: int, k: int
-) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One prompt's ``FlatLogprobs`` (n tokens, k top log-probs) -> log-probs (n,) f32 and, with
     k > 0, top-k ids (n, k) int64 and log-probs (n, k) f32; position 0 (no context) is 0.
 

@@ -158,7 +158,9 @@ def test_mixer_walks_each_source_by_epochs():
 
 
 def test_mixer_is_deterministic_and_seeded():
-    draw = lambda seed: [r.prompt for r in PromptMixer(_sources([(9, 1.0), (4, 2.0)]), seed).next_batch(60)]
+    def draw(seed):
+        return [r.prompt for r in PromptMixer(_sources([(9, 1.0), (4, 2.0)]), seed).next_batch(60)]
+
     assert draw(1) == draw(1) and draw(1) != draw(2)
 
 

@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-
 from pathlib import Path
 
 import pytest

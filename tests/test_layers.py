@@ -14,8 +14,8 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("teachers", "rollout", "trainers")
@@ -27,7 +27,7 @@ ALLOWED = {
 }
 
 
-def unit_of(module: str) -> Optional[str]:
+def unit_of(module: str) -> str | None:
     """The layer unit of a dotted module name, or None for a module outside the project."""
     top = module.split(".")[0]
     if module == "mopd.app" or module.startswith("mopd.app."):
@@ -47,7 +47,7 @@ def project_files(root: Path) -> Iterator[Path]:
         yield from sorted((root / top).rglob("*.py"))
 
 
-def imported_modules(path: Path, root: Path) -> Iterator[Tuple[int, str]]:
+def imported_modules(path: Path, root: Path) -> Iterator[tuple[int, str]]:
     """(line, module) of every import in ``path``, at any depth, relative ones made absolute."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name(path, root)
@@ -78,9 +78,9 @@ def _is_import_module(func: ast.expr) -> bool:
     )
 
 
-def unit_edges(root: Path) -> Dict[Tuple[str, str], List[str]]:
+def unit_edges(root: Path) -> dict[tuple[str, str], list[str]]:
     """(importing unit, imported unit) -> the imports that make that edge, as 'file:line module'."""
-    edges: Dict[Tuple[str, str], List[str]] = {}
+    edges: dict[tuple[str, str], list[str]] = {}
     for path in project_files(root):
         src = unit_of(module_name(path, root))
         for line, mod in imported_modules(path, root):
@@ -91,16 +91,16 @@ def unit_edges(root: Path) -> Dict[Tuple[str, str], List[str]]:
     return {k: sorted(set(v)) for k, v in edges.items()}
 
 
-def cycles(edges: Set[Tuple[str, str]]) -> List[List[str]]:
+def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
     """Strongly connected groups of more than one unit (Tarjan)."""
-    graph: Dict[str, List[str]] = {}
+    graph: dict[str, list[str]] = {}
     for a, b in sorted(edges):
         graph.setdefault(a, []).append(b)
         graph.setdefault(b, [])
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    out: List[List[str]] = []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
@@ -127,7 +127,7 @@ def cycles(edges: Set[Tuple[str, str]]) -> List[List[str]]:
     return out
 
 
-def layer_problems(root: Path = ROOT) -> List[str]:
+def layer_problems(root: Path = ROOT) -> list[str]:
     """Every import that goes against the layers, and every import cycle between units."""
     edges = unit_edges(root)
     problems = []

@@ -3,14 +3,13 @@ advantages when alpha > 0, non-finite inputs skip the update, and a streak of th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from mopd.config import load_config
 from mopd.app.run import build_eval_rows, build_mixer
+from mopd.config import load_config
 from mopd.loop import MOPDLoop, NonFiniteError
 from mopd.metrics import MetricsWriter
 from rollout.pool import RolloutPool
@@ -42,7 +41,14 @@ def make_loop(tmp_path, *overrides):
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "rollout.n=4", "rollout.max_new_tokens=6", *overrides])
     mixer, _ = build_mixer(cfg)
     trainer = RecordingTrainer()
-    loop = MOPDLoop(cfg, NoSync(cfg, local=True), TeacherPool(cfg.teachers, 0, local=True), trainer, mixer, MetricsWriter(tmp_path, tensorboard=False))
+    loop = MOPDLoop(
+        cfg,
+        NoSync(cfg, local=True),
+        TeacherPool(cfg.teachers, 0, local=True),
+        trainer,
+        mixer,
+        MetricsWriter(tmp_path, tensorboard=False),
+    )
     return loop, trainer
 
 
@@ -120,12 +126,20 @@ class VersionedSync(RolloutPool):
 def _overlap_loop(tmp_path, total, *overrides):
     cfg = load_config(
         TINY,
-        [f"run.output_dir={tmp_path}", f"run.total_steps={total}", "rollout.n=2", "rollout.max_new_tokens=4", *overrides],
+        [
+            f"run.output_dir={tmp_path}",
+            f"run.total_steps={total}",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            *overrides,
+        ],
     )
     mixer, _ = build_mixer(cfg)
     rollout = VersionedSync(cfg, local=True)
     writer = MetricsWriter(tmp_path, tensorboard=False)
-    return MOPDLoop(cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), RecordingTrainer(), mixer, writer, build_eval_rows(cfg))
+    return MOPDLoop(
+        cfg, rollout, TeacherPool(cfg.teachers, 0, local=True), RecordingTrainer(), mixer, writer, build_eval_rows(cfg)
+    )
 
 
 def _steps(loop, steps):
@@ -152,7 +166,7 @@ def test_overlap_generates_one_step_ahead_and_drains_before_checkpoints(tmp_path
     ovl, metrics = _run_steps(tmp_path / "ovl", 6, "checkpoint.every=3", "rollout.overlap=true")
     assert [b.rollout.policy_version for b in seq] == [0, 1, 2, 3, 4, 5]
     assert [b.rollout.policy_version for b in ovl] == [0, 0, 1, 3, 3, 4]
-    for s, o in zip(seq, ovl):
+    for s, o in zip(seq, ovl, strict=True):
         assert s.rollout.rows == o.rollout.rows
         # NoSync leaves the weights as they are, so the same seed must give the same samples.
         assert torch.equal(s.rollout.input_ids, o.rollout.input_ids)

@@ -35,7 +35,10 @@ TOLERANCE = 3 / 64
         ({"student_mix.maths": "0.5"}, "student_mix names maths"),
         ({"student_mix.math": "-1"}, "must be >= 0"),
         ({"teacher_sft_schedule": "cosin"}, "teacher_sft_schedule='cosin'; valid: constant, linear, cosine"),
-        ({"student_noisy_kinds.agent": "[wether]"}, "student_noisy_kinds.agent=['wether']: agent_l1 draws the kinds dial, time, weather"),
+        (
+            {"student_noisy_kinds.agent": "[wether]"},
+            "student_noisy_kinds.agent=['wether']: agent_l1 draws the kinds dial, time, weather",
+        ),
         ({"student_noisy_kinds.maths": "[+]"}, "student_noisy_kinds names maths"),
         ({"student_noise": "1.5"}, "student_noise must be in [0, 1], got 1.5"),
     ],
@@ -83,7 +86,10 @@ def test_the_student_sees_typos_only_on_its_noisy_kinds_at_the_set_rate():
 
 def _report(before, teacher, after, score):
     return {
-        "domains": {d: {"student_before": b, "teacher": t, "student_after": a} for d, b, t, a in zip("xy", before, teacher, after)},
+        "domains": {
+            d: {"student_before": b, "teacher": t, "student_after": a}
+            for d, b, t, a in zip("xy", before, teacher, after, strict=True)
+        },
         "normalized_score": score,
         "wall_time_s": 300.0,
     }
@@ -113,8 +119,14 @@ def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
     for stage in STAGES:
         cache.finish(stage, {"seconds": 1.0, "inputs": ran[stage]})
     assert cache.first_changed(ran) is None
-    assert cache.first_changed(stage_inputs(settings_from({"teacher_sft_steps": "50"}), [])) == ("teachers", ["teacher_sft_steps"])
-    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "0.5"}), [])) == ("student", ["student_mix"])
+    assert cache.first_changed(stage_inputs(settings_from({"teacher_sft_steps": "50"}), [])) == (
+        "teachers",
+        ["teacher_sft_steps"],
+    )
+    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "0.5"}), [])) == (
+        "student",
+        ["student_mix"],
+    )
     assert cache.first_changed(stage_inputs(settings_from({}), ["trainer.lr=1e-3"])) == ("mopd", ["recipe_overrides"])
     assert cache.first_changed(stage_inputs(settings_from({"eval_prompts": "8"}), []))[0] == "domains"
 

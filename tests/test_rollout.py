@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mopd.config import BUILTIN_TOKENIZER, MOPDConfig, ModelConfig
+from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
 from mopd.models import build_char_tokenizer, forward_logits, load_model, sequence_logprobs, tiny_mimo_config
 from mopd.runtime import split_evenly
 from mopd.types import PromptRow, RolloutBatch

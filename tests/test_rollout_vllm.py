@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("vllm")
 
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig  # noqa: E402
-from mopd.types import PromptRow  # noqa: E402
 from mopd.models import forward_logits, load_model, sequence_logprobs  # noqa: E402
+from mopd.types import PromptRow  # noqa: E402
 from test_rollout import assert_layout, greedy_gaps, make_cfg, nucleus_logprobs, prompts, sharpened_student  # noqa: E402
 
 pytestmark = pytest.mark.vllm

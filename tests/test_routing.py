@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from mopd.config import BUILTIN_TOKENIZER, ConfigError, MOPDConfig, ModelConfig, validate
+from mopd.config import BUILTIN_TOKENIZER, ConfigError, ModelConfig, MOPDConfig, validate
 from mopd.models import forward_logits, load_model, tiny_mimo_config, token_logprobs
-from mopd.types import TrainBatch
 from mopd.routing import NOT_RECORDED, align_routes, moe_routers, record_routes, replay_routes
+from mopd.types import TrainBatch
 
 VOCAB = 128
 

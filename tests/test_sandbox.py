@@ -190,7 +190,9 @@ def test_write_outside_kernel_layer(tmp_path):
             res = run_untrusted(_write_outside(str(target)), audit=False, **FAST)
             assert not os.path.exists(target) and not res.ok, res
         assert "Read-only file system" in res.stderr
-        assert run_untrusted("open('inside', 'w').write('ok')\nprint(open('inside').read())", audit=False).stdout == "ok\n"
+        assert (
+            run_untrusted("open('inside', 'w').write('ok')\nprint(open('inside').read())", audit=False).stdout == "ok\n"
+        )
     finally:
         os.rmdir(open_dir)
 
@@ -252,7 +254,7 @@ def _connect(port: int) -> str:
 def _no_connection(srv: socket.socket) -> bool:
     try:
         srv.accept()[0].close()
-    except socket.timeout:
+    except TimeoutError:
         return True
     return False
 

@@ -68,7 +68,7 @@ def make_batch(prompts, responses, domains) -> RolloutBatch:
     ids = torch.full((B, P + R), tok.pad_token_id, dtype=torch.int64)
     am = torch.zeros(B, P + R, dtype=torch.bool)
     rm = torch.zeros(B, P + R, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(enc_p, enc_r)):
+    for i, (p, r) in enumerate(zip(enc_p, enc_r, strict=True)):
         ids[i, P - len(p) : P] = torch.tensor(p)
         am[i, P - len(p) : P] = True
         ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.int64)
@@ -80,7 +80,7 @@ def make_batch(prompts, responses, domains) -> RolloutBatch:
         rollout_logprobs=torch.zeros(B, P + R),
         group_ids=torch.arange(B),
         domains=list(domains),
-        rows=[PromptRow(prompt=p, domain=d) for p, d in zip(prompts, domains)],
+        rows=[PromptRow(prompt=p, domain=d) for p, d in zip(prompts, domains, strict=True)],
         responses=list(responses),
         policy_version=0,
         prompt_len=P,
@@ -102,7 +102,9 @@ def reference_full_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
     return torch.cat([torch.zeros_like(lp[:, :1]), lp[:, :-1]], 1)
 
 
-def assert_topk_of(ids: torch.Tensor, vals: torch.Tensor, ref_full: torch.Tensor, mask: torch.Tensor, atol: float) -> None:
+def assert_topk_of(
+    ids: torch.Tensor, vals: torch.Tensor, ref_full: torch.Tensor, mask: torch.Tensor, atol: float
+) -> None:
     """``ids`` / ``vals`` (B, T, k) are a top-k of the reference log-probs ``ref_full`` (B, T, V) at
     the ``mask`` positions, up to float rounding: ``vals`` are the k largest reference values in
     order, and ``ids`` are k distinct tokens whose reference log-probs are ``vals``. Ids are not
@@ -203,7 +205,9 @@ def fake_scores(rows, num_cols: int, k: int = 0) -> TeacherScores:
     lp = torch.tensor(rows, dtype=torch.float32)[:, None].expand(-1, num_cols).clone()
     if not k:
         return TeacherScores(logprobs=lp, latency_s=0.1 * len(rows))
-    return TeacherScores(lp, lp.long()[..., None].expand(-1, -1, k).clone(), lp[..., None].expand(-1, -1, k).clone(), 0.1)
+    return TeacherScores(
+        lp, lp.long()[..., None].expand(-1, -1, k).clone(), lp[..., None].expand(-1, -1, k).clone(), 0.1
+    )
 
 
 def test_assemble_scores_restores_batch_order():
@@ -220,7 +224,9 @@ def test_assemble_scores_restores_batch_order():
 
 def test_fewer_scores_than_rows_is_an_error():
     shard = Shard("math", 1, [0, 2, 4])
-    with pytest.raises(TeacherScoreError, match=r"teacher 'math' \(replica 1\) returned scores for 2 rows but was sent 3"):
+    with pytest.raises(
+        TeacherScoreError, match=r"teacher 'math' \(replica 1\) returned scores for 2 rows but was sent 3"
+    ):
         assemble_scores([shard], [fake_scores([0, 2], 3)], num_rows=5, num_cols=3)
     with pytest.raises(TeacherScoreError, match="columns"):
         assemble_scores([shard], [fake_scores([0, 2, 4], 2)], num_rows=5, num_cols=3)
@@ -269,7 +275,10 @@ def test_pool_scores_each_row_with_its_domain_teacher(local_pool):
     assert not torch.allclose(scores.logprobs[0], other[0], atol=1e-3)
     assert metrics["teacher/math/rows"] == 3 and metrics["teacher/code/rows"] == 3
     assert metrics["teacher/math/latency_s"] > 0 and set(metrics) == {
-        "teacher/math/rows", "teacher/code/rows", "teacher/math/latency_s", "teacher/code/latency_s",
+        "teacher/math/rows",
+        "teacher/code/rows",
+        "teacher/math/latency_s",
+        "teacher/code/latency_s",
     }
 
 
@@ -289,7 +298,9 @@ def test_pool_rejects_short_results(local_pool, monkeypatch):
         return TeacherScores(logprobs=s.logprobs[:-1], latency_s=s.latency_s)
 
     monkeypatch.setattr(worker, "score", drop_last_row)
-    with pytest.raises(TeacherScoreError, match=r"teacher 'code' \(replica 0\) returned scores for 2 rows but was sent 3"):
+    with pytest.raises(
+        TeacherScoreError, match=r"teacher 'code' \(replica 0\) returned scores for 2 rows but was sent 3"
+    ):
         local_pool.score(mixed_batch())
 
 
@@ -307,7 +318,9 @@ def test_pool_rejects_teacher_with_other_tokenizer(student_sig, tmp_path):
     tok.save_pretrained(tmp_path)
     cfg = teacher_cfg()
     cfg.tokenizer = str(tmp_path)
-    with pytest.raises(VocabularyMismatchError, match=r"teacher 'math' vs the student: tokenizer_vocab_size: 100 vs 99; vocab_hash"):
+    with pytest.raises(
+        VocabularyMismatchError, match=r"teacher 'math' vs the student: tokenizer_vocab_size: 100 vs 99; vocab_hash"
+    ):
         TeacherPool({"math": cfg}, 0, student_tokenizer_signature=student_sig, local=True)
 
 
@@ -323,7 +336,10 @@ def test_tokenizer_signature_fields(student_sig):
 
 
 def test_package_import_is_light():
-    code = "import sys, teachers; assert not {'ray', 'vllm', 'transformers', 'torch'} & set(sys.modules), sys.modules.keys()"
+    code = (
+        "import sys, teachers; "
+        "assert not {'ray', 'vllm', 'transformers', 'torch'} & set(sys.modules), sys.modules.keys()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -362,7 +378,12 @@ def test_actor_env_layers_extras_in_order():
     from mopd.runtime import actor_env
     from mopd.vllm_compat import VLLM_CPU_ENV
 
-    base = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    base = {
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     assert actor_env(2.5) == base and actor_env(0.5)["OMP_NUM_THREADS"] == "1"
     env = actor_env(2, VLLM_CPU_ENV, {"OMP_WAIT_POLICY": "ACTIVE", "X": "1"})
     assert env == {**base, **VLLM_CPU_ENV, "OMP_WAIT_POLICY": "ACTIVE", "X": "1"}
@@ -378,7 +399,9 @@ def test_padded_value_heads_leave_the_model_unchanged(tmp_path, batch):
     src = tmp_path / "src"
     load_model(cfg, seed=3).save_pretrained(src)
     (src / "extra.txt").write_text("kept")
-    d = prepare_model_dir(TeacherConfig(path=str(src), tokenizer=BUILTIN_TOKENIZER), 0, str(tmp_path / "work"), pad_values=True)
+    d = prepare_model_dir(
+        TeacherConfig(path=str(src), tokenizer=BUILTIN_TOKENIZER), 0, str(tmp_path / "work"), pad_values=True
+    )
     config = json.loads((tmp_path / "work" / "model" / "config.json").read_text())
     assert config["v_head_dim"] == 32 and config["hybrid_layer_pattern"] == [0, 1, 1, 0]
     assert (tmp_path / "work" / "model" / "extra.txt").is_symlink()
@@ -395,7 +418,9 @@ def test_flat_logprobs_to_tensors():
     from teachers.vllm import flat_to_tensors
 
     # 3 tokens, k = 2: for positions 1 and 2, the token's own entry then the top 2 in rank order.
-    flat = SimpleNamespace(start_indices=[0, 0, 3], token_ids=[5, 7, 5, 9, 9, 4], logprobs=[-2.0, -1.0, -2.0, -0.5, -0.5, -1.5])
+    flat = SimpleNamespace(
+        start_indices=[0, 0, 3], token_ids=[5, 7, 5, 9, 9, 4], logprobs=[-2.0, -1.0, -2.0, -0.5, -0.5, -1.5]
+    )
     lp, (ids, vals) = flat_to_tensors(flat, 3, 2)
     assert lp.tolist() == [0.0, -2.0, -0.5]
     assert ids.tolist() == [[0, 0], [7, 5], [9, 4]] and vals.tolist() == [[0, 0], [-1.0, -2.0], [-0.5, -1.5]]

@@ -121,7 +121,13 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, t
     """SIGKILL the driver (and its Ray) in the middle of step 2, after checkpoint 1: `--resume`
     continues from step 1 (data cursor, sampling seeds, optimizer, policy version) to the end with
     the weights of the uninterrupted run; the export's logits equal the trainer's."""
-    args = [str(TINY), f"run.output_dir={tmp_path}", "trainer.world_size=2", "trainer.zero_stage=2", "checkpoint.every=1"]
+    args = [
+        str(TINY),
+        f"run.output_dir={tmp_path}",
+        "trainer.world_size=2",
+        "trainer.zero_stage=2",
+        "checkpoint.every=1",
+    ]
     root = tmp_path / "checkpoints"
     # Killed with run.total_steps=2, resumed with the recipe's 3: a resumed run may also go further.
     sigkill_after_checkpoint([*args, "run.total_steps=2"], root / "step_000001")
@@ -158,7 +164,9 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, t
 
 
 def test_resume_with_other_teachers_fails_unless_forced(uninterrupted):
-    proc = mopd("train", str(TINY), f"run.output_dir={uninterrupted}", "teachers.code.config.hidden_size=32", "--resume")
+    proc = mopd(
+        "train", str(TINY), f"run.output_dir={uninterrupted}", "teachers.code.config.hidden_size=32", "--resume"
+    )
     assert proc.returncode != 0
     assert "teacher set differs from the checkpoint's (domains: code)" in proc.stderr
     assert "--force-teachers" in proc.stderr
@@ -190,8 +198,8 @@ def test_three_steps_vllm_rollout(tmp_path):
         mopd(
             "train", str(TINY), f"run.output_dir={tmp_path}", "rollout.backend=vllm",
             "teachers.math.backend=vllm", "trainer.world_size=1", "checkpoint.every=0", timeout=580,
-        )  # fmt: skip
-    )
+        )
+    )  # fmt: skip
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert [r["policy_version"] for r in records] == [1.0, 2.0, 3.0], proc.stderr[-2000:]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)

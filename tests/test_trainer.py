@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 
-from mopd.config import MOPDConfig, ModelConfig
+from mopd.config import ModelConfig, MOPDConfig
 from mopd.models import forward_logits, load_model, sequence_logprobs, tiny_mimo_config, topk_logprobs
 from mopd.objective import grpo_advantages
 from mopd.runtime import free_port
@@ -29,7 +29,9 @@ DOMAINS = ("math", "code")
 # --------------------------------------------------------------------------- helpers
 
 
-def make_cfg(zero_stage: int = 0, micro_batch_size: int = 2, kind: str = "sampled", aux: float = 0.001, seed: int = 0) -> MOPDConfig:
+def make_cfg(
+    zero_stage: int = 0, micro_batch_size: int = 2, kind: str = "sampled", aux: float = 0.001, seed: int = 0
+) -> MOPDConfig:
     cfg = MOPDConfig()
     cfg.run.total_steps = 10
     cfg.run.seed = seed
@@ -247,7 +249,13 @@ def test_nonfinite_loss_skips_the_update(zero_stage):
     cfg = make_cfg(zero_stage=zero_stage)
     w = worker(cfg)
     batch = make_batch(cfg)
-    bad = TrainBatch(batch.rollout, batch.teacher_logprobs.clone(), batch.adv_orm, batch.teacher_topk_ids, batch.teacher_topk_logprobs)
+    bad = TrainBatch(
+        batch.rollout,
+        batch.teacher_logprobs.clone(),
+        batch.adv_orm,
+        batch.teacher_topk_ids,
+        batch.teacher_topk_logprobs,
+    )
     row = 3
     bad.teacher_logprobs[row, batch.rollout.response_mask[row].nonzero()[0]] = float("nan")
     before = w.state_dict()

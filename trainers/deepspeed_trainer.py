@@ -19,8 +19,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, cast
 
 import torch
 
@@ -31,7 +32,7 @@ from mopd.routing import replay_routes
 from mopd.types import TrainBatch
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 
-Metrics = Dict[str, float]
+Metrics = dict[str, float]
 
 # DeepSpeed's client_state comes back mixed with its own keys; ours travel under this one.
 _CLIENT_KEY = "mopd"
@@ -66,7 +67,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
-def deepspeed_config(cfg: MOPDConfig) -> Dict[str, Any]:
+def deepspeed_config(cfg: MOPDConfig) -> dict[str, Any]:
     """The DeepSpeed config of a recipe.
 
     Gradient accumulation is driven by the worker, not by DeepSpeed's counter: the number of
@@ -74,7 +75,7 @@ def deepspeed_config(cfg: MOPDConfig) -> Dict[str, Any]:
     accumulation boundary itself. DeepSpeed's nominal accumulation steps is therefore 1.
     """
     t = cfg.trainer
-    zero: Dict[str, Any] = {"stage": t.zero_stage}
+    zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
@@ -91,7 +92,7 @@ def deepspeed_config(cfg: MOPDConfig) -> Dict[str, Any]:
     }
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on vectors (norms, biases, attention sinks): decaying them only hurts."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -109,11 +110,11 @@ class MicroBatch:
     passes (and thus ZeRO collectives) as the others; its loss is multiplied by 0.
     """
 
-    rows: List[int]
+    rows: list[int]
     dummy: bool = False
 
 
-def plan_micro_batches(batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> List[MicroBatch]:
+def plan_micro_batches(batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> list[MicroBatch]:
     """Rows ``rank::world_size`` in chunks of ``micro_batch_size``, padded to the same count on every
     rank (rank 0 holds the most rows)."""
     if batch_size <= 0:
@@ -138,21 +139,21 @@ class _Rows:
     response_mask: torch.Tensor
     rollout: torch.Tensor
     teacher: torch.Tensor
-    adv_orm: Optional[torch.Tensor]
-    topk_ids: Optional[torch.Tensor]
-    topk_logprobs: Optional[torch.Tensor]
-    domains: List[str]
-    routes: Optional[torch.Tensor] = None
+    adv_orm: torch.Tensor | None
+    topk_ids: torch.Tensor | None
+    topk_logprobs: torch.Tensor | None
+    domains: list[str]
+    routes: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> "_Rows":
+    def to(self, device: torch.device) -> _Rows:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return _Rows(
-            move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.rollout),
-            move(self.teacher), move(self.adv_orm), move(self.topk_ids), move(self.topk_logprobs), self.domains,
-            move(self.routes),
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+            self.rollout.to(device), self.teacher.to(device),
+            move(self.adv_orm), move(self.topk_ids), move(self.topk_logprobs), self.domains, move(self.routes),
         )  # fmt: skip
 
-    def subset(self, idx: List[int]) -> "_Rows":
+    def subset(self, idx: list[int]) -> _Rows:
         t = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
         pick = lambda x: None if x is None else x[t]  # noqa: E731
         return _Rows(
@@ -162,7 +163,7 @@ class _Rows:
         )  # fmt: skip
 
 
-def _take_rows(batch: TrainBatch, rows: List[int]) -> _Rows:
+def _take_rows(batch: TrainBatch, rows: list[int]) -> _Rows:
     """Select ``rows`` and drop the columns that are padding in all of them (the leading prompt pad
     and the trailing response pad): positions come from the attention mask, so results are equal."""
     t = torch.as_tensor(rows, dtype=torch.long)
@@ -211,7 +212,7 @@ class _StepSums:
     whole-batch loss and balance loss (their sum over ranks is the batch value).
     """
 
-    domains: List[str]
+    domains: list[str]
     sequences: int  # rows of the whole batch with >= 1 response token (the objective's denominator)
     rows: int  # rows of the whole batch
     stats: torch.Tensor
@@ -219,7 +220,7 @@ class _StepSums:
     aux: float = 0.0
 
     @classmethod
-    def for_batch(cls, batch: TrainBatch) -> "_StepSums":
+    def for_batch(cls, batch: TrainBatch) -> _StepSums:
         domains = sorted(set(batch.rollout.domains))  # the full batch's: identical on every rank
         stats = torch.zeros(len(domains), len(_STATS), dtype=torch.float64)
         return cls(domains, _num_sequences(batch.rollout.response_mask), len(batch.rollout), stats)
@@ -238,13 +239,16 @@ class TrainerWorker:
 
         _quiet_deepspeed()
         # The shm all-reduce op JIT-compiles for ~50 s; gloo does the job on CPU.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        ds_comm: Any = importlib.import_module("deepspeed.comm.torch")
+        ds_comm.build_shm_op = lambda: None
         # Same seed on every rank, so all ranks start from identical weights. Loaded in fp32: these
         # are the master weights; DeepSpeed casts the module when trainer.bf16 is on.
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
         self._routes = RouterCapture(model)
         self._moe = hasattr(model.config, "output_router_logits")
-        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, t.weight_decay), lr=t.lr, betas=cast(tuple[float, float], tuple(t.betas))
+        )
         factor = lr_lambda(t.lr_schedule, t.warmup_steps, cfg.run.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -321,7 +325,7 @@ class TrainerWorker:
             self._version += 1
         return {"sft/loss": nll_sum, "sft/grad_norm": grad_norm, "sft/lr": float(lr), "sft/skipped": float(not applied)}
 
-    def _micro_batch_loss(self, batch: TrainBatch, micro: MicroBatch, sums: _StepSums) -> Tuple[torch.Tensor, bool]:
+    def _micro_batch_loss(self, batch: TrainBatch, micro: MicroBatch, sums: _StepSums) -> tuple[torch.Tensor, bool]:
         """Forward one micro-batch; return the scalar to back-propagate and whether it is finite.
 
         The scalar is scaled so that the gradients summed over micro-batches and averaged over ranks
@@ -355,8 +359,8 @@ class TrainerWorker:
         return total * self.world_size, finite
 
     def _forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (b, t, V) and the MoE load-balancing loss (scalar, or None for dense students).
 
         ``routes`` (b, t, L, k): the rollout's expert choices, replayed (routing replay); the
@@ -374,7 +378,7 @@ class TrainerWorker:
             return out.logits, sigmoid_balance_loss(captured, attention_mask)
         return out.logits, None
 
-    def _student_topk(self, logits: torch.Tensor, rows: _Rows) -> Optional[torch.Tensor]:
+    def _student_topk(self, logits: torch.Tensor, rows: _Rows) -> torch.Tensor | None:
         """(b, t, K) student log-probs at the teacher's top-k ids, aligned like ``token_logprobs``
         (position t: the distribution of token t, from logits t - 1; column 0 is 0)."""
         if self.cfg.objective.kind != "topk":
@@ -386,14 +390,15 @@ class TrainerWorker:
         return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
     def _domain_loss(
-        self, rows: _Rows, idx: List[int], logp_train: torch.Tensor, student_topk: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, rows: _Rows, idx: list[int], logp_train: torch.Tensor, student_topk: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective on the rows ``idx`` of one domain, and their metric sums (5,) in ``_STATS`` order."""
         o = self.cfg.objective
         sub = rows.subset(idx)
         t = torch.as_tensor(idx, dtype=torch.long, device=logp_train.device)
         lp = logp_train[t]
         if o.kind == "topk":
+            assert student_topk is not None and sub.topk_logprobs is not None  # computed / sent for kind=topk
             loss, m = topk_reverse_kl_loss(
                 student_topk[t], sub.topk_logprobs, lp, sub.rollout, sub.response_mask,
                 eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
@@ -406,10 +411,12 @@ class TrainerWorker:
             )  # fmt: skip
         n = m["num_tokens"]
         abs_diff = float(((lp.detach() - sub.rollout).abs() * sub.response_mask).sum())
-        stat = torch.tensor([n, m["reverse_kl"] * n, m["is_masked_frac"] * n, m["adv_mean"] * n, abs_diff], dtype=torch.float64)
+        stat = torch.tensor(
+            [n, m["reverse_kl"] * n, m["is_masked_frac"] * n, m["adv_mean"] * n, abs_diff], dtype=torch.float64
+        )
         return loss, stat
 
-    def _optimizer_step(self, skip: bool) -> Tuple[float, bool]:
+    def _optimizer_step(self, skip: bool) -> tuple[float, bool]:
         """Apply (or drop) the accumulated update. Returns (pre-clip gradient norm, applied)."""
         engine = self.engine
         if not hasattr(engine.optimizer, "overflow"):
@@ -462,7 +469,7 @@ class TrainerWorker:
     # ------------------------------------------------------------------ evaluation / export
     @torch.no_grad()
     def logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routed_experts: Optional[torch.Tensor] = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routed_experts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Teacher-forced (B, T) f32 log-probs of every token (column 0 is 0), eval mode, on CPU.
         ``routed_experts`` (B, T, L, k): MoE routes to replay. Under ZeRO-3 all ranks must call it
@@ -481,7 +488,7 @@ class TrainerWorker:
             self.engine.train(was_training)
         return torch.cat(out).float().cpu()
 
-    def state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full student state dict (HF keys) on CPU in the student's dtype, on rank 0; None on
         other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer)."""
         if self.cfg.trainer.zero_stage == 3:
@@ -498,17 +505,17 @@ class TrainerWorker:
         """Write a Hugging Face directory (safetensors, config, generation config, tokenizer) that
         ``AutoModelForCausalLM.from_pretrained`` loads. Collective; rank 0 writes."""
         sd = self.state_dict()
-        if self.rank != 0:
+        if self.rank != 0 or sd is None:
             return
         _write_hf_dir(self.engine.module, sd, out_dir, self.cfg.student)
         load_tokenizer(self.cfg.student).save_pretrained(out_dir)
 
-    def save_checkpoint(self, dir: str, client_state: Dict[str, Any]) -> None:
+    def save_checkpoint(self, dir: str, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR scheduler) under ``dir``; collective."""
         state = {_CLIENT_KEY: {"client_state": dict(client_state), "policy_version": self._version}}
         self.engine.save_checkpoint(dir, tag=_CKPT_TAG, client_state=state)
 
-    def load_checkpoint(self, dir: str) -> Dict[str, Any]:
+    def load_checkpoint(self, dir: str) -> dict[str, Any]:
         """Restore what ``save_checkpoint`` wrote; returns its ``client_state``. Collective.
         Every file is read with ``weights_only=True`` (see ``safe_checkpoint_load``)."""
         ckpt_engine = self.engine.checkpoint_engine
@@ -521,7 +528,7 @@ class TrainerWorker:
         return dict(ours.get("client_state", {}))
 
 
-def _deepspeed_checkpoint_globals() -> List[Any]:
+def _deepspeed_checkpoint_globals() -> list[Any]:
     """The non-tensor classes DeepSpeed 0.19 pickles into its ZeRO optimizer states."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -556,7 +563,7 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
-def _write_hf_dir(module, state_dict: Dict[str, torch.Tensor], out_dir: str, spec: ModelConfig) -> None:
+def _write_hf_dir(module, state_dict: dict[str, torch.Tensor], out_dir: str, spec: ModelConfig) -> None:
     """Save ``state_dict`` with ``module``'s config and generation config as a HF model directory.
 
     The model is rebuilt on the meta device and given the tensors: under ZeRO-3 the live module's

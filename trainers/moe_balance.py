@@ -8,8 +8,8 @@ training forward; ``sigmoid_balance_loss`` turns them into the loss.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ class RouterCapture:
 
     def __init__(self, model: torch.nn.Module):
         self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
-        self.records: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._active = False
         for m in self.routers:
             m.register_forward_hook(self._hook)
@@ -36,7 +36,7 @@ class RouterCapture:
             self.records.append((output[0], output[2]))
 
     @contextmanager
-    def capture(self) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    def capture(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         self.records, self._active = [], True
         try:
             yield self.records
@@ -44,7 +44,7 @@ class RouterCapture:
             self._active = False
 
 
-def sigmoid_balance_loss(routes: List[Tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor) -> torch.Tensor:
+def sigmoid_balance_loss(routes: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor) -> torch.Tensor:
     """Load-balancing loss for sigmoid routers (DeepSeek-V3's balance loss, over the batch's tokens).
 
     Per layer: ``E * sum_i f_i * P_i`` with f_i the fraction of routed slots that went to expert i

@@ -13,7 +13,7 @@ that dies raises ``ActorFailedError`` naming it; the run then stops and continue
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import ray
 import torch
@@ -30,7 +30,7 @@ from trainers.deepspeed_trainer import TrainerWorker
 TrainerActor = ray.remote(TrainerWorker)
 
 
-def _free_address() -> Tuple[str, int]:
+def _free_address() -> tuple[str, int]:
     """This node's IP and a port free on it."""
     return ray.util.get_node_ip_address(), free_port("")
 
@@ -38,7 +38,7 @@ def _free_address() -> Tuple[str, int]:
 _remote_free_address = ray.remote(num_cpus=0)(_free_address)
 
 
-def _rendezvous(pg) -> Tuple[str, int]:
+def _rendezvous(pg) -> tuple[str, int]:
     """Address for rank 0 (bundle 0) to host the process-group rendezvous. Picked here when bundle 0
     sits on the driver's node (saves starting a worker process), else by a task on that node."""
     node_of_bundle0 = placement_group_table(pg)["bundles_to_node_id"].get(0)
@@ -48,14 +48,14 @@ def _rendezvous(pg) -> Tuple[str, int]:
     return ray.get(_remote_free_address.options(scheduling_strategy=strategy).remote())
 
 
-def _bundle(res: ResourcesConfig) -> Dict[str, float]:
+def _bundle(res: ResourcesConfig) -> dict[str, float]:
     bundle = {"CPU": float(res.num_cpus)}
     if res.num_gpus > 0:
         bundle["GPU"] = float(res.num_gpus)
     return bundle
 
 
-def _get_all(refs: List[Any], method: str = "call") -> List[Any]:
+def _get_all(refs: list[Any], method: str = "call") -> list[Any]:
     """Results of all ranks; the first failure is raised at once instead of waiting on ranks that
     hang in a collective their failed peer never joins. A dead rank raises ``ActorFailedError``."""
     pending = list(refs)
@@ -111,25 +111,25 @@ class TrainerPool:
     def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
 
-    def _all(self, method: str, *args: Any) -> List[Any]:
+    def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank (the same arguments) and return all results, rank order."""
         return _get_all([getattr(a, method).remote(*args) for a in self._actors], method)
 
     # ------------------------------------------------------------------ forwarded calls
-    def train_step(self, batch: TrainBatch) -> Dict[str, float]:
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
         ref = ray.put(batch)  # once, not once per rank
         return self._all("train_step", ref)[0]
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")[0]
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._all("logprobs", ray.put(input_ids), ray.put(attention_mask))[0]
 
-    def save_checkpoint(self, path: str, client_state: Dict[str, Any]) -> None:
+    def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
         self._all("save_checkpoint", path, client_state)
 
-    def load_checkpoint(self, path: str) -> Dict[str, Any]:
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
         return self._all("load_checkpoint", path)[0]
 
     def save_hf(self, path: str) -> None:

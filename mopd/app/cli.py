@@ -4,6 +4,8 @@
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
+
+``mopd COMMAND --help`` lists a command's options.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import List, Optional
 
 from mopd.config import ConfigError, load_config, to_yaml
 
@@ -36,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default="runs/quickstart")
     q.add_argument("--from-stage", default=None, help="re-run this stage and the ones after it")
     q.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="quickstart settings (e.g. teacher_sft_steps=300) or recipe keys"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="quickstart settings (e.g. teacher_sft_steps=300) or recipe keys",
     )
     return p
 
@@ -59,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":

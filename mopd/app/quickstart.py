@@ -21,11 +21,15 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, cast
 
-from mopd.config import LR_SCHEDULES, MOPDConfig, load_config
+from mopd.config import LR_SCHEDULES, LRSchedule, MOPDConfig, load_config
+
+if TYPE_CHECKING:
+    from mopd.types import TrainBatch
 
 log = logging.getLogger("mopd.quickstart")
 
@@ -39,16 +43,18 @@ class QuickstartSettings:
 
     # domain -> registered generator; the easiest levels, so that a tiny teacher reaches >= 0.9
     # within a few minutes of domain SFT on two cores.
-    generators: Dict[str, str] = field(default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"})
+    generators: dict[str, str] = field(
+        default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"}
+    )
     # Share of each domain in the student's general SFT mixture, relative (missing domains: 1.0).
-    student_mix: Dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 1.0})
+    student_mix: dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 1.0})
     # Sub-tasks (a row's ``kind``) where the student is noisy and its teacher is sharp. In the
     # student's SFT a share ``student_noise`` of these rows' answers carry a typo (the first two
     # characters swapped); the teachers learn them clean. The student then samples the right
     # answer ~30% of the time but its greedy answer is the typo: its teacher sharpens what it
     # half-knows, the regime MOPD is made for (teachers trained from the student by RL), and its
     # gap is set by the data, not by where an unfinished SFT stopped (docs/quickstart.md).
-    student_noisy_kinds: Dict[str, List[str]] = field(
+    student_noisy_kinds: dict[str, list[str]] = field(
         default_factory=lambda: {"math": ["-"], "code": ["concat"], "agent": ["time", "dial"]}
     )
     student_noise: float = 0.7
@@ -67,7 +73,7 @@ class QuickstartSettings:
     seed: int = 0
 
     @property
-    def domain_names(self) -> List[str]:
+    def domain_names(self) -> list[str]:
         return list(self.generators)
 
 
@@ -81,11 +87,11 @@ class StageCache:
         self.dir = out / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def done(self, stage: str) -> Optional[Dict[str, Any]]:
+    def done(self, stage: str) -> dict[str, Any] | None:
         path = self.dir / f"{stage}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def finish(self, stage: str, result: Dict[str, Any]) -> None:
+    def finish(self, stage: str, result: dict[str, Any]) -> None:
         tmp = self.dir / f"{stage}.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(self.dir / f"{stage}.json")
@@ -94,7 +100,7 @@ class StageCache:
         for s in STAGES[STAGES.index(stage) :]:
             (self.dir / f"{s}.json").unlink(missing_ok=True)
 
-    def first_changed(self, inputs: Dict[str, Dict[str, Any]]) -> Optional[Tuple[str, List[str]]]:
+    def first_changed(self, inputs: dict[str, dict[str, Any]]) -> tuple[str, list[str]] | None:
         """The first cached stage whose recorded inputs differ from ``inputs[stage]``, and the
         keys that differ (a stage cached before inputs were recorded counts as changed)."""
         for stage in STAGES:
@@ -105,25 +111,39 @@ class StageCache:
             if before != inputs[stage]:
                 if before is None:
                     return stage, ["(not recorded)"]
-                return stage, sorted(k for k in set(before) | set(inputs[stage]) if before.get(k) != inputs[stage].get(k))
+                return stage, sorted(
+                    k for k in set(before) | set(inputs[stage]) if before.get(k) != inputs[stage].get(k)
+                )
         return None
 
 
-def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Dict[str, Any]]:
+def stage_inputs(st: QuickstartSettings, recipe_over: list[str]) -> dict[str, dict[str, Any]]:
     """What each stage's result depends on: its own settings and everything earlier stages used
     (the recipe file and its overrides for the MOPD stage and the report)."""
     import hashlib
 
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(OmegaConf.structured(st))
+    settings = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(st)))
     own = {
         "domains": ("generators", "train_prompts", "eval_prompts", "seed"),
-        "student": ("student_mix", "student_noisy_kinds", "student_noise", "sft_batch", "student_sft_steps", "student_sft_lr", "student_sft_schedule"),
+        "student": (
+            "student_mix",
+            "student_noisy_kinds",
+            "student_noise",
+            "sft_batch",
+            "student_sft_steps",
+            "student_sft_lr",
+            "student_sft_schedule",
+        ),
         "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
     }
-    recipe = {"recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16], "recipe_overrides": list(recipe_over)}
-    out, acc = {}, {}
+    recipe = {
+        "recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16],
+        "recipe_overrides": list(recipe_over),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    acc: dict[str, Any] = {}
     for stage in STAGES:
         acc = {**acc, **{k: settings[k] for k in own.get(stage, ())}, **(recipe if stage == "mopd" else {})}
         out[stage] = dict(acc)
@@ -133,7 +153,7 @@ def stage_inputs(st: QuickstartSettings, recipe_over: List[str]) -> Dict[str, Di
 # ---------------------------------------------------------------------- stage 1: domains
 
 
-def stage_domains(out: Path, st: QuickstartSettings) -> Dict[str, Any]:
+def stage_domains(out: Path, st: QuickstartSettings) -> dict[str, Any]:
     """Write ``data/<domain>_{train,eval}.jsonl`` from each domain's generator (own RNG per split)."""
     from mopd.domains import get_domain
     from mopd.seeds import derive_seed
@@ -164,7 +184,7 @@ def read_rows(out: Path, domain: str, split: str, base: MOPDConfig):
 # ---------------------------------------------------------------------- stages 2-3: SFT
 
 
-def sft_batch(tokenizer, rows) -> "TrainBatch":  # noqa: F821
+def sft_batch(tokenizer, rows) -> TrainBatch:
     """A TrainBatch whose responses are the reference answers (+ EOS), in the rollout layout."""
     import torch
 
@@ -172,15 +192,26 @@ def sft_batch(tokenizer, rows) -> "TrainBatch":  # noqa: F821
     from rollout.batching import encode_prompts, pack_rollout
 
     prompts = encode_prompts(tokenizer, rows)
-    answers = [tokenizer(str(r.meta["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    answers = [
+        tokenizer(str(r.meta["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows
+    ]
     zeros = [[0.0] * len(a) for a in answers]
-    batch = pack_rollout(prompts, answers, zeros, list(range(len(rows))), rows, [str(r.meta["answer"]) for r in rows], tokenizer.pad_token_id, 0)
+    batch = pack_rollout(
+        prompts,
+        answers,
+        zeros,
+        list(range(len(rows))),
+        rows,
+        [str(r.meta["answer"]) for r in rows],
+        tokenizer.pad_token_id,
+        0,
+    )
     return TrainBatch(batch, torch.zeros_like(batch.rollout_logprobs))
 
 
 def run_sft(
     recipe: MOPDConfig,
-    init: Dict[str, Any],
+    init: dict[str, Any],
     rows,
     steps: int,
     lr: float,
@@ -189,9 +220,9 @@ def run_sft(
     seed: int,
     out_dir: Path,
     desc: str,
-    weights: Optional[List[float]] = None,
-    noise: Optional[Callable[[Any, random.Random], Any]] = None,
-) -> Dict[str, float]:
+    weights: list[float] | None = None,
+    noise: Callable[[Any, random.Random], Any] | None = None,
+) -> dict[str, Any]:
     """SFT through the project's DeepSpeed trainer (one in-process rank, ZeRO 0) and save the
     result as a Hugging Face directory. ``init`` overrides ``recipe.student`` (path or config);
     each batch draws rows uniformly, or in proportion to ``weights`` (one per row); ``noise(row,
@@ -206,7 +237,15 @@ def run_sft(
         recipe,
         student=replace(recipe.student, **init),
         run=replace(recipe.run, total_steps=steps, seed=seed),
-        trainer=replace(recipe.trainer, lr=lr, zero_stage=0, world_size=1, lr_schedule=schedule, warmup_steps=10, micro_batch_size=batch),
+        trainer=replace(
+            recipe.trainer,
+            lr=lr,
+            zero_stage=0,
+            world_size=1,
+            lr_schedule=cast(LRSchedule, schedule),
+            warmup_steps=10,
+            micro_batch_size=batch,
+        ),
     )
     tok = load_tokenizer(cfg.student)
     worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
@@ -226,7 +265,7 @@ def run_sft(
 # ---------------------------------------------------------------------- evaluation
 
 
-def evaluate_model(recipe: MOPDConfig, model_dir: Path, rows) -> Dict[str, float]:
+def evaluate_model(recipe: MOPDConfig, model_dir: Path, rows) -> dict[str, float]:
     """Greedy accuracy of a model directory per domain, with an in-process HF rollout worker."""
     from mopd.loop import evaluate
     from rollout.pool import RolloutPool
@@ -243,11 +282,12 @@ def evaluate_model(recipe: MOPDConfig, model_dir: Path, rows) -> Dict[str, float
 # ---------------------------------------------------------------------- the command
 
 
-def mopd_overrides(out: Path, st: QuickstartSettings) -> List[str]:
+def mopd_overrides(out: Path, st: QuickstartSettings) -> list[str]:
     """Recipe overrides that point the MOPD stage at this run's student, teachers and data."""
     data = out / "data"
     sources = ", ".join(
-        f"{{domain: {d}, path: {data / f'{d}_train.jsonl'}, eval_path: {data / f'{d}_eval.jsonl'}}}" for d in st.domain_names
+        f"{{domain: {d}, path: {data / f'{d}_train.jsonl'}, eval_path: {data / f'{d}_eval.jsonl'}}}"
+        for d in st.domain_names
     )
     over = [
         f"run.output_dir={out / 'mopd'}",
@@ -257,11 +297,15 @@ def mopd_overrides(out: Path, st: QuickstartSettings) -> List[str]:
         f"data.sources=[{sources}]",
     ]
     for d in st.domain_names:
-        over += [f"teachers.{d}.path={out / 'teachers' / d}", f"teachers.{d}.config=null", f"teachers.{d}.tokenizer=null"]
+        over += [
+            f"teachers.{d}.path={out / 'teachers' / d}",
+            f"teachers.{d}.config=null",
+            f"teachers.{d}.tokenizer=null",
+        ]
     return over
 
 
-def split_overrides(overrides: List[str]) -> Tuple[Dict[str, str], List[str]]:
+def split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     """``key=value`` items naming a QuickstartSettings field go to the stages; the rest to the recipe."""
     names = {f.name for f in fields(QuickstartSettings)}
     mine, recipe = {}, []
@@ -274,12 +318,15 @@ def split_overrides(overrides: List[str]) -> Tuple[Dict[str, str], List[str]]:
     return mine, recipe
 
 
-def settings_from(items: Dict[str, str]) -> QuickstartSettings:
+def settings_from(items: dict[str, str]) -> QuickstartSettings:
     """The stages' settings with ``items`` applied; ValueError naming every bad value, before any stage runs."""
     from omegaconf import OmegaConf
 
     base = OmegaConf.structured(QuickstartSettings)
-    st = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()])))
+    st = cast(
+        QuickstartSettings,
+        OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()]))),
+    )
     errors = []
     unknown = sorted(set(st.student_mix) - set(st.generators))
     if unknown:
@@ -295,7 +342,7 @@ def settings_from(items: Dict[str, str]) -> QuickstartSettings:
     return st
 
 
-def _kind_errors(st: QuickstartSettings) -> List[str]:
+def _kind_errors(st: QuickstartSettings) -> list[str]:
     """What is wrong with ``student_noisy_kinds`` / ``student_noise``: unknown domains, kinds the
     domain's generator never draws, a share outside [0, 1]."""
     from mopd.domains import get_domain
@@ -310,11 +357,13 @@ def _kind_errors(st: QuickstartSettings) -> List[str]:
         drawn = {str(r.meta.get("kind")) for r in get_domain(st.generators[d]).generate(random.Random(0), 500, "train")}
         bad = sorted(set(kinds) - drawn)
         if bad:
-            errors.append(f"student_noisy_kinds.{d}={list(kinds)}: {st.generators[d]} draws the kinds {', '.join(sorted(drawn))}")
+            errors.append(
+                f"student_noisy_kinds.{d}={list(kinds)}: {st.generators[d]} draws the kinds {', '.join(sorted(drawn))}"
+            )
     return errors
 
 
-def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+def run_quickstart(out_dir: str, from_stage: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(out_dir).resolve()
     mine, recipe_over = split_overrides(list(overrides or []))
@@ -328,11 +377,14 @@ def run_quickstart(out_dir: str, from_stage: Optional[str] = None, overrides: Op
     changed = cache.first_changed(inputs)
     if changed is not None and (from_stage is None or STAGES.index(changed[0]) < STAGES.index(from_stage)):
         # A cached stage made with other settings must not feed this run.
-        print(f"[quickstart] {changed[0]}: its settings changed since it ran ({', '.join(changed[1])}); re-running it and the stages after it")
+        print(
+            f"[quickstart] {changed[0]}: its settings changed since it ran ({', '.join(changed[1])}); "
+            "re-running it and the stages after it"
+        )
         from_stage = changed[0]
     if from_stage is not None:
         cache.invalidate_from(from_stage)
-    results: Dict[str, Any] = {}
+    results: dict[str, Any] = {}
     t_all = time.time()
     for stage in STAGES:
         cached = cache.done(stage)
@@ -396,7 +448,18 @@ def _stage_teachers(out, st, base, recipe_over, results):
     init = {"path": str(out / "student_sft"), "config": None, "tokenizer": None}
     for i, d in enumerate(st.domain_names):
         rows = read_rows(out, d, "train", base)
-        r = run_sft(base, init, rows, st.teacher_sft_steps, st.teacher_sft_lr, st.teacher_sft_schedule, st.sft_batch, st.seed + 1 + i, out / "teachers" / d, f"teacher {d} SFT")
+        r = run_sft(
+            base,
+            init,
+            rows,
+            st.teacher_sft_steps,
+            st.teacher_sft_lr,
+            st.teacher_sft_schedule,
+            st.sft_batch,
+            st.seed + 1 + i,
+            out / "teachers" / d,
+            f"teacher {d} SFT",
+        )
         r["accuracy"] = evaluate_model(base, out / "teachers" / d, read_rows(out, d, "eval", base))[d]
         res[d] = r
     return res
@@ -412,8 +475,8 @@ def _stage_mopd(out, st, base, recipe_over, results):
 
 
 def _stage_report(out, st, base, recipe_over, results):
-    from mopd.checkpoint import export_checkpoint
     from mopd.app.report import build_report, plot_curves
+    from mopd.checkpoint import export_checkpoint
 
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")
@@ -436,8 +499,10 @@ STAGE_FUNCS = {
 }
 
 
-def format_table(report: Dict[str, Any]) -> str:
-    lines = [f"{'domain':8s} {'student before':>15s} {'teacher':>8s} {'student after':>14s} {'KL start':>9s} {'KL end':>7s}"]
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'domain':8s} {'student before':>15s} {'teacher':>8s} {'student after':>14s} {'KL start':>9s} {'KL end':>7s}"
+    ]
     for d, r in report["domains"].items():
         lines.append(
             f"{d:8s} {r['student_before']:15.3f} {r['teacher']:8.3f} {r['student_after']:14.3f} "

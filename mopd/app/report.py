@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mopd.metrics import read_metrics
 
 
-def normalized_score(domains: Dict[str, Dict[str, float]]) -> float:
+def normalized_score(domains: dict[str, dict[str, float]]) -> float:
     """Mean over domains of (after - before) / (teacher - before), as in the standalone MOPD paper:
     0 is the student before MOPD, 1 each domain's teacher. A domain where the teacher is not above
     the student has no defined gap; it is reported as NaN rather than hidden."""
@@ -21,12 +21,12 @@ def normalized_score(domains: Dict[str, Dict[str, float]]) -> float:
     return sum(gaps) / len(gaps) if gaps else float("nan")
 
 
-def curve(records: List[dict], key: str) -> List[tuple]:
+def curve(records: list[dict], key: str) -> list[tuple]:
     """(step, value) pairs of ``key`` in a metrics log, in step order."""
     return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
 
 
-def _first_last(points: List[tuple], k: int = 5) -> tuple:
+def _first_last(points: list[tuple], k: int = 5) -> tuple:
     """Means of the first and the last ``k`` values: one step's figure is a ~30-sample estimate."""
     if not points:
         return float("nan"), float("nan")
@@ -34,9 +34,11 @@ def _first_last(points: List[tuple], k: int = 5) -> tuple:
     return sum(head) / len(head), sum(tail) / len(tail)
 
 
-def build_report(domains: List[str], results: Dict[str, Any], after: Dict[str, float], metrics_path: Path) -> Dict[str, Any]:
+def build_report(
+    domains: list[str], results: dict[str, Any], after: dict[str, float], metrics_path: Path
+) -> dict[str, Any]:
     records = read_metrics(metrics_path)
-    out: Dict[str, Any] = {"domains": {}}
+    out: dict[str, Any] = {"domains": {}}
     for d in domains:
         kl_start, kl_end = _first_last(curve(records, f"teacher/{d}/reverse_kl"))
         out["domains"][d] = {
@@ -53,7 +55,7 @@ def build_report(domains: List[str], results: Dict[str, Any], after: Dict[str, f
     return out
 
 
-def plot_curves(metrics_path: Path, domains: List[str], png: Path) -> Optional[Path]:
+def plot_curves(metrics_path: Path, domains: list[str], png: Path) -> Path | None:
     """Per-domain eval accuracy and token reverse KL over MOPD steps, side by side."""
     import matplotlib
 
@@ -66,7 +68,7 @@ def plot_curves(metrics_path: Path, domains: List[str], png: Path) -> Optional[P
         for ax, key in ((ax_acc, f"eval/{d}/accuracy"), (ax_kl, f"teacher/{d}/reverse_kl")):
             pts = [(s, v) for s, v in curve(records, key) if math.isfinite(v)]
             if pts:
-                ax.plot(*zip(*pts), label=d, marker="o" if ax is ax_acc else None, markersize=3)
+                ax.plot(*zip(*pts, strict=True), label=d, marker="o" if ax is ax_acc else None, markersize=3)
     ax_acc.set(title="eval accuracy (greedy)", xlabel="MOPD step", ylim=(0, 1.02))
     ax_kl.set(title="token reverse KL to the domain's teacher", xlabel="MOPD step", yscale="log")
     for ax in (ax_acc, ax_kl):
@@ -88,7 +90,7 @@ TARGETS = {
 }
 
 
-def target_misses(report: Dict[str, Any], targets: Optional[Dict[str, float]] = None) -> List[str]:
+def target_misses(report: dict[str, Any], targets: dict[str, float] | None = None) -> list[str]:
     """The quickstart targets one report misses, each as a short phrase (empty: all met)."""
     t = {**TARGETS, **(targets or {})}
     misses = []
@@ -105,7 +107,7 @@ def target_misses(report: Dict[str, Any], targets: Optional[Dict[str, float]] = 
     return misses
 
 
-def seeds_table(reports: Dict[int, Dict[str, Any]], targets: Optional[Dict[str, float]] = None) -> str:
+def seeds_table(reports: dict[int, dict[str, Any]], targets: dict[str, float] | None = None) -> str:
     """A Markdown table of several seeds' reports: before / teacher / after per domain and the
     normalised score, one row per seed, then the mean and the minimum of every column, then the
     targets each seed misses."""
@@ -119,8 +121,15 @@ def seeds_table(reports: Dict[int, Dict[str, Any]], targets: Optional[Dict[str, 
         minutes = reports[s].get("wall_time_s", float("nan")) / 60
         lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in table[s]) + f" | {minutes:.1f} |")
     # A NaN (a domain whose teacher is not above the student) propagates: it is never hidden.
-    for name, fn in (("mean", lambda v: sum(v) / len(v)), ("min", lambda v: float("nan") if any(map(math.isnan, v)) else min(v))):
-        lines.append(f"| **{name}** | " + " | ".join(f"{fn([table[s][i] for s in seeds]):.3f}" for i in range(len(cols) + 1)) + " | |")
+    for name, fn in (
+        ("mean", lambda v: sum(v) / len(v)),
+        ("min", lambda v: float("nan") if any(map(math.isnan, v)) else min(v)),
+    ):
+        lines.append(
+            f"| **{name}** | "
+            + " | ".join(f"{fn([table[s][i] for s in seeds]):.3f}" for i in range(len(cols) + 1))
+            + " | |"
+        )
     lines.append("")
     for s in seeds:
         misses = target_misses(reports[s], targets)
@@ -128,7 +137,7 @@ def seeds_table(reports: Dict[int, Dict[str, Any]], targets: Optional[Dict[str, 
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m mopd.app.report DIR SEED...``: the table of ``DIR/seed_S/report.json``; exit status
     1 if a seed misses a target."""
     import json

@@ -12,13 +12,14 @@ down however the run ends. A run that cannot go on raises ``RunStoppedError`` na
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 from mopd import checkpoint as ckpt
-from mopd.config import MOPDConfig, ModelConfig, to_yaml
+from mopd.config import ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
 from mopd.faults import ActorFailedError
@@ -57,19 +58,23 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     from trainers import TrainerPool
 
     init_ray(cfg)
-    pools: List[Any] = []
+    pools: list[Any] = []
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
     try:
         topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
         teachers, trainer, rollout = start_pools(
             pools,
             lambda: TeacherPool(
-                cfg.teachers, cfg.run.seed, signature, max_topk=max(topk, 1), env=cfg.ray.env,
+                cfg.teachers,
+                cfg.run.seed,
+                signature,
+                max_topk=max(topk, 1),
+                env=cfg.ray.env,
                 max_restarts=cfg.ray.max_restarts,
             ),
             lambda: TrainerPool(cfg),
             lambda: RolloutPool(cfg),
-        )  # fmt: skip
+        )
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
             loop.restore(latest, force_teachers)
@@ -89,7 +94,7 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     return out
 
 
-def stopped_message(cfg: MOPDConfig, cause: Optional[BaseException]) -> str:
+def stopped_message(cfg: MOPDConfig, cause: BaseException | None) -> str:
     """What stopped the run, where it can continue from, and how."""
     latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(cfg))
     if latest is None:
@@ -100,7 +105,7 @@ def stopped_message(cfg: MOPDConfig, cause: Optional[BaseException]) -> str:
     return f"{head}{where}. Continue with: mopd train <recipe> [overrides] --resume"
 
 
-def _shutdown(pools: List[Any]) -> None:
+def _shutdown(pools: list[Any]) -> None:
     """Shut every pool down (last started first), even if one of them fails to."""
     for pool in reversed(pools):
         try:
@@ -109,7 +114,7 @@ def _shutdown(pools: List[Any]) -> None:
             log.warning("shutting down %s: %s", type(pool).__name__, e)
 
 
-def start_pools(pools: List[Any], *starters: Callable[[], Any]) -> List[Any]:
+def start_pools(pools: list[Any], *starters: Callable[[], Any]) -> list[Any]:
     """Start the pools at once (their actors load models in parallel, not one pool after the
     other) and append each started one to ``pools`` for shutdown. If any fails, the first
     failure in ``starters`` order is raised (teachers first: a vocabulary mismatch is reported as
@@ -127,7 +132,7 @@ def start_pools(pools: List[Any], *starters: Callable[[], Any]) -> List[Any]:
     return pools[-len(starters) :]
 
 
-def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -> Optional[Path]:
+def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -> Path | None:
     if not resume:
         return None
     root = ckpt.checkpoint_root(cfg)
@@ -140,13 +145,13 @@ def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -
     return latest
 
 
-def build_mixer(cfg: MOPDConfig) -> Tuple[PromptMixer, Dict[str, int]]:
+def build_mixer(cfg: MOPDConfig) -> tuple[PromptMixer, dict[str, int]]:
     """Load every data source and mix them by weight; returns (mixer, data stats)."""
     sources, stats = load_sources(cfg.data, cfg.run.seed, set(cfg.teachers))
     return PromptMixer(sources, seed=cfg.run.seed), stats
 
 
-def build_eval_rows(cfg: MOPDConfig) -> List[PromptRow]:
+def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
     """Up to ``eval.num_prompts`` held-out prompts per domain that has a verifier: a source's
     ``eval_path``, or its generator's eval split. Empty when ``eval.every`` is 0."""
     if cfg.eval.every <= 0:
@@ -166,24 +171,26 @@ def build_eval_rows(cfg: MOPDConfig) -> List[PromptRow]:
     return [r for d in sorted(per_domain) for r in per_domain[d]]
 
 
-def student_signature(cfg: MOPDConfig) -> Dict[str, Any]:
+def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
     """The student's tokenizer/vocabulary signature, which every teacher must match."""
     return model_signature(cfg.student)
 
 
-def model_signature(model: ModelConfig) -> Dict[str, Any]:
+def model_signature(model: ModelConfig) -> dict[str, Any]:
     """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
     from transformers import AutoConfig
 
     if model.config is not None:
         extra = dict(model.config)
         config = AutoConfig.for_model(extra.pop("model_type"), **extra)
-    else:
+    elif model.path is not None:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    else:
+        raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
     return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
 
 
-def check_teacher_vocabularies(cfg: MOPDConfig, student: Dict[str, Any]) -> None:
+def check_teacher_vocabularies(cfg: MOPDConfig, student: dict[str, Any]) -> None:
     """Compare every teacher's vocabulary with the student's before any actor starts. A teacher
     whose tokenizer or config this process cannot read (a path only the workers see) is left to
     the same check in its actor, at start-up."""

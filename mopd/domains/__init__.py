@@ -13,14 +13,14 @@ import importlib
 import importlib.util
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
 
 from mopd.types import PromptRow
 
 # generate(rng, n, split) -> rows; split is "train" or "eval" (disjoint prompt sets).
-Generator = Callable[[random.Random, int, str], List[PromptRow]]
+Generator = Callable[[random.Random, int, str], list[PromptRow]]
 # verify(row, response) -> reward in [0, 1].
 Verifier = Callable[[PromptRow, str], float]
 
@@ -32,7 +32,7 @@ class Domain:
     verify: Verifier
 
 
-_REGISTRY: Dict[str, Domain] = {}
+_REGISTRY: dict[str, Domain] = {}
 _BUILTINS_LOADED = False
 # The built-in domain modules, in the order they register.
 BUILTINS = ("mopd.domains.agent", "mopd.domains.code", "mopd.domains.math")
@@ -53,7 +53,7 @@ def _load_builtins() -> None:
             importlib.import_module(module)
 
 
-def registered_generators() -> Dict[str, Domain]:
+def registered_generators() -> dict[str, Domain]:
     _load_builtins()
     return dict(_REGISTRY)
 
@@ -65,7 +65,7 @@ def get_domain(name: str) -> Domain:
     return doms[name]
 
 
-def load_plugins(modules: List[str]) -> None:
+def load_plugins(modules: list[str]) -> None:
     """Import user modules that register domains (``run.plugins`` in a recipe): a module name on
     the Python path (``my_pkg.domains``) or a ``.py`` file path (``plugins/echo.py``)."""
     for mod in modules:
@@ -85,6 +85,8 @@ def _import_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

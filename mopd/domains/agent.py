@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
 
-from mopd.types import PromptRow
 from mopd.domains.common import register_levels, sample_split
+from mopd.types import PromptRow
 
 DOMAIN = "agent"
 DEFAULT_LEVEL = 2
@@ -44,7 +43,7 @@ GENRES = (
 TOPICS = ("tea", "rent", "lunch", "golf", "exam", "trip", "cats", "code")
 
 
-def _numbers(lo: int, hi: int) -> Tuple[str, ...]:
+def _numbers(lo: int, hi: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(lo, hi + 1))
 
 
@@ -54,13 +53,13 @@ class Tool:
 
     name: str
     level: int
-    phrasings: Tuple[str, ...]  # templates over the slots, e.g. "weather in {city}"
+    phrasings: tuple[str, ...]  # templates over the slots, e.g. "weather in {city}"
     call: str  # answer template, e.g. "weather({city})"
-    slots: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    distinct: Tuple[str, ...] = ()  # slots that must take different values
+    slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    distinct: tuple[str, ...] = ()  # slots that must take different values
 
 
-TOOLS: Tuple[Tool, ...] = (
+TOOLS: tuple[Tool, ...] = (
     Tool("weather", 1, ("weather in {city}", "forecast for {city}", "is it cold in {city}", "will it rain in {city}",
                          "how warm is {city}"),
          "weather({city})", {"city": CITIES}),
@@ -83,7 +82,7 @@ TOOLS: Tuple[Tool, ...] = (
 LEVELS = (1, 2, 3)
 
 
-def _fill(rng: random.Random, tool: Tool) -> Dict[str, str]:
+def _fill(rng: random.Random, tool: Tool) -> dict[str, str]:
     """Slot values for one request; redrawn until the ``distinct`` slots differ."""
     while True:
         values = {slot: rng.choice(choices) for slot, choices in tool.slots.items()}
@@ -91,12 +90,12 @@ def _fill(rng: random.Random, tool: Tool) -> Dict[str, str]:
             return values
 
 
-def render(tool: Tool, phrasing: int, values: Dict[str, str]) -> Tuple[str, str]:
+def render(tool: Tool, phrasing: int, values: dict[str, str]) -> tuple[str, str]:
     """(prompt, answer) of ``tool`` asked with phrasing number ``phrasing``."""
     return tool.phrasings[phrasing].format(**values) + PROMPT_END, tool.call.format(**values)
 
 
-def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]:
+def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> tuple[str, str, str]:
     """One (prompt, answer, tool name) at ``level``: a tool uniformly, then a phrasing and slots."""
     tool = rng.choice([t for t in TOOLS if t.level <= level])
     phrasing = rng.randrange(len(tool.phrasings))
@@ -104,7 +103,7 @@ def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]
     return prompt, answer, tool.name
 
 
-def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> List[PromptRow]:
+def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> list[PromptRow]:
     """``n`` tool-use prompts of ``split`` ("train" or "eval"), drawn with ``rng``."""
     if level not in LEVELS:
         raise ValueError(f"agent: unknown level {level}; valid: {', '.join(map(str, LEVELS))}")

@@ -26,11 +26,12 @@ import logging
 import random
 import string
 from collections import Counter
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from mopd.domains import register_domain
-from mopd.types import PromptRow
 from mopd.domains.common import exact_match, register_levels, sample_split
+from mopd.types import PromptRow
 
 log = logging.getLogger("mopd")
 
@@ -40,7 +41,7 @@ DEFAULT_LEVEL = 2
 MAX_ANSWER = 12  # characters; keeps responses short for a character-level student
 
 # The helper functions a prompt may call, so a test can evaluate prompts as Python.
-HELPERS: Dict[str, Callable[[str], str]] = {
+HELPERS: dict[str, Callable[[str], str]] = {
     "rev": lambda s: s[::-1],
     "upper": str.upper,
     "sort": lambda s: "".join(sorted(s)),
@@ -51,34 +52,34 @@ def _word(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
 
 
-def _call(rng: random.Random, fn: str) -> Tuple[str, str]:
+def _call(rng: random.Random, fn: str) -> tuple[str, str]:
     s = _word(rng, 2, 5)
     return f"{fn}('{s}')", HELPERS[fn](s)
 
 
-def _repeat(rng: random.Random) -> Tuple[str, str]:
+def _repeat(rng: random.Random) -> tuple[str, str]:
     s = _word(rng, 1, 4)
     k = rng.randint(2, min(4, MAX_ANSWER // len(s)))
     return f"'{s}'*{k}", s * k
 
 
-def _concat(rng: random.Random) -> Tuple[str, str]:
+def _concat(rng: random.Random) -> tuple[str, str]:
     s, t = _word(rng, 1, 5), _word(rng, 1, 5)
     return f"'{s}'+'{t}'", s + t
 
 
-def _length(rng: random.Random) -> Tuple[str, str]:
+def _length(rng: random.Random) -> tuple[str, str]:
     s = _word(rng, 1, 9)
     return f"len('{s}')", str(len(s))
 
 
-def _index(rng: random.Random) -> Tuple[str, str]:
+def _index(rng: random.Random) -> tuple[str, str]:
     s = _word(rng, 2, 6)
     i = rng.randrange(len(s))
     return f"'{s}'[{i}]", s[i]
 
 
-def _slice(rng: random.Random) -> Tuple[str, str]:
+def _slice(rng: random.Random) -> tuple[str, str]:
     s = _word(rng, 3, 7)
     i = rng.randrange(len(s))
     j = rng.randint(i + 1, len(s))
@@ -86,7 +87,7 @@ def _slice(rng: random.Random) -> Tuple[str, str]:
 
 
 # kind -> (level it first appears at, draw of (expression, value)).
-OPS: Dict[str, Tuple[int, Callable[[random.Random], Tuple[str, str]]]] = {
+OPS: dict[str, tuple[int, Callable[[random.Random], tuple[str, str]]]] = {
     "upper": (0, lambda r: _call(r, "upper")),
     "repeat": (1, _repeat),
     "concat": (0, _concat),
@@ -99,7 +100,7 @@ OPS: Dict[str, Tuple[int, Callable[[random.Random], Tuple[str, str]]]] = {
 LEVELS = (0, 1, 2, 3)
 
 
-def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]:
+def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> tuple[str, str, str]:
     """One (prompt, answer, operation) at ``level``."""
     kinds = [k for k, (lvl, _) in OPS.items() if lvl <= level]
     kind = rng.choice(kinds)
@@ -107,7 +108,7 @@ def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]
     return f"{expr}=", value, kind
 
 
-def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> List[PromptRow]:
+def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> list[PromptRow]:
     """``n`` code prompts of ``split`` ("train" or "eval"), drawn with ``rng``."""
     if level not in LEVELS:
         raise ValueError(f"code: unknown level {level}; valid: {', '.join(map(str, LEVELS))}")
@@ -120,18 +121,18 @@ EXEC_LEVEL = 3
 # The helpers as source, defined in the sandbox before the response runs.
 HELPERS_SRC = "rev = lambda s: s[::-1]\nupper = str.upper\nsort = lambda s: ''.join(sorted(s))\n"
 # Per-response limits: the answer is one short expression, so anything slow or big is wrong anyway.
-EXEC_LIMITS = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1)
+EXEC_LIMITS: dict[str, Any] = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1)
 # How executed responses ended, by sandbox reason ("ok", "timeout", "cpu", "exit 1", "error: ...").
 EXEC_OUTCOMES: Counter = Counter()
 
 
-def draw_exec(rng: random.Random, level: int = EXEC_LEVEL) -> Tuple[str, str, str]:
+def draw_exec(rng: random.Random, level: int = EXEC_LEVEL) -> tuple[str, str, str]:
     """One (prompt, value, operation) of the writing task; the SFT expression goes in meta."""
     prompt, value, kind = draw(rng, level)
     return f"make {value}:", value, kind
 
 
-def generate_exec(rng: random.Random, n: int, split: str) -> List[PromptRow]:
+def generate_exec(rng: random.Random, n: int, split: str) -> list[PromptRow]:
     """``n`` code-writing prompts; ``meta["answer"]`` is an expression, ``meta["value"]`` what it
     must print, ``meta["check"] == "exec"`` routes the row to the executing verifier."""
     rows = sample_split(rng, n, split, DOMAIN, draw_exec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, List, Tuple
+from collections.abc import Callable
 
 from mopd.types import PromptRow
 
@@ -18,7 +18,7 @@ SPLITS = ("train", "eval")
 EVAL_PERCENT = 10
 
 # draw(rng) -> (prompt, answer, kind); kind names the sub-task (e.g. the operator) for analysis.
-Draw = Callable[[random.Random], Tuple[str, str, str]]
+Draw = Callable[[random.Random], tuple[str, str, str]]
 
 
 def split_of(prompt: str) -> str:
@@ -32,7 +32,7 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
-def sample_split(rng: random.Random, n: int, split: str, domain: str, draw: Draw) -> List[PromptRow]:
+def sample_split(rng: random.Random, n: int, split: str, domain: str, draw: Draw) -> list[PromptRow]:
     """``n`` rows of ``split``, drawn with ``draw`` and kept if the prompt hashes into ``split``.
 
     Prompts are distinct while the split has fresh ones to offer; once a long run of draws finds
@@ -41,7 +41,7 @@ def sample_split(rng: random.Random, n: int, split: str, domain: str, draw: Draw
     check_split(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rows: List[PromptRow] = []
+    rows: list[PromptRow] = []
     seen: set = set()
     repeat_budget = 20 * n + 1000
     misses = 0
@@ -71,7 +71,7 @@ def exact_match(row: PromptRow, response: str) -> float:
     return 1.0 if response.strip() == str(row.meta["answer"]) else 0.0
 
 
-def format_sft_example(row: PromptRow) -> Tuple[str, str]:
+def format_sft_example(row: PromptRow) -> tuple[str, str]:
     """(prompt, completion) for supervised fine-tuning; the trainer appends EOS to the completion."""
     if "answer" not in row.meta:
         raise KeyError(f"{row.domain} prompt {row.prompt!r} has no 'answer' in its meta")
@@ -80,8 +80,8 @@ def format_sft_example(row: PromptRow) -> Tuple[str, str]:
 
 def register_levels(
     name: str,
-    generate: Callable[..., List[PromptRow]],
-    levels: Tuple[int, ...],
+    generate: Callable[..., list[PromptRow]],
+    levels: tuple[int, ...],
     default: int,
     verify: Callable[[PromptRow, str], float] = exact_match,
 ) -> None:

@@ -15,10 +15,9 @@ Answers are 1-4 digits, no sign, no leading zeros.
 from __future__ import annotations
 
 import random
-from typing import List, Tuple
 
-from mopd.types import PromptRow
 from mopd.domains.common import register_levels, sample_split
+from mopd.types import PromptRow
 
 DOMAIN = "math"
 MAX_OPERAND = 99
@@ -31,7 +30,7 @@ def _apply(op: str, a: int, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
-def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]:
+def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> tuple[str, str, str]:
     """One (prompt, answer, operator) at ``level``."""
     op = rng.choice(LEVEL_OPS[level])
     if level == 0:
@@ -43,14 +42,14 @@ def draw(rng: random.Random, level: int = DEFAULT_LEVEL) -> Tuple[str, str, str]
     return f"{a}{op}{b}=", str(_apply(op, a, b)), op
 
 
-def _draw_no_carry(rng: random.Random, op: str) -> Tuple[str, str, str]:
+def _draw_no_carry(rng: random.Random, op: str) -> tuple[str, str, str]:
     a = rng.randint(10, MAX_OPERAND)
     ones = a % 10
     b = rng.randint(0, 9 - ones) if op == "+" else rng.randint(0, ones)
     return f"{a}{op}{b}=", str(_apply(op, a, b)), op
 
 
-def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> List[PromptRow]:
+def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL) -> list[PromptRow]:
     """``n`` arithmetic prompts of ``split`` ("train" or "eval"), drawn with ``rng``."""
     if level not in LEVEL_OPS:
         raise ValueError(f"math: unknown level {level}; valid: {', '.join(map(str, LEVEL_OPS))}")
