@@ -31,7 +31,7 @@ def position_stats(student, teacher, ids: torch.Tensor, prompt_len: int) -> list
         ls = torch.log_softmax(student(ids).logits[0, prompt_len - 1 : -1].float(), -1)
         lt = torch.log_softmax(teacher(ids).logits[0, prompt_len - 1 : -1].float(), -1)
     out = []
-    for s, t in zip(ls, lt):
+    for s, t in zip(ls, lt, strict=True):
         ps, pt = s.exp(), t.exp()
         kl = float((ps * (s - t)).sum())
         top = int(t.argmax())
