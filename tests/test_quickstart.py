@@ -195,3 +195,14 @@ def test_reduced_quickstart_improves_the_student_on_another_seed(tmp_path):
     quickstart("--output-dir", str(out), "seed=3", "run.seed=3")
     report = json.loads((out / "report.json").read_text())
     check_report(report)
+
+
+def test_the_seed_table_command_exits_1_when_a_seed_misses_a_target(tmp_path, capsys):
+    from mopd.app.report import main
+
+    for seed, score in ((0, 0.93), (1, 0.87)):
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "report.json").write_text(json.dumps(_report((0.3,), (1.0,), (0.9,), score)))
+    assert main([str(tmp_path), "0", "1"]) == 1
+    assert "seed 1: MISSED normalised 0.870 < 0.9" in capsys.readouterr().out
+    assert main([str(tmp_path), "0", "1", "--normalized", "0.85"]) == 0
