@@ -88,7 +88,7 @@ def _report(before, teacher, after, score):
     return {
         "domains": {
             d: {"student_before": b, "teacher": t, "student_after": a}
-            for d, b, t, a in zip("xy", before, teacher, after, strict=True)
+            for d, b, t, a in zip("xyz"[: len(before)], before, teacher, after, strict=True)
         },
         "normalized_score": score,
         "wall_time_s": 300.0,
