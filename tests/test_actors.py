@@ -142,6 +142,24 @@ def test_a_killed_actor_is_restarted_prepared_and_its_call_retried(ray_local, ca
 
 
 @pytest.mark.slow
+def test_a_call_that_outlives_max_restarts_raises_naming_the_actor(ray_local):
+    ray = ray_local
+    Toy, _ = toy_classes()
+
+    def prepare(actor):  # the restarted actor dies again during the retried call
+        threading.Timer(1.0, lambda: ray.kill(actor, no_restart=False)).start()
+
+    group = ActorGroup("toy", max_restarts=1, prepare=prepare)
+    group.start(Toy, [()], num_cpus=0)
+    group.ready()
+    threading.Timer(1.0, lambda: ray.kill(group[0], no_restart=False)).start()
+    with pytest.raises(ActorFailedError, match=r"^toy replica 0 died during work \(after 1 restarts\): "):
+        group.call_one(0, "work", 5.0)
+    assert group.restarts == 1
+    group.shutdown()
+
+
+@pytest.mark.slow
 def test_without_restarts_a_death_raises_at_once_naming_the_actor(ray_local, caplog):
     ray = ray_local
     Toy, _ = toy_classes()
