@@ -1,34 +1,32 @@
-"""The teacher pool: one group of teacher workers per domain, each row of a rollout batch scored by
-the teacher of its domain.
+"""The teacher pool: the teacher workers of every domain, each row of a rollout batch scored by the
+teacher of its domain.
 
     pool = TeacherPool(cfg.teachers, seed=cfg.run.seed, student_tokenizer_signature=sig)
     scores, metrics = pool.score(batch, topk=0)   # scores aligned with batch rows
 
 Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``) or, with
-``local=True``, one in-process worker per domain (tests, debugging). An actor that dies is restarted
-by Ray (up to ``max_restarts`` times) and its rows are scored again: a teacher's weights come from its
-path or seeded config, so the fresh actor scores exactly as the old one did. Routing, splitting across
+``local=True``, one in-process worker per domain (tests, debugging), all in one ``ActorGroup``
+(mopd/actors.py). An actor that dies is restarted by Ray (up to ``max_restarts`` times) and its rows
+are scored again: a teacher's weights come from its path or seeded config, so the fresh actor scores
+exactly as the old one did. Routing, splitting across
 replicas and reassembly are pure functions below (``plan_shards``, ``assemble_scores``), tested
 without Ray. Ray is imported only when actors are created.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mopd.actors import ActorGroup
 from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
-from mopd.faults import RestartingCalls
-from mopd.runtime import actor_env, split_evenly
+from mopd.runtime import split_evenly
 from mopd.types import RolloutBatch, TeacherScores
 from mopd.vllm_compat import VLLM_CPU_ENV
 from mopd.vocab import check_vocabularies
-
-log = logging.getLogger("mopd")
 
 
 class TeacherScoreError(RuntimeError):
@@ -172,55 +170,54 @@ class TeacherPool:
         if not teachers:
             raise ValueError("no teachers configured: add at least one 'teachers.<domain>' entry")
         self.local = local
-        self._calls = RestartingCalls("teacher", max_restarts)
         self.domains = sorted(teachers)
-        self._workers: dict[str, list[Any]] = {}
-        for domain in self.domains:
-            cfg, s = teachers[domain], seed if isinstance(seed, int) else seed[domain]
-            self._workers[domain] = self._start(domain, cfg, s, max_topk, dict(env or {}))
+        # One group for every domain's workers, so that the domains score concurrently.
+        self._actors = ActorGroup("teacher", max_restarts=max_restarts, local=local)
+        self._replicas: dict[str, list[int]] = {}  # domain -> indices of its workers in the group
         try:
+            for domain in self.domains:
+                cfg, s = teachers[domain], seed if isinstance(seed, int) else seed[domain]
+                self._replicas[domain] = self._start(domain, cfg, s, max_topk, dict(env or {}))
+            self._actors.ready()
             self.signatures = self._signatures()
             check_vocabularies(self.signatures, student_tokenizer_signature)
-        except Exception:
+        except BaseException:
             self.shutdown()
             raise
 
-    def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: dict[str, str]) -> list[Any]:
+    def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: dict[str, str]) -> list[int]:
         cls = worker_class(cfg.backend)
-        kwargs = {"max_logprobs": max_topk} if cfg.backend == "vllm" else {}
+        kwargs: dict[str, Any] = {"max_logprobs": max_topk} if cfg.backend == "vllm" else {}
         if self.local:
-            return [cls(domain, cfg, seed, set_threads=False, **kwargs)]
-        import ray
-
+            return self._actors.start(cls, [(domain, cfg, seed)], kwargs={**kwargs, "set_threads": False})
         backend_env = VLLM_CPU_ENV if cfg.backend == "vllm" else {}
-        options = dict(
+        return self._actors.start(
+            cls,
+            [(domain, cfg, seed)] * cfg.replicas,
+            kwargs=kwargs,
             num_cpus=cfg.resources.num_cpus,
             num_gpus=cfg.resources.num_gpus,
-            max_restarts=self._calls.max_restarts,
-            runtime_env={"env_vars": actor_env(cfg.resources.num_cpus, backend_env, env)},
+            env=(backend_env, env),
+            label=f"'{domain}' replica",
         )
-        actor_cls: Any = ray.remote(cls).options(**options)
-        return [actor_cls.remote(domain, cfg, seed, **kwargs) for _ in range(cfg.replicas)]
-
-    def _call_all(self, calls: list[tuple]) -> list[Any]:
-        """Run ``(worker, method, args)`` calls: concurrently on actors, in order in-process."""
-        if self.local:
-            return [getattr(w, m)(*args) for w, m, args in calls]
-        return self._calls.run(calls)
 
     def _signatures(self) -> dict[str, dict[str, Any]]:
         """One vocabulary signature per domain (replicas share a config, so the first speaks)."""
-        sigs = self._call_all([(ws[0], "vocab_signature", ()) for ws in self._workers.values()])
-        return dict(zip(self._workers, sigs, strict=True))
+        sigs = self._actors.call([(idx[0], "vocab_signature", ()) for idx in self._replicas.values()])
+        return dict(zip(self._replicas, sigs, strict=True))
 
     @property
     def replicas(self) -> dict[str, int]:
-        return {d: len(ws) for d, ws in self._workers.items()}
+        return {d: len(idx) for d, idx in self._replicas.items()}
+
+    def worker(self, domain: str, replica: int = 0) -> Any:
+        """One worker of ``domain``'s teacher: a Ray actor handle, or the instance with ``local``."""
+        return self._actors[self._replicas[domain][replica]]
 
     @property
     def restarts(self) -> int:
         """Teacher actor restarts seen so far (``faults/teacher_restarts``)."""
-        return self._calls.restarts
+        return self._actors.restarts
 
     def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, dict[str, float]]:
         """Scores of every row of ``batch`` by its domain's teacher, in batch order, and per-domain
@@ -230,25 +227,12 @@ class TeacherPool:
         for s in shards:
             idx = torch.as_tensor(s.rows, dtype=torch.long)
             args = (batch.input_ids[idx], batch.attention_mask[idx], batch.response_mask[idx], topk)
-            calls.append((self._workers[s.domain][s.replica], "score", args))
-        results = self._call_all(calls)
+            calls.append((self._replicas[s.domain][s.replica], "score", args))
+        results = self._actors.call(calls)
         B, T = batch.input_ids.shape
         return assemble_scores(shards, results, B, T, topk), domain_metrics(shards, results)
 
     def shutdown(self) -> None:
-        """Release every worker (vLLM engines first, then the actors)."""
-        workers = [w for ws in self._workers.values() for w in ws]
-        self._workers = {}
-        if self.local:
-            for w in workers:
-                w.shutdown()
-            return
-        import ray
-
-        try:
-            ray.get([w.shutdown.remote() for w in workers], timeout=60)
-        except Exception as e:  # a dead or stuck worker: the kill below still releases the rest
-            log.warning("teacher shutdown: %s", e)
-        finally:
-            for w in workers:
-                ray.kill(w)
+        """Release every worker (vLLM engines first, then the actors). Safe to call twice."""
+        self._actors.shutdown()
+        self._replicas = {}

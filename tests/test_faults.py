@@ -69,7 +69,7 @@ def step_3(loop) -> None:
 
 
 FAULTS = {  # step -> what happens to it
-    1: lambda loop: kill_during(loop.teachers, "score", loop.teachers._workers["math"][0]),
+    1: lambda loop: kill_during(loop.teachers, "score", loop.teachers.worker("math")),
     2: lambda loop: kill_during(loop.rollout, "generate", loop.rollout._actors[0]),
     3: step_3,
 }

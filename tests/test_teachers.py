@@ -262,7 +262,7 @@ def test_pool_scores_each_row_with_its_domain_teacher(local_pool):
     b = mixed_batch()
     scores, metrics = local_pool.score(b, topk=3)
     for d in ("math", "code"):
-        model = local_pool._workers[d][0].model
+        model = local_pool.worker(d).model
         rows = [i for i, x in enumerate(b.domains) if x == d]
         ref = reference_logprobs(model, b)[rows]
         assert torch.allclose(scores.logprobs[rows], ref, atol=ATOL, rtol=0), d
@@ -271,7 +271,7 @@ def test_pool_scores_each_row_with_its_domain_teacher(local_pool):
         ref_full = reference_full_logprobs(model, b)[rows]
         assert_topk_of(scores.topk_ids[rows], scores.topk_logprobs[rows], ref_full, rm, ATOL)
     # The two teachers really differ (different seeds), so a routing mix-up would show.
-    other = reference_logprobs(local_pool._workers["math"][0].model, b)
+    other = reference_logprobs(local_pool.worker("math").model, b)
     assert not torch.allclose(scores.logprobs[0], other[0], atol=1e-3)
     assert metrics["teacher/math/rows"] == 3 and metrics["teacher/code/rows"] == 3
     assert metrics["teacher/math/latency_s"] > 0 and set(metrics) == {
@@ -290,7 +290,7 @@ def test_pool_rejects_domain_without_teacher(local_pool):
 
 def test_pool_rejects_short_results(local_pool, monkeypatch):
     """A worker that drops rows must fail the step, never shift scores onto other rows."""
-    worker = local_pool._workers["code"][0]
+    worker = local_pool.worker("code")
     real = worker.score
 
     def drop_last_row(ids, am, rm, topk=0):

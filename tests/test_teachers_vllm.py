@@ -47,7 +47,7 @@ def batch():
 
 
 def test_vllm_scores_match_hf(pool, hf_math, batch):
-    vllm_worker = pool._workers["math"][0]
+    vllm_worker = pool.worker("math")
     args = (batch.input_ids, batch.attention_mask, batch.response_mask)
     got, ref = vllm_worker.score(*args), hf_math.score(*args)
     diff = (got.logprobs - ref.logprobs).abs().max().item()
@@ -62,7 +62,7 @@ def test_vllm_scores_match_hf(pool, hf_math, batch):
 def test_vllm_topk_matches_hf(pool, hf_math, batch):
     k = 5
     args = (batch.input_ids, batch.attention_mask, batch.response_mask, k)
-    got, ref = pool._workers["math"][0].score(*args), hf_math.score(*args)
+    got, ref = pool.worker("math").score(*args), hf_math.score(*args)
     rm = batch.response_mask
     assert got.topk_ids.shape == ref.topk_ids.shape == (*rm.shape, k)
     assert bool((got.topk_ids[~rm] == 0).all())
@@ -74,7 +74,7 @@ def test_vllm_topk_matches_hf(pool, hf_math, batch):
 
 def test_vllm_topk_above_engine_cap_is_an_error(pool, batch):
     with pytest.raises(ValueError, match=f"topk=9 exceeds the engine's max_logprobs={MAX_TOPK}"):
-        pool._workers["math"][0].score(batch.input_ids, batch.attention_mask, batch.response_mask, MAX_TOPK + 1)
+        pool.worker("math").score(batch.input_ids, batch.attention_mask, batch.response_mask, MAX_TOPK + 1)
 
 
 def test_pool_mixes_vllm_and_hf_teachers(pool, hf_math):

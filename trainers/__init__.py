@@ -1,7 +1,7 @@
 """trainers: the student's training engine.
 
 ``TrainerWorker`` is one DeepSpeed rank (usable in-process); ``TrainerPool`` runs
-``trainer.world_size`` of them as Ray actors (``TrainerActor``) in a placement group.
+``trainer.world_size`` of them as Ray actors in a placement group.
 Importing this package is light: DeepSpeed and Ray load only when a name below is used.
 """
 
@@ -12,7 +12,6 @@ from typing import Any
 
 _EXPORTS = {
     "TrainerWorker": "trainers.deepspeed_trainer",
-    "TrainerActor": "trainers.pool",
     "TrainerPool": "trainers.pool",
 }
 

@@ -1,6 +1,7 @@
 """``TrainerPool``: ``trainer.world_size`` DeepSpeed ranks as Ray actors in one placement group.
 
-The pool is the only place that touches Ray object refs; the loop calls plain methods:
+The pool (with its ``ActorGroup``, mopd/actors.py) is the only place that touches Ray object refs;
+the loop calls plain methods:
 
     pool = TrainerPool(cfg)
     metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
@@ -8,7 +9,8 @@ The pool is the only place that touches Ray object refs; the loop calls plain me
     pool.shutdown()
 
 Ranks are not restarted: their DeepSpeed state and process group cannot be rebuilt mid-run. A rank
-that dies raises ``ActorFailedError`` naming it; the run then stops and continues with ``--resume``.
+that dies raises ``ActorFailedError`` naming it, without waiting on the ranks left hanging in a
+collective; the run then stops and continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -17,17 +19,14 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from mopd.actors import ActorGroup
 from mopd.config import MOPDConfig, ResourcesConfig
-from mopd.faults import ActorFailedError
-from mopd.runtime import actor_env, free_port
+from mopd.runtime import free_port
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
-
-TrainerActor = ray.remote(TrainerWorker)
 
 
 def _free_address() -> tuple[str, int]:
@@ -55,65 +54,40 @@ def _bundle(res: ResourcesConfig) -> dict[str, float]:
     return bundle
 
 
-def _get_all(refs: list[Any], method: str = "call") -> list[Any]:
-    """Results of all ranks; the first failure is raised at once instead of waiting on ranks that
-    hang in a collective their failed peer never joins. A dead rank raises ``ActorFailedError``."""
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        try:
-            ray.get(done)
-        except RayActorError as e:
-            rank = refs.index(done[0])
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ActorFailedError(f"trainer rank {rank} died during {method}: {first}") from e
-    return ray.get(refs)
-
-
 class TrainerPool:
-    """Owns ``cfg.trainer.world_size`` ``TrainerActor`` ranks; every call goes to all of them."""
+    """Owns ``cfg.trainer.world_size`` ``TrainerWorker`` ranks; every call goes to all of them."""
 
     def __init__(self, cfg: MOPDConfig, placement_timeout_s: float = 120.0):
         t = cfg.trainer
         bundles = [_bundle(t.resources) for _ in range(t.world_size)]
-        self._pg = placement_group(bundles, strategy="PACK")
-        if not self._pg.wait(timeout_seconds=placement_timeout_s):
-            remove_placement_group(self._pg)
+        pg = placement_group(bundles, strategy="PACK")
+        if not pg.wait(timeout_seconds=placement_timeout_s):
+            remove_placement_group(pg)
             raise RuntimeError(
                 f"trainer placement group not satisfied within {placement_timeout_s:.0f}s: requested "
                 f"{t.world_size} x {bundles[0]} (trainer.world_size x trainer.resources); cluster has "
                 f"{ray.cluster_resources()}, available {ray.available_resources()}"
             )
+        # Rank i in bundle i; not restarted (max_restarts=0): a dead rank raises ActorFailedError.
+        self._actors = ActorGroup("trainer", placement_group=pg)  # removes the placement group on shutdown
         try:
-            self._start_actors(cfg)
+            addr, port = _rendezvous(pg)
+            # Threads per reserved CPU, DeepSpeed's CPU accelerator without a GPU, then ray.env.
+            accelerator_env = {"DS_ACCELERATOR": "cpu"} if t.resources.num_gpus == 0 else {}
+            ranks = [(cfg, rank, t.world_size, addr, port) for rank in range(t.world_size)]
+            res, env = t.resources, (accelerator_env, cfg.ray.env)
+            self._actors.start(
+                TrainerWorker, ranks, num_cpus=res.num_cpus, num_gpus=res.num_gpus, env=env, label="rank"
+            )
+            # Surfaces constructor errors (bad model config, DeepSpeed init) here rather than later.
+            self._actors.ready()
         except BaseException:
             self.shutdown()
             raise
 
-    def _start_actors(self, cfg: MOPDConfig) -> None:
-        t = cfg.trainer
-        addr, port = _rendezvous(self._pg)
-        # Threads per reserved CPU, DeepSpeed's CPU accelerator without a GPU, then ray.env.
-        accelerator_env = {"DS_ACCELERATOR": "cpu"} if t.resources.num_gpus == 0 else {}
-        env = actor_env(t.resources.num_cpus, accelerator_env, cfg.ray.env)
-        self._actors = [
-            TrainerActor.options(
-                num_cpus=t.resources.num_cpus,
-                num_gpus=t.resources.num_gpus,
-                scheduling_strategy=self._strategy(rank),
-                runtime_env={"env_vars": env},
-            ).remote(cfg, rank, t.world_size, addr, port)
-            for rank in range(t.world_size)
-        ]
-        # Surfaces constructor errors (bad model config, DeepSpeed init) here rather than later.
-        self._all("get_version")
-
-    def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
-
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank (the same arguments) and return all results, rank order."""
-        return _get_all([getattr(a, method).remote(*args) for a in self._actors], method)
+        return self._actors.call_all(method, *args)
 
     # ------------------------------------------------------------------ forwarded calls
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -142,12 +116,8 @@ class TrainerPool:
         self._all("set_version", version)
 
     def shutdown(self) -> None:
-        for a in getattr(self, "_actors", []):
-            ray.kill(a)
-        self._actors = []
-        if getattr(self, "_pg", None) is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        """Kill the ranks and release the placement group. Safe to call twice."""
+        self._actors.shutdown()
 
 
-__all__ = ["TrainerActor", "TrainerPool"]
+__all__ = ["TrainerPool"]

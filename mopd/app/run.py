@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mopd import checkpoint as ckpt
+from mopd.actors import ActorFailedError
 from mopd.config import ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
-from mopd.faults import ActorFailedError
 from mopd.loop import MOPDLoop, check_teachers, teacher_fingerprint
 from mopd.metrics import MetricsWriter
 from mopd.models import load_tokenizer
