@@ -28,11 +28,26 @@ def required_cpus(cfg: MOPDConfig) -> float:
     return total
 
 
+def actor_threads(num_cpus: float) -> int:
+    """Threads of an actor that reserved ``num_cpus`` CPUs: one per CPU, at least one (more would
+    fight the other actors on the same cores)."""
+    return max(1, int(num_cpus))
+
+
+def set_torch_threads(num_cpus: float) -> None:
+    """Set this process's torch threads for ``num_cpus`` reserved CPUs (``actor_env`` sets the
+    OpenMP/MKL environment of a Ray actor; this sets torch inside it)."""
+    import torch
+
+    torch.set_num_threads(actor_threads(num_cpus))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def actor_env(num_cpus: float, *extra: Mapping[str, str]) -> dict[str, str]:
     """Environment variables of a Ray actor that reserved ``num_cpus`` CPUs: one OpenMP / MKL
     thread per CPU (at least one), threads that sleep instead of spinning, no tokenizer thread
     pool; then each of ``extra`` in order (later ones win), e.g. backend settings, ``ray.env``."""
-    threads = str(max(1, int(num_cpus)))
+    threads = str(actor_threads(num_cpus))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **ACTOR_ENV}
     for more in extra:
         env.update(more)

@@ -18,13 +18,9 @@ import torch
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer, sequence_logprobs
 from mopd.routing import align_routes, record_routes
+from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
 from rollout.batching import encode_prompts, left_pad, pack_samples
-
-
-def set_threads(num_cpus: float) -> None:
-    """One torch thread per reserved CPU: more would fight the other actors on the same cores."""
-    torch.set_num_threads(max(1, int(num_cpus)))
 
 
 class HFRolloutActor:
@@ -32,7 +28,7 @@ class HFRolloutActor:
     under the distribution it was drawn from (temperature and top-p applied)."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
-        set_threads(cfg.rollout.resources.num_cpus)
+        set_torch_threads(cfg.rollout.resources.num_cpus)
         self.cfg = cfg
         self.replica = replica
         self.tokenizer = load_tokenizer(cfg.student)

@@ -37,11 +37,11 @@ import torch
 
 from mopd.config import MOPDConfig
 from mopd.models import load_model, load_tokenizer
+from mopd.runtime import set_torch_threads
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
 from rollout.batching import encode_prompts, pack_samples
-from rollout.hf import set_threads
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -92,7 +92,7 @@ class VLLMRolloutActor:
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
         set_cpu_env_defaults()  # read when the engine starts; the pool sets them too
-        set_threads(cfg.rollout.resources.num_cpus)
+        set_torch_threads(cfg.rollout.resources.num_cpus)
         from vllm.platforms import current_platform
 
         self.cfg = cfg

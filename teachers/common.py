@@ -7,22 +7,11 @@ right-padded; position t of every (B, T) tensor refers to token ``input_ids[:, t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import torch
 
 from mopd.types import TeacherScores
-
-
-def num_threads(num_cpus: float) -> int:
-    """Torch threads for an actor that reserved ``num_cpus`` CPUs (at least one)."""
-    return max(1, int(num_cpus))
-
-
-def set_torch_threads(num_cpus: float) -> None:
-    torch.set_num_threads(num_threads(num_cpus))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def check_score_inputs(

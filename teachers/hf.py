@@ -18,9 +18,10 @@ import torch
 
 from mopd.config import TeacherConfig
 from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
+from mopd.runtime import set_torch_threads
 from mopd.types import TeacherScores
 from mopd.vocab import config_vocab_size, tokenizer_signature
-from teachers.common import active_columns, check_score_inputs, empty_scores, row_chunks, set_torch_threads
+from teachers.common import active_columns, check_score_inputs, empty_scores, row_chunks
 
 
 class HFTeacherWorker:

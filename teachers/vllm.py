@@ -33,6 +33,7 @@ import torch
 
 from mopd.config import TeacherConfig
 from mopd.models import load_model, load_tokenizer
+from mopd.runtime import set_torch_threads
 from mopd.types import TeacherScores
 from mopd.vllm_compat import (
     check_cpu_support,
@@ -42,7 +43,7 @@ from mopd.vllm_compat import (
     vllm_config_overrides,
 )
 from mopd.vocab import tokenizer_signature
-from teachers.common import check_score_inputs, empty_scores, row_span, set_torch_threads
+from teachers.common import check_score_inputs, empty_scores, row_span
 
 # --------------------------------------------------------------------------- model directory
 

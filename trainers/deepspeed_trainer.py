@@ -29,6 +29,7 @@ from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import mopd_loss, topk_reverse_kl_loss
 from mopd.routing import replay_routes
+from mopd.runtime import set_torch_threads
 from mopd.types import TrainBatch
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 
@@ -234,7 +235,7 @@ class TrainerWorker:
         t = cfg.trainer
         # With GPUs, Ray shows each actor only its own device, so the local index is 0.
         _set_dist_env(rank, world_size, master_addr, master_port, local_rank=0 if t.resources.num_gpus > 0 else rank)
-        torch.set_num_threads(max(1, int(t.resources.num_cpus)))
+        set_torch_threads(t.resources.num_cpus)
         import deepspeed
 
         _quiet_deepspeed()
