@@ -213,3 +213,21 @@ def test_a_bad_choice_set_in_python_is_refused_by_validate():
         validate(cfg)
     assert "objective.kind is 'topK'; valid: sampled, topk" in str(e.value)
     assert ".backend is 'vLLM'; valid: hf, vllm" in str(e.value)
+
+
+@pytest.mark.parametrize("recipe", ["tiny.yaml", "quickstart.yaml"])
+def test_the_recipes_tiny_student_is_the_one_tests_build(recipe):
+    """The tiny MiMoV2Flash student is written out in the CPU recipes (a recipe states its model)
+    and built by ``models.tiny_mimo_config`` in tests and scripts: one model, pinned here so the
+    copies cannot drift apart."""
+    from transformers import AutoConfig
+
+    from mopd.models import tiny_mimo_config
+
+    def built(cfg: dict) -> dict:
+        cfg = dict(cfg)
+        out = AutoConfig.for_model(cfg.pop("model_type"), **cfg).to_dict()
+        out.pop("transformers_version", None)
+        return out
+
+    assert built(load_config(ROOT / "recipes" / recipe).student.config) == built(tiny_mimo_config())
