@@ -10,12 +10,10 @@ Importing this package is light: Ray, transformers and vLLM load only when a cla
 
 from __future__ import annotations
 
-__all__ = ["RolloutPool"]
+from mopd.lazy import lazy_exports
 
+_EXPORTS = {"RolloutPool": "rollout.pool"}
 
-def __getattr__(name: str):
-    if name == "RolloutPool":
-        from rollout.pool import RolloutPool
+__all__ = list(_EXPORTS)
 
-        return RolloutPool
-    raise AttributeError(f"module 'rollout' has no attribute {name!r}")
+__getattr__ = lazy_exports("rollout", _EXPORTS)

@@ -10,8 +10,7 @@ Importing this package loads neither torch models, Ray nor vLLM: the names below
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mopd.lazy import lazy_exports
 
 _EXPORTS = {
     "TeacherPool": "teachers.pool",
@@ -22,7 +21,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'teachers' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("teachers", _EXPORTS)

@@ -7,8 +7,7 @@ Importing this package is light: DeepSpeed and Ray load only when a name below i
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mopd.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainerWorker": "trainers.deepspeed_trainer",
@@ -18,7 +17,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainers' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("trainers", _EXPORTS)
