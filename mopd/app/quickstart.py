@@ -328,9 +328,10 @@ def settings_from(items: dict[str, str]) -> QuickstartSettings:
         OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in items.items()]))),
     )
     errors = []
-    unknown = sorted(set(st.student_mix) - set(st.generators))
-    if unknown:
-        errors.append(f"student_mix names {', '.join(unknown)}, not a quickstart domain ({', '.join(st.generators)})")
+    for name in ("student_mix", "student_noisy_kinds"):
+        unknown = sorted(set(getattr(st, name)) - set(st.generators))
+        if unknown:
+            errors.append(f"{name} names {', '.join(unknown)}, not a quickstart domain ({', '.join(st.generators)})")
     if any(w < 0 for w in st.student_mix.values()) or not any(st.student_mix.get(d, 1.0) > 0 for d in st.generators):
         errors.append(f"student_mix weights must be >= 0 and not all 0, got {dict(st.student_mix)}")
     errors += _kind_errors(st)
@@ -343,8 +344,8 @@ def settings_from(items: dict[str, str]) -> QuickstartSettings:
 
 
 def _kind_errors(st: QuickstartSettings) -> list[str]:
-    """What is wrong with ``student_noisy_kinds`` / ``student_noise``: unknown domains, kinds the
-    domain's generator never draws, a share outside [0, 1]."""
+    """What is wrong with ``student_noisy_kinds`` / ``student_noise``: kinds the domain's generator
+    never draws, a share outside [0, 1] (unknown domains are checked in ``settings_from``)."""
     from mopd.domains import get_domain
 
     errors = []
@@ -352,8 +353,7 @@ def _kind_errors(st: QuickstartSettings) -> list[str]:
         errors.append(f"student_noise must be in [0, 1], got {st.student_noise}")
     for d, kinds in st.student_noisy_kinds.items():
         if d not in st.generators:
-            errors.append(f"student_noisy_kinds names {d}, not a quickstart domain ({', '.join(st.generators)})")
-            continue
+            continue  # reported with the other settings that name domains
         drawn = {str(r.meta.get("kind")) for r in get_domain(st.generators[d]).generate(random.Random(0), 500, "train")}
         bad = sorted(set(kinds) - drawn)
         if bad:
