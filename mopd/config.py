@@ -37,6 +37,7 @@ LRSchedule = Literal["constant", "linear", "cosine"]
 OnBadRow = Literal["reject", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
 ZeroStage = Literal[0, 1, 2, 3]
+Layout = Literal["disaggregated", "colocated"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
@@ -202,6 +203,15 @@ class RayConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where the pools run. ``disaggregated``: trainer ranks, rollout replicas and teachers each
+    on devices of their own. ``colocated``: rollout replicas share the trainer ranks' devices and
+    the two take turns (the rollout frees its memory while the trainer steps)."""
+
+    layout: Layout = "disaggregated"
+
+
+@dataclass
 class MOPDConfig:
     run: RunConfig = field(default_factory=RunConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -212,6 +222,7 @@ class MOPDConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
