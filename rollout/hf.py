@@ -1,4 +1,5 @@
-"""Student rollout with Hugging Face ``generate`` (the CPU-friendly backend).
+"""Student rollout with Hugging Face ``generate`` (the CPU-friendly backend; on a GPU when
+``rollout.resources.num_gpus > 0``, see ``mopd.devices``).
 
 A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use it in-process:
 
@@ -16,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from mopd.config import MOPDConfig
+from mopd.devices import worker_device
 from mopd.models import load_model, load_tokenizer, sequence_logprobs
 from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
@@ -25,15 +27,17 @@ from rollout.batching import encode_prompts, left_pad, pack_samples
 
 class HFRolloutActor:
     """Samples from the student with ``model.generate``; records the log-prob of each sampled token
-    under the distribution it was drawn from (temperature and top-p applied)."""
+    under the distribution it was drawn from (temperature and top-p applied). The model lives on
+    the worker's device; inputs and results cross the actor boundary on the CPU."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
         set_torch_threads(cfg.rollout.resources.num_cpus)
         self.cfg = cfg
         self.replica = replica
         self.tokenizer = load_tokenizer(cfg.student)
+        self.device = worker_device(cfg.rollout.resources, "rollout.resources")
         # Same call as the trainer's: version 0 here equals the trainer's initial weights.
-        self.model = load_model(cfg.student, seed=cfg.run.seed).eval()
+        self.model = load_model(cfg.student, seed=cfg.run.seed).eval().to(self.device)
         self._clean_generation_config()
         self._version = 0
 
@@ -77,10 +81,13 @@ class HFRolloutActor:
         with torch.random.fork_rng(devices=[]), routes as rec:
             torch.manual_seed(seed)
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask.long(), generation_config=self._sampling_config(n, greedy)
+                input_ids=ids.to(self.device),
+                attention_mask=mask.long().to(self.device),
+                generation_config=self._sampling_config(n, greedy),
             )
-        new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R')
-        logp = sampled_logprobs(out.scores, new_tokens)  # (B*n, R')
+        new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R'), on the device like the scores
+        logp = sampled_logprobs(out.scores, new_tokens).cpu()  # (B*n, R')
+        new_tokens = new_tokens.cpu()
         samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp, strict=True)]
         batch = pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
         if rec is None:
@@ -89,13 +96,15 @@ class HFRolloutActor:
         return replace(batch, routed_experts=align_routes(rec.routes(rows=len(batch)), batch.attention_mask))
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""
+        """Trainer weights (its ``model.state_dict()`` names, on any device: CPU tensors are copied to
+        the model's); strict, so a mismatch fails loudly."""
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights."""
-        return sequence_logprobs(self.model, input_ids, attention_mask.bool())
+        """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights, on CPU."""
+        dev = self.device
+        return sequence_logprobs(self.model, input_ids.to(dev), attention_mask.bool().to(dev)).cpu()
 
     def version(self) -> int:
         return self._version
@@ -112,8 +121,9 @@ def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> to
 
     scores: R tensors (B, V), as ``generate(output_scores=True)`` returns them (logits after the
     temperature / top-p warpers; filtered tokens are -inf). One step at a time, so no (B, R, V)
-    tensor is ever built. Tokens generate pads with after EOS may be -inf; callers cut them off."""
-    out = torch.zeros(tokens.shape, dtype=torch.float32)
+    tensor is ever built. Tokens generate pads with after EOS may be -inf; callers cut them off.
+    The result is on the device of ``tokens``."""
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     for t, s in enumerate(scores):
         out[:, t] = torch.log_softmax(s.float(), -1).gather(-1, tokens[:, t : t + 1]).squeeze(-1)
     return out

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mopd.config import TeacherConfig
+from mopd.devices import worker_device
 from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
 from mopd.runtime import set_torch_threads
 from mopd.types import TeacherScores
@@ -25,7 +26,9 @@ from teachers.common import active_columns, check_score_inputs, empty_scores, ro
 
 
 class HFTeacherWorker:
-    """One teacher model scoring (B, T) batches at temperature 1 on the local device (CPU)."""
+    """One teacher model scoring (B, T) batches at temperature 1 on its device (``mopd.devices``:
+    a GPU when ``teachers.<domain>.resources.num_gpus > 0``, else the CPU); inputs and scores stay
+    on the CPU."""
 
     def __init__(self, name: str, cfg: TeacherConfig, seed: int, *, set_threads: bool = True) -> None:
         # In-process workers (local pools, tests) leave the caller's thread count alone.
@@ -33,7 +36,8 @@ class HFTeacherWorker:
             set_torch_threads(cfg.resources.num_cpus)
         self.name = name
         self.cfg = cfg
-        self.model = load_model(cfg, seed).eval()
+        self.device = worker_device(cfg.resources, f"teachers.{name}.resources")
+        self.model = load_model(cfg, seed).eval().to(self.device)
         self.tokenizer = load_tokenizer(cfg)
         # Most causal LMs accept `logits_to_keep`: the LM head then skips prompt positions.
         self._can_trim_head = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -77,24 +81,26 @@ class HFTeacherWorker:
         self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Scores of one trimmed chunk: ids/am/rm (b, t) -> logprobs (b, t) and optional top-k
-        (b, t, k) ids and log-probs, all 0 outside ``rm``."""
+        (b, t, k) ids and log-probs, all 0 outside ``rm``. Inputs and outputs on the CPU; the forward
+        on the model's device."""
         b, t = ids.shape
         # Token c is predicted by the logits at c - 1: keep logits from one column before the first
         # response token (the model returns the last `keep` positions).
         first = int(rm.any(0).nonzero()[0])
         keep = t - max(first - 1, 0)
         kwargs = {"logits_to_keep": keep} if self._can_trim_head else {}
-        logits = forward_logits(self.model, ids, am, **kwargs).logits[:, -keep:]
+        dev_ids = ids.to(self.device)
+        logits = forward_logits(self.model, dev_ids, am.to(self.device), **kwargs).logits[:, -keep:]
         tail = slice(t - keep, t)
         lp = torch.zeros(b, t, dtype=torch.float32)
         # Column 0 of the kept window is a prompt token (or column 0 itself): token_logprobs gives 0.
-        lp[:, tail] = token_logprobs(logits, ids[:, tail])
+        lp[:, tail] = token_logprobs(logits, dev_ids[:, tail]).cpu()
         lp = torch.where(rm, lp, torch.zeros_like(lp))
         if k <= 0:
             return lp, None
         top_ids = torch.zeros(b, t, k, dtype=torch.int64)
         top_lp = torch.zeros(b, t, k, dtype=torch.float32)
-        top_ids[:, tail], top_lp[:, tail] = topk_logprobs(logits, k)
+        top_ids[:, tail], top_lp[:, tail] = (x.cpu() for x in topk_logprobs(logits, k))
         keep_mask = rm[..., None]
         return lp, (torch.where(keep_mask, top_ids, 0), torch.where(keep_mask, top_lp, 0.0))
 

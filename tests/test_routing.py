@@ -272,6 +272,7 @@ def test_train_step_replays_the_rollout_routes():
     from rollout.hf import HFRolloutActor
     from test_trainer import worker
     from trainers.deepspeed_trainer import _take_rows
+    from trainers.shards import shard_batch
 
     cfg = rollout_cfg("mimo", dtype="bfloat16", max_new=16)
     cfg.run.total_steps = 2
@@ -284,7 +285,8 @@ def test_train_step_replays_the_rollout_routes():
         gap[name] = float((lp - batch.rollout_logprobs).abs()[batch.response_mask].mean())
     assert gap["on"] < gap["off"], gap
     # The micro-batch slicing keeps routes aligned with the columns it keeps.
-    sub = _take_rows(TrainBatch(batch, batch.rollout_logprobs.clone()), [1, 3])
+    [shard] = shard_batch(TrainBatch(batch, batch.rollout_logprobs.clone()), world_size=1, micro_batch_size=4)
+    sub = _take_rows(shard, [1, 3])
     assert sub.routes is not None and sub.routes.shape[:2] == sub.input_ids.shape
     metrics = {}
     for name, b in (("on", batch), ("off", replace(batch, routed_experts=None))):

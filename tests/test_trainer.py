@@ -21,6 +21,7 @@ from mopd.runtime import free_port
 from mopd.types import PromptRow, RolloutBatch, TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker, lr_lambda, plan_micro_batches
 from trainers.moe_balance import sigmoid_balance_loss
+from trainers.shards import shard_batch
 
 PROMPT_LEN, RESPONSE_LEN = 6, 8
 DOMAINS = ("math", "code")
@@ -113,14 +114,17 @@ def hf_keys(cfg: MOPDConfig) -> set:
 
 
 def test_micro_batch_plan_gives_every_rank_the_same_number_of_passes():
-    r0 = plan_micro_batches(5, rank=0, world_size=2, micro_batch_size=2)
-    r1 = plan_micro_batches(5, rank=1, world_size=2, micro_batch_size=2)
-    assert [(m.rows, m.dummy) for m in r0] == [([0, 2], False), ([4], False)]
-    assert [(m.rows, m.dummy) for m in r1] == [([1, 3], False), ([0], True)]
+    cfg = make_cfg()
+    batch = make_batch(cfg, rows=5)
+    s0, s1 = shard_batch(batch, world_size=2, micro_batch_size=2)
+    # Shard rows are local: rank 0 holds rows 0, 2, 4 of the batch, rank 1 rows 1, 3.
+    assert [(m.rows, m.dummy) for m in plan_micro_batches(s0, 2)] == [([0, 1], False), ([2], False)]
+    assert [(m.rows, m.dummy) for m in plan_micro_batches(s1, 2)] == [([0, 1], False), ([0], True)]
     # Fewer rows than ranks: the rank without rows still enters one (zero-weight) pass.
-    assert [(m.rows, m.dummy) for m in plan_micro_batches(1, 1, 2, 4)] == [([0], True)]
-    with pytest.raises(ValueError, match="empty batch"):
-        plan_micro_batches(0, 0, 1, 4)
+    _, lone = shard_batch(make_batch(cfg, rows=1), world_size=2, micro_batch_size=4)
+    assert len(lone) == 0 and [(m.rows, m.dummy) for m in plan_micro_batches(lone, 4)] == [([0], True)]
+    with pytest.raises(ValueError, match="more than the 2 it was cut for"):
+        plan_micro_batches(s0, 1)
 
 
 def test_lr_schedules_warm_up_then_decay_to_zero():
@@ -365,8 +369,9 @@ def ray_local():
 
 @pytest.mark.slow
 def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
-    """Two ranks (ZeRO-2, 5 rows: rank 1 gets a zero-weight padding pass) take the same step as
-    one rank on the whole batch: the loss and the gradient norm are those of the whole batch."""
+    """Two ranks (ZeRO-2, 5 rows: rank 1 gets a zero-weight padding pass), each sent only its own
+    rows with the whole batch's counts (trainers/shards.py), take the same step as one rank on the
+    whole batch: the loss and the gradient norm are those of the whole batch; so does SFT."""
     from transformers import AutoModelForCausalLM
 
     from trainers import TrainerPool
@@ -379,9 +384,9 @@ def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
     try:
         before = pool.state_dict()
         assert set(before) == hf_keys(cfg)
-        m1, m2 = pool.train_step(batch), pool.train_step(batch)
+        m1, sft, m2 = pool.train_step(batch), pool.sft_step(batch), pool.train_step(batch)
         after = pool.state_dict()
-        assert pool.get_version() == 2
+        assert pool.get_version() == 3
         pool_logprobs = pool.logprobs(ids, attn)
         pool.save_checkpoint(str(tmp_path / "ckpt"), {"step": 2})
         assert pool.load_checkpoint(str(tmp_path / "ckpt")) == {"step": 2}
@@ -395,7 +400,7 @@ def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
 
     single_cfg = make_cfg(zero_stage=2)
     single = worker(single_cfg)
-    s1 = single.train_step(batch)
+    s1, single_sft = single.train_step(batch), single.sft_step(batch)
     # Other micro-batch shapes and a gloo all-reduce: float32 log-probs (|logp| <~ 10) agree to a
     # few ulps (~1e-6) per token, so token means like the loss and the reverse KL agree to < 1e-5.
     assert m1["train/loss"] == pytest.approx(s1["train/loss"], abs=1e-5)
@@ -403,6 +408,43 @@ def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
     assert m1["train/tokens"] == s1["train/tokens"]
     for d in DOMAINS:
         assert m1[f"teacher/{d}/reverse_kl"] == pytest.approx(s1[f"teacher/{d}/reverse_kl"], abs=1e-5)
+        assert m1[f"teacher/{d}/tokens"] == s1[f"teacher/{d}/tokens"]
+    # After one step the weights agree to float noise (Adam may turn a noise-sized gradient into an
+    # lr-sized step, but only on parameters the loss hardly depends on): the SFT losses, summed over
+    # ranks, agree to well below the 1e-3 a one-step difference at lr 1e-3 would show.
+    assert sft["sft/loss"] == pytest.approx(single_sft["sft/loss"], abs=1e-4)
+
+
+class _RecordingRank:
+    """Stands in for a trainer rank in an in-process group: keeps the arguments it was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def train_step(self, *args):
+        self.calls.append(args)
+        return {"train/loss": 0.0}
+
+
+def test_pool_sends_each_rank_only_its_own_shard_as_its_own_ref(ray_local):
+    """Each rank is called with one object ref holding its shard (its rows only); no ref holds the
+    whole batch, so no rank fetches another rank's rows."""
+    from mopd.actors import ActorGroup
+    from trainers import TrainerPool
+
+    cfg = make_cfg(micro_batch_size=2)
+    batch = make_batch(cfg, rows=5)
+    pool = TrainerPool.__new__(TrainerPool)  # the pool's calls without its placement group and ranks
+    pool._world_size, pool._micro_batch_size = 2, 2
+    pool._actors = ActorGroup("trainer", local=True)
+    pool._actors.start(_RecordingRank, [(), ()])
+    pool.train_step(batch)
+    refs = [rank.calls[0] for rank in pool._actors.actors]
+    assert all(len(args) == 1 and isinstance(args[0], ray_local.ObjectRef) for args in refs)
+    assert refs[0][0] != refs[1][0]
+    shards = [ray_local.get(args[0]) for args in refs]
+    assert [s.rows.tolist() for s in shards] == [[0, 2, 4], [1, 3]]
+    assert [s.batch_rows for s in shards] == [5, 5]
 
 
 @pytest.mark.slow

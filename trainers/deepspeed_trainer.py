@@ -1,11 +1,14 @@
 """The DeepSpeed training engine of the MOPD student: one ``TrainerWorker`` per data-parallel rank.
 
 A worker is a plain class: tests drive it in-process (world size 1); ``trainers.pool.TrainerPool``
-runs ``world_size`` of them as Ray actors. Every rank receives the whole ``TrainBatch`` and trains on
-rows ``rank::world_size``; one ``train_step`` is exactly one optimizer step.
+runs ``world_size`` of them as Ray actors. Each rank receives only its own rows, a ``RankBatch``
+(trainers/shards.py: rows ``rank::world_size``, tensors only); one ``train_step`` is exactly one
+optimizer step. The rank runs on the device ``mopd.devices`` picks from ``trainer.resources``
+(DeepSpeed's accelerator follows it); what it returns is on the CPU.
 
     worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=29500)
     metrics = worker.train_step(train_batch)      # {"train/loss": ..., "teacher/math/reverse_kl": ...}
+    metrics = worker.train_step(rank_batch)       # the same, from this rank's shard (the pool's way)
     weights = worker.state_dict()                 # full HF state dict on rank 0, None elsewhere
 
 Collectives: under ZeRO every method except ``get_version``/``set_version`` must be called on all
@@ -26,12 +29,14 @@ from typing import Any, cast
 import torch
 
 from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig
+from mopd.devices import deepspeed_env, worker_device
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import mopd_loss, topk_reverse_kl_loss
 from mopd.routing import replay_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import TrainBatch
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
+from trainers.shards import RankBatch, shard_batch
 
 Metrics = dict[str, float]
 
@@ -105,7 +110,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 @dataclass
 class MicroBatch:
-    """Rows of the full batch that one forward/backward processes.
+    """Rows of a rank's shard that one forward/backward processes.
 
     A padding micro-batch (``dummy``) lets a rank with fewer rows enter as many forward/backward
     passes (and thus ZeRO collectives) as the others; its loss is multiplied by 0.
@@ -115,24 +120,27 @@ class MicroBatch:
     dummy: bool = False
 
 
-def plan_micro_batches(batch_size: int, rank: int, world_size: int, micro_batch_size: int) -> list[MicroBatch]:
-    """Rows ``rank::world_size`` in chunks of ``micro_batch_size``, padded to the same count on every
-    rank (rank 0 holds the most rows)."""
-    if batch_size <= 0:
-        raise ValueError("train_step got an empty batch")
-    own = list(range(rank, batch_size, world_size))
-    n_micro = math.ceil(math.ceil(batch_size / world_size) / micro_batch_size)
+def plan_micro_batches(shard: RankBatch, micro_batch_size: int) -> list[MicroBatch]:
+    """The shard's rows in chunks of ``micro_batch_size``, padded with zero-weight passes to
+    ``shard.micro_batches``, the count every rank makes."""
+    own = list(range(len(shard)))
     plan = [MicroBatch(own[i : i + micro_batch_size]) for i in range(0, len(own), micro_batch_size)]
-    return plan + [MicroBatch([0], dummy=True)] * (n_micro - len(plan))
+    if len(plan) > shard.micro_batches:
+        raise ValueError(
+            f"a shard of {len(own)} rows needs {len(plan)} micro-batches of {micro_batch_size}, more than "
+            f"the {shard.micro_batches} it was cut for: shard with trainer.micro_batch_size={micro_batch_size}"
+        )
+    return plan + [MicroBatch([0], dummy=True)] * (shard.micro_batches - len(plan))
 
 
 @dataclass
 class _Rows:
-    """The tensors of some rows of a TrainBatch, with all-padding columns dropped.
+    """The tensors of some rows of a shard, with all-padding columns dropped.
 
     input_ids (b, t) int64, attention_mask / response_mask (b, t) bool, rollout / teacher (b, t) f32,
     adv_orm (b,) f32 or None, topk_ids (b, t, K) int64 / topk_logprobs (b, t, K) f32 or None,
     routes (b, t, L, k) int16 or None: the rollout's MoE routes, replayed in the forward.
+    domains: each row's index into the batch's domain names.
     """
 
     input_ids: torch.Tensor
@@ -143,7 +151,7 @@ class _Rows:
     adv_orm: torch.Tensor | None
     topk_ids: torch.Tensor | None
     topk_logprobs: torch.Tensor | None
-    domains: list[str]
+    domains: list[int]
     routes: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> _Rows:
@@ -164,20 +172,20 @@ class _Rows:
         )  # fmt: skip
 
 
-def _take_rows(batch: TrainBatch, rows: list[int]) -> _Rows:
-    """Select ``rows`` and drop the columns that are padding in all of them (the leading prompt pad
-    and the trailing response pad): positions come from the attention mask, so results are equal."""
+def _take_rows(shard: RankBatch, rows: list[int]) -> _Rows:
+    """Select ``rows`` of the shard and drop the columns that are padding in all of them (the leading
+    prompt pad and the trailing response pad): positions come from the attention mask, so results
+    are equal."""
     t = torch.as_tensor(rows, dtype=torch.long)
-    r = batch.rollout
-    real = r.attention_mask[t].any(dim=0).nonzero()
-    lo, hi = (int(real[0]), int(real[-1]) + 1) if len(real) else (0, r.input_ids.shape[1])
+    real = shard.attention_mask[t].any(dim=0).nonzero()
+    lo, hi = (int(real[0]), int(real[-1]) + 1) if len(real) else (0, shard.input_ids.shape[1])
     cols = lambda x: None if x is None else x[t, lo:hi]  # noqa: E731
     return _Rows(
-        r.input_ids[t, lo:hi], r.attention_mask[t, lo:hi], r.response_mask[t, lo:hi],
-        r.rollout_logprobs[t, lo:hi], batch.teacher_logprobs[t, lo:hi],
-        None if batch.adv_orm is None else batch.adv_orm[t],
-        cols(batch.teacher_topk_ids), cols(batch.teacher_topk_logprobs), [r.domains[i] for i in rows],
-        cols(r.routed_experts),
+        shard.input_ids[t, lo:hi], shard.attention_mask[t, lo:hi], shard.response_mask[t, lo:hi],
+        shard.rollout_logprobs[t, lo:hi], shard.teacher_logprobs[t, lo:hi],
+        None if shard.adv_orm is None else shard.adv_orm[t],
+        cols(shard.teacher_topk_ids), cols(shard.teacher_topk_logprobs), shard.domain_ids[t].tolist(),
+        cols(shard.routed_experts),
     )  # fmt: skip
 
 
@@ -213,7 +221,7 @@ class _StepSums:
     whole-batch loss and balance loss (their sum over ranks is the batch value).
     """
 
-    domains: list[str]
+    domains: tuple[str, ...]
     sequences: int  # rows of the whole batch with >= 1 response token (the objective's denominator)
     rows: int  # rows of the whole batch
     stats: torch.Tensor
@@ -221,10 +229,10 @@ class _StepSums:
     aux: float = 0.0
 
     @classmethod
-    def for_batch(cls, batch: TrainBatch) -> _StepSums:
-        domains = sorted(set(batch.rollout.domains))  # the full batch's: identical on every rank
-        stats = torch.zeros(len(domains), len(_STATS), dtype=torch.float64)
-        return cls(domains, _num_sequences(batch.rollout.response_mask), len(batch.rollout), stats)
+    def for_shard(cls, shard: RankBatch) -> _StepSums:
+        # The whole batch's domains and counts, carried by the shard: identical on every rank.
+        stats = torch.zeros(len(shard.domains), len(_STATS), dtype=torch.float64)
+        return cls(shard.domains, shard.batch_sequences, shard.batch_rows, stats)
 
 
 class TrainerWorker:
@@ -233,8 +241,12 @@ class TrainerWorker:
     def __init__(self, cfg: MOPDConfig, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         t = cfg.trainer
-        # With GPUs, Ray shows each actor only its own device, so the local index is 0.
-        _set_dist_env(rank, world_size, master_addr, master_port, local_rank=0 if t.resources.num_gpus > 0 else rank)
+        device = worker_device(t.resources, "trainer.resources")
+        # DeepSpeed puts the rank on device LOCAL_RANK of its accelerator: the one decided above
+        # (under Ray with GPUs, the actor's only visible device, index 0).
+        local_rank = device.index if device.type == "cuda" and device.index is not None else rank
+        _set_dist_env(rank, world_size, master_addr, master_port, local_rank=local_rank)
+        os.environ.update(deepspeed_env(t.resources))
         set_torch_threads(t.resources.num_cpus)
         import deepspeed
 
@@ -257,7 +269,13 @@ class TrainerWorker:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
             config=deepspeed_config(cfg),
         )
-        self.device = self.engine.device
+        self.device = torch.device(self.engine.device)
+        if self.device.type != device.type:
+            raise RuntimeError(
+                f"DeepSpeed placed trainer rank {rank} on {self.device}, but trainer.resources.num_gpus="
+                f"{t.resources.num_gpus:g} asks for {device.type}: DeepSpeed's accelerator was chosen "
+                "earlier in this process (another trainer on another device, or DS_ACCELERATOR)"
+            )
         self._version = 0
 
     # ------------------------------------------------------------------ versions
@@ -268,19 +286,26 @@ class TrainerWorker:
         self._version = int(version)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: TrainBatch) -> Metrics:
-        """One optimizer step on ``batch`` (every rank gets all of it and trains on its share).
+    def _shard(self, batch: TrainBatch | RankBatch) -> RankBatch:
+        """This rank's shard: as given (the pool's way), or cut here from a whole batch."""
+        if isinstance(batch, RankBatch):
+            return batch
+        return shard_batch(batch, self.world_size, self.cfg.trainer.micro_batch_size)[self.rank]
+
+    def train_step(self, batch: TrainBatch | RankBatch) -> Metrics:
+        """One optimizer step on the whole batch, of which this rank gets (or takes) its shard.
 
         Returns metrics reduced over ranks: token-weighted means, summed token counts, and the loss of
         the whole batch (the objective's mean over sequences, not a mean of per-rank losses).
         """
-        plan = plan_micro_batches(len(batch.rollout), self.rank, self.world_size, self.cfg.trainer.micro_batch_size)
-        sums = _StepSums.for_batch(batch)
+        shard = self._shard(batch)
+        plan = plan_micro_batches(shard, self.cfg.trainer.micro_batch_size)
+        sums = _StepSums.for_shard(shard)
         lr = self.engine.get_lr()[0]  # the rate this update uses; the scheduler moves on in step()
         nonfinite, skip = False, False
         self.engine.train()
         for j, micro in enumerate(plan):
-            loss, finite = self._micro_batch_loss(batch, micro, sums)
+            loss, finite = self._micro_batch_loss(shard, micro, sums)
             nonfinite |= not finite
             last = j == len(plan) - 1
             if last:
@@ -299,41 +324,43 @@ class TrainerWorker:
             self._version += 1
         return self._reduce_metrics(sums, grad_norm=grad_norm, lr=lr, skipped=not applied)
 
-    def sft_step(self, batch: TrainBatch) -> Metrics:
+    def sft_step(self, batch: TrainBatch | RankBatch) -> Metrics:
         """One optimizer step of supervised fine-tuning on the response tokens of ``batch`` (the
         reference completions, EOS included): their mean negative log-likelihood, a token mean over
         the whole batch. Used to build the quickstart's SFT student and its domain teachers.
-        ``sft/loss`` is this rank's share of the batch loss (the quickstart runs one rank)."""
-        plan = plan_micro_batches(len(batch.rollout), self.rank, self.world_size, self.cfg.trainer.micro_batch_size)
-        n_tokens = max(int(batch.rollout.response_mask.sum()), 1)
+        ``sft/loss`` is the whole batch's loss (the ranks' shares summed)."""
+        shard = self._shard(batch)
+        plan = plan_micro_batches(shard, self.cfg.trainer.micro_batch_size)
+        n_tokens = max(shard.batch_tokens, 1)
         lr = self.engine.get_lr()[0]
         nll_sum = 0.0
         self.engine.train()
         for j, micro in enumerate(plan):
-            rows = _take_rows(batch, micro.rows).to(self.device)
+            rows = _take_rows(shard, micro.rows).to(self.device)
             logits, aux = self._forward(rows.input_ids, rows.attention_mask, rows.routes)
             logp = token_logprobs(logits, rows.input_ids)
             nll = -(logp * rows.response_mask).sum() / n_tokens
             if aux is not None:
-                nll = nll + self.cfg.trainer.aux_loss_coef * aux * (len(micro.rows) / len(batch.rollout))
+                nll = nll + self.cfg.trainer.aux_loss_coef * aux * (len(micro.rows) / shard.batch_rows)
             if micro.dummy:
                 nll = nll * 0.0
             nll_sum += float(nll.detach())
             self.engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
             self.engine.backward(nll * self.world_size, scale_wrt_gas=False)
+        nll_sum = self._sum_ranks(nll_sum)  # also makes the skip decision below the same on every rank
         grad_norm, applied = self._optimizer_step(not math.isfinite(nll_sum))
         if applied:
             self._version += 1
         return {"sft/loss": nll_sum, "sft/grad_norm": grad_norm, "sft/lr": float(lr), "sft/skipped": float(not applied)}
 
-    def _micro_batch_loss(self, batch: TrainBatch, micro: MicroBatch, sums: _StepSums) -> tuple[torch.Tensor, bool]:
+    def _micro_batch_loss(self, shard: RankBatch, micro: MicroBatch, sums: _StepSums) -> tuple[torch.Tensor, bool]:
         """Forward one micro-batch; return the scalar to back-propagate and whether it is finite.
 
         The scalar is scaled so that the gradients summed over micro-batches and averaged over ranks
         (DeepSpeed's data-parallel mean) are those of the whole-batch objective. Adds the micro-
         batch's metric sums to ``sums``.
         """
-        rows = _take_rows(batch, micro.rows).to(self.device)
+        rows = _take_rows(shard, micro.rows).to(self.device)
         logits, aux = self._forward(rows.input_ids, rows.attention_mask, rows.routes)
         if micro.dummy:
             # Same modules, same collectives, zero gradient.
@@ -342,8 +369,8 @@ class TrainerWorker:
         logp_train = token_logprobs(logits, rows.input_ids)
         student_topk = self._student_topk(logits, rows)
         objective = logits.new_zeros((), dtype=torch.float32)
-        for d_i, domain in enumerate(sums.domains):
-            idx = [i for i, d in enumerate(rows.domains) if d == domain]
+        for d_i in range(len(sums.domains)):
+            idx = [i for i, d in enumerate(rows.domains) if d == d_i]
             if idx:
                 loss_d, stat_d = self._domain_loss(rows, idx, logp_train, student_topk)
                 # Undo the objective's per-domain mean over sequences: weight by sequence count.
@@ -433,6 +460,13 @@ class TrainerWorker:
         norm = engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         return norm, bool(engine.was_step_applied())
+
+    def _sum_ranks(self, x: float) -> float:
+        if self.world_size == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world_size == 1:

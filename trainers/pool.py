@@ -1,10 +1,12 @@
 """``TrainerPool``: ``trainer.world_size`` DeepSpeed ranks as Ray actors in one placement group.
 
 The pool (with its ``ActorGroup``, mopd/actors.py) is the only place that touches Ray object refs;
-the loop calls plain methods:
+the loop calls plain methods. A step's batch is cut into one ``RankBatch`` per rank
+(trainers/shards.py), each put in the object store on its own: a rank fetches only its own rows.
 
     pool = TrainerPool(cfg)
     metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
+    metrics = pool.sft_step(train_batch)     # supervised step on the response tokens
     weights = pool.state_dict()              # full state dict of rank 0
     pool.shutdown()
 
@@ -24,9 +26,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.actors import ActorGroup
 from mopd.config import MOPDConfig, ResourcesConfig
+from mopd.devices import deepspeed_env
 from mopd.runtime import free_port
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
+from trainers.shards import shard_batch
 
 
 def _free_address() -> tuple[str, int]:
@@ -70,12 +74,12 @@ class TrainerPool:
             )
         # Rank i in bundle i; not restarted (max_restarts=0): a dead rank raises ActorFailedError.
         self._actors = ActorGroup("trainer", placement_group=pg)  # removes the placement group on shutdown
+        self._world_size, self._micro_batch_size = t.world_size, t.micro_batch_size
         try:
             addr, port = _rendezvous(pg)
-            # Threads per reserved CPU, DeepSpeed's CPU accelerator without a GPU, then ray.env.
-            accelerator_env = {"DS_ACCELERATOR": "cpu"} if t.resources.num_gpus == 0 else {}
+            # Threads per reserved CPU, DeepSpeed's accelerator (mopd.devices), then ray.env.
             ranks = [(cfg, rank, t.world_size, addr, port) for rank in range(t.world_size)]
-            res, env = t.resources, (accelerator_env, cfg.ray.env)
+            res, env = t.resources, (deepspeed_env(t.resources), cfg.ray.env)
             self._actors.start(
                 TrainerWorker, ranks, num_cpus=res.num_cpus, num_gpus=res.num_gpus, env=env, label="rank"
             )
@@ -90,9 +94,16 @@ class TrainerPool:
         return self._actors.call_all(method, *args)
 
     # ------------------------------------------------------------------ forwarded calls
+    def _per_rank(self, method: str, batch: TrainBatch) -> list[Any]:
+        """Call ``method`` on every rank with its own shard of ``batch``, each its own object ref."""
+        shards = shard_batch(batch, self._world_size, self._micro_batch_size)
+        return self._actors.call_each(method, [(ray.put(shard),) for shard in shards])
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        ref = ray.put(batch)  # once, not once per rank
-        return self._all("train_step", ref)[0]
+        return self._per_rank("train_step", batch)[0]
+
+    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._per_rank("sft_step", batch)[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")[0]
