@@ -76,6 +76,7 @@ class ModelConfig:
 @dataclass
 class ResourcesConfig:
     num_cpus: float = 1.0
+    # > 0: the worker runs on the GPU Ray assigns it (mopd/devices.py), in its model's dtype; 0: CPU.
     num_gpus: float = 0.0
 
 

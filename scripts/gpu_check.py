@@ -2,7 +2,8 @@
 hundred million parameters; prints tokens per second per phase and the model FLOP utilisation.
 
 No Ray and no vLLM (the device machine has neither): the phases are the in-process classes the Ray
-actors wrap, each timed: HF rollout (``rollout.hf.HFRolloutActor``, bf16, routing replay on), HF
+actors wrap, used as they are (each puts itself on the device its recipe resources ask for, see
+``mopd.devices``), each timed: HF rollout (``rollout.hf.HFRolloutActor``, bf16, routing replay on), HF
 teacher scoring (``teachers.hf.HFTeacherWorker``, bf16), the DeepSpeed trainer
 (``trainers.deepspeed_trainer.TrainerWorker``: ZeRO-2, bf16, world size 1) and the weight sync back
 to the rollout model. It also measures routing replay's effect on the first batch: the trainer's
@@ -61,7 +62,9 @@ def make_cfg(args):
     model = dict(config=student_config(args.tiny), tokenizer=BUILTIN_TOKENIZER, dtype="bfloat16")
     cfg.student = ModelConfig(**model)
     cfg.teachers = {"math": TeacherConfig(**model, batch_size=args.teacher_batch)}
+    # All three workers share the one device here (in one process), as they could share a GPU under Ray.
     gpus = 0.0 if args.cpu else 1.0
+    cfg.teachers["math"].resources.num_gpus = gpus
     r = cfg.rollout
     r.n, r.prompts_per_step, r.max_new_tokens, r.routing_replay = args.n, args.prompts, args.max_new, True
     r.resources.num_gpus = gpus
@@ -74,44 +77,16 @@ def make_cfg(args):
 # --------------------------------------------------------------------------- the phases on a device
 
 
-class _OnDevice:
-    """The rollout model on ``device``: generate's inputs are moved there; everything else
-    (modules, load_state_dict, generation_config) is the model's own."""
-
-    def __init__(self, model, device):
-        self.__dict__["_model"], self.__dict__["_device"] = model.to(device), device
-
-    def generate(self, input_ids, attention_mask, **kw):
-        dev = self._device
-        return self._model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._model, name, value)
-
-
-def rollout_actor(cfg, device):
+def rollout_actor(cfg):
     from rollout.hf import HFRolloutActor
 
-    actor = HFRolloutActor(cfg)
-    actor.model = _OnDevice(actor.model, device)
-    return actor
+    return HFRolloutActor(cfg)
 
 
-def teacher_worker(cfg, device):
+def teacher_worker(cfg):
     from teachers.hf import HFTeacherWorker
 
-    class DeviceTeacher(HFTeacherWorker):
-        """Scores on ``device``; results come back on the CPU as the pool expects."""
-
-        def _score_chunk(self, ids, am, rm, k):
-            return super()._score_chunk(ids.to(device), am.to(device), rm, k)
-
-    w = DeviceTeacher("math", cfg.teachers["math"], seed=1, set_threads=False)
-    w.model.to(device)
-    return w
+    return HFTeacherWorker("math", cfg.teachers["math"], seed=1, set_threads=False)
 
 
 def trainer_worker(cfg):
@@ -169,13 +144,13 @@ def timed(sync, fn, *args, **kwargs):
 def run(args) -> dict:
     from mopd.types import TrainBatch
 
-    device = torch.device("cpu" if args.cpu else "cuda")
     sync = (lambda: None) if args.cpu else torch.cuda.synchronize
     cfg = make_cfg(args)
     t0 = time.perf_counter()
     trainer = trainer_worker(cfg)
-    actor = rollout_actor(cfg, device)
-    teacher = teacher_worker(cfg, device)
+    actor = rollout_actor(cfg)
+    teacher = teacher_worker(cfg)
+    print(f"devices: rollout {actor.device}, teacher {teacher.device}, trainer {trainer.device}", flush=True)
     n_total = sum(p.numel() for p in trainer.engine.module.parameters())
     n_active = active_params(trainer.engine.module)
     setup_s = time.perf_counter() - t0
@@ -254,8 +229,6 @@ def main() -> None:
     args.micro_batch = args.micro_batch or (8 if small else 32)
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --cpu --tiny to check the script on a CPU")
-    if args.cpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     res = run(args)
     print(summary(res, args.cpu))
     if args.json:
