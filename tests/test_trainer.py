@@ -384,7 +384,9 @@ def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
     try:
         before = pool.state_dict()
         assert set(before) == hf_keys(cfg)
-        m1, sft, m2 = pool.train_step(batch), pool.sft_step(batch), pool.train_step(batch)
+        m1 = pool.train_step(batch)
+        stepped = pool.state_dict()
+        sft, m2 = pool.sft_step(batch), pool.train_step(batch)
         after = pool.state_dict()
         assert pool.get_version() == 3
         pool_logprobs = pool.logprobs(ids, attn)
@@ -400,7 +402,11 @@ def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
 
     single_cfg = make_cfg(zero_stage=2)
     single = worker(single_cfg)
-    s1, single_sft = single.train_step(batch), single.sft_step(batch)
+    s1 = single.train_step(batch)
+    # SFT at the weights the pool had (one step's weights differ by float noise that Adam can
+    # amplify): the forward reads the module, so loading them there is enough for the loss.
+    single.engine.module.load_state_dict(stepped)
+    single_sft = single.sft_step(batch)
     # Other micro-batch shapes and a gloo all-reduce: float32 log-probs (|logp| <~ 10) agree to a
     # few ulps (~1e-6) per token, so token means like the loss and the reverse KL agree to < 1e-5.
     assert m1["train/loss"] == pytest.approx(s1["train/loss"], abs=1e-5)
@@ -409,10 +415,9 @@ def test_pool_two_ranks_zero2_matches_one_rank(ray_local, tmp_path):
     for d in DOMAINS:
         assert m1[f"teacher/{d}/reverse_kl"] == pytest.approx(s1[f"teacher/{d}/reverse_kl"], abs=1e-5)
         assert m1[f"teacher/{d}/tokens"] == s1[f"teacher/{d}/tokens"]
-    # After one step the weights agree to float noise (Adam may turn a noise-sized gradient into an
-    # lr-sized step, but only on parameters the loss hardly depends on): the SFT losses, summed over
-    # ranks, agree to well below the 1e-3 a one-step difference at lr 1e-3 would show.
-    assert sft["sft/loss"] == pytest.approx(single_sft["sft/loss"], abs=1e-4)
+    # The same weights: the two ranks' SFT shares sum to the one-rank token mean (~4.8 nats) up to
+    # float32 rounding.
+    assert sft["sft/loss"] == pytest.approx(single_sft["sft/loss"], rel=1e-5)
 
 
 class _RecordingRank:
