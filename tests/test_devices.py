@@ -91,3 +91,40 @@ def test_cpu_workers_keep_the_recipe_dtype_and_return_cpu_tensors():
     scores = teacher.score(ids, mask, resp, topk=4)
     assert {t.device.type for t in (scores.logprobs, scores.topk_ids, scores.topk_logprobs)} == {"cpu"}
     assert actor.logprobs(ids, mask).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hf_workers_on_a_gpu_give_the_cpu_results_on_the_cpu():
+    """With ``num_gpus: 1`` the HF rollout and teacher compute on the GPU and hand back CPU tensors
+    equal (float32, up to kernel rounding) to the CPU workers'; CPU weights load onto the GPU model.
+    Runs only where CUDA is visible (not on the project's CPU machines)."""
+    from mopd.types import PromptRow
+    from rollout.hf import HFRolloutActor
+    from teachers.hf import HFTeacherWorker
+
+    cfg = _cfg()
+    on_cpu = HFRolloutActor(cfg)
+    cfg.rollout.resources.num_gpus = 1
+    on_gpu = HFRolloutActor(cfg)
+    assert next(on_gpu.model.parameters()).device.type == "cuda"
+    rows = [PromptRow(prompt=f"{i} + {i} = ", domain="math") for i in range(4)]
+    batch = on_gpu.generate(rows, n=1, seed=0, greedy=True)
+    assert {batch.input_ids.device.type, batch.rollout_logprobs.device.type} == {"cpu"}
+    ids, mask, resp = batch.input_ids, batch.attention_mask, batch.response_mask
+    # Greedy log-probs are temperature-1 log-probs: the CPU model's, token for token.
+    want = on_cpu.logprobs(ids, mask) * resp
+    torch.testing.assert_close(batch.rollout_logprobs * resp, want, atol=1e-4, rtol=0)
+    # A CPU state dict (the trainer's) loads onto the GPU model.
+    shifted = {k: v + 0.01 if v.is_floating_point() else v for k, v in on_cpu.model.state_dict().items()}
+    on_cpu.load_weights(shifted, version=1)
+    on_gpu.load_weights(shifted, version=1)
+    torch.testing.assert_close(on_gpu.logprobs(ids, mask), on_cpu.logprobs(ids, mask), atol=1e-4, rtol=0)
+
+    spec = TeacherConfig(config=tiny_mimo_config(), tokenizer="builtin:char")
+    cpu_teacher = HFTeacherWorker("math", spec, seed=1, set_threads=False)
+    spec.resources.num_gpus = 1
+    gpu_teacher = HFTeacherWorker("math", spec, seed=1, set_threads=False)
+    a, b = (t.score(ids, mask, resp, topk=4) for t in (cpu_teacher, gpu_teacher))
+    assert {b.logprobs.device.type, b.topk_logprobs.device.type, b.topk_ids.device.type} == {"cpu"}
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b.topk_logprobs, a.topk_logprobs, atol=1e-4, rtol=0)
