@@ -5,6 +5,7 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
     actor = HFRolloutActor(cfg)
     batch = actor.generate(rows, n=4, seed=0)      # RolloutBatch, policy_version 0
     actor.load_weights(trainer_state_dict, version=1)
+    actor.sleep(); actor.wake()                    # placement.layout=colocated (rollout/turns.py)
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
 from rollout.batching import encode_prompts, left_pad, pack_samples
+from rollout.turns import TakesTurns
 
 
-class HFRolloutActor:
+class HFRolloutActor(TakesTurns):
     """Samples from the student with ``model.generate``; records the log-prob of each sampled token
-    under the distribution it was drawn from (temperature and top-p applied)."""
+    under the distribution it was drawn from (temperature and top-p applied). Asleep, a model on a
+    GPU waits on the CPU; a CPU model stays where it is."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
         set_torch_threads(cfg.rollout.resources.num_cpus)
@@ -36,6 +39,7 @@ class HFRolloutActor:
         self.model = load_model(cfg.student, seed=cfg.run.seed).eval()
         self._clean_generation_config()
         self._version = 0
+        self._device = torch.device("cpu")  # where the model was when it went to sleep
 
     def _clean_generation_config(self) -> None:
         """Drop defaults a checkpoint may ship in generation_config.json (top_k, repetition penalty,
@@ -71,6 +75,7 @@ class HFRolloutActor:
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs.
         With ``rollout.routing_replay`` the batch carries the experts every MoE layer chose for every
         token (prefill and each sampling step; -1 where nothing was routed)."""
+        self._check_awake("generate")
         prompts = encode_prompts(self.tokenizer, rows)
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         routes = record_routes(self.model) if self.cfg.rollout.routing_replay else nullcontext()
@@ -90,12 +95,25 @@ class HFRolloutActor:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names); strict, so a mismatch fails loudly."""
+        self._check_awake("load_weights")
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights."""
+        self._check_awake("logprobs")
         return sequence_logprobs(self.model, input_ids, attention_mask.bool())
+
+    def _release(self) -> None:
+        self._device = next(self.model.parameters()).device
+        if self._device.type != "cpu":
+            self.model.to("cpu")
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the freed blocks back for the trainer to use
+
+    def _restore(self) -> None:
+        if self._device.type != "cpu":
+            self.model.to(self._device)
 
     def version(self) -> int:
         return self._version
