@@ -247,7 +247,7 @@ def test_disaggregated_run_uses_one_group_with_a_bundle_per_actor(ray_local, tmp
     assert seen["trainer"] == [(0, 0)] and seen["rollout"] == [(1, 1)] and seen["teachers"] == [(2, 2), (3, 3)]
     assert seen["after"] == {}, "the run's group outlived it"
     check_trained(records)
-    assert seen["asleep_in_train"] == [] and seen["turns"] == [[(0, 0)], [(0, 0)]]  # no turns to take
+    assert seen["asleep_in_train"] == [[False], [False]] and seen["turns"] == [[(0, 0)], [(0, 0)]]  # no turns
     assert not any("timing/rollout_sleep" in r for r in records)
 
 
