@@ -130,6 +130,58 @@ def test_disaggregated_accepts_what_colocated_refuses():
     cfg_of("trainer.world_size=2", "rollout.overlap=true", "rollout.resources.num_gpus=1")
 
 
+# --------------------------------------------------------------------------- taking turns (no Ray)
+
+
+def record_calls(obj, name: str, events: list) -> None:
+    """Append ``name`` to ``events`` whenever ``obj.name(...)`` is called (then run it)."""
+    real = getattr(obj, name)
+
+    def call(*args, **kwargs):
+        events.append(name)
+        return real(*args, **kwargs)
+
+    setattr(obj, name, call)
+
+
+def test_the_loop_puts_the_rollout_to_sleep_for_the_train_phase_and_wakes_it_before_the_sync(tmp_path):
+    from mopd.app.run import build_mixer
+    from mopd.loop import MOPDLoop
+    from mopd.metrics import MetricsWriter
+    from rollout.pool import RolloutPool
+    from teachers.pool import TeacherPool
+
+    cfg = cfg_of(f"run.output_dir={tmp_path}", "placement.layout=colocated", "rollout.max_new_tokens=4")
+    rollout, events = RolloutPool(cfg, local=True), []
+    actor = rollout._actors[0]
+    for name in ("generate", "sleep", "wake", "sync_weights"):
+        record_calls(rollout, name, events)
+
+    class Trainer:  # the rollout's own weights back: sync_weights loads them (and raises if asleep)
+        def train_step(self, batch):
+            events.append(("train", rollout.asleep()))
+            return {"train/loss": 0.0, "train/skipped": 0.0}
+
+        def state_dict(self):
+            return actor.model.state_dict()
+
+    mixer, _ = build_mixer(cfg)
+    teachers = TeacherPool(cfg.teachers, 0, local=True)
+    loop = MOPDLoop(cfg, rollout, teachers, Trainer(), mixer, MetricsWriter(tmp_path, tensorboard=False))
+    metrics = [loop.train_one_step() for _ in range(2)]
+    assert events == ["generate", "sleep", ("train", [True]), "wake", "sync_weights"] * 2
+    assert (actor.sleeps, actor.wakes, actor.asleep()) == (2, 2, False)
+    assert all("timing/rollout_sleep" in m and "timing/rollout_wake" in m for m in metrics)
+    actor.sleep()
+    actor.sleep()  # idempotent: counted once
+    with pytest.raises(RuntimeError, match=r"rollout generate while the replica is asleep .* call wake\(\) first"):
+        actor.generate(mixer.next_batch(1), n=1, seed=0)
+    with pytest.raises(RuntimeError, match="rollout load_weights while the replica is asleep"):
+        actor.load_weights(actor.model.state_dict(), 3)
+    actor.wake()
+    assert (actor.sleeps, actor.wakes) == (3, 3) and len(actor.generate(mixer.next_batch(1), n=1, seed=0)) == 1
+
+
 # --------------------------------------------------------------------------- with Ray
 
 NUM_CPUS = 6  # the colocated run below: 2 bundles of 2 CPUs (rank + replica) and 2 teachers
