@@ -61,20 +61,18 @@ class PlacementPlan:
 
     def describe(self) -> str:
         """What the group asks for, per role, e.g. ``trainer ranks: 2 x {'CPU': 1.0}; ...``."""
-        colocated = self.layout == "colocated" and bool(self.rollout)
-        parts = [
-            f"{'trainer ranks + rollout replicas' if colocated else 'trainer ranks'}: {_count(self, self.trainer)}",
-            *([] if colocated or not self.rollout else [f"rollout replicas: {_count(self, self.rollout)}"]),
-            *(f"teacher '{d}': {_count(self, idx)}" for d, idx in sorted(self.teachers.items())),
-        ]
-        return "; ".join(p for p in parts if not p.endswith(": none"))
+        shared = bool(self.rollout) and self.rollout == self.trainer  # colocated
+        parts = []
+        if self.trainer:
+            parts.append(f"trainer ranks{' + rollout replicas' if shared else ''}: {self._count(self.trainer)}")
+        if self.rollout and not shared:
+            parts.append(f"rollout replicas: {self._count(self.rollout)}")
+        parts += [f"teacher '{d}': {self._count(idx)}" for d, idx in sorted(self.teachers.items())]
+        return "; ".join(parts)
 
-
-def _count(plan: PlacementPlan, indices: Sequence[int]) -> str:
-    """``n x {bundle}`` for bundles of one shape (those of one role are alike)."""
-    if not indices:
-        return "none"
-    return f"{len(indices)} x {plan.bundles[indices[0]]}"
+    def _count(self, indices: Sequence[int]) -> str:
+        """``n x {bundle}``: the bundles of one role are alike."""
+        return f"{len(indices)} x {self.bundles[indices[0]]}"
 
 
 def bundle(res: ResourcesConfig, extra_cpus: float = 0.0) -> dict[str, float]:
