@@ -2,12 +2,13 @@
 
     sample prompts -> rollout -> score with teachers -> (verify) -> train -> sync weights
 
-With ``placement.layout: colocated`` the rollout shares the trainer's devices: it sleeps (frees
-its device memory) before the train phase and wakes after it, before the weight sync; both are
-timed (``timing/rollout_sleep``, ``timing/rollout_wake``).
 Each phase is timed and written against a small Protocol, so tests can plug in in-process fakes.
 Only the pool classes touch Ray object refs; this module never calls ``ray.get``. The pools are
 built and handed in by ``mopd.app.run.run_training`` (what ``mopd train`` runs).
+
+With ``placement.layout: colocated`` the rollout shares the trainer's devices: it sleeps (frees
+its device memory) before the train phase and wakes after it, before the weight sync; both are
+timed (``timing/rollout_sleep``, ``timing/rollout_wake``).
 """
 
 from __future__ import annotations
