@@ -12,8 +12,10 @@ Starting: ``start(cls, args_per_actor, ...)`` runs ``cls(*args, **kwargs)`` once
 Ray actor with the given resources and ``runtime.actor_env`` environment (one thread per reserved
 CPU, then ``env`` in order); it may be called more than once (the teacher pool starts one class per
 domain into one group), and actor ``i`` (index in the group) is named in errors as
-``"<kind> <label> <j>"``. With ``placement_group`` actor ``i`` goes to bundle ``i``; the group then
-owns it and removes it on shutdown. With ``local=True`` the instances live in this process
+``"<kind> <label> <j>"``. With ``placement_group`` actor ``i`` goes to bundle ``i``, or to the bundle
+``start(..., bundles=...)`` names for it; the group removes the placement group on shutdown unless
+``owns_placement_group=False`` (the run's one group, mopd/placement.py, shared by every pool). With
+``local=True`` the instances live in this process
 (tests, debugging): resources, environment and placement are ignored and calls run in order.
 
 Calls: ``call(calls)`` runs ``(actor index, method, args)`` calls concurrently and returns their
@@ -60,7 +62,8 @@ class ActorGroup:
     max_restarts  times Ray restarts a dead actor, its call then retried; 0: a death raises at once
     prepare       run on a restarted actor before its call is retried (restartable groups)
     local         in-process instances instead of Ray actors
-    placement_group  a ready Ray placement group: actor i goes to bundle i; removed on shutdown
+    placement_group  a ready Ray placement group: actor i goes to bundle i (or as ``start`` says)
+    owns_placement_group  remove the placement group on shutdown (False: someone else does)
     ready_timeout_s  how long to wait for a dead actor to come back
     """
 
@@ -72,14 +75,17 @@ class ActorGroup:
         prepare: Callable[[Any], None] | None = None,
         local: bool = False,
         placement_group: Any = None,
+        owns_placement_group: bool = True,
         ready_timeout_s: float = 600.0,
     ) -> None:
         self.kind, self.max_restarts, self.prepare, self.local = kind, max_restarts, prepare, local
         self.placement_group, self.ready_timeout_s = placement_group, ready_timeout_s
+        self.owns_placement_group = owns_placement_group
         self.restarts = 0  # restarts seen so far
         self.actors: list[Any] = []  # Ray actor handles, or instances with local=True
         self._names: list[str] = []
         self._stoppable: list[bool] = []  # whose class has a shutdown method
+        self.bundles: list[int] = []  # placement group bundle of each actor (with placement_group)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -99,10 +105,16 @@ class ActorGroup:
         num_gpus: float = 0,
         env: Sequence[Mapping[str, str]] = (),
         label: str = "replica",
+        bundles: Sequence[int] | None = None,
     ) -> list[int]:
         """Start one ``cls(*args, **kwargs)`` per entry of ``args_per_actor``; returns their indices
-        in the group. Does not wait for the constructors (``ready`` does): actors load in parallel."""
+        in the group. Does not wait for the constructors (``ready`` does): actors load in parallel.
+        ``bundles``: the placement group bundle of each (default: its index in the group)."""
         first, kwargs = len(self.actors), dict(kwargs or {})
+        if bundles is None:
+            bundles = range(first, first + len(args_per_actor))
+        if len(bundles) != len(args_per_actor):
+            raise ValueError(f"{len(bundles)} bundles for {len(args_per_actor)} {self.kind} actors")
         remote_cls: Any = None
         if not self.local:
             import ray
@@ -114,23 +126,24 @@ class ActorGroup:
                 max_restarts=self.max_restarts,
                 runtime_env={"env_vars": actor_env(num_cpus, *env)},
             )
-        for j, args in enumerate(args_per_actor):
+        for j, (args, b) in enumerate(zip(args_per_actor, bundles, strict=True)):
             if self.local:
                 actor = cls(*args, **kwargs)
             else:
-                actor = remote_cls.options(**options, **self._placement(first + j)).remote(*args, **kwargs)
+                actor = remote_cls.options(**options, **self._placement(b)).remote(*args, **kwargs)
             self.actors.append(actor)
+            self.bundles.append(b)
             self._names.append(f"{self.kind} {label} {j}")
             self._stoppable.append(callable(getattr(cls, "shutdown", None)))
         return list(range(first, len(self.actors)))
 
-    def _placement(self, i: int) -> dict[str, Any]:
+    def _placement(self, bundle: int) -> dict[str, Any]:
         if self.placement_group is None:
             return {}
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = PlacementGroupSchedulingStrategy(
-            placement_group=self.placement_group, placement_group_bundle_index=i
+            placement_group=self.placement_group, placement_group_bundle_index=bundle
         )
         return {"scheduling_strategy": strategy}
 
@@ -239,10 +252,12 @@ class ActorGroup:
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Ask every actor whose class has a ``shutdown`` method to run it (all at once, at most
-        ``timeout_s``), then kill every actor and remove the placement group. Safe to call twice."""
+        ``timeout_s``), then kill every actor and remove the placement group if the group owns it.
+        Safe to call twice."""
         actors, stoppable = self.actors, self._stoppable
-        pg, self.placement_group = self.placement_group, None
-        self.actors, self._names, self._stoppable = [], [], []
+        pg = self.placement_group if self.owns_placement_group else None
+        self.placement_group = None
+        self.actors, self._names, self._stoppable, self.bundles = [], [], [], []
         asked = [a for a, s in zip(actors, stoppable, strict=True) if s]
         if self.local:
             for a in asked:

@@ -205,11 +205,19 @@ class RayConfig:
 
 @dataclass
 class PlacementConfig:
-    """Where the pools run. ``disaggregated``: trainer ranks, rollout replicas and teachers each
-    on devices of their own. ``colocated``: rollout replicas share the trainer ranks' devices and
-    the two take turns (the rollout frees its memory while the trainer steps)."""
+    """Where the pools run: one Ray placement group for the run, reserved before any actor starts
+    (mopd/placement.py). ``disaggregated``: trainer ranks, rollout replicas and teachers each on
+    bundles (devices) of their own. ``colocated``: rollout replica i shares trainer rank i's bundle
+    and the two take turns (the rollout frees its device memory while the trainer steps). Needs
+    ``rollout.replicas == trainer.world_size`` and no ``rollout.overlap``; with GPUs,
+    ``rollout.resources.num_gpus`` is the rollout's share of each rank's device in Ray's accounting
+    (e.g. 0.5 of ``trainer.resources.num_gpus: 1``; the rank asks the rest) and the bundle holds the
+    trainer's GPUs plus both actors' CPUs. Teachers keep bundles of their own in both layouts."""
 
     layout: Layout = "disaggregated"
+    # Seconds to wait for the run's placement group when the cluster has the resources but other
+    # work holds them. A group larger than the cluster fails at once (mopd/placement.py).
+    timeout_s: float = 120.0
 
 
 @dataclass
@@ -363,6 +371,7 @@ def validate(cfg: MOPDConfig) -> None:
     _check_data(cfg, errors)  # loads run.plugins, which may register domains
     _check_routing_replay(cfg, errors)
     _check_objective(cfg, errors)
+    _check_placement(cfg, errors)
     if errors:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
 
@@ -544,6 +553,45 @@ def _check_objective(cfg: MOPDConfig, errors: list[str]) -> None:
                     f"'{s.domain}' (data.sources[{i}]) has none: register one with "
                     "mopd.domains.register_domain in a module listed in run.plugins, or set objective.alpha=0"
                 )
+
+
+def _check_placement(cfg: MOPDConfig, errors: list[str]) -> None:
+    """What ``placement.layout: colocated`` needs: one rollout replica per trainer rank, turns
+    (no overlap), and a device split Ray can account for."""
+    if cfg.placement.timeout_s < 0:
+        errors.append(f"placement.timeout_s must be >= 0, got {cfg.placement.timeout_s}")
+    if cfg.placement.layout != "colocated":
+        return
+    r, t = cfg.rollout, cfg.trainer
+    if r.replicas != t.world_size:
+        errors.append(
+            f"placement.layout=colocated puts rollout replica i on trainer rank i's devices, so "
+            f"rollout.replicas ({r.replicas}) must equal trainer.world_size ({t.world_size}); set "
+            f"rollout.replicas={t.world_size}, or placement.layout=disaggregated"
+        )
+    if r.overlap:
+        errors.append(
+            "rollout.overlap=true cannot work with placement.layout=colocated: the rollout would generate "
+            "the next batch on the devices the trainer is stepping on; set rollout.overlap=false, or "
+            "placement.layout=disaggregated"
+        )
+    tg, rg = t.resources.num_gpus, r.resources.num_gpus
+    if tg == 0 and rg > 0:
+        errors.append(
+            f"placement.layout=colocated: the rollout shares the trainer ranks' devices and "
+            f"trainer.resources.num_gpus is 0, so rollout.resources.num_gpus ({rg}) must be 0 too"
+        )
+    elif tg > 1:
+        errors.append(
+            f"placement.layout=colocated shares one trainer rank's device with one rollout replica: "
+            f"trainer.resources.num_gpus ({tg}) must be at most 1"
+        )
+    elif tg > 0 and not 0 < rg < tg:
+        errors.append(
+            f"placement.layout=colocated: rollout.resources.num_gpus ({rg}) is the rollout's share of each "
+            f"trainer rank's device and must be above 0 and below trainer.resources.num_gpus ({tg}), "
+            f"e.g. rollout.resources.num_gpus={tg / 2:g}"
+        )
 
 
 def to_yaml(cfg: MOPDConfig) -> str:

@@ -5,6 +5,10 @@
 Each phase is timed and written against a small Protocol, so tests can plug in in-process fakes.
 Only the pool classes touch Ray object refs; this module never calls ``ray.get``. The pools are
 built and handed in by ``mopd.app.run.run_training`` (what ``mopd train`` runs).
+
+With ``placement.layout: colocated`` the rollout shares the trainer's devices: it sleeps (frees
+its device memory) before the train phase and wakes after it, before the weight sync; both are
+timed (``timing/rollout_sleep``, ``timing/rollout_wake``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class NonFiniteError(RuntimeError):
 class Rollout(Protocol):
     def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch: ...
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+    # placement.layout=colocated only: free the shared devices for the trainer / take them back.
+    def sleep(self) -> None: ...
+    def wake(self) -> None: ...
 
 
 class Teachers(Protocol):
@@ -84,6 +91,8 @@ class MOPDLoop:
         self.policy_version = 0
         self.nonfinite_streak = 0
         self.ckpt_root = ckpt.checkpoint_root(cfg)
+        # Colocated: the rollout shares the trainer's devices and sleeps while the trainer steps.
+        self.colocated = cfg.placement.layout == "colocated"
         # rollout.overlap: the next step's batch, generating in a background thread meanwhile.
         self._next: Future | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -142,6 +151,9 @@ class MOPDLoop:
         with timer("verify"):
             adv_orm, verify_metrics = self._outcome_advantages(batch)
         train_batch = TrainBatch(batch, scores.logprobs, adv_orm, scores.topk_ids, scores.topk_logprobs)
+        if self.colocated:
+            with timer("rollout_sleep"):
+                self.rollout.sleep()
         with timer("train"):
             if self._finite_inputs(train_batch):
                 metrics = self.trainer.train_step(train_batch)
@@ -149,6 +161,9 @@ class MOPDLoop:
                     log.warning("step %d: non-finite loss or gradient; the trainer skipped the update", self.step + 1)
             else:
                 metrics = {"train/skipped": 1.0, "train/nonfinite_logprobs": 1.0}
+        if self.colocated:
+            with timer("rollout_wake"):  # before the weight sync, which writes into the engine
+                self.rollout.wake()
         skipped = metrics.get("train/skipped", 0.0) > 0
         self._track_nonfinite(skipped)
         if self._next is not None:

@@ -6,6 +6,7 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
     actor = HFRolloutActor(cfg)
     batch = actor.generate(rows, n=4, seed=0)      # RolloutBatch, policy_version 0
     actor.load_weights(trainer_state_dict, version=1)
+    actor.sleep(); actor.wake()                    # placement.layout=colocated (rollout/turns.py)
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
 from rollout.batching import encode_prompts, left_pad, pack_samples
+from rollout.turns import TakesTurns
 
 
-class HFRolloutActor:
+class HFRolloutActor(TakesTurns):
     """Samples from the student with ``model.generate``; records the log-prob of each sampled token
     under the distribution it was drawn from (temperature and top-p applied). The model lives on
-    the worker's device; inputs and results cross the actor boundary on the CPU."""
+    the worker's device; inputs and results cross the actor boundary on the CPU. Asleep, a model on
+    a GPU waits on the CPU; a CPU model stays where it is."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
         set_torch_threads(cfg.rollout.resources.num_cpus)
@@ -75,6 +78,7 @@ class HFRolloutActor:
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs.
         With ``rollout.routing_replay`` the batch carries the experts every MoE layer chose for every
         token (prefill and each sampling step; -1 where nothing was routed)."""
+        self._check_awake("generate")
         prompts = encode_prompts(self.tokenizer, rows)
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         routes = record_routes(self.model) if self.cfg.rollout.routing_replay else nullcontext()
@@ -98,13 +102,25 @@ class HFRolloutActor:
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names, on any device: CPU tensors are copied to
         the model's); strict, so a mismatch fails loudly."""
+        self._check_awake("load_weights")
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights, on CPU."""
+        self._check_awake("logprobs")
         dev = self.device
         return sequence_logprobs(self.model, input_ids.to(dev), attention_mask.bool().to(dev)).cpu()
+
+    def _release(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the freed blocks back for the trainer to use
+
+    def _restore(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to(self.device)
 
     def version(self) -> int:
         return self._version

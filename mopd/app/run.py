@@ -4,9 +4,10 @@
 
 Everything that can fail without an actor fails here first (data sources, eval prompts, the
 checkpoint to resume and its teacher set, every teacher's vocabulary against the student's); then
-the teacher, trainer and rollout pools start together, ``MOPDLoop`` runs, and every pool is shut
-down however the run ends. A run that cannot go on raises ``RunStoppedError`` naming the
-``--resume`` command.
+the run's one placement group is reserved (mopd/placement.py: fails here, before any actor starts,
+if the cluster cannot hold it), the teacher, trainer and rollout pools start together on its
+bundles, ``MOPDLoop`` runs, and every pool and the group are released however the run ends. A run
+that cannot go on raises ``RunStoppedError`` naming the ``--resume`` command.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mopd.domains import registered_generators
 from mopd.loop import MOPDLoop, check_teachers, teacher_fingerprint
 from mopd.metrics import MetricsWriter
 from mopd.models import load_tokenizer
+from mopd.placement import RunPlacement
 from mopd.runtime import init_ray
 from mopd.types import PromptRow
 from mopd.vocab import check_vocabularies, config_vocab_size, tokenizer_signature
@@ -62,6 +64,8 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
     try:
         topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
+        placement = RunPlacement.create(cfg)
+        pools.append(placement)  # released last, after every pool's actors
         teachers, trainer, rollout = start_pools(
             pools,
             lambda: TeacherPool(
@@ -71,9 +75,10 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
                 max_topk=max(topk, 1),
                 env=cfg.ray.env,
                 max_restarts=cfg.ray.max_restarts,
+                placement=placement,
             ),
-            lambda: TrainerPool(cfg),
-            lambda: RolloutPool(cfg),
+            lambda: TrainerPool(cfg, placement),
+            lambda: RolloutPool(cfg, placement=placement),
         )
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
