@@ -209,6 +209,8 @@ class PlacementConfig:
     the two take turns (the rollout frees its memory while the trainer steps)."""
 
     layout: Layout = "disaggregated"
+    # Memory of one GPU in GB, for `mopd plan`'s fit checks (80: A100/H100 80GB; 141: H200).
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass
@@ -406,6 +408,7 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
         "eval.num_prompts": cfg.eval.num_prompts,
         "trainer.resources.num_cpus": cfg.trainer.resources.num_cpus,
         "rollout.resources.num_cpus": cfg.rollout.resources.num_cpus,
+        "placement.gpu_memory_gb": cfg.placement.gpu_memory_gb,
     }
     for name, t in cfg.teachers.items():
         positive[f"teachers.{name}.replicas"] = t.replicas
