@@ -151,6 +151,12 @@ class TrainerConfig:
     # Coefficient of the MoE load-balancing loss (0 turns it off; ignored for dense students).
     aux_loss_coef: float = 0.001
     micro_batch_size: int = 16
+    # Recompute each layer's activations in the backward pass instead of keeping them (HF gradient
+    # checkpointing): activation memory of one layer instead of all, for ~1/3 more compute.
+    gradient_checkpointing: bool = False
+    # Keep the optimizer state (Adam moments, fp32 master weights) in host memory and step on the
+    # CPU (DeepSpeed ZeRO-Offload; needs trainer.zero_stage >= 1): GPU memory for bigger students.
+    offload_optimizer: bool = False
 
 
 @dataclass
@@ -435,6 +441,8 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
     for name, value in non_negative.items():
         if value < 0:
             errors.append(f"{name} must be >= 0, got {value}")
+    if cfg.trainer.offload_optimizer and cfg.trainer.zero_stage == 0:
+        errors.append("trainer.offload_optimizer needs trainer.zero_stage >= 1 (DeepSpeed offloads partitioned state)")
     if not 0 < cfg.rollout.top_p <= 1:
         errors.append(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
 

@@ -34,7 +34,10 @@ replica). ``e`` below is the byte size of the dtype the actor computes in.
   ``B T V`` times ``e`` (the logits) + 12 (the fp32 log-softmax output, its gradient and the
   gradient scattered back by the gather, alive together during the backward) + 8 more with
   ``objective.kind: topk`` (a second log-softmax). Assumptions: no activation checkpointing, no
-  sequence packing, every row padded to ``T``, dropout off.
+  sequence packing, every row padded to ``T``, dropout off. With ``trainer.gradient_checkpointing``
+  a layer keeps only its input (``h`` per token) and one layer's activations are alive at a time.
+  With ``trainer.offload_optimizer`` the optimizer and its fp32 buffers are in host memory (shown
+  in the note, not counted on the GPU).
 
 **Teacher replica**: weights (``e N``, its dtype) and, for ``hf``, the forward working set of one
 scoring batch (``teachers.<d>.batch_size`` rows of ``T`` tokens): one layer's transient tensors and
@@ -190,9 +193,10 @@ def _first(obj: Any, names: tuple[str, ...], default: Any) -> Any:
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
 
 
-def trainer_states(n: int, world: int, zero: int, bf16: bool) -> dict[str, float]:
-    """Bytes per rank of weights, gradients, optimizer state and DeepSpeed's buffers (see the
-    module docstring)."""
+def trainer_states(n: int, world: int, zero: int, bf16: bool, offload: bool = False) -> dict[str, float]:
+    """Bytes per rank of weights, gradients, optimizer state and DeepSpeed's buffers on the device
+    (see the module docstring); with ``offload`` the optimizer and its fp32 buffers are in host
+    memory instead (``host_optimizer``, not on the device)."""
     e = 2 if bf16 else 4
     part = n / world
     partitioned = zero >= 1 or bf16  # DeepSpeed then keeps an fp32 master partition
@@ -203,9 +207,10 @@ def trainer_states(n: int, world: int, zero: int, bf16: bool) -> dict[str, float
     }
     # The fp32 gradient of the master partition, AdamW's foreach temporary, the reduce bucket.
     buffers = (4 * part if partitioned else 0.0) + 4 * (part if partitioned else n)
-    if zero >= 1:
-        buffers += e * min(DS_REDUCE_BUCKET, n)
-    out["buffers"] = buffers
+    bucket = e * min(DS_REDUCE_BUCKET, n) if zero >= 1 else 0.0
+    if offload:
+        return {**out, "optimizer": 0.0, "buffers": bucket, "host_optimizer": out["optimizer"] + buffers}
+    out["buffers"] = buffers + bucket
     return out
 
 
@@ -225,11 +230,17 @@ def layer_activation_elems(s: ModelShape, tokens: int, moe: bool) -> float:
     return attn + mlp
 
 
-def train_activations(s: ModelShape, batch: int, tokens: int, e: int, topk: bool) -> dict[str, float]:
-    """Bytes of one micro-batch's activations and of the loss's logits (see the module docstring)."""
+def train_activations(
+    s: ModelShape, batch: int, tokens: int, e: int, topk: bool, checkpointing: bool = False
+) -> dict[str, float]:
+    """Bytes of one micro-batch's activations and of the loss's logits (see the module docstring).
+    With gradient checkpointing: each layer's input, plus one layer's activations recomputed."""
     moe = s.moe_layers
-    per_token = (s.layers - moe) * layer_activation_elems(s, tokens, False)
-    per_token += moe * layer_activation_elems(s, tokens, True)
+    dense_layer, moe_layer = layer_activation_elems(s, tokens, False), layer_activation_elems(s, tokens, True)
+    if checkpointing:
+        per_token = s.layers * s.hidden + (moe_layer if moe else dense_layer)
+    else:
+        per_token = (s.layers - moe) * dense_layer + moe * moe_layer
     logits = batch * tokens * s.vocab_size * (e + 12 + (8 if topk else 0))
     return {"activations": batch * tokens * per_token * e, "logits": float(logits)}
 
@@ -295,9 +306,13 @@ def plan_recipe(cfg: MOPDConfig, gpu_memory_gb: float | None = None) -> Plan:
 def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     t = cfg.trainer
     e = 2 if t.bf16 else 4
-    parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16)
-    parts.update(train_activations(s, t.micro_batch_size, tokens, e, cfg.objective.kind == "topk"))
+    parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
+    host = parts.pop("host_optimizer", 0.0)
+    topk = cfg.objective.kind == "topk"
+    parts.update(train_activations(s, t.micro_batch_size, tokens, e, topk, t.gradient_checkpointing))
     note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, micro-batch {t.micro_batch_size} x {tokens} tokens"
+    note += ", checkpointing" if t.gradient_checkpointing else ""
+    note += f", optimizer in host memory ({host / GB:.1f} GB per rank)" if host else ""
     return ActorPlan("trainer", t.world_size, t.resources.num_gpus, parts, note=note)
 
 

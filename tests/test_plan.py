@@ -70,6 +70,17 @@ def test_dense_config_by_hand():
     assert teacher["activations"] == 4 * 32 * 1248 * 2 + 4 * 32 * 128 * (2 + 8)
 
 
+def test_checkpointing_and_offload_by_hand():
+    cfg = dense_recipe()
+    cfg.trainer.gradient_checkpointing = cfg.trainer.offload_optimizer = True
+    trainer = plan_recipe(cfg).actors[0]
+    # Checkpointing: each of the 2 layers keeps its input (h = 64 per token), one layer recomputed.
+    assert trainer.parts["activations"] == 4 * 32 * (2 * 64 + 1248) * 2
+    # Offload: Adam + master (12 P), the fp32 gradient and the AdamW temporary (8 P) live on the host.
+    assert trainer.parts["optimizer"] == 0 and trainer.parts["buffers"] == 2 * 90432  # the reduce bucket
+    assert f"optimizer in host memory ({20 * 45216 / 1e9:.1f} GB per rank)" in trainer.note
+
+
 def test_mimo_config_by_hand():
     """Config B: the tiny MiMo-V2-Flash (MoE, hybrid sliding-window attention), vLLM rollout."""
     cfg = dense_recipe()
