@@ -45,6 +45,9 @@ the fp32 log-softmax of the logits (``B T V (e + 8)``); for ``vllm``, a KV cache
 sequence of the model's maximum length (vLLM refuses to start otherwise) within vLLM's default
 ``gpu_memory_utilization`` of 0.9.
 
+**vLLM engines** shard over the whole GPUs their actor holds (tensor parallelism: the weights
+``tp`` ways, the KV cache at most ``num_key_value_heads`` ways); figures are then per GPU.
+
 **Rollout replica** (``vllm``): weights plus a KV cache, per token and layer ``(g d + g dv) e``
 (sliding-window layers hold at most their window, MiMo-V2-Flash's hold ``2 g`` heads); it needs one
 ``rollout.max_model_len`` sequence at least and ``prompts_per_step * n / replicas`` sequences of
@@ -69,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mopd.config import ConfigError, ModelConfig, MOPDConfig
+from mopd.vllm_compat import tensor_parallel_size
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -316,6 +320,14 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     return ActorPlan("trainer", t.world_size, t.resources.num_gpus, parts, note=note)
 
 
+def _vllm_shards(s: ModelShape, num_gpus: float) -> tuple[int, int, str]:
+    """(weight shards, KV cache shards, note) of a vLLM engine over ``num_gpus`` GPUs: tensor
+    parallelism splits the weights ``tp`` ways and the KV heads at most ``kv_heads`` ways (vLLM
+    replicates a KV head over the ranks beyond that)."""
+    tp = tensor_parallel_size(num_gpus)
+    return tp, min(tp, min(s.kv_heads)), f", tensor parallel {tp}, per GPU" if tp > 1 else ""
+
+
 def _rollout_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     r = cfg.rollout
     e = DTYPE_BYTES[cfg.student.dtype]
@@ -323,9 +335,11 @@ def _rollout_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     parts = {"weights": float(e * s.total_params)}
     if r.backend == "vllm":
         seq_len = min(tokens, r.max_model_len)
-        parts["kv_cache"] = float(max(s.kv_bytes(r.max_model_len, e), seqs * s.kv_bytes(seq_len, e)))
+        tp, kv_split, tp_note = _vllm_shards(s, r.resources.num_gpus)
+        parts["weights"] /= tp
+        parts["kv_cache"] = max(s.kv_bytes(r.max_model_len, e), seqs * s.kv_bytes(seq_len, e)) / kv_split
         budget = r.gpu_memory_utilization
-        note = f"vllm, {seqs} sequences x {seq_len} tokens, max_model_len {r.max_model_len}"
+        note = f"vllm, {seqs} sequences x {seq_len} tokens, max_model_len {r.max_model_len}{tp_note}"
         return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, budget=budget, note=note)
     parts["kv_cache"] = float(seqs * s.kv_bytes(tokens, e))
     parts["logits"] = float(seqs * s.vocab_size * 4 * 2)
@@ -338,8 +352,10 @@ def _teacher_plan(name: str, t: Any, s: ModelShape, tokens: int) -> ActorPlan:
     label = f"teachers.{name}"
     if t.backend == "vllm":
         kv_tokens = max(s.max_position, tokens)
-        parts["kv_cache"] = float(max(s.kv_bytes(kv_tokens, e), t.batch_size * s.kv_bytes(tokens, e)))
-        note = f"vllm, {t.batch_size} rows x {tokens} tokens"
+        tp, kv_split, tp_note = _vllm_shards(s, t.resources.num_gpus)
+        parts["weights"] /= tp
+        parts["kv_cache"] = max(s.kv_bytes(kv_tokens, e), t.batch_size * s.kv_bytes(tokens, e)) / kv_split
+        note = f"vllm, {t.batch_size} rows x {tokens} tokens{tp_note}"
         return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, budget=VLLM_DEFAULT_UTILIZATION, note=note)
     parts["activations"] = inference_activations(s, t.batch_size, tokens, e)
     return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, note=f"hf, {t.batch_size} rows x {tokens} tokens")
@@ -358,7 +374,7 @@ def _check_fit(plan: Plan) -> None:
     for a in plan.actors:
         if a.gpus <= 0:
             continue  # CPU actors: host memory is not planned
-        if a.gpus > 1:
+        if a.gpus > 1 and a.budget is None:  # vLLM engines shard over their GPUs; the others do not
             plan.notes.append(
                 f"{a.name}: {a.gpus:g} GPUs per replica, but one process uses one device (no tensor "
                 "parallelism): the plan counts one"
@@ -413,7 +429,7 @@ def _too_big(plan: Plan, a: ActorPlan, cap: float) -> str:
         if plan.colocated:
             fix += ", or use placement.layout=disaggregated (the trainer's states stay on the shared GPU)"
     else:
-        fix = f"lower {a.name}.batch_size, use {a.name}.dtype=bfloat16 or a smaller teacher"
+        fix = f"lower {a.name}.batch_size (or its dtype to bfloat16), use a smaller teacher"
     return (
         f"{a.name}: needs {a.need / GB:.1f} GB per replica ({parts}) but has {cap / GB:.1f} GB of a {where}; "
         f"{fix}, or use bigger GPUs (placement.gpu_memory_gb)"
