@@ -224,3 +224,20 @@ def test_model_shape_reads_a_directory_without_weights(tmp_path):
     AutoConfig.for_model(cfg.pop("model_type"), **cfg).save_pretrained(tmp_path)
     assert not any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
     assert model_shape(ModelConfig(path=str(tmp_path))).total_params == 90432
+
+
+def test_plan_reads_the_cluster_from_ray_address(tmp_path, capsys, monkeypatch):
+    """With RAY_ADDRESS set and no --gpus, the cluster's GPUs come from Ray (stubbed here: a test
+    must not join the Ray clusters others run on this machine)."""
+    import mopd.plan
+
+    seen = []
+    monkeypatch.setattr(mopd.plan, "cluster_gpus", lambda address: seen.append(address) or [1.0])
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    cfg = dense_recipe()
+    cfg.trainer.resources.num_gpus = 1
+    assert main(["plan", _write(cfg, tmp_path)]) == 2
+    assert seen == ["10.0.0.1:6379"]
+    captured = capsys.readouterr()
+    assert "Ray cluster at 10.0.0.1:6379: 1 node(s), 1 GPUs" in captured.out
+    assert "asks for 2 GPUs (trainer 2 x 1) but the cluster has 1" in captured.err
