@@ -20,8 +20,9 @@ replica). ``e`` below is the byte size of the dtype the actor computes in.
 - buffers: the fp32 gradient of the master partition (``4 N / W``, when partitioned), AdamW's
   foreach temporary (``4 N / W``; ``4 N`` unpartitioned) and, under ZeRO >= 1, DeepSpeed's reduce
   bucket (``e min(N, 5e8)``). Measured on CPU (ZeRO-2, fp32, one rank, 5.9M and 22M parameters):
-  the estimate was 15-19% above the peak resident memory of a step (tests/test_plan.py; the
-  CPU's AdamW runs per tensor, without the foreach temporary).
+  the whole estimate was 15-19% above the peak resident memory of a step, 23% with gradient
+  checkpointing (tests/test_plan.py; the CPU's AdamW runs per tensor, without the foreach
+  temporary). Not yet checked on GPUs (scripts/plan_gpu_check.py).
 - activations of one micro-batch, ``B = trainer.micro_batch_size`` rows of
   ``T = data.max_prompt_len + rollout.max_new_tokens`` tokens, kept for the backward pass without
   recomputation (Korthikanti et al. 2022 style, counted tensor by tensor), per token and layer, in
@@ -30,11 +31,11 @@ replica). ``e`` below is the byte size of the dtype the actor computes in.
   when key/value heads are repeated to ``a`` heads (``g < a``) + for eager attention ``2 a T``
   (scores and probabilities; sdpa/flash keep none) + the MLP: ``4 I`` for a dense layer, ``k (4 I_e
   + 3 h)`` for a MoE layer (each token's ``k`` expert inputs, gate/up/act/product, output and
-  weighted output) plus 4 bytes per expert for the fp32 router logits; then the loss's logits:
+  weighted output) plus ``2`` per expert (router logits and probabilities); then the loss's logits:
   ``B T V`` times ``e`` (the logits) + 12 (the fp32 log-softmax output, its gradient and the
   gradient scattered back by the gather, alive together during the backward) + 8 more with
-  ``objective.kind: topk`` (a second log-softmax). Assumptions: no activation checkpointing, no
-  sequence packing, every row padded to ``T``, dropout off. With ``trainer.gradient_checkpointing``
+  ``objective.kind: topk`` (a second log-softmax). Assumptions: no sequence packing, every row
+  padded to ``T``, dropout off. With ``trainer.gradient_checkpointing``
   a layer keeps only its input (``h`` per token) and one layer's activations are alive at a time.
   With ``trainer.offload_optimizer`` the optimizer and its fp32 buffers are in host memory (shown
   in the note, not counted on the GPU).
@@ -51,9 +52,10 @@ sequence of the model's maximum length (vLLM refuses to start otherwise) within 
 **Rollout replica** (``vllm``): weights plus a KV cache, per token and layer ``(g d + g dv) e``
 (sliding-window layers hold at most their window, MiMo-V2-Flash's hold ``2 g`` heads); it needs one
 ``rollout.max_model_len`` sequence at least and ``prompts_per_step * n / replicas`` sequences of
-``T`` tokens to run the step's batch at once (less only queues requests). Weights plus the KV cache
-must fit in ``rollout.gpu_memory_utilization`` of a device. ``hf``: weights plus generation's KV
-cache (of ``T`` tokens for every sequence) and the last position's logits.
+``T`` tokens to run the step's batch at once; the plan asks for both (a smaller cache would only
+make vLLM queue requests and run the step in waves). Weights plus the KV cache must fit in
+``rollout.gpu_memory_utilization`` of a device. ``hf``: weights plus generation's KV cache (of
+``T`` tokens for every sequence) and the last position's logits.
 
 **Devices**: a GPU holds ``placement.gpu_memory_gb`` (80 unless set; ``--gpu-memory-gb``) less a
 runtime reserve of ``RUNTIME_RESERVE_GB`` (CUDA context, NCCL buffers, allocator fragmentation) for
@@ -228,7 +230,7 @@ def layer_activation_elems(s: ModelShape, tokens: int, moe: bool) -> float:
         attn += 2 * a * tokens
     if moe:
         k = s.experts_per_token
-        mlp = k * (4 * s.moe_intermediate + 3 * h) + s.num_experts * 2  # router logits fp32 = 2 elems of 2 B
+        mlp = k * (4 * s.moe_intermediate + 3 * h) + s.num_experts * 2  # router logits and probabilities
     else:
         mlp = 4 * s.dense_intermediate
     return attn + mlp
