@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--nodes", type=int, default=1, help="nodes of --gpus GPUs each (default 1)")
     pl.add_argument("--gpu-memory-gb", type=float, default=None, help="memory of one GPU (placement.gpu_memory_gb)")
     pl.add_argument(
-        "--ray-address", default=None, help="read the GPUs from this Ray cluster (default: RAY_ADDRESS if set)"
+        "--ray-address",
+        default=None,
+        help="read the GPUs from this Ray cluster (default: ray.address, else RAY_ADDRESS)",
     )
     t = sub.add_parser("train", help="run the MOPD loop on Ray")
     t.add_argument("recipe")
@@ -79,7 +81,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     plan = plan_recipe(cfg, args.gpu_memory_gb)
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    address = args.ray_address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if args.gpus is not None:
         nodes, source = [args.gpus] * args.nodes, f"{args.nodes} node(s) x {args.gpus:g} GPUs (--gpus/--nodes)"
     elif address:
