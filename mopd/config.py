@@ -152,6 +152,12 @@ class TrainerConfig:
     # Coefficient of the MoE load-balancing loss (0 turns it off; ignored for dense students).
     aux_loss_coef: float = 0.001
     micro_batch_size: int = 16
+    # Recompute each layer's activations in the backward pass instead of keeping them (HF gradient
+    # checkpointing): activation memory of one layer instead of all, for ~1/3 more compute.
+    gradient_checkpointing: bool = False
+    # Keep the optimizer state (Adam moments, fp32 master weights) in host memory and step on the
+    # CPU (DeepSpeed ZeRO-Offload; needs trainer.zero_stage >= 1): GPU memory for bigger students.
+    offload_optimizer: bool = False
 
 
 @dataclass
@@ -218,6 +224,8 @@ class PlacementConfig:
     # Seconds to wait for the run's placement group when the cluster has the resources but other
     # work holds them. A group larger than the cluster fails at once (mopd/placement.py).
     timeout_s: float = 120.0
+    # Memory of one GPU in GB, for `mopd plan`'s fit checks (80: A100/H100 80GB; 141: H200).
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass
@@ -416,6 +424,7 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
         "eval.num_prompts": cfg.eval.num_prompts,
         "trainer.resources.num_cpus": cfg.trainer.resources.num_cpus,
         "rollout.resources.num_cpus": cfg.rollout.resources.num_cpus,
+        "placement.gpu_memory_gb": cfg.placement.gpu_memory_gb,
     }
     for name, t in cfg.teachers.items():
         positive[f"teachers.{name}.replicas"] = t.replicas
@@ -442,6 +451,8 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
     for name, value in non_negative.items():
         if value < 0:
             errors.append(f"{name} must be >= 0, got {value}")
+    if cfg.trainer.offload_optimizer and cfg.trainer.zero_stage == 0:
+        errors.append("trainer.offload_optimizer needs trainer.zero_stage >= 1 (DeepSpeed offloads partitioned state)")
     if not 0 < cfg.rollout.top_p <= 1:
         errors.append(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
 

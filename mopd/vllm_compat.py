@@ -30,6 +30,12 @@ VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nob
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def tensor_parallel_size(num_gpus: float) -> int:
+    """GPUs one vLLM engine shards its model over: all the whole GPUs its actor holds (Ray makes
+    exactly those visible to it), else 1 (a share of one GPU, or the CPU)."""
+    return max(1, int(num_gpus))
+
+
 def set_cpu_env_defaults() -> None:
     """Set ``VLLM_CPU_ENV`` in this process where unset (read by the engine process it spawns)."""
     for key, value in VLLM_CPU_ENV.items():

@@ -49,7 +49,13 @@ from mopd.models import load_model, load_tokenizer
 from mopd.runtime import set_torch_threads
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
-from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
+from mopd.vllm_compat import (
+    needs_value_padding,
+    pad_value_heads,
+    set_cpu_env_defaults,
+    tensor_parallel_size,
+    vllm_config_overrides,
+)
 from rollout.batching import encode_prompts, pack_samples
 from rollout.turns import TakesTurns
 
@@ -147,6 +153,7 @@ class VLLMRolloutActor(TakesTurns):
             gpu_memory_utilization=r.gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
             seed=self.cfg.run.seed,
+            tensor_parallel_size=tensor_parallel_size(r.resources.num_gpus),
             # Adds mopd_reload_weights to the engine's worker (fixes MoE reloads on CPU).
             worker_extension_cls="rollout.vllm_ext.MOPDWorkerExtension",
             enable_sleep_mode=self._sleep_mode,

@@ -40,6 +40,7 @@ from mopd.vllm_compat import (
     needs_value_padding,
     pad_value_heads,
     set_cpu_env_defaults,
+    tensor_parallel_size,
     vllm_config_overrides,
 )
 from mopd.vocab import tokenizer_signature
@@ -132,6 +133,7 @@ class VLLMTeacherWorker:
             max_model_len=max_model_len,
             trust_remote_code=cfg.trust_remote_code,
             enforce_eager=engine_kwargs.pop("enforce_eager", True),
+            tensor_parallel_size=tensor_parallel_size(cfg.resources.num_gpus),
             **engine_kwargs,
         )
         # The first request pays one-off set-up costs (~3 s on CPU); keep them out of latency_s.

@@ -84,6 +84,8 @@ def deepspeed_config(cfg: MOPDConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -93,6 +95,8 @@ def deepspeed_config(cfg: MOPDConfig) -> dict[str, Any]:
         # check_grad_overflow: a NaN gradient norm makes DeepSpeed skip the update (used below).
         "bf16": {"enabled": t.bf16, "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
+        # Offloaded state is stepped by the torch AdamW the worker passes (no cpu_adam build).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -257,6 +261,8 @@ class TrainerWorker:
         # Same seed on every rank, so all ranks start from identical weights. Loaded in fp32: these
         # are the master weights; DeepSpeed casts the module when trainer.bf16 is on.
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._routes = RouterCapture(model)
         self._moe = hasattr(model.config, "output_router_logits")
         optimizer = torch.optim.AdamW(

@@ -1,6 +1,7 @@
 """The ``mopd`` command line.
 
     mopd validate RECIPE [LAYER.yaml ...] [key=value ...]   print the resolved recipe, or what is wrong
+    mopd plan RECIPE [key=value ...] [--gpus N] [--nodes M]   memory per actor, and whether it fits
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -23,6 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a recipe and print it resolved")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
+    pl = sub.add_parser("plan", help="the memory each actor needs and the GPUs it asks for (no weights loaded)")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
+    pl.add_argument("--gpus", type=float, default=None, help="GPUs per node of the cluster to plan for")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes of --gpus GPUs each (default 1)")
+    pl.add_argument("--gpu-memory-gb", type=float, default=None, help="memory of one GPU (placement.gpu_memory_gb)")
+    pl.add_argument(
+        "--ray-address",
+        default=None,
+        help="read the GPUs from this Ray cluster (default: ray.address, else RAY_ADDRESS)",
+    )
     t = sub.add_parser("train", help="run the MOPD loop on Ray")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
@@ -63,12 +76,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from mopd.plan import check_cluster, cluster_gpus, format_plan, plan_recipe, raise_if_unfit
+
+    cfg = load_config(args.recipe, args.overrides)
+    plan = plan_recipe(cfg, args.gpu_memory_gb)
+    address = args.ray_address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if args.gpus is not None:
+        nodes, source = [args.gpus] * args.nodes, f"{args.nodes} node(s) x {args.gpus:g} GPUs (--gpus/--nodes)"
+    elif address:
+        nodes = cluster_gpus(address)
+        source = f"Ray cluster at {address}: {len(nodes)} node(s), {sum(nodes):g} GPUs"
+    else:
+        nodes, source = [], "not checked (pass --gpus N [--nodes M], --ray-address or set RAY_ADDRESS)"
+    if nodes:
+        check_cluster(plan, nodes)
+    print(format_plan(plan))
+    print(f"cluster: {source}")
+    raise_if_unfit(plan)
+    print("fits")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow an option (``mopd plan R --gpus 8 k=v``): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and not any(x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "validate":
             print(to_yaml(load_config(args.recipe, args.overrides)), end="")
             return 0
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "train":
             return _train(args)
         if args.command == "export":

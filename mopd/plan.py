@@ -1,0 +1,504 @@
+"""A resource plan of a recipe: the memory every actor needs and the devices it asks for, computed
+from the model configs alone (no weights are loaded), checked against the devices before anything
+starts.
+
+    mopd plan recipes/qwen3_moe_30b_a3b_1node.yaml --gpus 8          # one node of 8 GPUs
+    mopd plan RECIPE --nodes 4 --gpus 8 placement.gpu_memory_gb=141  # H200s
+
+Parameter counts come from the model built on PyTorch's ``meta`` device (shapes, no storage);
+MoE experts count in full for the total and ``num_experts_per_tok / num_experts`` of them for the
+active count. All byte figures are per device of the actor (a trainer rank, a rollout or teacher
+replica). ``e`` below is the byte size of the dtype the actor computes in.
+
+**Trainer rank** (``N`` parameters, world size ``W``, ZeRO stage ``z``), DeepSpeed with AdamW:
+
+- weights: ``e N``, divided by ``W`` under ZeRO-3 (``e`` = 2 with ``trainer.bf16``, else 4);
+- gradients: ``e N``, divided by ``W`` under ZeRO-2/3;
+- optimizer: Adam's two fp32 moments and the fp32 master copy of the weights that DeepSpeed keeps
+  whenever it partitions the optimizer (ZeRO >= 1, or bf16 at any stage): ``12 N / W``; plain
+  fp32 ZeRO-0 keeps the moments only (``8 N``);
+- buffers: the fp32 gradient of the master partition (``4 N / W``, when partitioned), AdamW's
+  foreach temporary (``4 N / W``; ``4 N`` unpartitioned) and, under ZeRO >= 1, DeepSpeed's reduce
+  bucket (``e min(N, 5e8)``). Measured on CPU (ZeRO-2, fp32, one rank, 5.9M and 22M parameters):
+  the whole estimate was 15-19% above the peak resident memory of a step, 23% with gradient
+  checkpointing (tests/test_plan.py; the CPU's AdamW runs per tensor, without the foreach
+  temporary). Not yet checked on GPUs (scripts/plan_gpu_check.py).
+- activations of one micro-batch, ``B = trainer.micro_batch_size`` rows of
+  ``T = data.max_prompt_len + rollout.max_new_tokens`` tokens, kept for the backward pass without
+  recomputation (Korthikanti et al. 2022 style, counted tensor by tensor), per token and layer, in
+  ``e`` bytes: ``4 h`` (the two residual inputs and norm outputs) + ``2 (a d + g d) + g dv``
+  (q and k before and after RoPE, v) + ``2 a dv`` (attention output, o_proj input) + ``a (d + dv)``
+  when key/value heads are repeated to ``a`` heads (``g < a``) + for eager attention ``2 a T``
+  (scores and probabilities; sdpa/flash keep none) + the MLP: ``4 I`` for a dense layer, ``k (4 I_e
+  + 3 h)`` for a MoE layer (each token's ``k`` expert inputs, gate/up/act/product, output and
+  weighted output) plus ``2`` per expert (router logits and probabilities); then the loss's logits:
+  ``B T V`` times ``e`` (the logits) + 12 (the fp32 log-softmax output, its gradient and the
+  gradient scattered back by the gather, alive together during the backward) + 8 more with
+  ``objective.kind: topk`` (a second log-softmax). Assumptions: no sequence packing, every row
+  padded to ``T``, dropout off. With ``trainer.gradient_checkpointing``
+  a layer keeps only its input (``h`` per token) and one layer's activations are alive at a time.
+  With ``trainer.offload_optimizer`` the optimizer and its fp32 buffers are in host memory (shown
+  in the note, not counted on the GPU).
+
+**Teacher replica**: weights (``e N``, its dtype) and, for ``hf``, the forward working set of one
+scoring batch (``teachers.<d>.batch_size`` rows of ``T`` tokens): one layer's transient tensors and
+the fp32 log-softmax of the logits (``B T V (e + 8)``); for ``vllm``, a KV cache of at least one
+sequence of the model's maximum length (vLLM refuses to start otherwise) within vLLM's default
+``gpu_memory_utilization`` of 0.9.
+
+**vLLM engines** shard over the whole GPUs their actor holds (tensor parallelism: the weights
+``tp`` ways, the KV cache at most ``num_key_value_heads`` ways); figures are then per GPU.
+
+**Rollout replica** (``vllm``): weights plus a KV cache, per token and layer ``(g d + g dv) e``
+(sliding-window layers hold at most their window, MiMo-V2-Flash's hold ``2 g`` heads); it needs one
+``rollout.max_model_len`` sequence at least and ``prompts_per_step * n / replicas`` sequences of
+``T`` tokens to run the step's batch at once; the plan asks for both (a smaller cache would only
+make vLLM queue requests and run the step in waves). Weights plus the KV cache must fit in
+``rollout.gpu_memory_utilization`` of a device. ``hf``: weights plus generation's KV cache (of
+``T`` tokens for every sequence) and the last position's logits.
+
+**Devices**: a GPU holds ``placement.gpu_memory_gb`` (80 unless set; ``--gpu-memory-gb``) less a
+runtime reserve of ``RUNTIME_RESERVE_GB`` (CUDA context, NCCL buffers, allocator fragmentation) for
+actors that are not vLLM engines (vLLM's budget is its own). With ``placement.layout: colocated``
+the rollout replicas share the trainer ranks' GPUs: the trainer's weights, gradients and optimizer
+stay on the device while the rollout's engine (its ``gpu_memory_utilization`` share) runs, and the
+rollout frees its memory while the trainer steps. The cluster's GPUs come from Ray (``--ray-address``
+or ``RAY_ADDRESS``) or from ``--gpus N`` (per node) and ``--nodes M``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mopd.config import ConfigError, ModelConfig, MOPDConfig
+from mopd.vllm_compat import tensor_parallel_size
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_RESERVE_GB = 2.0
+VLLM_DEFAULT_UTILIZATION = 0.9  # teachers' engines take vLLM's default
+
+
+# --------------------------------------------------------------------------- model shapes
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs of a model, read from its config. ``kv_heads`` / ``windows`` are per
+    layer (window None: full attention)."""
+
+    model_type: str
+    total_params: int
+    active_params: int
+    vocab_size: int
+    hidden: int
+    heads: int
+    head_dim: int
+    v_head_dim: int
+    kv_heads: list[int]
+    windows: list[int | None]
+    dense_intermediate: int
+    moe_intermediate: int
+    moe_layers: int
+    num_experts: int
+    experts_per_token: int
+    max_position: int
+    eager: bool
+
+    @property
+    def layers(self) -> int:
+        return len(self.kv_heads)
+
+    def kv_bytes(self, tokens: int, dtype_bytes: int) -> int:
+        """Bytes of the KV cache of one sequence of ``tokens`` tokens."""
+        per_layer = [
+            g * (self.head_dim + self.v_head_dim) * (tokens if w is None else min(w, tokens))
+            for g, w in zip(self.kv_heads, self.windows, strict=True)
+        ]
+        return sum(per_layer) * dtype_bytes
+
+
+def hf_config(spec: ModelConfig) -> Any:
+    """The ``transformers`` config of a model entry (a directory's config.json or the inline dict)."""
+    from transformers import AutoConfig
+
+    if spec.path is not None:
+        return AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    cfg = dict(spec.config or {})
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def count_params(config: Any, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(total, routed-expert) parameter counts of the model, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = expert = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".experts." in name:  # routed experts (shared experts are named shared_expert(s))
+            expert += p.numel()
+    return total, expert
+
+
+def model_shape(spec: ModelConfig) -> ModelShape:
+    config = hf_config(spec)
+    text = getattr(config, "text_config", None) or config
+    total, expert = count_params(config, spec.trust_remote_code)
+    n_exp = int(_first(text, ("num_experts", "n_routed_experts", "num_local_experts"), 0) or 0)
+    k = int(getattr(text, "num_experts_per_tok", 0) or 0)
+    active = total - expert + (expert * k // n_exp if n_exp else 0)
+    layers = int(text.num_hidden_layers)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    g = int(getattr(text, "num_key_value_heads", None) or heads)
+    layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    window = getattr(text, "sliding_window", None)
+    sliding = [t == "sliding_attention" and window is not None for t in layer_types]
+    # MiMo-V2-Flash's sliding-window layers have twice the key/value heads (transformers' modeling).
+    swa_factor = 2 if text.model_type == "mimo_v2_flash" else 1
+    mlp_types = getattr(text, "mlp_layer_types", None)
+    moe_layers = sum(t == "sparse" for t in mlp_types) if mlp_types else (layers if n_exp else 0)
+    impl = spec.attn_implementation or ("eager" if text.model_type == "mimo_v2_flash" else "sdpa")
+    return ModelShape(
+        model_type=text.model_type,
+        total_params=total,
+        active_params=active,
+        vocab_size=int(text.vocab_size),
+        hidden=int(text.hidden_size),
+        heads=heads,
+        head_dim=head_dim,
+        v_head_dim=int(getattr(text, "v_head_dim", None) or head_dim),
+        kv_heads=[g * swa_factor if s else g for s in sliding],
+        windows=[int(window) if s and window is not None else None for s in sliding],
+        dense_intermediate=int(getattr(text, "intermediate_size", 0) or 0),
+        moe_intermediate=int(_first(text, ("moe_intermediate_size", "intermediate_size"), 0) or 0),
+        moe_layers=moe_layers,
+        num_experts=n_exp,
+        experts_per_token=k,
+        max_position=int(getattr(text, "max_position_embeddings", 0) or 0),
+        eager=impl == "eager",
+    )
+
+
+def _first(obj: Any, names: tuple[str, ...], default: Any) -> Any:
+    for n in names:
+        if getattr(obj, n, None) is not None:
+            return getattr(obj, n)
+    return default
+
+
+# --------------------------------------------------------------------------- memory formulas
+
+
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
+
+
+def trainer_states(n: int, world: int, zero: int, bf16: bool, offload: bool = False) -> dict[str, float]:
+    """Bytes per rank of weights, gradients, optimizer state and DeepSpeed's buffers on the device
+    (see the module docstring); with ``offload`` the optimizer and its fp32 buffers are in host
+    memory instead (``host_optimizer``, not on the device)."""
+    e = 2 if bf16 else 4
+    part = n / world
+    partitioned = zero >= 1 or bf16  # DeepSpeed then keeps an fp32 master partition
+    out = {
+        "weights": e * (part if zero == 3 else n),
+        "gradients": e * (part if zero >= 2 else n),
+        "optimizer": (12 * part) if partitioned else 8.0 * n,
+    }
+    # The fp32 gradient of the master partition, AdamW's foreach temporary, the reduce bucket.
+    buffers = (4 * part if partitioned else 0.0) + 4 * (part if partitioned else n)
+    bucket = e * min(DS_REDUCE_BUCKET, n) if zero >= 1 else 0.0
+    if offload:
+        return {**out, "optimizer": 0.0, "buffers": bucket, "host_optimizer": out["optimizer"] + buffers}
+    out["buffers"] = buffers + bucket
+    return out
+
+
+def layer_activation_elems(s: ModelShape, tokens: int, moe: bool) -> float:
+    """Elements one layer keeps for the backward pass, per token (``tokens``: the sequence length)."""
+    a, g, d, dv, h = s.heads, max(s.kv_heads), s.head_dim, s.v_head_dim, s.hidden
+    attn = 4 * h + 2 * (a * d + g * d) + g * dv + 2 * a * dv
+    if g < a:
+        attn += a * (d + dv)  # repeat_kv copies
+    if s.eager:
+        attn += 2 * a * tokens
+    if moe:
+        k = s.experts_per_token
+        mlp = k * (4 * s.moe_intermediate + 3 * h) + s.num_experts * 2  # router logits and probabilities
+    else:
+        mlp = 4 * s.dense_intermediate
+    return attn + mlp
+
+
+def train_activations(
+    s: ModelShape, batch: int, tokens: int, e: int, topk: bool, checkpointing: bool = False
+) -> dict[str, float]:
+    """Bytes of one micro-batch's activations and of the loss's logits (see the module docstring).
+    With gradient checkpointing: each layer's input, plus one layer's activations recomputed."""
+    moe = s.moe_layers
+    dense_layer, moe_layer = layer_activation_elems(s, tokens, False), layer_activation_elems(s, tokens, True)
+    if checkpointing:
+        per_token = s.layers * s.hidden + (moe_layer if moe else dense_layer)
+    else:
+        per_token = (s.layers - moe) * dense_layer + moe * moe_layer
+    logits = batch * tokens * s.vocab_size * (e + 12 + (8 if topk else 0))
+    return {"activations": batch * tokens * per_token * e, "logits": float(logits)}
+
+
+def inference_activations(s: ModelShape, batch: int, tokens: int, e: int) -> float:
+    """Bytes of a scoring forward: the largest layer's transient tensors and the fp32 log-softmax."""
+    layer = layer_activation_elems(s, tokens, s.moe_layers > 0) * batch * tokens * e
+    return layer + batch * tokens * s.vocab_size * (e + 8)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ActorPlan:
+    """One kind of actor: ``count`` of them, each on ``gpus`` GPUs, each needing ``parts`` bytes."""
+
+    name: str
+    count: int
+    gpus: float
+    parts: dict[str, float]
+    budget: float | None = None  # bytes the actor may use per device (None: the device less reserve)
+    note: str = ""
+
+    @property
+    def need(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    actors: list[ActorPlan]
+    gpu_memory: float  # bytes per GPU
+    colocated: bool
+    shapes: dict[str, ModelShape] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpus(self) -> float:
+        """GPUs the recipe asks for (colocated rollout replicas take the trainer's)."""
+        return sum(a.count * a.gpus for a in self.actors if not (self.colocated and a.name == "rollout"))
+
+
+def plan_recipe(cfg: MOPDConfig, gpu_memory_gb: float | None = None) -> Plan:
+    """The memory each actor of ``cfg`` needs; ``problems`` lists what does not fit a device."""
+    gpu_memory = (gpu_memory_gb or cfg.placement.gpu_memory_gb) * GB
+    colocated = cfg.placement.layout == "colocated"
+    student = model_shape(cfg.student)
+    tokens = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    plan = Plan([], gpu_memory, colocated, {"student": student})
+    trainer = _trainer_plan(cfg, student, tokens)
+    rollout = _rollout_plan(cfg, student, tokens)
+    plan.actors += [trainer, rollout]
+    for name, t in cfg.teachers.items():
+        shape = model_shape(t)
+        plan.shapes[f"teachers.{name}"] = shape
+        plan.actors.append(_teacher_plan(name, t, shape, tokens))
+    _check_fit(plan)
+    return plan
+
+
+def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
+    t = cfg.trainer
+    e = 2 if t.bf16 else 4
+    parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
+    host = parts.pop("host_optimizer", 0.0)
+    topk = cfg.objective.kind == "topk"
+    parts.update(train_activations(s, t.micro_batch_size, tokens, e, topk, t.gradient_checkpointing))
+    note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, micro-batch {t.micro_batch_size} x {tokens} tokens"
+    note += ", checkpointing" if t.gradient_checkpointing else ""
+    note += f", optimizer in host memory ({host / GB:.1f} GB per rank)" if host else ""
+    return ActorPlan("trainer", t.world_size, t.resources.num_gpus, parts, note=note)
+
+
+def _vllm_shards(s: ModelShape, num_gpus: float) -> tuple[int, int, str]:
+    """(weight shards, KV cache shards, note) of a vLLM engine over ``num_gpus`` GPUs: tensor
+    parallelism splits the weights ``tp`` ways and the KV heads at most ``kv_heads`` ways (vLLM
+    replicates a KV head over the ranks beyond that)."""
+    tp = tensor_parallel_size(num_gpus)
+    return tp, min(tp, min(s.kv_heads)), f", tensor parallel {tp}, per GPU" if tp > 1 else ""
+
+
+def _rollout_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
+    r = cfg.rollout
+    e = DTYPE_BYTES[cfg.student.dtype]
+    seqs = math.ceil(r.prompts_per_step * r.n / r.replicas)
+    parts = {"weights": float(e * s.total_params)}
+    if r.backend == "vllm":
+        seq_len = min(tokens, r.max_model_len)
+        tp, kv_split, tp_note = _vllm_shards(s, r.resources.num_gpus)
+        parts["weights"] /= tp
+        parts["kv_cache"] = max(s.kv_bytes(r.max_model_len, e), seqs * s.kv_bytes(seq_len, e)) / kv_split
+        budget = r.gpu_memory_utilization
+        note = f"vllm, {seqs} sequences x {seq_len} tokens, max_model_len {r.max_model_len}{tp_note}"
+        return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, budget=budget, note=note)
+    parts["kv_cache"] = float(seqs * s.kv_bytes(tokens, e))
+    parts["logits"] = float(seqs * s.vocab_size * 4 * 2)
+    return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, note=f"hf, {seqs} sequences x {tokens}")
+
+
+def _teacher_plan(name: str, t: Any, s: ModelShape, tokens: int) -> ActorPlan:
+    e = DTYPE_BYTES[t.dtype]
+    parts = {"weights": float(e * s.total_params)}
+    label = f"teachers.{name}"
+    if t.backend == "vllm":
+        kv_tokens = max(s.max_position, tokens)
+        tp, kv_split, tp_note = _vllm_shards(s, t.resources.num_gpus)
+        parts["weights"] /= tp
+        parts["kv_cache"] = max(s.kv_bytes(kv_tokens, e), t.batch_size * s.kv_bytes(tokens, e)) / kv_split
+        note = f"vllm, {t.batch_size} rows x {tokens} tokens{tp_note}"
+        return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, budget=VLLM_DEFAULT_UTILIZATION, note=note)
+    parts["activations"] = inference_activations(s, t.batch_size, tokens, e)
+    return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, note=f"hf, {t.batch_size} rows x {tokens} tokens")
+
+
+def _capacity(plan: Plan, a: ActorPlan) -> float:
+    """Bytes one actor may use on its device(s): a vLLM engine its utilization share, others the
+    device (or their fraction of it) less the runtime reserve."""
+    share = min(a.gpus, 1.0) * plan.gpu_memory
+    if a.budget is not None:
+        return a.budget * share
+    return share - RUNTIME_RESERVE_GB * GB
+
+
+def _check_fit(plan: Plan) -> None:
+    for a in plan.actors:
+        if a.gpus <= 0:
+            continue  # CPU actors: host memory is not planned
+        if a.gpus > 1 and a.budget is None:  # vLLM engines shard over their GPUs; the others do not
+            plan.notes.append(
+                f"{a.name}: {a.gpus:g} GPUs per replica, but one process uses one device (no tensor "
+                "parallelism): the plan counts one"
+            )
+        cap = _capacity(plan, a)
+        if a.need > cap:
+            plan.problems.append(_too_big(plan, a, cap))
+    if plan.colocated:
+        _check_colocated(plan)
+
+
+def _check_colocated(plan: Plan) -> None:
+    """The rollout's engine claims its utilization share of a device the trainer's weights,
+    gradients and optimizer state also occupy (they stay while the rollout runs)."""
+    trainer, rollout = plan.actors[0], plan.actors[1]
+    if trainer.gpus > 0 and rollout.gpus > 0:
+        room = _colocated_room(plan, trainer)
+        claim = _capacity(plan, rollout) if rollout.budget is not None else rollout.need
+        if claim > room:
+            plan.problems.append(
+                f"rollout: its engine claims {claim / GB:.1f} GB of each GPU it shares with the trainer, but the "
+                f"trainer's weights, gradients and optimizer state leave {max(room, 0) / GB:.1f} GB of the "
+                f"{plan.gpu_memory / GB:g} GB; lower rollout.gpu_memory_utilization to at most "
+                f"{max(room, 0) / plan.gpu_memory:.2f}, shrink the trainer's states (more ranks, ZeRO-3), "
+                "or use placement.layout=disaggregated"
+            )
+    if trainer.gpus <= 0:
+        plan.problems.append(
+            "placement.layout=colocated shares the trainer's GPUs, but trainer.resources.num_gpus is 0; "
+            "give the trainer GPUs or set placement.layout=disaggregated"
+        )
+    if rollout.count * rollout.gpus > trainer.count * trainer.gpus:
+        plan.problems.append(
+            f"rollout: {rollout.count} replicas x {rollout.gpus:g} GPUs do not fit on the trainer's "
+            f"{trainer.count * trainer.gpus:g} GPUs (placement.layout=colocated); lower rollout.replicas"
+        )
+
+
+def _colocated_room(plan: Plan, trainer: ActorPlan) -> float:
+    """What a colocated rollout engine may use: the device less the trainer's persistent states."""
+    states = sum(trainer.parts[k] for k in ("weights", "gradients", "optimizer", "buffers"))
+    return plan.gpu_memory - states - RUNTIME_RESERVE_GB * GB
+
+
+def _too_big(plan: Plan, a: ActorPlan, cap: float) -> str:
+    parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in a.parts.items())
+    where = f"{plan.gpu_memory / GB:g} GB GPU"
+    if a.name == "trainer":
+        fix = "raise trainer.world_size or trainer.zero_stage, turn on trainer.bf16, lower trainer.micro_batch_size"
+    elif a.name == "rollout":
+        fix = "raise rollout.gpu_memory_utilization, lower rollout.max_model_len"
+        if plan.colocated:
+            fix += ", or use placement.layout=disaggregated (the trainer's states stay on the shared GPU)"
+    else:
+        fix = f"lower {a.name}.batch_size (or its dtype to bfloat16), use a smaller teacher"
+    return (
+        f"{a.name}: needs {a.need / GB:.1f} GB per replica ({parts}) but has {cap / GB:.1f} GB of a {where}; "
+        f"{fix}, or use bigger GPUs (placement.gpu_memory_gb)"
+    )
+
+
+def check_cluster(plan: Plan, gpus_per_node: list[float]) -> None:
+    """Adds a problem when the recipe asks for more GPUs than the cluster (one entry per node) has,
+    or an actor for more than one node holds."""
+    total = sum(gpus_per_node)
+    if plan.gpus > total:
+        asks = ", ".join(
+            f"{a.name} {a.count} x {a.gpus:g}"
+            for a in plan.actors
+            if a.gpus > 0 and not (plan.colocated and a.name == "rollout")
+        )
+        plan.problems.append(
+            f"the recipe asks for {plan.gpus:g} GPUs ({asks}) but the cluster has {total:g} "
+            f"({len(gpus_per_node)} node(s)); lower replicas / trainer.world_size, or add nodes"
+        )
+    biggest = max(gpus_per_node, default=0.0)
+    for a in plan.actors:
+        if a.gpus > biggest:
+            plan.problems.append(f"{a.name}: asks for {a.gpus:g} GPUs per replica, but a node has at most {biggest:g}")
+
+
+def raise_if_unfit(plan: Plan) -> None:
+    if plan.problems:
+        raise ConfigError("the recipe does not fit:\n  - " + "\n  - ".join(plan.problems))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: one row per actor kind, its memory per replica by part, and totals."""
+    cols = ["weights", "gradients", "optimizer", "buffers", "activations", "logits", "kv_cache"]
+    big = max((a.need for a in plan.actors), default=0.0) >= GB
+    unit, div = ("GB", GB) if big else ("MB", 1e6)
+    head = f"{'actor':<18}{'x':>4}{'GPUs':>7}" + "".join(f"{c:>12}" for c in cols) + f"{'total ' + unit:>11}  note"
+    lines = [f"memory per replica / rank, in {unit}", head, "-" * len(head)]
+    for a in plan.actors:
+        cells = "".join(f"{a.parts[c] / div:>12.2f}" if c in a.parts else f"{'-':>12}" for c in cols)
+        gpus = "shared" if plan.colocated and a.name == "rollout" else f"{a.gpus:g}"
+        lines.append(f"{a.name:<18}{a.count:>4}{gpus:>7}{cells}{a.need / div:>11.2f}  {a.note}")
+    lines.append("")
+    for name, s in plan.shapes.items():
+        lines.append(
+            f"{name}: {s.model_type}, {_count(s.total_params)} parameters ({_count(s.active_params)} active), "
+            f"{s.layers} layers, vocab {s.vocab_size}"
+        )
+    layout = "colocated (rollout on the trainer's GPUs)" if plan.colocated else "disaggregated"
+    lines.append(f"GPUs asked for: {plan.gpus:g}; layout {layout}; {plan.gpu_memory / GB:g} GB per GPU")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def cluster_gpus(address: str | None) -> list[float]:
+    """GPUs per alive node of the Ray cluster at ``address``."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        return [float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    finally:
+        ray.shutdown()
