@@ -364,12 +364,12 @@ def _teacher_plan(name: str, t: Any, s: ModelShape, tokens: int) -> ActorPlan:
 
 
 def _capacity(plan: Plan, a: ActorPlan) -> float:
-    """Bytes one actor may use on its device(s): a vLLM engine its utilization share, others the
-    device (or their fraction of it) less the runtime reserve."""
-    share = min(a.gpus, 1.0) * plan.gpu_memory
+    """Bytes one actor may use on each of its devices: a vLLM engine its utilization share of the
+    whole device (vLLM sizes itself from the device's memory, whatever share of the GPU Ray
+    accounts to it), others the device (or their fraction of it) less the runtime reserve."""
     if a.budget is not None:
-        return a.budget * share
-    return share - RUNTIME_RESERVE_GB * GB
+        return a.budget * plan.gpu_memory
+    return min(a.gpus, 1.0) * plan.gpu_memory - RUNTIME_RESERVE_GB * GB
 
 
 def _check_fit(plan: Plan) -> None:

@@ -142,7 +142,8 @@ def test_plan_exit_2_when_a_rank_does_not_fit_its_gpu(tmp_path, capsys):
 def test_plan_exit_2_when_colocated_rollout_has_no_room(tmp_path, capsys):
     cfg = dense_recipe()
     cfg.placement.layout = "colocated"
-    cfg.trainer.resources.num_gpus = cfg.rollout.resources.num_gpus = 1
+    cfg.trainer.resources.num_gpus, cfg.rollout.resources.num_gpus = 1, 0.5
+    cfg.rollout.replicas = cfg.trainer.world_size
     # The rollout claims 0.5 of 2.2 GB; the trainer's states and the 2 GB reserve leave < 0.2 GB.
     assert main(["plan", _write(cfg, tmp_path), "placement.gpu_memory_gb=2.2"]) == 2
     err = capsys.readouterr().err
