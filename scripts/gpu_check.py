@@ -5,7 +5,7 @@ No Ray and no vLLM (the device machine has neither): the phases are the in-proce
 actors wrap, used as they are (each puts itself on the device its recipe resources ask for, see
 ``mopd.devices``), each timed: HF rollout (``rollout.hf.HFRolloutActor``, bf16, routing replay on), HF
 teacher scoring (``teachers.hf.HFTeacherWorker``, bf16), the DeepSpeed trainer
-(``trainers.deepspeed_trainer.TrainerWorker``: ZeRO-2, bf16, world size 1) and the weight sync back
+(``trainers.deepspeed_trainer.TrainerWorker``: ZeRO-2 or 3 (``--zero``), bf16, world size 1) and the weight sync back
 to the rollout model. It also measures routing replay's effect on the first batch: the trainer's
 log-probs against the rollout's with and without the recorded routes.
 
@@ -69,7 +69,7 @@ def make_cfg(args):
     r.n, r.prompts_per_step, r.max_new_tokens, r.routing_replay = args.n, args.prompts, args.max_new, True
     r.resources.num_gpus = gpus
     t = cfg.trainer
-    t.zero_stage, t.bf16, t.world_size, t.lr, t.micro_batch_size = 2, True, 1, 1e-5, args.micro_batch
+    t.zero_stage, t.bf16, t.world_size, t.lr, t.micro_batch_size = args.zero, True, 1, 1e-5, args.micro_batch
     t.resources.num_gpus = gpus
     return cfg
 
@@ -151,8 +151,8 @@ def run(args) -> dict:
     actor = rollout_actor(cfg)
     teacher = teacher_worker(cfg)
     print(f"devices: rollout {actor.device}, teacher {teacher.device}, trainer {trainer.device}", flush=True)
-    n_total = sum(p.numel() for p in trainer.engine.module.parameters())
-    n_active = active_params(trainer.engine.module)
+    n_total = sum(p.numel() for p in actor.model.parameters())
+    n_active = active_params(actor.model)  # a full copy (ZeRO-3 partitions the trainer's)
     setup_s = time.perf_counter() - t0
     print(
         f"device {torch.cuda.get_device_name() if not args.cpu else 'cpu'}; student {n_total / 1e6:.1f}M params, "
@@ -220,6 +220,7 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--teacher-batch", type=int, default=64)
+    p.add_argument("--zero", type=int, default=2, choices=(2, 3), help="the trainer's ZeRO stage")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     small = args.tiny or args.cpu
