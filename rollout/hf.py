@@ -4,7 +4,9 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
 
     actor = HFRolloutActor(cfg)
     batch = actor.generate(rows, n=4, seed=0)      # RolloutBatch, policy_version 0
-    actor.load_weights(trainer_state_dict, version=1)
+    actor.load_weights(trainer_state_dict, version=1)          # rollout.weight_sync=driver
+    actor.join_weight_sync(host, port, generation, rank, world, "gloo")   # rollout.weight_sync=direct
+    actor.receive_weights(version=2)                           # trainer rank 0 sends at the same time
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mopd.models import load_model, load_tokenizer, sequence_logprobs
 from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
+from mopd.weight_sync import WeightLink, receive_into
 from rollout.batching import encode_prompts, left_pad, pack_samples
 
 
@@ -36,6 +39,7 @@ class HFRolloutActor:
         self.model = load_model(cfg.student, seed=cfg.run.seed).eval()
         self._clean_generation_config()
         self._version = 0
+        self._link: WeightLink | None = None
 
     def _clean_generation_config(self) -> None:
         """Drop defaults a checkpoint may ship in generation_config.json (top_k, repetition penalty,
@@ -93,6 +97,23 @@ class HFRolloutActor:
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
+    def join_weight_sync(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:
+        """Join the weight-sync group as ``rank`` (blocks until every member has joined)."""
+        self._link = None  # a previous generation's group, if any
+        self._link = WeightLink(host, port, generation, rank, world, backend)
+
+    def receive_weights(self, version: int) -> int:
+        """Receive policy ``version`` from trainer rank 0 straight into the parameters (strict on
+        names and shapes); returns the version. A no-op when this replica already has it (a
+        restarted replica is given the weights through the driver)."""
+        if self._version == int(version):
+            return self._version
+        if self._link is None:
+            raise RuntimeError("receive_weights before join_weight_sync: this replica is in no weight-sync group")
+        receive_into(self._link, int(version), self.model.state_dict(keep_vars=True))
+        self._version = int(version)
+        return self._version
+
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights."""
         return sequence_logprobs(self.model, input_ids, attention_mask.bool())
@@ -105,6 +126,7 @@ class HFRolloutActor:
 
     def shutdown(self) -> None:
         self.model = None
+        self._link = None
 
 
 def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

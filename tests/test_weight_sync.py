@@ -1,0 +1,177 @@
+"""Weight sync without the driver (mopd/weight_sync.py): the bucket plan and its round trip (pure),
+a real gloo group between two processes that syncs an HF rollout actor, and (slow) the rollout pool
+syncing from the trainer pool over Ray in both modes.
+
+    OMP_NUM_THREADS=1 pytest tests/test_weight_sync.py           # add -m "not slow" to skip Ray
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+
+import pytest
+import torch
+
+from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
+from mopd.models import load_model, tiny_mimo_config
+from mopd.weight_sync import (
+    ALIGN,
+    Assembler,
+    SyncPlan,
+    TensorSpec,
+    WeightLink,
+    check_plan,
+    host_store,
+    pack_buckets,
+    plan_sync,
+    receive_into,
+    specs_of,
+)
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Several dtypes (bf16 among them), an empty tensor, a scalar, and one (``big``) larger than a
+    256-byte bucket."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 5, generator=g),
+        "b.bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "big": torch.randn(40, 9, generator=g),  # 1,440 bytes: spans six 256-byte buckets
+        "tail.bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16),
+    }
+
+
+def round_trip(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> tuple[SyncPlan, dict[str, torch.Tensor]]:
+    """Pack into buckets, serialise the plan, unpack: what a receiver would get."""
+    plan = plan_sync(specs_of(tensors), version=7, bucket_bytes=bucket_bytes)
+    plan = SyncPlan.from_json(plan.to_json())
+    sender_buf = torch.empty(bucket_bytes, dtype=torch.uint8)
+    receiver = Assembler(plan)
+    got = {}
+    for b in pack_buckets(plan, tensors.items(), sender_buf):
+        wire = sender_buf[: plan.sizes[b]].clone()  # what the broadcast delivers
+        for name, t in receiver.feed(b, wire):
+            got[name] = t.clone()
+    return plan, got
+
+
+@pytest.mark.parametrize("bucket_bytes", [256, 1 << 20])
+def test_bucket_round_trip_keeps_names_shapes_dtypes_and_values(bucket_bytes):
+    tensors = mixed_tensors()
+    plan, got = round_trip(tensors, bucket_bytes)
+    assert list(got) == list(tensors)  # every tensor, in order
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+    assert plan.version == 7
+    assert all(0 < size <= bucket_bytes for size in plan.sizes)
+    if bucket_bytes == 256:
+        big = next(i for i, s in enumerate(plan.specs) if s.name == "big")
+        assert sum(p.spec == big for bucket in plan.buckets for p in bucket) > 1  # split over buckets
+
+
+def test_plan_aligns_pieces_and_accounts_every_element():
+    plan = plan_sync(specs_of(mixed_tensors()), version=1, bucket_bytes=256)
+    for pieces, size in zip(plan.buckets, plan.sizes, strict=True):
+        for p in pieces:
+            assert p.offset % ALIGN == 0
+            assert p.offset + p.numel * plan.specs[p.spec].dtype.itemsize <= size
+    for i, spec in enumerate(plan.specs):
+        covered = sorted((p.start, p.numel) for b in plan.buckets for p in b if p.spec == i)
+        assert sum(n for _, n in covered) == spec.numel
+        assert all(a + n == b for (a, n), (b, _) in zip(covered, covered[1:], strict=False))
+
+
+def test_plan_rejects_tiny_buckets_and_packing_checks_order():
+    with pytest.raises(ValueError, match="bucket_bytes must be at least"):
+        plan_sync([TensorSpec("x", (4,), torch.float32)], 0, 8)
+    tensors = mixed_tensors()
+    plan = plan_sync(specs_of(tensors), 0, 1024)
+    swapped = list(reversed(list(tensors.items())))
+    with pytest.raises(ValueError, match="the plan expects 'a.weight'"):
+        list(pack_buckets(plan, swapped, torch.empty(1024, dtype=torch.uint8)))
+
+
+def test_check_plan_names_missing_unexpected_and_wrong_shapes():
+    plan = plan_sync([TensorSpec("a", (2, 3), torch.float32), TensorSpec("extra", (1,), torch.float32)], 3, 1024)
+    assert check_plan(plan, {"a": (2, 3), "extra": (1,)}) is None
+    msg = check_plan(plan, {"a": (3, 2), "b": (4,)})
+    assert msg is not None
+    assert "policy version 3" in msg and "missing b" in msg and "unexpected extra" in msg
+    assert "shape differs for a (2, 3) (model: (3, 2))" in msg
+
+
+# --------------------------------------------------------------------------- a real group
+
+
+def _tiny_cfg() -> MOPDConfig:
+    cfg = MOPDConfig()
+    cfg.student = ModelConfig(config=tiny_mimo_config(), tokenizer=BUILTIN_TOKENIZER)
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sender(port: int, bucket_bytes: int) -> None:
+    """Group rank 0 (trainer rank 0's role): hosts the store, sends a student of seed 11 as version 5."""
+    torch.set_num_threads(1)
+    store = host_store("127.0.0.1", port, timeout_s=60)
+    link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
+    weights = load_model(_tiny_cfg().student, seed=11).state_dict()
+    link.send(plan_sync(specs_of(weights), 5, bucket_bytes), weights.items())
+
+
+def test_two_processes_sync_an_hf_rollout_actor():
+    """A real gloo group of two processes: the receiver is an HFRolloutActor (group rank 1) that ends
+    with exactly the sender's weights (a byte copy) and the sender's policy version."""
+    from rollout.hf import HFRolloutActor
+
+    cfg = _tiny_cfg()
+    actor = HFRolloutActor(cfg)
+    expected = load_model(cfg.student, seed=11).state_dict()
+    assert any(not torch.equal(v, expected[k]) for k, v in actor.model.state_dict().items())
+    port, bucket_bytes = _free_port(), 4096  # small buckets: many broadcasts, tensors split
+    proc = mp.get_context("fork").Process(target=_sender, args=(port, bucket_bytes))
+    proc.start()
+    try:
+        actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
+        assert actor.receive_weights(5) == 5
+    finally:
+        proc.join(60)
+    assert proc.exitcode == 0
+    assert actor.version() == 5
+    for name, t in actor.model.state_dict().items():
+        assert torch.equal(t, expected[name]), name
+    actor.shutdown()
+
+
+def _wrong_sender(port: int) -> None:
+    store = host_store("127.0.0.1", port, timeout_s=60)
+    link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
+    weights = {"model.not_a_layer.weight": torch.ones(3, 3)}
+    link.send(plan_sync(specs_of(weights), 2, 1024), weights.items())
+
+
+def test_receiver_refuses_weights_of_another_model_without_hanging_the_sender():
+    """Strict like load_state_dict(strict=True): the message names what differs, and the receiver
+    still takes part in every broadcast, so rank 0 finishes instead of waiting for it."""
+    port = _free_port()
+    proc = mp.get_context("fork").Process(target=_wrong_sender, args=(port,))
+    proc.start()
+    try:
+        link = WeightLink("127.0.0.1", port, 0, 1, 2, "gloo", timeout_s=60)
+        model = torch.nn.Linear(3, 3)
+        with pytest.raises(ValueError, match=r"missing bias, weight; unexpected model.not_a_layer.weight"):
+            receive_into(link, 2, model.state_dict(keep_vars=True))
+    finally:
+        proc.join(60)
+    assert proc.exitcode == 0
