@@ -175,3 +175,37 @@ def test_receiver_refuses_weights_of_another_model_without_hanging_the_sender():
     finally:
         proc.join(60)
     assert proc.exitcode == 0
+
+
+def test_zero3_trainer_sends_gathered_weights_to_an_hf_actor():
+    """Trainer rank 0 under ZeRO-3 (parameters partitioned, gathered one at a time while sending)
+    and an HF rollout actor started from other weights, in one process (two gloo ranks, two
+    threads): afterwards the actor holds what the trainer's consolidated state dict holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mopd.runtime import free_port
+    from rollout.hf import HFRolloutActor
+    from trainers.deepspeed_trainer import TrainerWorker
+
+    cfg = _tiny_cfg()
+    cfg.trainer.zero_stage = 3
+    trainer = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
+    other = _tiny_cfg()
+    other.run.seed = 1  # the actor starts from different weights
+    actor = HFRolloutActor(other)
+    port = _free_port()
+    trainer.host_weight_sync("127.0.0.1", port)
+    with ThreadPoolExecutor(1) as ex:
+        joined = ex.submit(trainer.join_weight_sync, "127.0.0.1", port, 0, 2, "gloo")
+        actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
+        joined.result()
+        sent = ex.submit(trainer.send_weights, 3, 2048)
+        assert actor.receive_weights(3) == 3
+        assert sent.result() > 0
+    expected = trainer.state_dict()
+    assert expected is not None
+    got = actor.model.state_dict()
+    assert set(got) == set(expected)
+    for name, t in got.items():
+        assert torch.equal(t, expected[name]), name
+    assert actor.version() == 3

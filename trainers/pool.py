@@ -5,7 +5,8 @@ the loop calls plain methods:
 
     pool = TrainerPool(cfg)
     metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
-    weights = pool.state_dict()              # full state dict of rank 0
+    weights = pool.state_dict()              # full state dict of rank 0 (rollout.weight_sync=driver)
+    pool.send_weights(version, bucket_bytes) # rank 0 broadcasts to the rollout (=direct; see RolloutPool)
     pool.shutdown()
 
 Ranks are not restarted: their DeepSpeed state and process group cannot be rebuilt mid-run. A rank
@@ -15,6 +16,7 @@ collective; the run then stops and continues with ``--resume``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import ray
@@ -70,6 +72,10 @@ class TrainerPool:
             )
         # Rank i in bundle i; not restarted (max_restarts=0): a dead rank raises ActorFailedError.
         self._actors = ActorGroup("trainer", placement_group=pg)  # removes the placement group on shutdown
+        # One call on the ranks at a time: the rollout pool may ask for the weights (a restarted
+        # replica) from another thread, and ranks must see collectives in the same order.
+        self._lock = threading.Lock()
+        self._sync_address: tuple[str, int] | None = None
         try:
             addr, port = _rendezvous(pg)
             # Threads per reserved CPU, DeepSpeed's CPU accelerator without a GPU, then ray.env.
@@ -87,7 +93,8 @@ class TrainerPool:
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank (the same arguments) and return all results, rank order."""
-        return self._actors.call_all(method, *args)
+        with self._lock:
+            return self._actors.call_all(method, *args)
 
     # ------------------------------------------------------------------ forwarded calls
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -99,6 +106,21 @@ class TrainerPool:
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._all("logprobs", ray.put(input_ids), ray.put(attention_mask))[0]
+
+    def host_weight_sync(self) -> tuple[str, int]:
+        """Rank 0 hosts the weight-sync group's store (once); its address."""
+        if self._sync_address is None:
+            self._sync_address = _rendezvous(self._actors.placement_group)
+            self._all("host_weight_sync", *self._sync_address)
+        return self._sync_address
+
+    def join_weight_sync(self, generation: int, world: int, backend: str) -> None:
+        """Rank 0 joins the group's ``generation`` (blocks until the rollout replicas join too)."""
+        self._all("join_weight_sync", *self.host_weight_sync(), generation, world, backend)
+
+    def send_weights(self, version: int, bucket_bytes: int) -> int:
+        """Rank 0 broadcasts the weights to the rollout replicas (ZeRO-3 gathers on every rank)."""
+        return self._all("send_weights", version, bucket_bytes)[0]
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
         self._all("save_checkpoint", path, client_state)
