@@ -104,13 +104,17 @@ class HFRolloutActor:
 
     def receive_weights(self, version: int) -> int:
         """Receive policy ``version`` from trainer rank 0 straight into the parameters (strict on
-        names and shapes); returns the version. A no-op when this replica already has it (a
-        restarted replica is given the weights through the driver)."""
-        if self._version == int(version):
-            return self._version
+        names and shapes); returns the version. Outside a group (a restarted replica, which the
+        pool gave the weights through the driver) a no-op if it already has that version."""
         if self._link is None:
+            if self._version == int(version):
+                return self._version
             raise RuntimeError("receive_weights before join_weight_sync: this replica is in no weight-sync group")
-        receive_into(self._link, int(version), self.model.state_dict(keep_vars=True))
+        try:
+            receive_into(self._link, int(version), self.model.state_dict(keep_vars=True))
+        except BaseException:
+            self._link = None  # a broken group: closing it frees the other members' waits
+            raise
         self._version = int(version)
         return self._version
 

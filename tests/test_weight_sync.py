@@ -209,3 +209,69 @@ def test_zero3_trainer_sends_gathered_weights_to_an_hf_actor():
     for name, t in got.items():
         assert torch.equal(t, expected[name]), name
     assert actor.version() == 3
+
+
+# --------------------------------------------------------------------------- through the pools (Ray)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, namespace="test-weight-sync")
+    yield ray
+    ray.shutdown()
+
+
+def _pool_cfgs(mode: str) -> tuple[MOPDConfig, MOPDConfig]:
+    """(trainer's, rollout's) configs of one tiny run whose trainer starts from other weights than
+    the rollout (run.seed 1 vs 0), so a sync that does nothing is seen; two rollout replicas."""
+    rollout = _tiny_cfg()
+    rollout.rollout.replicas = 2
+    rollout.rollout.max_new_tokens = 8
+    rollout.rollout.weight_sync = mode
+    rollout.rollout.weight_sync_bucket_mb = 1
+    trainer = _tiny_cfg()
+    trainer.run.seed = 1
+    return trainer, rollout
+
+
+def _assert_rollout_matches_trainer(rollout_pool, trainer_pool, version: int) -> None:
+    """Both replicas sample from the trainer's weights: the log-probs they record for their samples
+    (fp32, one model, other kernels) agree with the trainer's to 1e-4."""
+    from mopd.types import PromptRow
+
+    rows = [PromptRow(prompt=f"{i} + {i} =", domain="math", index=i) for i in range(4)]
+    batch = rollout_pool.generate(rows, n=1, seed=0, greedy=True)
+    assert batch.policy_version == version and rollout_pool.versions() == [version, version]
+    ref = trainer_pool.logprobs(batch.input_ids, batch.attention_mask)
+    m = batch.response_mask
+    torch.testing.assert_close(batch.rollout_logprobs[m], ref[m], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_pools_sync_directly_a_restarted_replica_rejoins_and_the_driver_path_still_works(ray_cluster):
+    """rollout.weight_sync=direct through the pools: trainer rank 0 broadcasts to two replicas. A
+    replica killed between syncs is given the weights through the driver when it is noticed, and
+    the next sync forms the group again with it. Then rollout.weight_sync=driver (the older path)."""
+    from rollout.pool import RolloutPool
+    from trainers import TrainerPool
+
+    trainer_cfg, rollout_cfg = _pool_cfgs("direct")
+    trainer, rollout = TrainerPool(trainer_cfg), RolloutPool(rollout_cfg)
+    try:
+        rollout.sync_from(trainer, 1)
+        assert rollout._generation == 1 and rollout._weights is None  # no copy kept in the object store
+        _assert_rollout_matches_trainer(rollout, trainer, 1)
+        ray_cluster.kill(rollout._actors[1], no_restart=False)
+        _assert_rollout_matches_trainer(rollout, trainer, 1)  # noticed by generate, resynced
+        assert rollout.restarts == 1
+        rollout.sync_from(trainer, 2)
+        assert rollout._generation == 2 and rollout.versions() == [2, 2]
+
+        rollout.cfg.rollout.weight_sync = "driver"
+        rollout.sync_from(trainer, 3)
+        assert rollout._generation == 2 and rollout._weights is not None
+        _assert_rollout_matches_trainer(rollout, trainer, 3)
+    finally:
+        rollout.shutdown()
+        trainer.shutdown()

@@ -533,7 +533,11 @@ class TrainerWorker:
             raise RuntimeError("send_weights before join_weight_sync: trainer rank 0 is in no weight-sync group")
         device = self._sync_link.device
         plan = plan_sync(self._weight_specs(), version, bucket_bytes)
-        return self._sync_link.send(plan, ((k, v.to(device)) for k, v in tensors))
+        try:
+            return self._sync_link.send(plan, ((k, v.to(device)) for k, v in tensors))
+        except BaseException:
+            self._sync_link = None  # a broken group (a replica died?): closing it frees the others' waits
+            raise
 
     def _sync_dtype(self, t: torch.Tensor) -> torch.dtype:
         return DTYPES[self.cfg.student.dtype] if t.is_floating_point() else t.dtype
