@@ -24,9 +24,10 @@ from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
 from mopd.weight_sync import WeightLink, receive_into
 from rollout.batching import encode_prompts, left_pad, pack_samples
+from rollout.sync_member import SyncGroupMember
 
 
-class HFRolloutActor:
+class HFRolloutActor(SyncGroupMember):
     """Samples from the student with ``model.generate``; records the log-prob of each sampled token
     under the distribution it was drawn from (temperature and top-p applied)."""
 
@@ -39,7 +40,6 @@ class HFRolloutActor:
         self.model = load_model(cfg.student, seed=cfg.run.seed).eval()
         self._clean_generation_config()
         self._version = 0
-        self._link: WeightLink | None = None
 
     def _clean_generation_config(self) -> None:
         """Drop defaults a checkpoint may ship in generation_config.json (top_k, repetition penalty,
@@ -97,26 +97,9 @@ class HFRolloutActor:
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
-    def join_weight_sync(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:
-        """Join the weight-sync group as ``rank`` (blocks until every member has joined)."""
-        self._link = None  # a previous generation's group, if any
-        self._link = WeightLink(host, port, generation, rank, world, backend)
-
-    def receive_weights(self, version: int) -> int:
-        """Receive policy ``version`` from trainer rank 0 straight into the parameters (strict on
-        names and shapes); returns the version. Outside a group (a restarted replica, which the
-        pool gave the weights through the driver) a no-op if it already has that version."""
-        if self._link is None:
-            if self._version == int(version):
-                return self._version
-            raise RuntimeError("receive_weights before join_weight_sync: this replica is in no weight-sync group")
-        try:
-            receive_into(self._link, int(version), self.model.state_dict(keep_vars=True))
-        except BaseException:
-            self._link = None  # a broken group: closing it frees the other members' waits
-            raise
-        self._version = int(version)
-        return self._version
+    def _receive(self, link: WeightLink, version: int) -> None:
+        """Straight into the parameters, strict on names and shapes (rollout.weight_sync=direct)."""
+        receive_into(link, version, self.model.state_dict(keep_vars=True))
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights."""
@@ -130,7 +113,7 @@ class HFRolloutActor:
 
     def shutdown(self) -> None:
         self.model = None
-        self._link = None
+        self.leave_weight_sync()
 
 
 def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

