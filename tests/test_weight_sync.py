@@ -275,3 +275,49 @@ def test_pools_sync_directly_a_restarted_replica_rejoins_and_the_driver_path_sti
     finally:
         rollout.shutdown()
         trainer.shutdown()
+
+
+class RecordingVLLMModel:
+    """Stands in for a vLLM model: ``load_weights`` keeps what it is given (vLLM's loaders copy each
+    tensor into their parameters; this one keeps them all, to check names and values)."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, torch.Tensor] = {}
+
+    def load_weights(self, weights):
+        for name, tensor in weights:
+            self.loaded[name] = tensor
+
+
+def test_vllm_worker_extension_loads_the_broadcast_in_place_under_checkpoint_names():
+    """The GPU path of rollout/vllm_ext.py, run on CPU with gloo and a stand-in model (vLLM on CPU
+    cannot load in place): the worker joins as rank 1 and passes trainer rank 0's tensors to the
+    model's load_weights, renamed to checkpoint names (fused MoE experts split per expert) exactly
+    as the safetensors export does."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from rollout.vllm import _meta_copy, export_checkpoint
+    from rollout.vllm_ext import MOPDWorkerExtension
+
+    model = load_model(_tiny_cfg().student, seed=3)
+    weights = model.state_dict()
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model=RecordingVLLMModel()))
+    port = _free_port()
+    store = host_store("127.0.0.1", port, timeout_s=60)
+
+    def trainer_rank0() -> int:
+        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
+        return link.send(plan_sync(specs_of(weights), 6, 1 << 12), weights.items())
+
+    with ThreadPoolExecutor(1) as ex:
+        sent = ex.submit(trainer_rank0)
+        config = model.config.to_dict()
+        MOPDWorkerExtension.mopd_join_weight_sync(worker, "127.0.0.1", port, 0, 1, 2, "gloo", config)
+        received = MOPDWorkerExtension.mopd_receive_weights(worker, 6)
+        assert received == sent.result() > 0
+    _, expected = export_checkpoint(weights, _meta_copy(model, False), pad_v=False)
+    loaded = worker.model_runner.model.loaded
+    assert set(loaded) == set(expected) and any(".experts.0." in k for k in loaded)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
