@@ -141,6 +141,7 @@ class RolloutPool:
             self.sync_weights(trainer.state_dict(), version)
             return
         self._source, self._version = trainer, int(version)
+        self._weights = None  # a copy from the driver path would be stale: _resync asks the trainer
         try:
             if not self._joined:
                 self._join(trainer)
