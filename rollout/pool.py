@@ -150,7 +150,8 @@ class RolloutPool:
             raise
         except Exception as e:  # a broken group: this version through the driver, a new group next time
             self._joined = False
-            log.warning("direct weight sync of version %d failed (%s); sending it through the driver", version, e)
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # Ray: a traceback
+            log.warning("direct weight sync of version %d failed (%s); sending it through the driver", version, why)
             self.sync_weights(trainer.state_dict(), version)
             self._weights = None  # direct mode keeps no copy in the object store
 

@@ -321,3 +321,32 @@ def test_vllm_worker_extension_loads_the_broadcast_in_place_under_checkpoint_nam
     assert set(loaded) == set(expected) and any(".experts.0." in k for k in loaded)
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_replica_killed_during_a_direct_sync_gets_the_weights_through_the_driver(ray_cluster, caplog):
+    """A replica dies while trainer rank 0 broadcasts (its receive queued behind a busy call, then
+    killed): the group breaks (gloo: connection closed), Ray restarts the replica, the sync of that
+    version goes through the driver instead, and the next sync forms the group again."""
+    import threading
+    import time
+
+    from rollout.pool import RolloutPool
+    from trainers import TrainerPool
+
+    trainer_cfg, rollout_cfg = _pool_cfgs("direct")
+    trainer, rollout = TrainerPool(trainer_cfg), RolloutPool(rollout_cfg)
+    try:
+        rollout.sync_from(trainer, 1)
+        victim = rollout._actors[1]
+        victim.__ray_call__.remote(lambda self: time.sleep(60))
+        threading.Timer(0.5, lambda: ray_cluster.kill(victim, no_restart=False)).start()
+        rollout.sync_from(trainer, 2)
+        assert "direct weight sync of version 2 failed" in caplog.text and rollout.restarts == 1
+        _assert_rollout_matches_trainer(rollout, trainer, 2)
+        rollout.sync_from(trainer, 3)
+        assert rollout._generation == 2 and rollout._joined
+        _assert_rollout_matches_trainer(rollout, trainer, 3)
+    finally:
+        rollout.shutdown()
+        trainer.shutdown()
