@@ -38,6 +38,7 @@ OnBadRow = Literal["reject", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
 ZeroStage = Literal[0, 1, 2, 3]
 Layout = Literal["disaggregated", "colocated"]
+WeightSync = Literal["direct", "driver"]  # rollout.weight_sync
 BACKENDS: tuple[str, ...] = get_args(Backend)
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
@@ -135,6 +136,13 @@ class RolloutConfig:
     # checkpoint, so a resumed run still matches an uninterrupted one. Pays off when the rollout
     # and the trainer have cores of their own (docs/benchmarks.md).
     overlap: bool = False
+    # How the trainer's weights reach the replicas after each update (mopd/weight_sync.py).
+    # direct: trainer rank 0 broadcasts them over a torch.distributed group of its own with the
+    # replicas (gloo on CPU, NCCL when trainer and rollout both have GPUs), in buckets of at most
+    # weight_sync_bucket_mb; the driver holds no tensor. driver: rank 0's state dict goes through
+    # the driver and Ray's object store (the older path, kept for comparison).
+    weight_sync: WeightSync = "direct"
+    weight_sync_bucket_mb: int = 128
 
 
 @dataclass
@@ -414,6 +422,7 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
         "rollout.replicas": cfg.rollout.replicas,
         "rollout.temperature": cfg.rollout.temperature,
         "rollout.max_model_len": cfg.rollout.max_model_len,
+        "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb,
         "trainer.world_size": cfg.trainer.world_size,
         "trainer.lr": cfg.trainer.lr,
         "trainer.micro_batch_size": cfg.trainer.micro_batch_size,

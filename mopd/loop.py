@@ -45,7 +45,7 @@ class NonFiniteError(RuntimeError):
 
 class Rollout(Protocol):
     def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch: ...
-    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+    def sync_from(self, trainer: Any, version: int) -> None: ...  # the trainer's weights, stamped version
     # placement.layout=colocated only: free the shared devices for the trainer / take them back.
     def sleep(self) -> None: ...
     def wake(self) -> None: ...
@@ -172,7 +172,7 @@ class MOPDLoop:
         if not skipped:
             self.policy_version += 1
             with timer("sync"):
-                self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
+                self.rollout.sync_from(self.trainer, self.policy_version)
         self.step += 1
         out = {**metrics, **teacher_metrics, **verify_metrics, **rollout_metrics(batch), **timer.metrics()}
         out.update(self._fault_metrics())
@@ -294,7 +294,7 @@ class MOPDLoop:
         random.setstate(rng_state_from_json(state["rng"]["python"]))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         # The rollout engines started from the initial weights: give them the restored ones.
-        self.rollout.sync_weights(self.trainer.state_dict(), self.policy_version)
+        self.rollout.sync_from(self.trainer, self.policy_version)
         log.info("resumed from %s at step %d (policy version %d)", path, self.step, self.policy_version)
 
 

@@ -5,8 +5,10 @@ A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use
 
     actor = HFRolloutActor(cfg)
     batch = actor.generate(rows, n=4, seed=0)      # RolloutBatch, policy_version 0
-    actor.load_weights(trainer_state_dict, version=1)
-    actor.sleep(); actor.wake()                    # placement.layout=colocated (rollout/turns.py)
+    actor.load_weights(trainer_state_dict, version=1)          # rollout.weight_sync=driver
+    actor.join_weight_sync(host, port, generation, rank, world, "gloo")   # rollout.weight_sync=direct
+    actor.receive_weights(version=2)                           # trainer rank 0 sends at the same time
+    actor.sleep(); actor.wake()                                # placement.layout=colocated (rollout/turns.py)
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from mopd.models import load_model, load_tokenizer, sequence_logprobs
 from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
+from mopd.weight_sync import receive_into
 from rollout.batching import encode_prompts, left_pad, pack_samples
+from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
 
-class HFRolloutActor(TakesTurns):
+class HFRolloutActor(TakesTurns, SyncGroupMember):
     """Samples from the student with ``model.generate``; records the log-prob of each sampled token
     under the distribution it was drawn from (temperature and top-p applied). The model lives on
     the worker's device; inputs and results cross the actor boundary on the CPU. Asleep, a model on
@@ -106,6 +110,12 @@ class HFRolloutActor(TakesTurns):
         self.model.load_state_dict(state_dict, strict=True)
         self._version = int(version)
 
+    def _receive(self, version: int) -> None:
+        """Straight into the parameters, strict on names and shapes (rollout.weight_sync=direct)."""
+        self._check_awake("receive_weights")
+        assert self._link is not None
+        receive_into(self._link, version, self.model.state_dict(keep_vars=True))
+
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 under the current weights, on CPU."""
         self._check_awake("logprobs")
@@ -130,6 +140,7 @@ class HFRolloutActor(TakesTurns):
 
     def shutdown(self) -> None:
         self.model = None
+        self.leave_weight_sync()
 
 
 def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

