@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# GPU check (figures go to docs/benchmarks.md): a few in-process MOPD steps on one CUDA device with a
-# ~345M-parameter MiMoV2Flash student; prints tokens/s per phase and MFU (scripts/gpu_check.py).
+# GPU check (figures go to docs/benchmarks.md), three parts on one CUDA device:
+#   1. a few in-process MOPD steps with a ~345M-parameter MiMoV2Flash student through the product's
+#      workers on the device (HF rollout, HF teacher, DeepSpeed trainer under ZeRO-3, bf16): tokens/s
+#      per phase and MFU (scripts/gpu_check.py; extra arguments go to it);
+#   2. the direct weight sync between two processes on that device: trainer rank 0 (ZeRO-3) sends,
+#      an HF rollout worker receives (scripts/gpu_sync_check.py; NCCL, expected to be refused with
+#      two ranks on one GPU, then gloo, what a colocated run uses);
+#   3. `mopd plan`'s trainer-memory estimate against the peak CUDA memory of real training steps
+#      (scripts/plan_gpu_check.py; GPU only).
 #
 # The device machine has CUDA torch and transformers but no internet, no Ray, no vLLM, no pydantic
 # (which DeepSpeed imports), and only what is carried to it (64 MiB). So, on this machine first:
@@ -10,8 +17,8 @@
 #                                         # compiled core, and .venv's transformers) into
 #                                         # .gpu_deps/wheels (~30 MB in all, git-ignored)
 # then on the device (the run tool, carry: [".gpu_deps"], timeout_s 540):
-#   bash scripts/gpu_check.sh             # about 2-4 minutes; extra arguments go to gpu_check.py
-# and on a CPU, the same code path on a tiny student:
+#   bash scripts/gpu_check.sh             # about 4-6 minutes
+# and on a CPU, parts 1 and 2 through the same code on a tiny student (gloo only):
 #   bash scripts/gpu_check.sh --cpu --tiny
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,4 +62,27 @@ if missing:
 import torch, transformers
 print(f"torch {torch.__version__} (cuda {torch.version.cuda}), transformers {transformers.__version__}", flush=True)
 EOF
-exec "$py" scripts/gpu_check.py --json "${OUT:-runs/gpu_check}/gpu_check.json" "$@"
+out=${OUT:-runs/gpu_check}
+cpu=0
+[[ " $* " == *" --cpu "* ]] && cpu=1
+echo "=== 1/3 MOPD steps on the device (ZeRO-3 unless --zero 2)"
+"$py" scripts/gpu_check.py --zero 3 --json "$out/gpu_check.json" "$@"
+echo "=== 2/3 direct weight sync, two processes on one device"
+if ((cpu)); then
+    "$py" scripts/gpu_sync_check.py --cpu --tiny --backends gloo --json "$out/gpu_sync_check.json"
+else
+    # A refused NCCL group should fail at once; the cap keeps a hang from eating the device time.
+    timeout 120 "$py" scripts/gpu_sync_check.py --backends nccl --timeout 60 --json "$out/gpu_sync_nccl.json" ||
+        echo "nccl attempt: exit status $?"
+    "$py" scripts/gpu_sync_check.py --backends gloo --json "$out/gpu_sync_check.json"
+fi
+if ((cpu)); then
+    echo "=== 3/3 plan vs measured memory: GPU only, skipped"
+else
+    echo "=== 3/3 mopd plan's trainer estimate vs peak CUDA memory of a real step"
+    # Cases zero,bf16,checkpointing,micro-batch,tokens (plan_gpu_check.py has two more).
+    for case in 2,1,0,4,1024 3,1,0,4,1024; do
+        timeout 150 "$py" scripts/plan_gpu_check.py "$case" | grep '^RESULT' | tee -a "$out/plan_gpu_check.jsonl" ||
+            echo "plan case $case: exit status $?"
+    done
+fi

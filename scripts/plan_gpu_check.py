@@ -1,7 +1,7 @@
 """GPU check of `mopd plan`'s trainer estimate: the peak CUDA memory of a real TrainerWorker step
 (one rank, a ~340M-parameter MiMoV2Flash student) against the plan's figure for the same recipe.
 
-    bash scripts/plan_gpu_check.sh            # on the device machine (see scripts/gpu_check.sh)
+    bash scripts/gpu_check.sh                 # on the device machine: part 3 of the GPU check
     python scripts/plan_gpu_check.py CASE     # one case in this process: zero,bf16,checkpointing,batch,tokens
 """
 
