@@ -65,6 +65,10 @@ EOF
 out=${OUT:-runs/gpu_check}
 cpu=0
 [[ " $* " == *" --cpu "* ]] && cpu=1
+if ((!cpu)) && "$py" -c "import pytest" 2>/dev/null; then
+    echo "=== 0/3 the device tests (tests/test_devices.py: GPU workers return the CPU workers' results)"
+    "$py" -m pytest -q -p no:cacheprovider tests/test_devices.py || echo "device tests: exit status $?"
+fi
 echo "=== 1/3 MOPD steps on the device (ZeRO-3 unless --zero 2)"
 "$py" scripts/gpu_check.py --zero 3 --json "$out/gpu_check.json" "$@"
 echo "=== 2/3 direct weight sync, two processes on one device"
