@@ -151,7 +151,7 @@ def stopped_run(tmp_path_factory):
     data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in good + BAD_ROWS))
 
     class LocalRollout(RolloutPool):
-        def __init__(self, cfg):
+        def __init__(self, cfg, placement=None):
             super().__init__(cfg, local=True)
 
         def sync_weights(self, state_dict, version):
@@ -164,6 +164,10 @@ def stopped_run(tmp_path_factory):
     class Trainer(RankDiesAt):
         def shutdown(self):
             shut.append("trainer")
+
+    class NoPlacement:  # the pools above are in-process: no Ray placement group to reserve
+        def shutdown(self):
+            shut.append("placement")
 
     class LocalTeachers(TeacherPool):
         def __init__(self, cfg_teachers, seed, *args, **kwargs):
@@ -179,9 +183,10 @@ def stopped_run(tmp_path_factory):
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mopd.app.run, "init_ray", lambda cfg: None)
+        mp.setattr(mopd.app.run.RunPlacement, "create", classmethod(lambda cls, cfg: NoPlacement()))
         mp.setattr(rollout, "RolloutPool", LocalRollout)
         mp.setattr(teachers, "TeacherPool", LocalTeachers)
-        mp.setattr(trainers, "TrainerPool", lambda cfg: Trainer(step=3))
+        mp.setattr(trainers, "TrainerPool", lambda cfg, placement: Trainer(step=3))
         err = io.StringIO()
         with redirect_stderr(err):
             status = main(argv)
@@ -195,7 +200,7 @@ def test_dead_trainer_rank_stops_the_run_and_names_the_resume_command(stopped_ru
     assert status == 1
     assert "trainer rank 1 died during train_step" in err and "checkpoint step 2" in err
     assert "to continue: mopd train " + " ".join(shlex.quote(a) for a in argv[1:]) + " --resume" in err
-    assert shut == ["rollout", "trainer", "teachers"]
+    assert shut == ["rollout", "trainer", "teachers", "placement"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
 
 
