@@ -145,6 +145,7 @@ def run(args) -> dict:
     from mopd.types import TrainBatch
 
     sync = (lambda: None) if args.cpu else torch.cuda.synchronize
+    allocated = (lambda: 0) if args.cpu else torch.cuda.memory_allocated
     cfg = make_cfg(args)
     t0 = time.perf_counter()
     trainer = trainer_worker(cfg)
@@ -166,7 +167,14 @@ def run(args) -> dict:
         if step == 0:
             r3 = replay_effect(trainer, batch)
         scores, t_teach = timed(sync, teacher.score, batch.input_ids, batch.attention_mask, batch.response_mask)
+        turns = {}
+        if args.colocated:  # as the loop takes turns: the rollout frees the device while the trainer steps
+            held = allocated()
+            _, turns["sleep_s"] = timed(sync, actor.sleep)
+            turns["sleep_freed_gb"] = (held - allocated()) / 1e9
         metrics, t_train = timed(sync, lambda b, lp: trainer.train_step(TrainBatch(b, lp)), batch, scores.logprobs)
+        if args.colocated:
+            _, turns["wake_s"] = timed(sync, actor.wake)
         _, t_sync = timed(sync, lambda: actor.load_weights(trainer.state_dict(), trainer.get_version()))
         real, resp = int(batch.attention_mask.sum()), int(batch.response_mask.sum())
         s = dict(
@@ -176,7 +184,7 @@ def run(args) -> dict:
             train_mfu=6 * n_active * real / t_train / PEAK_BF16_FLOPS,
             teacher_mfu=2 * n_active * real / t_teach / PEAK_BF16_FLOPS,
             loss=metrics["train/loss"], is_masked=metrics["train/is_masked_frac"],
-            abs_diff=metrics["train/train_rollout_abs_diff"],
+            abs_diff=metrics["train/train_rollout_abs_diff"], **turns,
         )  # fmt: skip
         steps.append(s)
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in s.items()}), flush=True)
@@ -204,6 +212,14 @@ def summary(res: dict, cpu: bool) -> str:
         f"  teacher  {m['teacher_tok_s']:10.0f} tok/s           ({m['teacher_s']:.2f} s)  MFU {mfu(m['teacher_mfu'])}",
         f"  train    {m['train_tok_s']:10.0f} tok/s           ({m['train_s']:.2f} s)  MFU {mfu(m['train_mfu'])}",
         f"  sync     {m['sync_s']:.2f} s",
+        *(
+            [
+                f"  colocated turns: sleep {m['sleep_s']:.3f} s (frees {m['sleep_freed_gb']:.2f} GB), "
+                f"wake {m['wake_s']:.3f} s"
+            ]
+            if "sleep_s" in m
+            else []
+        ),
         "routing replay on step 0's batch (trainer vs rollout log-probs): "
         + ", ".join(f"{k} {v:.4g}" for k, v in res["r3"].items()),
     ]
@@ -221,6 +237,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--teacher-batch", type=int, default=64)
     p.add_argument("--zero", type=int, default=2, choices=(2, 3), help="the trainer's ZeRO stage")
+    p.add_argument("--colocated", action="store_true", help="the rollout sleeps while the trainer steps")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     small = args.tiny or args.cpu
