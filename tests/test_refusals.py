@@ -131,14 +131,16 @@ def test_missing_student_path(command, tmp_path, capsys):
 
 
 @BOTH
-def test_student_directory_that_is_not_a_model(command, tmp_path, capsys):
-    """The directory exists but holds no config.json: refused naming student.path (it used to pass
-    `mopd validate` and raise an OSError traceback from transformers in `mopd train`)."""
-    empty = tmp_path / "student"
+@pytest.mark.parametrize("key", ["student", "teachers.code"])
+def test_model_directory_that_is_not_a_model(command, key, tmp_path, capsys):
+    """The directory exists but holds no config.json: refused naming ``<key>.path`` (it used to pass
+    `mopd validate`; `mopd train` raised an OSError traceback from transformers for the student and
+    left a teacher to fail in its actor)."""
+    empty = tmp_path / "model"
     empty.mkdir()
-    line = refused(capsys, command, *tiny(tmp_path, "student.config=null", f"student.path={empty}"))
-    assert line.startswith("mopd: error: student: cannot read its tokenizer or model config")
-    assert "set student.path to a Hugging Face model directory" in line
+    line = refused(capsys, command, *tiny(tmp_path, f"{key}.config=null", f"{key}.path={empty}"))
+    assert line.startswith(f"mopd: error: {key}: cannot read its tokenizer or model config")
+    assert f"set {key}.path to a Hugging Face model directory" in line
 
 
 @BOTH

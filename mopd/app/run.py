@@ -217,6 +217,11 @@ def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
     return [r for d in sorted(per_domain) for r in per_domain[d]]
 
 
+def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
+    """The student's tokenizer/vocabulary signature, which every teacher must match."""
+    return _readable_signature(cfg.student, "student")
+
+
 def model_signature(model: ModelConfig) -> dict[str, Any]:
     """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
     from transformers import AutoConfig
@@ -229,11 +234,6 @@ def model_signature(model: ModelConfig) -> dict[str, Any]:
     else:
         raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
     return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
-
-
-def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
-    """The student's tokenizer/vocabulary signature, which every teacher must match."""
-    return _readable_signature(cfg.student, "student")
 
 
 def _readable_signature(model: ModelConfig, key: str) -> dict[str, Any]:
