@@ -200,6 +200,12 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_pa
     assert main(["validate", *tiny(tmp_path), "--resume"]) == 0, capsys.readouterr().err
 
 
+def test_export_of_a_missing_checkpoint(tmp_path, capsys):
+    line = refused(capsys, "export", str(tmp_path / "checkpoints"), str(tmp_path / "out"))
+    assert f"no complete checkpoint at {tmp_path / 'checkpoints'}" in line
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------- one check
 
 

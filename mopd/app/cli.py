@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from mopd.checkpoint import export_checkpoint
 
-            path = export_checkpoint(args.checkpoint, args.out_dir)
+            try:
+                path = export_checkpoint(args.checkpoint, args.out_dir)
+            except FileNotFoundError as e:  # a mistyped checkpoint path: the user's to fix, not a bug
+                raise ConfigError(f"{e}; pass a checkpoint directory or a run's checkpoints/") from None
             print(f"exported {path}")
             return 0
         if args.command == "quickstart":
