@@ -186,6 +186,20 @@ def test_resume_with_other_data(command, tmp_path, capsys):
 
 
 @BOTH
+def test_resume_with_another_student(command, tmp_path, capsys):
+    """A checkpoint of a student of another shape: refused before Ray, not when DeepSpeed loads it."""
+    from mopd.models import load_model
+
+    checkpoint = write_checkpoint(tmp_path)
+    load_model(load_config(TINY).student).config.save_pretrained(checkpoint / "hf")  # as the trainer's save_hf
+    assert main(["validate", *tiny(tmp_path), "--resume"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    line = refused(capsys, command, *tiny(tmp_path, "student.config.hidden_size=32"), "--resume")
+    assert "--resume: the student differs from checkpoint" in line and "hidden_size: 32 vs 64" in line
+    assert "student.path or student.config" in line
+
+
+@BOTH
 def test_resume_with_nothing_to_resume(command, tmp_path, capsys):
     """No checkpoint and no earlier run in run.output_dir (a mistyped run.name, say)."""
     line = refused(capsys, command, *tiny(tmp_path), "--resume")

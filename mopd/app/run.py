@@ -13,6 +13,7 @@ that cannot go on raises ``RunStoppedError`` naming the ``--resume`` command.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -109,16 +110,17 @@ class Preflight:
 def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Preflight:
     """Every check ``mopd train`` runs before Ray, and all that ``mopd validate`` runs after the
     recipe's own (``mopd.config.validate``): every data source read and checked, the eval prompts,
-    the checkpoint to resume against the recipe (teacher set, data sources and seed), every
+    the checkpoint to resume against the recipe (teacher set, data sources and seed, student), every
     teacher's vocabulary against the student's (tokenizers and configs only, no weights). Writes
     nothing. Raises ``ConfigError`` (or a subclass) naming what to change."""
     mixer, data_stats = build_mixer(cfg)
     eval_rows = build_eval_rows(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    if latest is not None:
-        _check_data_cursor(mixer, latest)
     signature = student_signature(cfg)
     check_teacher_vocabularies(cfg, signature)
+    if latest is not None:
+        _check_data_cursor(mixer, latest)
+        _check_student(cfg, latest)
     return Preflight(mixer, data_stats, eval_rows, latest, signature)
 
 
@@ -191,6 +193,38 @@ def _check_data_cursor(mixer: PromptMixer, latest: Path) -> None:
         ) from None
 
 
+# The student settings that shape its weights and optimizer state: a checkpoint of another fits no more.
+STUDENT_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+
+
+def _check_student(cfg: MOPDConfig, latest: Path) -> None:
+    """The checkpoint was trained from a student of the recipe's shape (its ``hf/config.json``
+    against the recipe's student; paths may differ), else loading it would fail after every actor
+    started."""
+    saved_json = latest / "hf" / "config.json"
+    if not saved_json.is_file():
+        return
+    saved, current = json.loads(saved_json.read_text()), model_config(cfg.student).to_dict()
+    diffs = [
+        f"{k}: {current[k]!r} vs {saved[k]!r}"
+        for k in STUDENT_SHAPE_KEYS
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+    if diffs:
+        raise ConfigMismatchError(
+            f"--resume: the student differs from checkpoint {latest}'s (recipe vs checkpoint: {'; '.join(diffs)}); "
+            "resume with the student the checkpoint was trained from (student.path or student.config)"
+        )
+
+
 def build_mixer(cfg: MOPDConfig) -> tuple[PromptMixer, dict[str, int]]:
     """Load every data source and mix them by weight; returns (mixer, data stats)."""
     sources, stats = load_sources(cfg.data, cfg.run.seed, set(cfg.teachers))
@@ -224,16 +258,19 @@ def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
 
 def model_signature(model: ModelConfig) -> dict[str, Any]:
     """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
+    return tokenizer_signature(load_tokenizer(model), config_vocab_size(model_config(model)))
+
+
+def model_config(model: ModelConfig) -> Any:
+    """A model entry's transformers config (its inline ``config``, or ``path``'s config.json)."""
     from transformers import AutoConfig
 
     if model.config is not None:
         extra = dict(model.config)
-        config = AutoConfig.for_model(extra.pop("model_type"), **extra)
-    elif model.path is not None:
-        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    else:
-        raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
-    return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
+        return AutoConfig.for_model(extra.pop("model_type"), **extra)
+    if model.path is not None:
+        return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
 
 
 def _readable_signature(model: ModelConfig, key: str) -> dict[str, Any]:
