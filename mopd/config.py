@@ -47,7 +47,10 @@ ROUTING_REPLAY_MODEL_TYPES = ("mimo_v2_flash", "qwen3_moe")
 
 
 class ConfigError(ValueError):
-    """A recipe that cannot run; the message says what to change."""
+    """A recipe that cannot run; the message says what to change. Every error a user can cause
+    (recipe, data, checkpoint, teacher set, vocabulary) is one of these, so that ``mopd`` reports it
+    as one ``mopd: error:`` line with exit status 2 (subclasses: ``mopd.data.DataError``,
+    ``mopd.loop.ConfigMismatchError``, ``mopd.vocab.VocabularyMismatchError``)."""
 
 
 @dataclass
@@ -388,6 +391,8 @@ def validate(cfg: MOPDConfig) -> None:
     _check_routing_replay(cfg, errors)
     _check_objective(cfg, errors)
     _check_placement(cfg, errors)
+    if len(errors) == 1:  # one problem, one line (`mopd: error: invalid recipe: ...`)
+        raise ConfigError(f"invalid recipe: {errors[0]}")
     if errors:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(errors))
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mopd.config import ON_BAD_ROWS, DataConfig, DataSourceConfig
+from mopd.config import ON_BAD_ROWS, ConfigError, DataConfig, DataSourceConfig
 from mopd.seeds import derive_seed, rng_state_from_json, rng_state_to_json
 from mopd.types import PromptRow
 
@@ -36,7 +36,7 @@ Record = tuple[str, Any, str | None]
 Source = tuple[DataSourceConfig, list[PromptRow]]
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data source that cannot be used; the message names the file, the row and the problem."""
 
 

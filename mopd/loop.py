@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from mopd import checkpoint as ckpt
-from mopd.config import MOPDConfig, to_dict
+from mopd.config import ConfigError, MOPDConfig, to_dict
 from mopd.data import PromptMixer
 from mopd.metrics import MetricsWriter, PhaseTimer
 from mopd.objective import grpo_advantages
@@ -35,8 +35,9 @@ from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
 log = logging.getLogger("mopd")
 
 
-class ConfigMismatchError(RuntimeError):
-    """Resuming with a run setup that differs from what the checkpoint recorded."""
+class ConfigMismatchError(ConfigError):
+    """Resuming with a run setup that differs from what the checkpoint recorded (checked before
+    any actor starts, by ``mopd.app.run.preflight``, and again in ``MOPDLoop.restore``)."""
 
 
 class NonFiniteError(RuntimeError):

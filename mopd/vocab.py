@@ -14,8 +14,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from mopd.config import ConfigError
 
-class VocabularyMismatchError(ValueError):
+
+class VocabularyMismatchError(ConfigError):
     """A teacher whose tokenizer / vocabulary differs from the student's."""
 
 
@@ -69,8 +71,8 @@ def check_vocabularies(signatures: Mapping[str, dict[str, Any]], student: dict[s
         diffs = signature_differences(reference, sig)
         if diffs:
             problems.append(f"teacher '{name}' vs {ref_name}: " + "; ".join(diffs))
+    head = "teachers must share the student's tokenizer and vocabulary (values: teacher vs reference)"
+    if len(problems) == 1:
+        raise VocabularyMismatchError(f"{head}: {problems[0]}")
     if problems:
-        raise VocabularyMismatchError(
-            "teachers must share the student's tokenizer and vocabulary (values: teacher vs reference):\n  - "
-            + "\n  - ".join(problems)
-        )
+        raise VocabularyMismatchError(f"{head}:\n  - " + "\n  - ".join(problems))

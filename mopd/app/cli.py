@@ -1,12 +1,14 @@
 """The ``mopd`` command line.
 
-    mopd validate RECIPE [LAYER.yaml ...] [key=value ...]   print the resolved recipe, or what is wrong
+    mopd validate RECIPE [LAYER.yaml ...] [key=value ...] [--resume]   the checks `train` runs before Ray
     mopd plan RECIPE [key=value ...] [--gpus N] [--nodes M]   memory per actor, and whether it fits
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
 
-``mopd COMMAND --help`` lists a command's options.
+``mopd COMMAND --help`` lists a command's options. An error a user can cause (recipe, data,
+checkpoint, teacher set, vocabulary: ``mopd.config.ConfigError``) is one ``mopd: error:`` line,
+exit status 2, before any actor starts; a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from mopd.config import ConfigError, load_config, to_yaml
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mopd", description="Multi-Teacher On-Policy Distillation")
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a recipe and print it resolved")
+    v = sub.add_parser("validate", help="run every check `train` runs before Ray; print the resolved recipe")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
+    _resume_options(v)
     pl = sub.add_parser("plan", help="the memory each actor needs and the GPUs it asks for (no weights loaded)")
     pl.add_argument("recipe")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
@@ -39,10 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the MOPD loop on Ray")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    t.add_argument(
-        "--force-teachers", action="store_true", help="resume even if the teacher set differs from the checkpoint's"
-    )
+    _resume_options(t)
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (or a run's checkpoints/ to take the latest)")
     e.add_argument("out_dir")
@@ -58,16 +58,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--force-teachers", action="store_true", help="resume even if the teacher set differs from the checkpoint's"
+    )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    from mopd.app.run import preflight
+
+    preflight(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from mopd.app.run import RunStoppedError, run_training
-    from mopd.vocab import VocabularyMismatchError
 
     try:
         run_training(cfg, resume=args.resume, force_teachers=args.force_teachers)
-    except VocabularyMismatchError as e:  # bad input, found before any actor started
-        print(f"mopd: error: {e}", file=sys.stderr)
-        return 2
     except RunStoppedError as e:
         again = ["mopd", "train", args.recipe, *args.overrides, "--resume"]
         again += ["--force-teachers"] if args.force_teachers else []
@@ -108,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "validate":
-            print(to_yaml(load_config(args.recipe, args.overrides)), end="")
-            return 0
+            return _validate(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "train":
@@ -117,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from mopd.checkpoint import export_checkpoint
 
-            path = export_checkpoint(args.checkpoint, args.out_dir)
+            try:
+                path = export_checkpoint(args.checkpoint, args.out_dir)
+            except FileNotFoundError as e:  # a mistyped checkpoint path: the user's to fix, not a bug
+                raise ConfigError(f"{e}; pass a checkpoint directory or a run's checkpoints/") from None
             print(f"exported {path}")
             return 0
         if args.command == "quickstart":
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_quickstart(args.output_dir, args.from_stage, args.overrides)
             return 0
-    except ConfigError as e:
+    except ConfigError as e:  # and its subclasses: DataError, ConfigMismatchError, VocabularyMismatchError
         print(f"mopd: error: {e}", file=sys.stderr)
         return 2
     return 1

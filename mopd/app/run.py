@@ -2,8 +2,9 @@
 
     run_training(load_config("recipes/tiny.yaml", ["run.total_steps=20"]))   # what `mopd train` does
 
-Everything that can fail without an actor fails here first (data sources, eval prompts, the
-checkpoint to resume and its teacher set, every teacher's vocabulary against the student's); then
+Everything that can fail without an actor fails here first, in ``preflight`` (data sources, eval
+prompts, the checkpoint to resume against the recipe, every teacher's vocabulary against the
+student's), which ``mopd validate`` runs too; then
 the run's one placement group is reserved (mopd/placement.py: fails here, before any actor starts,
 if the cluster cannot hold it), the teacher, trainer and rollout pools start together on its
 bundles, ``MOPDLoop`` runs, and every pool and the group are released however the run ends. A run
@@ -12,19 +13,20 @@ that cannot go on raises ``RunStoppedError`` naming the ``--resume`` command.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from mopd import checkpoint as ckpt
 from mopd.actors import ActorFailedError
-from mopd.config import ModelConfig, MOPDConfig, to_yaml
+from mopd.config import ConfigError, ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
-from mopd.loop import MOPDLoop, check_teachers, teacher_fingerprint
+from mopd.loop import ConfigMismatchError, MOPDLoop, check_teachers, teacher_fingerprint
 from mopd.metrics import MetricsWriter
 from mopd.models import load_tokenizer
 from mopd.placement import RunPlacement
@@ -43,15 +45,10 @@ class RunStoppedError(RuntimeError):
 def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Path:
     """Validate data, start the actors, run (or resume) the loop; returns the output directory."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pre = preflight(cfg, resume, force_teachers)  # every refusal a user can cause, before Ray
+    mixer, eval_rows, latest, signature = pre.mixer, pre.eval_rows, pre.latest, pre.signature
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Data errors surface here, before any actor starts.
-    mixer, data_stats = build_mixer(cfg)
-    eval_rows = build_eval_rows(cfg)
-    latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    # So does a teacher whose vocabulary differs from the student's.
-    signature = student_signature(cfg)
-    check_teacher_vocabularies(cfg, signature)
     (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
 
     # The workers load here, not at import: `mopd validate` and the checks above need no Ray.
@@ -83,8 +80,8 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
         loop = MOPDLoop(cfg, rollout, teachers, trainer, mixer, writer, eval_rows)
         if latest is not None:
             loop.restore(latest, force_teachers)
-        if data_stats:
-            writer.write(loop.step, data_stats)
+        if pre.data_stats:
+            writer.write(loop.step, pre.data_stats)
         loop.run()
     except ActorFailedError as e:
         stopped = RunStoppedError(stopped_message(cfg, e))
@@ -97,6 +94,34 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
         writer.close()
         _shutdown(pools)
     return out
+
+
+@dataclass
+class Preflight:
+    """What the checks before Ray produce, for the run to use."""
+
+    mixer: PromptMixer
+    data_stats: dict[str, int]  # data/loaded, data/skipped/<kind>
+    eval_rows: list[PromptRow]
+    latest: Path | None  # the checkpoint to resume from
+    signature: dict[str, Any]  # the student's vocabulary signature (mopd.vocab)
+
+
+def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Preflight:
+    """Every check ``mopd train`` runs before Ray, and all that ``mopd validate`` runs after the
+    recipe's own (``mopd.config.validate``): every data source read and checked, the eval prompts,
+    the checkpoint to resume against the recipe (teacher set, data sources and seed, student), every
+    teacher's vocabulary against the student's (tokenizers and configs only, no weights). Writes
+    nothing. Raises ``ConfigError`` (or a subclass) naming what to change."""
+    mixer, data_stats = build_mixer(cfg)
+    eval_rows = build_eval_rows(cfg)
+    latest = _checkpoint_to_resume(cfg, resume, force_teachers)
+    signature = student_signature(cfg)
+    check_teacher_vocabularies(cfg, signature)
+    if latest is not None:
+        _check_data_cursor(mixer, latest)
+        _check_student(cfg, latest)
+    return Preflight(mixer, data_stats, eval_rows, latest, signature)
 
 
 def stopped_message(cfg: MOPDConfig, cause: BaseException | None) -> str:
@@ -143,11 +168,61 @@ def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -
     root = ckpt.checkpoint_root(cfg)
     latest = ckpt.latest_checkpoint(root)
     if latest is None:
+        started = Path(cfg.run.output_dir) / "recipe.yaml"  # written by every run before its actors start
+        if not started.is_file():
+            raise ConfigError(
+                f"--resume: nothing to resume: no checkpoint under {root} and no earlier run in "
+                f"{cfg.run.output_dir}; check run.output_dir (run.name) and checkpoint.dir, or drop --resume"
+            )
         log.warning("--resume: no checkpoint under %s; starting from step 0", root)
         return None
     # Checked here too, so a teacher mismatch fails before any actor starts.
     check_teachers(ckpt.read_state(latest).get("teachers", {}), teacher_fingerprint(cfg), force_teachers)
     return latest
+
+
+def _check_data_cursor(mixer: PromptMixer, latest: Path) -> None:
+    """The checkpoint's data cursor fits these sources and this seed (else the run would stop in
+    ``MOPDLoop.restore``, after every actor started)."""
+    try:
+        mixer.load_state_dict(ckpt.read_state(latest)["data"])
+    except ValueError as e:
+        raise ConfigMismatchError(
+            f"--resume: the data differs from checkpoint {latest}'s ({e}); resume with the data.sources "
+            "and run.seed of the recipe the checkpoint was written with"
+        ) from None
+
+
+# The student settings that shape its weights and optimizer state: a checkpoint of another fits no more.
+STUDENT_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+
+
+def _check_student(cfg: MOPDConfig, latest: Path) -> None:
+    """The checkpoint was trained from a student of the recipe's shape (its ``hf/config.json``
+    against the recipe's student; paths may differ), else loading it would fail after every actor
+    started."""
+    saved_json = latest / "hf" / "config.json"
+    if not saved_json.is_file():
+        return
+    saved, current = json.loads(saved_json.read_text()), model_config(cfg.student).to_dict()
+    diffs = [
+        f"{k}: {current[k]!r} vs {saved[k]!r}"
+        for k in STUDENT_SHAPE_KEYS
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+    if diffs:
+        raise ConfigMismatchError(
+            f"--resume: the student differs from checkpoint {latest}'s (recipe vs checkpoint: {'; '.join(diffs)}); "
+            "resume with the student the checkpoint was trained from (student.path or student.config)"
+        )
 
 
 def build_mixer(cfg: MOPDConfig) -> tuple[PromptMixer, dict[str, int]]:
@@ -178,31 +253,40 @@ def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
 
 def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
     """The student's tokenizer/vocabulary signature, which every teacher must match."""
-    return model_signature(cfg.student)
+    return _readable_signature(cfg.student, "student")
 
 
 def model_signature(model: ModelConfig) -> dict[str, Any]:
     """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
+    return tokenizer_signature(load_tokenizer(model), config_vocab_size(model_config(model)))
+
+
+def model_config(model: ModelConfig) -> Any:
+    """A model entry's transformers config (its inline ``config``, or ``path``'s config.json)."""
     from transformers import AutoConfig
 
     if model.config is not None:
         extra = dict(model.config)
-        config = AutoConfig.for_model(extra.pop("model_type"), **extra)
-    elif model.path is not None:
-        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    else:
-        raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
-    return tokenizer_signature(load_tokenizer(model), config_vocab_size(config))
+        return AutoConfig.for_model(extra.pop("model_type"), **extra)
+    if model.path is not None:
+        return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
+
+
+def _readable_signature(model: ModelConfig, key: str) -> dict[str, Any]:
+    """``model_signature``, or a ConfigError naming ``key`` when the tokenizer or config cannot be read."""
+    try:
+        return model_signature(model)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}: cannot read its tokenizer or model config ({first}); set {key}.path to a Hugging Face "
+            f"model directory (config.json and tokenizer files), or {key}.tokenizer to a tokenizer directory"
+        ) from None
 
 
 def check_teacher_vocabularies(cfg: MOPDConfig, student: dict[str, Any]) -> None:
-    """Compare every teacher's vocabulary with the student's before any actor starts. A teacher
-    whose tokenizer or config this process cannot read (a path only the workers see) is left to
-    the same check in its actor, at start-up."""
-    signatures = {}
-    for domain, teacher in sorted(cfg.teachers.items()):
-        try:
-            signatures[domain] = model_signature(teacher)
-        except (OSError, ValueError) as e:
-            log.info("teacher '%s': vocabulary checked when its actor starts (%s)", domain, e)
+    """Compare every teacher's vocabulary with the student's before any actor starts (each
+    teacher's actor checks again at start-up)."""
+    signatures = {d: _readable_signature(t, f"teachers.{d}") for d, t in sorted(cfg.teachers.items())}
     check_vocabularies(signatures, student)
