@@ -11,7 +11,8 @@ re-runs S and the stages after it):
               per-domain reverse KL, a PNG of the curves, the student exported to student_hf/
 
     mopd quickstart --output-dir runs/quickstart
-    mopd quickstart --output-dir runs/quickstart --from-stage mopd objective.kind=sampled objective.forward_kl=0
+    mopd quickstart --output-dir runs/quickstart --from-stage mopd objective.kind=sampled objective.forward_kl=0 \
+        trainer.lr=1e-3 rollout.prompts_per_step=768     # the paper's sampled form (docs/quickstart.md)
 """
 
 from __future__ import annotations
