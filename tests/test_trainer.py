@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import threading
 
 import pytest
 import torch
@@ -440,7 +441,7 @@ def test_pool_sends_each_rank_only_its_own_shard_as_its_own_ref(ray_local):
     cfg = make_cfg(micro_batch_size=2)
     batch = make_batch(cfg, rows=5)
     pool = TrainerPool.__new__(TrainerPool)  # the pool's calls without its placement group and ranks
-    pool._world_size, pool._micro_batch_size = 2, 2
+    pool._world_size, pool._micro_batch_size, pool._lock = 2, 2, threading.Lock()
     pool._actors = ActorGroup("trainer", local=True)
     pool._actors.start(_RecordingRank, [(), ()])
     pool.train_step(batch)

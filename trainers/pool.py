@@ -108,7 +108,9 @@ class TrainerPool:
     def _per_rank(self, method: str, batch: TrainBatch) -> list[Any]:
         """Call ``method`` on every rank with its own shard of ``batch``, each its own object ref."""
         shards = shard_batch(batch, self._world_size, self._micro_batch_size)
-        return self._actors.call_each(method, [(ray.put(shard),) for shard in shards])
+        refs = [(ray.put(shard),) for shard in shards]
+        with self._lock:  # like _all: ranks must see their collectives in one order
+            return self._actors.call_each(method, refs)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._per_rank("train_step", batch)[0]
