@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 
@@ -90,11 +89,10 @@ def teacher_worker(cfg):
 
 
 def trainer_worker(cfg):
+    from mopd.runtime import free_port
     from trainers.deepspeed_trainer import TrainerWorker
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     return TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=port)
 
 

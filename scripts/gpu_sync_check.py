@@ -21,7 +21,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 import traceback
@@ -46,12 +45,6 @@ def make_cfg(tiny: bool, cpu: bool, seed: int):
     return cfg
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def trainer_process(args, backend: str, store_port: int, ds_port: int, syncs: int, out) -> None:
     """Group rank 0: the trainer hosts the store, joins, and sends ``syncs`` versions."""
     try:
@@ -71,11 +64,12 @@ def check_backend(args, backend: str) -> dict:
     import torch
 
     from mopd.models import load_model
+    from mopd.runtime import free_port
     from rollout.hf import HFRolloutActor
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    store_port, ds_port = free_port(), free_port()
+    store_port, ds_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     proc = ctx.Process(target=trainer_process, args=(args, backend, store_port, ds_port, args.syncs, out))
     proc.start()
     res: dict = {"backend": backend}

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ def run_case(case: str) -> dict:
     from mopd.config import ModelConfig, MOPDConfig
     from mopd.models import tiny_mimo_config
     from mopd.plan import plan_recipe
+    from mopd.runtime import free_port
     from mopd.types import PromptRow, RolloutBatch, TrainBatch
     from trainers.deepspeed_trainer import TrainerWorker
 
@@ -51,9 +51,7 @@ def run_case(case: str) -> dict:
     )  # fmt: skip
     batch = TrainBatch(rollout, lp - 0.1 * resp)
     base = torch.cuda.memory_allocated()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     w = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=port)
     w.train_step(batch)
     torch.cuda.synchronize()
