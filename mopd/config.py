@@ -199,6 +199,16 @@ class EvalConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """How verifiers that execute model output (the ``code_exec`` rows) run it (mopd/sandbox.py)."""
+
+    # Run model-written code even where the kernel layer (namespaces as nobody; needs root and
+    # `unshare`) is unavailable: then only rlimits and a Python audit hook, which a program can get
+    # past, guard this machine's network and files. False: such a run is refused before it starts.
+    allow_unisolated: bool = False
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 10
     keep: int = 2
@@ -248,6 +258,7 @@ class MOPDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
