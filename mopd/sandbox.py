@@ -57,6 +57,8 @@ UNISOLATED_KEY = "sandbox.allow_unisolated"
 # What the minimal root shows of the host, read-only (those that exist; symlinks stay symlinks).
 ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 ROOT_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# Where bwrap shows the code to the launcher, which copies it into the working directory's tmpfs.
+_BWRAP_MAIN = "/.mopd-main.py"
 # A working directory with less free space than this at the end of a failed run was filled.
 _FULL_SLACK = 64 << 10
 
@@ -88,8 +90,12 @@ class SandboxResult:
 _LAUNCHER = r"""
 import json, os, sys
 cfg = json.loads(sys.argv[1])
-work, status = cfg["work"], None
-if cfg["ns"]:
+work, status = cfg["work"], cfg.get("status_fd")
+if cfg["mode"] == "bwrap":  # bwrap built the root; bring the code into the working directory's tmpfs
+    os.set_inheritable(status, False)
+    with open(cfg["main"], "rb") as f, open(os.path.join(work, "main.py"), "wb") as g:
+        g.write(f.read())
+elif cfg["mode"] == "namespaces":
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND = 1, 2, 4, 8, 32, 4096
@@ -280,32 +286,37 @@ def run_untrusted(
     disk_files: int = 256,
     audit: bool = True,
     namespaces: bool | None = None,
+    backend: str | None = None,
 ) -> SandboxResult:
     """Run ``code`` (Python source) contained; never raises for anything the code does.
 
-    ``namespaces=None`` uses them where available (``isolation()``) and raises
-    ``SandboxUnavailableError`` where they are not, unless ``allow_unisolated(True)`` was called;
-    True requires them; False runs without them (the caller's explicit choice). ``disk_mb`` and
-    ``disk_files`` size the working directory's tmpfs (namespaces mode; in basic mode only
-    ``max_file_mb`` per file holds).
+    The kernel layer is ``isolation()``'s choice; where that is ``basic``, this raises
+    ``SandboxUnavailableError`` unless ``allow_unisolated(True)`` was called. A caller may choose
+    instead: ``backend`` ("namespaces", "bwrap" or "basic"), or ``namespaces`` (True:
+    "namespaces", False: "basic"). ``disk_mb`` and ``disk_files`` size the working directory's
+    tmpfs (bwrap sets no inode cap; in basic mode only ``max_file_mb`` per file holds).
     """
-    if namespaces is None:
-        use_ns = isolation() == "namespaces"
-        if not use_ns and not _ALLOW_UNISOLATED:
+    mode = backend or {True: "namespaces", False: "basic", None: None}[namespaces]
+    if mode is None:
+        mode = isolation()
+        if mode == "basic" and not _ALLOW_UNISOLATED:
             raise SandboxUnavailableError(unisolated_message())
-    else:
-        use_ns = namespaces
-    if use_ns and not _namespaces_work():
-        raise RuntimeError("sandbox: namespaces requested but unavailable (needs root and unshare)")
+    elif mode not in BACKENDS:
+        raise ValueError(f"sandbox: unknown backend {mode!r}; valid: {', '.join(BACKENDS)}")
+    elif mode != "basic" and not _backend_works(mode):
+        raise RuntimeError(f"sandbox: {mode} requested but unavailable here ({_WHY_BASIC or 'its probe failed'})")
     limits = _limits(cpu_s, memory_mb, max_procs, max_file_mb, max_files)
-    return _run(code, use_ns, audit, limits, wall_s, (disk_mb << 20, disk_files))
+    return _run(code, mode, audit, limits, wall_s, (disk_mb << 20, disk_files))
 
 
-def _launcher_argv(use_ns: bool, audit: bool, limits: dict, work: str, io_dir: str, disk: tuple[int, int]) -> list:
+def _launcher_argv(
+    mode: str, audit: bool, limits: dict, work: str, io_dir: str, disk: tuple[int, int], status_fd: int | None
+) -> list:
+    work = os.path.realpath(work)
     cfg = {
-        "work": os.path.realpath(work),
-        "ns": use_ns,
-        "uid": NOBODY if use_ns else None,  # namespaces mode runs as root, so it always drops
+        "work": work,
+        "mode": mode,
+        "uid": NOBODY if mode == "namespaces" else None,  # namespaces mode runs as root, so it always drops
         "python": _python(),
         "prefix": os.path.realpath(sys.base_prefix),
         "audit": audit,
@@ -317,24 +328,49 @@ def _launcher_argv(use_ns: bool, audit: bool, limits: dict, work: str, io_dir: s
         "files": disk[1] + 2,  # the directory itself and main.py count too
         "slack": _FULL_SLACK,
         "status": os.path.join(io_dir, "status"),
+        "status_fd": status_fd,
+        "main": _BWRAP_MAIN,
     }
     argv = [_python(), "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg), _BOOT]
-    return [shutil.which("unshare") or "unshare", *_UNSHARE, *argv] if use_ns else argv
+    if mode == "namespaces":
+        return [shutil.which("unshare") or "unshare", *_UNSHARE, *argv]
+    if mode == "bwrap":
+        return [*_bwrap_args(work, disk[0], os.path.join(work, "main.py"), _BWRAP_MAIN), *argv]
+    return argv
 
 
-def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float, disk: tuple[int, int]) -> SandboxResult:
+def _bwrap_args(work: str, disk: int, main: str, main_inside: str) -> list:
+    """bubblewrap building the same minimal root as namespaces mode (module docstring); the code
+    runs as uid nobody of a new user namespace (the caller's uid outside)."""
+    args = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+    shown = [d for d in ROOT_DIRS if os.path.lexists(d)]
+    prefix = os.path.realpath(sys.base_prefix)
+    for d in shown:
+        args += ["--symlink", os.readlink(d), d] if os.path.islink(d) else ["--ro-bind", d, d]
+    if not any((prefix + "/").startswith(d + "/") for d in shown):
+        args += ["--ro-bind", prefix, prefix]
+    args += ["--dev", "/dev", "--proc", "/proc", "--size", str(disk), "--perms", "0700", "--tmpfs", work]
+    args += ["--ro-bind", main, main_inside, "--remount-ro", "/", "--chdir", work]
+    return [*args, "--uid", str(NOBODY), "--gid", str(NOBODY)]
+
+
+def _run(code: str, mode: str, audit: bool, limits: dict, wall_s: float, disk: tuple[int, int]) -> SandboxResult:
     t0 = time.monotonic()
-    work = tempfile.mkdtemp(prefix="mopd-sandbox-")  # namespaces mode: only the mount point of its tmpfs
+    work = tempfile.mkdtemp(prefix="mopd-sandbox-")  # namespaces/bwrap: only the mount point of its tmpfs
     io_dir = tempfile.mkdtemp(prefix="mopd-sandbox-io-")  # stays owned by us, mode 0700
+    status_fd = None
     try:
         with open(os.path.join(work, "main.py"), "w") as f:
             f.write(code)
-        if use_ns:
+        if mode == "namespaces":
             os.mkdir(os.path.join(io_dir, "root"))
+        if mode == "bwrap":  # the launcher reports through an inherited descriptor
+            status_fd = os.open(os.path.join(io_dir, "status"), os.O_WRONLY | os.O_CREAT, 0o600)
+        argv = _launcher_argv(mode, audit, limits, work, io_dir, disk, status_fd)
         out_path, err_path = os.path.join(io_dir, "out"), os.path.join(io_dir, "err")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                _launcher_argv(use_ns, audit, limits, work, io_dir, disk),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -342,6 +378,7 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float, disk
                 cwd=work,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=() if status_fd is None else (status_fd,),
             )
         timed_out = False
         try:
@@ -367,6 +404,8 @@ def _run(code: str, use_ns: bool, audit: bool, limits: dict, wall_s: float, disk
     except OSError as e:  # we could not start it: a failure of the run, never of the caller
         return SandboxResult(False, "", "", None, f"error: {e}", time.monotonic() - t0)
     finally:
+        if status_fd is not None:
+            os.close(status_fd)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(io_dir, ignore_errors=True)
 
@@ -380,9 +419,11 @@ def _read_status(path: str) -> dict:
         return {}
 
 
+BACKENDS = ("namespaces", "bwrap", "basic")
 _ISOLATION: str | None = None
 _WHY_BASIC = ""  # why isolation() fell back, for messages
 _ALLOW_UNISOLATED = False
+_WORKS: dict[str, bool] = {}
 
 
 def allow_unisolated(allow: bool) -> None:
@@ -398,28 +439,35 @@ def unisolated_message() -> str:
         f"this machine cannot isolate model-written code ({_WHY_BASIC or 'isolation unavailable'}): only resource "
         "limits and a Python audit hook, which a program can get past (e.g. through _posixsubprocess), would "
         "stand between it and this machine's network and files. Run mopd as root where `unshare` works "
-        f"(e.g. in a container), or set {UNISOLATED_KEY}=true to accept that risk"
+        "(e.g. in a container), or install bubblewrap (bwrap) where user namespaces are allowed, or set "
+        f"{UNISOLATED_KEY}=true to accept that risk"
     )
 
 
-def _namespaces_work() -> bool:
-    return isolation() == "namespaces"
+def _backend_works(mode: str) -> bool:
+    """Whether a probe run with ``mode`` prints what it should (once per process and mode)."""
+    if mode not in _WORKS:
+        needs = {"namespaces": os.geteuid() == 0 and shutil.which("unshare"), "bwrap": shutil.which("bwrap")}
+        probe = (
+            _run("print('ok')", mode, True, _limits(2, 512, 16, 1, 64), 10.0, (1 << 20, 16)) if needs[mode] else None
+        )
+        _WORKS[mode] = probe is not None and probe.stdout == "ok\n"
+        if probe is not None and not _WORKS[mode]:
+            log.info("sandbox: %s probe failed: %s %s", mode, probe.reason, probe.stderr.strip()[-200:])
+    return _WORKS[mode]
 
 
 def isolation() -> str:
-    """``"namespaces"`` if a probe run inside them works here, else ``"basic"`` (limits + audit
-    hook only, logged once as a warning). Decided once per process."""
+    """The kernel layer this process uses, decided once: ``"namespaces"`` (root and ``unshare``:
+    our own minimal root, code as the real uid nobody), else ``"bwrap"`` (bubblewrap installed
+    and user namespaces allowed: the same minimal root, code as nobody of a user namespace), else
+    ``"basic"`` (limits + audit hook only, logged as a warning)."""
     global _ISOLATION, _WHY_BASIC
     if _ISOLATION is None:
-        _ISOLATION = "basic"
-        if os.geteuid() == 0 and shutil.which("unshare"):
-            probe = _run("print('ok')", True, True, _limits(2, 512, 16, 1, 64), 10.0, (1 << 20, 16))
-            if probe.stdout == "ok\n":
-                _ISOLATION = "namespaces"
-            else:
-                _WHY_BASIC = f"a probe in namespaces failed: {probe.reason} {probe.stderr.strip()[-200:]}"
-        else:
-            _WHY_BASIC = "not root" if os.geteuid() != 0 else "no unshare"
+        _ISOLATION = next((m for m in ("namespaces", "bwrap") if _backend_works(m)), "basic")
         if _ISOLATION == "basic":
+            _WHY_BASIC = ("not root" if os.geteuid() != 0 else "unshare missing or refused") + (
+                ", bubblewrap refused" if shutil.which("bwrap") else ", no bubblewrap (bwrap)"
+            )
             log.warning("sandbox: %s; using limits + audit hook only", _WHY_BASIC)
     return _ISOLATION

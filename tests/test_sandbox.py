@@ -27,6 +27,11 @@ from mopd.sandbox import live_group_members, run_untrusted
 needs_ns = pytest.mark.skipif(
     sandbox.isolation() != "namespaces", reason="namespaces unavailable here (needs root and unshare)"
 )
+needs_bwrap = pytest.mark.skipif(not sandbox._backend_works("bwrap"), reason="bubblewrap (bwrap) unavailable here")
+# The kernel layers: our own namespaces (root + unshare) and bubblewrap, each where it works.
+KERNEL = pytest.mark.parametrize(
+    "kernel", [pytest.param("namespaces", marks=needs_ns), pytest.param("bwrap", marks=needs_bwrap)]
+)
 FAST = dict(cpu_s=1.0, wall_s=5.0, memory_mb=256, max_procs=8, max_file_mb=1)
 
 
@@ -190,21 +195,24 @@ def test_write_outside_verifier(row, tmp_path):
     assert not target.exists()
 
 
-@needs_ns
-def test_write_outside_kernel_layer(tmp_path):
+@KERNEL
+def test_write_outside_kernel_layer(kernel, tmp_path):
     """The host's directories, even world-writable ones, are not in the minimal root; the root
     itself is read-only."""
     open_dir = tempfile.mkdtemp(prefix="mopd-sandbox-test-")
     os.chmod(open_dir, 0o777)  # writable by nobody: only its absence from the root stops the write
     try:
         for target in (tmp_path / "pwned", os.path.join(open_dir, "pwned")):
-            res = run_untrusted(_write_outside(str(target)), audit=False, **FAST)
+            res = run_untrusted(_write_outside(str(target)), audit=False, backend=kernel, **FAST)
             assert not os.path.exists(target) and not res.ok, res
             assert "No such file or directory" in res.stderr, res
-        res = run_untrusted(_write_outside("/pwned"), audit=False, **FAST)
+        res = run_untrusted(_write_outside("/pwned"), audit=False, backend=kernel, **FAST)
         assert "Read-only file system" in res.stderr and not os.path.exists("/pwned"), res
         assert (
-            run_untrusted("open('inside', 'w').write('ok')\nprint(open('inside').read())", audit=False).stdout == "ok\n"
+            run_untrusted(
+                "open('inside', 'w').write('ok')\nprint(open('inside').read())", audit=False, backend=kernel
+            ).stdout
+            == "ok\n"
         )
     finally:
         os.rmdir(open_dir)
@@ -277,11 +285,13 @@ def test_socket_verifier(row, listener):
     assert _no_connection(listener)
 
 
-@needs_ns
-def test_socket_kernel_layer(listener):
-    """A fresh network namespace: no interface is up, 127.0.0.1 of the host is unreachable."""
-    res = run_untrusted(_connect(listener.getsockname()[1]), audit=False, **FAST)
-    assert not res.ok and "unreachable" in res.stderr, res
+@KERNEL
+def test_socket_kernel_layer(kernel, listener):
+    """A fresh network namespace: the host's 127.0.0.1 is unreachable (no interface is up, or under
+    bwrap only the namespace's own loopback, where nothing listens)."""
+    res = run_untrusted(_connect(listener.getsockname()[1]), audit=False, backend=kernel, **FAST)
+    expected = "unreachable" if kernel == "namespaces" else "Connection refused"
+    assert not res.ok and expected in res.stderr, res
     assert _no_connection(listener)
 
 
@@ -330,8 +340,8 @@ def unix_listeners():
     shutil.rmtree(sock_dir)
 
 
-@needs_ns
-def test_host_unix_sockets_are_unreachable(unix_listeners):
+@KERNEL
+def test_host_unix_sockets_are_unreachable(kernel, unix_listeners):
     """Regression (issue 15): a world-connectable unix socket of the host was reachable from inside
     (the network namespace covers only abstract ones; a read-only mount does not stop connect).
     Without the kernel layer the same program connects to both (and the socket lets anyone in)."""
@@ -339,12 +349,12 @@ def test_host_unix_sockets_are_unreachable(unix_listeners):
     outside = run_untrusted(prog, audit=False, namespaces=False, **FAST)
     assert outside.stdout.split() == ["connected", "connected"], outside
     assert os.stat(unix_listeners[0]).st_mode & 0o777 == 0o777
-    res = run_untrusted(prog, audit=False, **FAST)
+    res = run_untrusted(prog, audit=False, backend=kernel, **FAST)
     assert res.ok and res.stdout.split() == ["FileNotFoundError", "ConnectionRefusedError"], res
 
 
-@needs_ns
-def test_no_socket_file_is_visible_inside():
+@KERNEL
+def test_no_socket_file_is_visible_inside(kernel):
     """No path-based socket anywhere in the sandbox's file system: the host's /run, /var/run,
     /dev/shm, /tmp, home and project directories are not in its root (its /tmp holds only the
     working directory). The walk skips /usr and the interpreter's prefix (system files, and many)
@@ -359,7 +369,7 @@ def test_no_socket_file_is_visible_inside():
         "        except OSError:\n            pass\n"
         "print(json.dumps([seen, found, sorted(os.listdir('/')), os.listdir('/tmp'), os.getcwd()]))"
     )
-    res = run_untrusted(walk, audit=False, **FAST)
+    res = run_untrusted(walk, audit=False, backend=kernel, **FAST)
     assert res.ok, res
     seen, found, top, tmp, cwd = json.loads(res.stdout)
     assert seen > 100 and found == [], res.stdout  # it did look at the system's files
@@ -397,19 +407,21 @@ def host_work_sizes(monkeypatch):
     return sizes
 
 
-@needs_ns
-def test_disk_cap(host_work_sizes):
+@KERNEL
+def test_disk_cap(kernel, host_work_sizes):
     """Regression (issue 15): one response wrote 0.9-1.6 GiB into its temp directory in a second.
     The working directory is a tmpfs of disk_mb: writing past it fails with ENOSPC, the verdict
     says so, and nothing reaches the host's disk (its directory holds only main.py)."""
-    res = run_untrusted(FILL_DISK, audit=False, **{**FAST, "disk_mb": 4})
+    res = run_untrusted(FILL_DISK, audit=False, backend=kernel, **{**FAST, "disk_mb": 4})
     assert res.reason == "disk_limit" and "No space left on device" in res.stderr, res
     assert 2 << 20 <= int(res.stdout) <= 4 << 20 and 3 << 20 <= res.disk_bytes <= 4 << 20, res
     assert host_work_sizes == [len(FILL_DISK)]
-    many_files = "for i in range(100000):\n    open('e%d' % i, 'w').close()"
-    res = run_untrusted(many_files, audit=False, **{**FAST, "disk_files": 50})
-    assert res.reason == "disk_limit" and "No space left on device" in res.stderr, res
-    ok = run_untrusted("open('f', 'wb').write(b'x' * (512 << 10))\nprint('fits')", **{**FAST, "disk_mb": 4})
+    if kernel == "namespaces":  # bwrap's --tmpfs takes a size but no inode count
+        many_files = "for i in range(100000):\n    open('e%d' % i, 'w').close()"
+        res = run_untrusted(many_files, audit=False, backend=kernel, **{**FAST, "disk_files": 50})
+        assert res.reason == "disk_limit" and "No space left on device" in res.stderr, res
+    fits = "open('f', 'wb').write(b'x' * (512 << 10))\nprint('fits')"
+    ok = run_untrusted(fits, backend=kernel, **{**FAST, "disk_mb": 4})
     assert ok.ok and ok.reason == "ok" and ok.stdout == "fits\n", ok
 
 
@@ -454,14 +466,28 @@ ESCAPE = (
 )
 
 
-@needs_ns
-def test_audit_hook_bypass_is_held_by_the_kernel_layer(listener):
+@KERNEL
+def test_audit_hook_bypass_is_held_by_the_kernel_layer(kernel, listener):
     """The audit hook is defence in depth only: a program gets past it (first run, no kernel layer,
     reaches the host's loopback), and the kernel layer still holds (second run, hook on)."""
     prog = BYPASS.format(inner=ESCAPE.format(port=listener.getsockname()[1]))
     res = run_untrusted(prog, namespaces=False, **FAST)
     assert res.stdout.strip() == "spawned connected", res
     listener.accept()[0].close()
-    res = run_untrusted(prog, **FAST)
+    res = run_untrusted(prog, backend=kernel, **FAST)
     assert res.stdout.split()[0] == "spawned" and "connected" not in res.stdout, res
     assert _no_connection(listener)
+
+
+def test_isolation_prefers_namespaces_then_bwrap(monkeypatch):
+    """isolation() takes our own namespaces where they work, else bubblewrap, else basic (and says
+    why in the refusal)."""
+    monkeypatch.setattr(sandbox, "_ISOLATION", None)
+    monkeypatch.setattr(sandbox, "_WORKS", {"namespaces": True, "bwrap": True})
+    assert sandbox.isolation() == "namespaces"
+    monkeypatch.setattr(sandbox, "_ISOLATION", None)
+    monkeypatch.setattr(sandbox, "_WORKS", {"namespaces": False, "bwrap": True})
+    assert sandbox.isolation() == "bwrap"
+    monkeypatch.setattr(sandbox, "_ISOLATION", None)
+    monkeypatch.setattr(sandbox, "_WORKS", {"namespaces": False, "bwrap": False})
+    assert sandbox.isolation() == "basic" and "bubblewrap" in sandbox.unisolated_message()

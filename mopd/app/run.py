@@ -139,7 +139,7 @@ def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow
         verified.append((f"objective.alpha={cfg.objective.alpha}", mixer.rows()))
     for why, rows in verified:
         row = next((r for r in rows if r.domain in domains and domains[r.domain].executes(r)), None)
-        if row is not None and sandbox.isolation() != "namespaces":
+        if row is not None and sandbox.isolation() == "basic":
             raise ConfigError(
                 f"the verifier of domain '{row.domain}' executes model output ({row.source} rows, {why}), "
                 f"but {sandbox.unisolated_message()}"
