@@ -20,12 +20,20 @@ limit. How much more it gets depends on ``isolation()``, decided once per proces
   path-based (unix) socket of the host is reachable; abstract unix sockets belong to the network
   namespace. ``RLIMIT_NPROC`` applies (it does not for root); when the PID namespace's init dies,
   the kernel kills everything left in it.
+* ``bwrap`` (no root or no ``unshare``, but bubblewrap is installed and user namespaces are
+  allowed): bubblewrap builds the same minimal root (its own ``/dev`` with the same nodes plus
+  ``pts``/``shm``; only its namespace's loopback is up) with the same size-capped working
+  directory, but no inode cap, and the code runs as ``nobody`` of a new user namespace, which is
+  the caller's own uid outside: it can read what the caller can among the shown directories, and
+  ``RLIMIT_NPROC`` counts all of the caller's processes (forks fail early, closed). Under root
+  ``namespaces`` is preferred for that reason.
 * ``basic`` (anything else): resource limits and the audit hook only. The hook cannot see
   ``_posixsubprocess.fork_exec`` (no audit event), C extensions or interpreter tricks, so a program
   can get past it to the network and to whatever our uid may write; RLIMIT_FSIZE caps each file but
   not their number or total. ``run_untrusted`` therefore refuses to run code in this mode
   (``SandboxUnavailableError``) unless the process opted in with ``allow_unisolated(True)`` (the
-  recipe key ``sandbox.allow_unisolated``) or the caller passes ``namespaces=False`` explicitly.
+  recipe key ``sandbox.allow_unisolated``) or the caller asks for it explicitly
+  (``namespaces=False`` or ``backend="basic"``).
 
 The audit hook (on unless ``audit=False``), installed in the child before the code runs, refuses
 sockets, fork/exec/spawn/subprocess, ctypes, writes outside the working directory and reads of
