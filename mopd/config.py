@@ -202,9 +202,10 @@ class EvalConfig:
 class SandboxConfig:
     """How verifiers that execute model output (the ``code_exec`` rows) run it (mopd/sandbox.py)."""
 
-    # Run model-written code even where the kernel layer (namespaces as nobody; needs root and
-    # `unshare`) is unavailable: then only rlimits and a Python audit hook, which a program can get
-    # past, guard this machine's network and files. False: such a run is refused before it starts.
+    # Run model-written code even where no kernel layer works (namespaces as nobody, which needs
+    # root and `unshare`; or bubblewrap): then only rlimits and a Python audit hook, which a program
+    # can get past, guard this machine's network and files. False: such a run (objective.alpha > 0
+    # or eval on rows whose verifier executes the response) is refused before it starts.
     allow_unisolated: bool = False
 
 
