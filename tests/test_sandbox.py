@@ -1,9 +1,10 @@
 """The sandbox that runs model output (``mopd.sandbox``) and the code domain's executing verifier.
 
 Each attack is run three ways where it applies: through the verifier (scores 0.0, then a correct
-answer still scores 1.0: the run goes on), against the kernel layer alone (namespaces + nobody +
-limits, audit hook off) and against the audit hook alone (no namespaces). docs/reliability.md maps
-each guarantee to these tests.
+answer still scores 1.0: the run goes on), against a kernel layer alone (audit hook off; the tests
+marked ``KERNEL`` run once per layer that works here: our namespaces + minimal root as nobody, and
+bubblewrap) and against the audit hook alone (no namespaces). docs/reliability.md maps each
+guarantee to these tests.
 """
 
 from __future__ import annotations
