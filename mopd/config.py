@@ -199,6 +199,17 @@ class EvalConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """How verifiers that execute model output (the ``code_exec`` rows) run it (mopd/sandbox.py)."""
+
+    # Run model-written code even where no kernel layer works (namespaces as nobody, which needs
+    # root and `unshare`; or bubblewrap): then only rlimits and a Python audit hook, which a program
+    # can get past, guard this machine's network and files. False: such a run (objective.alpha > 0
+    # or eval on rows whose verifier executes the response) is refused before it starts.
+    allow_unisolated: bool = False
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 10
     keep: int = 2
@@ -248,6 +259,7 @@ class MOPDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)

@@ -245,6 +245,11 @@ class PromptMixer:
         self._epoch = [0] * len(sources)
         self._order = [self._permutation(i, 0) for i in range(len(sources))]
 
+    def rows(self) -> Iterator[PromptRow]:
+        """Every row of every source, in source order."""
+        for _, rows in self._sources:
+            yield from rows
+
     def _permutation(self, i: int, epoch: int) -> list[int]:
         order = list(range(len(self._sources[i][1])))
         random.Random(derive_seed(self._seed, "order", i, epoch)).shuffle(order)

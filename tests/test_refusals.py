@@ -238,3 +238,42 @@ def test_validate_and_train_run_the_same_checks_before_ray(tmp_path, capsys, mon
         assert refused(capsys, command, *tiny(tmp_path), "--resume", "--force-teachers") == "mopd: error: stop here"
     assert calls == [(str(tmp_path / "run"), True, True)] * 2
     assert not (tmp_path / "run").exists()  # nothing written before the checks pass
+
+
+# ---------------------------------------------------------------------------------------- sandbox
+
+EXEC_SOURCE = "data.sources=[{domain: code, generator: code_exec, num_prompts: 20}]"
+
+
+@BOTH
+@pytest.mark.parametrize("use", ["objective.alpha=0.5", "eval.every=1"])
+def test_executing_verifier_without_isolation(command, use, tmp_path, capsys, monkeypatch):
+    """Regression (issue 15, item 3): where the sandbox has no kernel layer (not root, no unshare),
+    model-written code would be guarded only by the audit hook, which a program gets past; a run
+    whose verifier executes responses is refused before it starts unless the recipe opts in."""
+    from mopd import sandbox
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: "basic")
+    monkeypatch.setattr(sandbox, "_WHY_BASIC", "not root")
+    line = refused(capsys, command, *tiny(tmp_path, EXEC_SOURCE, use))
+    assert "verifier of domain 'code' executes model output" in line and use.split("=")[0] in line, line
+    assert "(not root)" in line and "sandbox.allow_unisolated=true" in line, line
+
+
+def test_executing_verifier_refusal_is_only_where_needed(tmp_path, monkeypatch):
+    """No refusal with the opt-in, where isolation works, or where nothing is executed (exact-match
+    code rows; code_exec rows that no verifier sees: alpha 0 and no eval)."""
+    from mopd import sandbox
+
+    def check(*overrides: str) -> None:
+        cfg = load_config(TINY, tiny(tmp_path, *overrides)[1:])
+        run_module.check_sandbox(cfg, build_mixer(cfg)[0], run_module.build_eval_rows(cfg))
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: "basic")
+    with pytest.raises(run_module.ConfigError, match="sandbox.allow_unisolated"):
+        check(EXEC_SOURCE, "eval.every=1")
+    check("sandbox.allow_unisolated=true", EXEC_SOURCE, "objective.alpha=0.5", "eval.every=1")
+    check("objective.alpha=0.5", "eval.every=1")
+    check(EXEC_SOURCE)
+    monkeypatch.setattr(sandbox, "isolation", lambda: "namespaces")
+    check(EXEC_SOURCE, "objective.alpha=0.5", "eval.every=1")

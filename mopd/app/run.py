@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from mopd import checkpoint as ckpt
+from mopd import sandbox
 from mopd.actors import ActorFailedError
 from mopd.config import ConfigError, ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
@@ -46,6 +47,7 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     """Validate data, start the actors, run (or resume) the loop; returns the output directory."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pre = preflight(cfg, resume, force_teachers)  # every refusal a user can cause, before Ray
+    sandbox.allow_unisolated(cfg.sandbox.allow_unisolated)  # the verifiers run in this process
     mixer, eval_rows, latest, signature = pre.mixer, pre.eval_rows, pre.latest, pre.signature
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,7 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     nothing. Raises ``ConfigError`` (or a subclass) naming what to change."""
     mixer, data_stats = build_mixer(cfg)
     eval_rows = build_eval_rows(cfg)
+    check_sandbox(cfg, mixer, eval_rows)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
     signature = student_signature(cfg)
     check_teacher_vocabularies(cfg, signature)
@@ -122,6 +125,25 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
         _check_data_cursor(mixer, latest)
         _check_student(cfg, latest)
     return Preflight(mixer, data_stats, eval_rows, latest, signature)
+
+
+def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow]) -> None:
+    """Model output is executed (a verified row whose domain ``executes`` it: training rows when
+    ``objective.alpha > 0``, eval rows) only where the sandbox's kernel layer works, or where the
+    recipe accepts the risk (``sandbox.allow_unisolated``)."""
+    if cfg.sandbox.allow_unisolated:
+        return
+    domains = registered_generators()
+    verified: list[tuple[str, Iterator[PromptRow]]] = [("eval.every > 0", iter(eval_rows))]
+    if cfg.objective.alpha > 0:
+        verified.append((f"objective.alpha={cfg.objective.alpha}", mixer.rows()))
+    for why, rows in verified:
+        row = next((r for r in rows if r.domain in domains and domains[r.domain].executes(r)), None)
+        if row is not None and sandbox.isolation() == "basic":
+            raise ConfigError(
+                f"the verifier of domain '{row.domain}' executes model output ({row.source} rows, {why}), "
+                f"but {sandbox.unisolated_message()}"
+            )
 
 
 def stopped_message(cfg: MOPDConfig, cause: BaseException | None) -> str:

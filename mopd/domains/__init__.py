@@ -25,11 +25,18 @@ Generator = Callable[[random.Random, int, str], list[PromptRow]]
 Verifier = Callable[[PromptRow, str], float]
 
 
+def _never(row: PromptRow) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
     generate: Generator
     verify: Verifier
+    # Whether verifying this row executes the response (mopd.sandbox): such a run needs the
+    # sandbox's kernel layer or sandbox.allow_unisolated (checked before the run starts).
+    executes: Callable[[PromptRow], bool] = _never
 
 
 _REGISTRY: dict[str, Domain] = {}
@@ -38,9 +45,12 @@ _BUILTINS_LOADED = False
 BUILTINS = ("mopd.domains.agent", "mopd.domains.code", "mopd.domains.math")
 
 
-def register_domain(name: str, generate: Generator, verify: Verifier) -> Domain:
-    """Register (or replace) a domain under ``name``."""
-    dom = Domain(name, generate, verify)
+def register_domain(
+    name: str, generate: Generator, verify: Verifier, executes: Callable[[PromptRow], bool] | None = None
+) -> Domain:
+    """Register (or replace) a domain under ``name``; ``executes(row)`` says whether its verifier
+    runs the response for that row (a verifier that calls ``mopd.sandbox.run_untrusted``)."""
+    dom = Domain(name, generate, verify, executes or _never)
     _REGISTRY[name] = dom
     return dom
 

@@ -121,7 +121,7 @@ EXEC_LEVEL = 3
 # The helpers as source, defined in the sandbox before the response runs.
 HELPERS_SRC = "rev = lambda s: s[::-1]\nupper = str.upper\nsort = lambda s: ''.join(sorted(s))\n"
 # Per-response limits: the answer is one short expression, so anything slow or big is wrong anyway.
-EXEC_LIMITS: dict[str, Any] = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1)
+EXEC_LIMITS: dict[str, Any] = dict(cpu_s=1.0, wall_s=3.0, memory_mb=256, max_procs=8, max_file_mb=1, disk_mb=4)
 # How executed responses ended, by sandbox reason ("ok", "timeout", "cpu", "exit 1", "error: ...").
 EXEC_OUTCOMES: Counter = Counter()
 
@@ -175,12 +175,17 @@ def exec_match(row: PromptRow, response: str) -> float:
     return 1.0 if res.ok and res.stdout.rstrip("\n") == str(row.meta["value"]) else 0.0
 
 
+def executes(row: PromptRow) -> bool:
+    """Whether ``verify`` runs the response for this row (in the sandbox)."""
+    return row.meta.get("check") == "exec"
+
+
 def verify(row: PromptRow, response: str) -> float:
     """The code domain's verifier: executed for code-writing rows, exact match otherwise."""
-    if row.meta.get("check") == "exec":
+    if executes(row):
         return exec_match(row, response)
     return exact_match(row, response)
 
 
-register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL, verify=verify)
-register_domain("code_exec", generate_exec, verify)
+register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL, verify=verify, executes=executes)
+register_domain("code_exec", generate_exec, verify, executes)

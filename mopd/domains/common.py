@@ -84,6 +84,7 @@ def register_levels(
     levels: tuple[int, ...],
     default: int,
     verify: Callable[[PromptRow, str], float] = exact_match,
+    executes: Callable[[PromptRow], bool] | None = None,
 ) -> None:
     """Register ``name`` (at the default level) and ``name_l<k>`` for every level k.
 
@@ -94,6 +95,6 @@ def register_levels(
 
     from mopd.domains import register_domain
 
-    register_domain(name, partial(generate, level=default), verify)
+    register_domain(name, partial(generate, level=default), verify, executes)
     for level in levels:
-        register_domain(f"{name}_l{level}", partial(generate, level=level), verify)
+        register_domain(f"{name}_l{level}", partial(generate, level=level), verify, executes)
