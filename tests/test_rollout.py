@@ -85,6 +85,7 @@ def assert_layout(b: RolloutBatch, tokenizer) -> None:
         tokens = b.input_ids[i, P : P + n_resp].tolist()
         assert tokenizer.eos_token_id not in tokens[:-1], "tokens after EOS inside the response"
         assert tokens[-1] == tokenizer.eos_token_id or n_resp == MAX_NEW
+        assert b.truncated is not None and bool(b.truncated[i]) == (tokens[-1] != tokenizer.eos_token_id)
         assert (b.input_ids[i, P + n_resp :] == tokenizer.pad_token_id).all(), "nothing may follow the response"
         assert (b.rollout_logprobs[i][~b.response_mask[i]] == 0).all()
         assert (b.rollout_logprobs[i][b.response_mask[i]] <= 0).all()

@@ -66,6 +66,32 @@ def test_vllm_layout_and_eos(actor, batch):
     assert (lengths < 32).any() and (lengths == 32).any(), "expected both EOS-ended and length-capped samples"
 
 
+def test_vllm_stops_on_the_hf_rollouts_eos_set(actor):
+    """Regression: the vLLM rollout stopped on the tokenizer's EOS only and its engine directory had
+    no generation_config.json. Now both backends take the same stop ids (mopd.chat.stop_token_ids),
+    the engine's generation config declares them as its EOS set, and a response stops on any of them."""
+    from transformers import GenerationConfig
+
+    from rollout.hf import HFRolloutActor
+    from rollout.vllm import sampling_params
+
+    assert actor.stop_ids == HFRolloutActor(actor.cfg).stop_ids == [actor.tokenizer.eos_token_id]
+    assert GenerationConfig.from_pretrained(actor._dir).eos_token_id == actor.stop_ids
+    assert sampling_params(actor.cfg.rollout, actor.stop_ids, 1, 0, False).stop_token_ids == actor.stop_ids
+    free = actor.generate(prompts(4), n=1, seed=0, greedy=True)
+    P, i = free.prompt_len, int(free.response_mask.sum(1).argmax())
+    tokens = free.input_ids[i, P:][free.response_mask[i, P:]].tolist()
+    k = next(j for j, t in enumerate(tokens) if j >= 2 and t not in tokens[:j] + actor.stop_ids)
+    saved = actor.stop_ids
+    actor.stop_ids = sorted(saved + [tokens[k]])  # as if rollout.stop_token_ids held it
+    try:
+        b = actor.generate(prompts(4), n=1, seed=0, greedy=True)
+    finally:
+        actor.stop_ids = saved
+    assert b.input_ids[i, P:][b.response_mask[i, P:]].tolist() == tokens[: k + 1]
+    assert b.truncated is not None and not b.truncated[i]
+
+
 def test_vllm_rollout_logprobs_match_hf_teacher_forced(batch, hf_model):
     ref = sequence_logprobs(hf_model, batch.input_ids, batch.attention_mask)
     m = batch.response_mask
