@@ -198,14 +198,20 @@ def greedy_response(student: str, **rollout) -> tuple[list[int], bool, object]:
     return b.input_ids[0, P:][b.response_mask[0, P:]].tolist(), bool(b.truncated[0]), b
 
 
-def with_token_at(model, path, tokens: list[int], target: int, eos_ids: list[int] | None) -> tuple[str, int]:
-    """Save ``model`` with the lm_head rows of ``target`` and of the first greedy token k that has
-    not appeared before (and is no special token) swapped: the greedy path is then unchanged up to
-    step k, where it emits ``target``. Returns (model directory, k)."""
+def put_token_at(model, tokens: list[int], target: int) -> int:
+    """Swap the lm_head rows of ``target`` and of the first greedy token k that has not appeared
+    before (and is no special token): the greedy path of ``model`` is then unchanged up to step k,
+    where it emits ``target`` instead. Returns k."""
     k = next(i for i, t in enumerate(tokens) if i >= 2 and t > EOT_ID and t not in tokens[:i])
     with torch.no_grad():
         w = model.lm_head.weight
         w[[tokens[k], target]] = w[[target, tokens[k]]]
+    return k
+
+
+def with_token_at(model, path, tokens: list[int], target: int, eos_ids: list[int] | None) -> tuple[str, int]:
+    """``put_token_at``, then the model saved to ``path``: (model directory, k)."""
+    k = put_token_at(model, tokens, target)
     return save_student(model, path, eos_ids), k
 
 

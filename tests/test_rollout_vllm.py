@@ -264,3 +264,38 @@ def test_ray_pool_with_a_vllm_replica(spec):
             pool.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.mark.extended  # a second engine (1-2 min on two shared cores); the default run checks the stop ids on the first
+def test_vllm_chat_student_stops_at_end_of_turn_and_keeps_eos_equal_to_pad(tmp_path):
+    """The vLLM half of tests/test_chat.py's HF rollout tests: a chat-template prompt goes in as the
+    template's ids, <|im_end|> (declared in generation_config.json, not the tokenizer's EOS) ends the
+    response, and an EOS that is also the pad id stays in the response mask."""
+    from mopd.chat import prompt_ids
+    from rollout.vllm import VLLMRolloutActor
+    from test_chat import EOS_ID, EOT_ID, MAX_NEW, chat_model, chat_row, put_token_at, save_student
+    from test_chat import make_cfg as chat_cfg
+
+    cfg = chat_cfg(save_student(chat_model(), tmp_path / "s", [EOS_ID, EOT_ID]), max_model_len=128)
+    actor = VLLMRolloutActor(cfg)
+    try:
+        assert actor.stop_ids == [EOS_ID, EOT_ID]
+
+        def greedy():
+            b = actor.generate([chat_row()], n=1, seed=0, greedy=True)
+            P = b.prompt_len
+            assert b.input_ids[0, :P][b.attention_mask[0, :P]].tolist() == prompt_ids(actor.tokenizer, chat_row())
+            return b.input_ids[0, P:][b.response_mask[0, P:]].tolist(), b
+
+        free, b = greedy()
+        assert len(free) == MAX_NEW and bool(b.truncated[0]) and not {EOS_ID, EOT_ID} & set(free)
+        for version, target in enumerate((EOT_ID, EOS_ID), start=1):
+            model = chat_model()
+            k = put_token_at(model, free, target)
+            actor.load_weights(model.state_dict(), version)
+            tokens, b = greedy()
+            assert tokens == free[:k] + [target] and not bool(b.truncated[0])
+            end = b.prompt_len + k
+            assert b.response_mask[0, end] and b.attention_mask[0, end] and b.rollout_logprobs[0, end] < 0
+    finally:
+        actor.shutdown()
