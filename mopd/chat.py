@@ -45,9 +45,12 @@ def render_messages(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
 
 def prompt_ids(tokenizer: Any, row: PromptRow) -> list[int]:
     """The token ids of a row's prompt: chat messages through the chat template, or the text with
-    the tokenizer's special tokens (e.g. BOS) added."""
+    the tokenizer's special tokens (e.g. BOS) added, unless the text already starts with the BOS
+    token (a prompt rendered with a chat template by hand), which would then come twice."""
     if row.messages is None:
-        return list(tokenizer(row.prompt)["input_ids"])
+        bos = getattr(tokenizer, "bos_token", None)
+        rendered = isinstance(bos, str) and bool(bos) and row.prompt.startswith(bos)
+        return list(tokenizer(row.prompt, add_special_tokens=not rendered)["input_ids"])
     enc = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(enc["input_ids"])
 

@@ -149,6 +149,19 @@ def _check_messages(messages: Any, key: str) -> list[dict[str, Any]]:
     return messages
 
 
+def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The messages through the chat template; a template that refuses them (many raise on roles
+    out of order or a role they do not know) makes the row a bad row."""
+    from jinja2 import TemplateError
+
+    try:
+        return render_messages(tokenizer, messages)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        raise _BadRow(
+            "bad_messages", f"the chat template cannot render these messages ({type(e).__name__}: {e})"
+        ) from e
+
+
 def _prompt_field(rec: Any, src: DataSourceConfig) -> tuple[str, Any]:
     """(field name, value) of the record's prompt: its messages for a chat-form source, else its text."""
     if not isinstance(rec, dict):
@@ -169,7 +182,7 @@ def _check_record(rec: Any, src: DataSourceConfig, tokenizer: Any, max_prompt_le
     messages = None
     if src.messages_key is not None:
         messages = _check_messages(value, key)
-        prompt = render_messages(tokenizer, messages)
+        prompt = _render(tokenizer, messages)
     elif not isinstance(value, str):
         raise _BadRow("prompt_not_string", f"{key!r} is a {type(value).__name__}, not a string")
     else:

@@ -120,6 +120,27 @@ def test_text_prompts_are_used_as_they_are(tmp_path):
     assert row.messages is None and prompt_ids(tok, row) == tok("1 + 2 =")["input_ids"]
 
 
+def test_a_text_prompt_rendered_by_hand_gets_no_second_bos():
+    from mopd.models import build_char_tokenizer
+
+    tok = build_char_tokenizer()  # adds BOS "<s>" to every encoding
+    assert prompt_ids(tok, PromptRow("1+2=", "math")) == tok("1+2=")["input_ids"]
+    assert prompt_ids(tok, PromptRow("<s>1+2=", "math")) == tok("1+2=")["input_ids"]
+
+
+def test_messages_the_template_refuses_are_bad_rows(tmp_path):
+    tok = chat_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('roles must be user or assistant') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    path = _write(tmp_path / "chat.jsonl", [{"messages": MESSAGES}, {"messages": MESSAGES[1:]}])
+    with pytest.raises(DataError, match="line 1: the chat template cannot render these messages .*user or assistant"):
+        _load(path, tok, messages_key="messages")
+    rows, stats = _load(path, tok, messages_key="messages", on_bad_row="skip")
+    assert [r.prompt for r in rows] == ["1 + 2 ="] and stats["data/skipped/bad_messages"] == 1
+
+
 def test_a_template_file_replaces_the_tokenizer_template(tmp_path):
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
