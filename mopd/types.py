@@ -41,7 +41,7 @@ class RolloutBatch:
 
     input_ids        (B, T) int64  prompt (left-padded) + response (right-padded), pad = pad_id
     attention_mask   (B, T) bool   True on real tokens (prompt and response)
-    response_mask    (B, T) bool   True on generated tokens, EOS included
+    response_mask    (B, T) bool   True on generated tokens, the stop token (EOS, end-of-turn) included
     rollout_logprobs (B, T) f32    log mu_theta(token) under the distribution actually sampled from
                                    (temperature / top-p applied); 0 outside the response
     group_ids        (B,)   int64  equal for the n samples of one prompt
