@@ -42,6 +42,8 @@ WeightSync = Literal["direct", "driver"]  # rollout.weight_sync
 BACKENDS: tuple[str, ...] = get_args(Backend)
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
+# data.chat_template: these two words, or a path to a Jinja template file.
+CHAT_TEMPLATE_MODES = ("auto", "none")
 # Students whose MoE routers mopd.routing can record and replay.
 ROUTING_REPLAY_MODEL_TYPES = ("mimo_v2_flash", "qwen3_moe")
 
@@ -103,7 +105,12 @@ class DataSourceConfig:
     generator: str | None = None
     num_prompts: int = 1000
     weight: float = 1.0
+    # Field of a text prompt, used as it is (the tokenizer adds its special tokens, e.g. BOS).
     prompt_key: str = "prompt"
+    # Field of a prompt in chat form instead: a list of OpenAI-style messages ({role, content}),
+    # rendered with the student's chat template and a generation prompt (data.chat_template).
+    # Set, it replaces prompt_key; generator sources give text and cannot use it.
+    messages_key: str | None = None
     split: str = "train"
     # Held-out prompts of this domain for evaluation (a file like ``path``); generator sources
     # draw their eval prompts from the generator's disjoint "eval" split instead.
@@ -113,7 +120,14 @@ class DataSourceConfig:
 @dataclass
 class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)
+    # Longest prompt in tokens, as the student sees it (after the chat template, special tokens
+    # included); longer rows are bad rows (on_bad_row).
     max_prompt_len: int = 256
+    # How chat-form sources (messages_key) become the student's prompt (mopd/chat.py): ``auto``
+    # renders them with the student tokenizer's chat template (refused if it has none); ``none``
+    # uses prompts as they are (text sources only); a path names a Jinja template file that
+    # replaces the tokenizer's. Text sources are used as they are in every case.
+    chat_template: str = "auto"
     # What to do with a bad row (empty prompt, unknown domain, too long, malformed line).
     on_bad_row: OnBadRow = "reject"
 
@@ -128,6 +142,11 @@ class RolloutConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    # Token ids that end a response besides the student's EOS set (its tokenizer's eos_token and
+    # every eos_token_id of its generation_config.json), e.g. an end-of-turn id a checkpoint does
+    # not declare. The stopping token is part of the response (masked in, scored, trained); a
+    # response that reaches max_new_tokens without one counts in rollout/truncated_frac.
+    stop_token_ids: list[int] = field(default_factory=list)
     # vLLM engine settings (ignored by the hf backend).
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 512
@@ -481,6 +500,9 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
         errors.append("trainer.offload_optimizer needs trainer.zero_stage >= 1 (DeepSpeed offloads partitioned state)")
     if not 0 < cfg.rollout.top_p <= 1:
         errors.append(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    bad_stops = [t for t in cfg.rollout.stop_token_ids if t < 0]
+    if bad_stops:
+        errors.append(f"rollout.stop_token_ids must be token ids (>= 0), got {bad_stops}")
 
 
 def _check_models(cfg: MOPDConfig, errors: list[str]) -> None:
@@ -545,9 +567,23 @@ def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
         errors.append(str(e))
     if not cfg.data.sources:
         errors.append("data.sources is empty: add at least one source with a 'domain' and a 'path' or 'generator'")
+    template = cfg.data.chat_template
+    if template not in CHAT_TEMPLATE_MODES and not Path(template).is_file():
+        errors.append(
+            f"data.chat_template is {template!r}: neither {' nor '.join(map(repr, CHAT_TEMPLATE_MODES))} "
+            "nor an existing Jinja template file"
+        )
     teachers = ", ".join(sorted(cfg.teachers)) or "(none)"
     for i, s in enumerate(cfg.data.sources):
         where = f"data.sources[{i}]"
+        if s.messages_key is not None and s.generator is not None:
+            errors.append(f"{where}: messages_key needs a file source; generator {s.generator!r} gives text prompts")
+        if s.messages_key is not None and template == "none":
+            errors.append(
+                f"{where} is in chat form (messages_key={s.messages_key!r}) but data.chat_template is 'none', "
+                "which uses prompts as they are; set data.chat_template=auto (the student tokenizer's "
+                "template) or a Jinja template file, or give text prompts (prompt_key)"
+            )
         if s.domain not in cfg.teachers:
             errors.append(f"{where}: no teacher for domain '{s.domain}'; configured teachers: {teachers}")
         if (s.path is None) == (s.generator is None):

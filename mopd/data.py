@@ -2,11 +2,14 @@
 
 A source (``data.sources[i]`` in a recipe) is a JSONL file, a Parquet file, a directory saved by
 ``datasets`` (``save_to_disk``), a directory of JSONL/Parquet files, or a registered synthetic
-generator. Every row is checked (prompt present, non-empty, not too long, domain known and equal to
-the source's); a bad row either stops loading with a ``DataError`` naming the file and row
+generator. A row's prompt is text (``prompt_key``) or chat messages (``messages_key``), rendered
+with the student's chat template (mopd/chat.py). Every row is checked (prompt present, non-empty, at
+most ``data.max_prompt_len`` tokens as the student sees it, domain known and equal to the
+source's); a bad row either stops loading with a ``DataError`` naming the file and row
 (``data.on_bad_row: reject``) or is skipped and counted (``skip``).
 
-    sources, stats = load_sources(cfg.data, seed=cfg.run.seed, known_domains=set(cfg.teachers))
+    tok = student_tokenizer(cfg)     # mopd.chat
+    sources, stats = load_sources(cfg.data, seed=cfg.run.seed, known_domains=set(cfg.teachers), tokenizer=tok)
     mixer = PromptMixer(sources, seed=cfg.run.seed)
     rows = mixer.next_batch(8)          # resumable: mixer.state_dict() / load_state_dict(d)
 """
@@ -21,9 +24,11 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mopd.chat import prompt_ids, render_messages
 from mopd.config import ON_BAD_ROWS, ConfigError, DataConfig, DataSourceConfig
 from mopd.seeds import derive_seed, rng_state_from_json, rng_state_to_json
 from mopd.types import PromptRow
@@ -133,31 +138,78 @@ def _generated_records(src: DataSourceConfig, seed: int) -> Iterator[Record]:
 # --------------------------------------------------------------------------- checking rows
 
 
-def _check_record(rec: Any, src: DataSourceConfig, max_prompt_len: int, known: set[str]) -> str:
-    """The record's prompt, or ``_BadRow`` saying why the record cannot be used."""
+def _check_messages(messages: Any, key: str) -> list[dict[str, Any]]:
+    """A chat-form prompt: a non-empty list of {role, content} objects."""
+    if not isinstance(messages, list) or not messages:
+        got = type(messages).__name__
+        raise _BadRow("bad_messages", f"{key!r} must be a non-empty list of chat messages, got {got}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m.get("content") is None:
+            raise _BadRow("bad_messages", f"{key!r}[{j}] is not a message with a 'role' string and a 'content'")
+    return messages
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The messages through the chat template; a template that refuses them (many raise on roles
+    out of order or a role they do not know) makes the row a bad row."""
+    from jinja2 import TemplateError
+
+    try:
+        return render_messages(tokenizer, messages)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        raise _BadRow(
+            "bad_messages", f"the chat template cannot render these messages ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _prompt_field(rec: Any, src: DataSourceConfig) -> tuple[str, Any]:
+    """(field name, value) of the record's prompt: its messages for a chat-form source, else its text."""
     if not isinstance(rec, dict):
         raise _BadRow("malformed_json", f"expected a JSON object, got {type(rec).__name__}")
-    key = src.prompt_key
+    key = src.messages_key or src.prompt_key
     if rec.get(key) is None:  # a column may hold None where a row lacks the field
-        raise _BadRow("missing_prompt", f"no {key!r} field (fields: {', '.join(map(str, rec)) or 'none'})")
-    prompt = rec[key]
-    if not isinstance(prompt, str):
-        raise _BadRow("prompt_not_string", f"{key!r} is a {type(prompt).__name__}, not a string")
+        hint = ""
+        if src.messages_key is None and isinstance(rec.get("messages"), list):
+            hint = "; for chat messages set the source's messages_key: messages"
+        raise _BadRow("missing_prompt", f"no {key!r} field (fields: {', '.join(map(str, rec)) or 'none'}){hint}")
+    return key, rec[key]
+
+
+def _check_record(rec: Any, src: DataSourceConfig, tokenizer: Any, max_prompt_len: int, known: set[str]) -> PromptRow:
+    """The record as a ``PromptRow`` (without source and index), or ``_BadRow`` saying why the
+    record cannot be used."""
+    key, value = _prompt_field(rec, src)
+    messages = None
+    if src.messages_key is not None:
+        messages = _check_messages(value, key)
+        prompt = _render(tokenizer, messages)
+    elif not isinstance(value, str):
+        raise _BadRow("prompt_not_string", f"{key!r} is a {type(value).__name__}, not a string")
+    else:
+        prompt = value
     if not prompt.strip():
         raise _BadRow("empty_prompt", f"empty prompt in {key!r}")
-    if len(prompt) > max_prompt_len:
-        message = f"prompt has {len(prompt)} characters; data.max_prompt_len is {max_prompt_len}"
-        raise _BadRow("prompt_too_long", message)
     domain = rec.get("domain")
     if domain is not None and (not isinstance(domain, str) or domain not in known):
         raise _BadRow("unknown_domain", f"unknown domain {domain!r}; known: {', '.join(sorted(known))}")
     if domain is not None and domain != src.domain:
         raise _BadRow("domain_mismatch", f"row domain {domain!r} differs from the source's domain {src.domain!r}")
-    return prompt
+    meta = {k: v for k, v in rec.items() if k not in (key, "domain")}
+    row = PromptRow(prompt=prompt, domain=src.domain, meta=meta, messages=messages)
+    n_tokens = len(prompt_ids(tokenizer, row))
+    if n_tokens > max_prompt_len:
+        message = f"prompt has {n_tokens} tokens; data.max_prompt_len is {max_prompt_len}"
+        raise _BadRow("prompt_too_long", message)
+    return row
 
 
 def _rows(
-    records: Iterator[Record], src: DataSourceConfig, max_prompt_len: int, on_bad_row: str, known: set[str]
+    records: Iterator[Record],
+    src: DataSourceConfig,
+    tokenizer: Any,
+    max_prompt_len: int,
+    on_bad_row: str,
+    known: set[str],
 ) -> tuple[list[PromptRow], Counter]:
     rows: list[PromptRow] = []
     skipped: Counter = Counter()
@@ -166,22 +218,38 @@ def _rows(
         try:
             if problem is not None:
                 raise _BadRow("malformed_json", problem)
-            prompt = _check_record(rec, src, max_prompt_len, known)
+            row = _check_record(rec, src, tokenizer, max_prompt_len, known)
         except _BadRow as bad:
             if on_bad_row == "reject":
                 hint = " (set data.on_bad_row=skip to skip such rows)"
                 raise DataError(f"{where}: {bad.message}{hint}") from None
             skipped[bad.kind] += 1
             continue
-        meta = {k: v for k, v in rec.items() if k not in (src.prompt_key, "domain")}
-        rows.append(PromptRow(prompt=prompt, domain=src.domain, meta=meta, source=name, index=len(rows)))
+        rows.append(replace(row, source=name, index=len(rows)))
     return rows, skipped
 
 
+def _chat_form_needs_template(src: DataSourceConfig, tokenizer: Any) -> None:
+    if src.messages_key is not None and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{source_name(src)}: rows are chat messages ({src.messages_key!r}) but the student tokenizer has "
+            "no chat template; set data.chat_template to a Jinja template file, or give text prompts (prompt_key)"
+        )
+    if src.messages_key is None and src.path is not None and getattr(tokenizer, "chat_template", None):
+        log.warning(
+            "%s: text prompts are used as they are, though the student tokenizer has a chat template; "
+            "give chat messages (the source's messages_key) to have them rendered with it",
+            source_name(src),
+        )
+
+
 def load_source(
-    src: DataSourceConfig, seed: int, max_prompt_len: int, on_bad_row: str, known_domains: set[str]
+    src: DataSourceConfig, seed: int, max_prompt_len: int, on_bad_row: str, known_domains: set[str], tokenizer: Any
 ) -> tuple[list[PromptRow], dict[str, int]]:
     """Load and check one source; returns its rows and stats (``data/skipped/<kind>``, ``data/loaded``).
+
+    ``tokenizer`` is the student's (``mopd.chat.student_tokenizer``): chat-form rows are rendered
+    with its template and every prompt's length is counted in its tokens (``mopd.chat.prompt_ids``).
 
     File rows keep every field other than the prompt and ``domain`` in ``row.meta``; generated rows
     carry the generator's meta (e.g. ``answer``). ``num_prompts`` and ``split`` apply to generators
@@ -194,10 +262,18 @@ def load_source(
         raise DataError(f"{name}: source domain {src.domain!r} is not known; known: {', '.join(sorted(known_domains))}")
     if (src.path is None) == (src.generator is None):
         raise DataError(f"source of domain {src.domain!r}: set exactly one of 'path' and 'generator'")
+    _chat_form_needs_template(src, tokenizer)
     records = _generated_records(src, seed) if src.generator is not None else _path_records(src)
-    rows, skipped = _rows(records, src, max_prompt_len, on_bad_row, known_domains)
+    rows, skipped = _rows(records, src, tokenizer, max_prompt_len, on_bad_row, known_domains)
     if skipped:
         log.warning("%s: skipped %d bad rows (%s)", name, sum(skipped.values()), dict(skipped))
+    if skipped["prompt_too_long"]:
+        log.warning(
+            "%s: dropped %d prompts longer than data.max_prompt_len (%d tokens)",
+            name,
+            skipped["prompt_too_long"],
+            max_prompt_len,
+        )
     if not rows:
         raise DataError(f"{name}: no usable prompts (skipped: {dict(skipped) or 'none'})")
     stats = {SKIPPED + kind: n for kind, n in sorted(skipped.items())}
@@ -205,12 +281,14 @@ def load_source(
     return rows, stats
 
 
-def load_sources(cfg: DataConfig, seed: int, known_domains: set[str]) -> tuple[list[Source], dict[str, int]]:
-    """Load every source of ``cfg``; stats are summed over sources."""
+def load_sources(
+    cfg: DataConfig, seed: int, known_domains: set[str], tokenizer: Any
+) -> tuple[list[Source], dict[str, int]]:
+    """Load every source of ``cfg`` (``tokenizer``: as for ``load_source``); stats are summed over sources."""
     loaded: list[Source] = []
     total: Counter = Counter()
     for src in cfg.sources:
-        rows, stats = load_source(src, seed, cfg.max_prompt_len, cfg.on_bad_row, known_domains)
+        rows, stats = load_source(src, seed, cfg.max_prompt_len, cfg.on_bad_row, known_domains, tokenizer)
         loaded.append((src, rows))
         total.update(stats)
     return loaded, dict(total)

@@ -314,14 +314,20 @@ def check_teachers(saved: dict[str, str], current: dict[str, str], force: bool) 
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Per-domain response length and token share of the batch."""
+    """Per-domain response length, token share and share of responses truncated (no stop token
+    before ``rollout.max_new_tokens``: a student that runs past its turn shows here first)."""
     lengths = batch.response_mask.sum(-1).float()
     total = float(lengths.sum()) or 1.0
     out = {"rollout/response_len": float(lengths.mean()), "rollout/tokens": float(lengths.sum())}
+    truncated = None if batch.truncated is None else batch.truncated.float()
+    if truncated is not None:
+        out["rollout/truncated_frac"] = float(truncated.mean())
     for d in sorted(set(batch.domains)):
         idx = torch.tensor([i for i, x in enumerate(batch.domains) if x == d])
         out[f"rollout/{d}/response_len"] = float(lengths[idx].mean())
         out[f"teacher/{d}/token_share"] = float(lengths[idx].sum()) / total
+        if truncated is not None:
+            out[f"rollout/{d}/truncated_frac"] = float(truncated[idx].mean())
     return out
 
 

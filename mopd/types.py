@@ -22,7 +22,9 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None
 
 @dataclass
 class PromptRow:
-    """One prompt drawn from a data source."""
+    """One prompt drawn from a data source: text, or chat messages (``messages``, set for sources
+    with ``messages_key``; ``prompt`` then holds them rendered with the chat template, for reading).
+    ``mopd.chat.prompt_ids`` gives the token ids the student sees."""
 
     prompt: str
     domain: str
@@ -30,6 +32,7 @@ class PromptRow:
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     index: int = 0
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -38,7 +41,7 @@ class RolloutBatch:
 
     input_ids        (B, T) int64  prompt (left-padded) + response (right-padded), pad = pad_id
     attention_mask   (B, T) bool   True on real tokens (prompt and response)
-    response_mask    (B, T) bool   True on generated tokens, EOS included
+    response_mask    (B, T) bool   True on generated tokens, the stop token (EOS, end-of-turn) included
     rollout_logprobs (B, T) f32    log mu_theta(token) under the distribution actually sampled from
                                    (temperature / top-p applied); 0 outside the response
     group_ids        (B,)   int64  equal for the n samples of one prompt
@@ -48,6 +51,8 @@ class RolloutBatch:
     policy_version   int           student weights version that generated the batch
     prompt_len       int           P, the column where responses start
     routed_experts   (B, T, L, k) int16 or None: experts each MoE layer chose (routing replay)
+    truncated        (B,)   bool or None: True where the response reached rollout.max_new_tokens
+                                   without a stop token (None: not recorded, e.g. a batch built by hand)
     """
 
     input_ids: torch.Tensor
@@ -61,6 +66,7 @@ class RolloutBatch:
     policy_version: int
     prompt_len: int
     routed_experts: torch.Tensor | None = None
+    truncated: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, T = self.input_ids.shape
@@ -73,6 +79,8 @@ class RolloutBatch:
             raise ValueError(f"domains/rows/responses must have {B} entries")
         if self.routed_experts is not None and tuple(self.routed_experts.shape[:2]) != (B, T):
             raise ValueError(f"routed_experts: expected ({B}, {T}, L, k), got {tuple(self.routed_experts.shape)}")
+        if self.truncated is not None:
+            _check("truncated", self.truncated, (B,), torch.bool)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -92,6 +100,7 @@ class RolloutBatch:
             policy_version=self.policy_version,
             prompt_len=self.prompt_len,
             routed_experts=None if self.routed_experts is None else self.routed_experts[t],
+            truncated=None if self.truncated is None else self.truncated[t],
         )
 
 

@@ -4,23 +4,26 @@ token lists into a ``RolloutBatch``, and merge the batches of several replicas i
 No Ray, no model: everything here is tested directly (tests/test_rollout.py).
 
 Layout (see mopd/types.py): prompt left-padded to P columns, response right-padded to R columns,
-every response starts at column P; EOS (when sampled) is the last response token and is part of
-``response_mask``; nothing after it is.
+every response starts at column P; a stop token (any id of ``mopd.chat.stop_token_ids``: EOS,
+end-of-turn, ...), when sampled, is the last response token and is part of ``response_mask`` (even
+when it is also the pad id); nothing after it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
 
+from mopd.chat import prompt_ids
 from mopd.types import PromptRow, RolloutBatch
 
 
 def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> list[list[int]]:
-    """Token ids of each prompt, special tokens (BOS) added by the tokenizer."""
-    return [list(tokenizer(r.prompt)["input_ids"]) for r in rows]
+    """Token ids of each prompt as the student sees it (``mopd.chat.prompt_ids``: text with the
+    tokenizer's special tokens, or chat messages through the chat template)."""
+    return [prompt_ids(tokenizer, r) for r in rows]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +38,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def cut_at_eos(tokens: Sequence[int], logprobs: Sequence[float], eos_id: int) -> tuple[list[int], list[float]]:
-    """Keep tokens up to and including the first EOS; the rest was never part of the response."""
+def cut_at_stop(
+    tokens: Sequence[int], logprobs: Sequence[float], stop_ids: Collection[int]
+) -> tuple[list[int], list[float], bool]:
+    """Tokens up to and including the first stop token (the rest, e.g. generate's padding, was never
+    part of the response), their log-probs, and whether a stop token ended them (False: truncated)."""
     tokens = list(tokens)
-    end = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
-    return tokens[:end], [float(x) for x in logprobs[:end]]
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), None)
+    stopped = end is not None
+    end = len(tokens) if end is None else end
+    return tokens[:end], [float(x) for x in logprobs[:end]], stopped
 
 
 def pack_rollout(
@@ -51,11 +59,13 @@ def pack_rollout(
     texts: Sequence[str],
     pad_id: int,
     policy_version: int,
+    truncated: Sequence[bool] | None = None,
 ) -> RolloutBatch:
     """Build a RolloutBatch from per-trajectory token lists (one entry per trajectory, B in all).
 
     prompts[i]   prompt ids of trajectory i (BOS included)
-    responses[i] sampled ids, already cut after EOS; logprobs[i] aligned with it
+    responses[i] sampled ids, already cut after the stop token; logprobs[i] aligned with it
+    truncated[i] whether response i ended without a stop token (None: not known)
     """
     B = len(prompts)
     if not (len(responses) == len(logprobs) == len(group_ids) == len(rows) == len(texts) == B):
@@ -83,6 +93,7 @@ def pack_rollout(
         responses=list(texts),
         policy_version=policy_version,
         prompt_len=P,
+        truncated=None if truncated is None else torch.as_tensor(list(truncated), dtype=torch.bool).reshape(B),
     )
 
 
@@ -93,12 +104,14 @@ def pack_samples(
     samples: Sequence[tuple[Sequence[int], Sequence[float]]],
     n: int,
     policy_version: int,
+    stop_ids: Collection[int],
 ) -> RolloutBatch:
     """The RolloutBatch of n samples of each prompt, as a rollout backend returns it.
 
     samples[i*n + k] is (sampled ids, their log-probs) of sample k of prompts[i]: cut after the
-    first EOS here, decoded for ``responses``; trajectory i*n + k gets group id i."""
-    cut = [cut_at_eos(tokens, lps, tokenizer.eos_token_id) for tokens, lps in samples]
+    first stop token (``stop_ids``) here, decoded for ``responses``; trajectory i*n + k gets group
+    id i. A sample without a stop token is marked truncated."""
+    cut = [cut_at_stop(tokens, lps, stop_ids) for tokens, lps in samples]
     responses = [c[0] for c in cut]
     return pack_rollout(
         prompts=[p for p in prompts for _ in range(n)],
@@ -109,6 +122,7 @@ def pack_samples(
         texts=decode_responses(tokenizer, responses),
         pad_id=tokenizer.pad_token_id,
         policy_version=policy_version,
+        truncated=[not c[2] for c in cut],
     )
 
 
@@ -138,6 +152,7 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
     has_routes = [b.routed_experts is not None for b in batches]
     if any(has_routes) and not all(has_routes):
         raise ValueError("merge_batches: routed_experts present in some batches only")
+    known_truncation = all(b.truncated is not None for b in batches)
     P = max(b.prompt_len for b in batches)
     R = max(b.input_ids.shape[1] - b.prompt_len for b in batches)
 
@@ -157,6 +172,7 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         policy_version=versions.pop(),
         prompt_len=P,
         routed_experts=cat("routed_experts", -1) if all(has_routes) else None,  # -1: route afresh
+        truncated=torch.cat([b.truncated for b in batches if b.truncated is not None]) if known_truncation else None,
     )
 
 

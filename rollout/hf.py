@@ -19,9 +19,10 @@ from dataclasses import replace
 
 import torch
 
+from mopd.chat import stop_token_ids, student_tokenizer
 from mopd.config import MOPDConfig
 from mopd.devices import worker_device
-from mopd.models import load_model, load_tokenizer, sequence_logprobs
+from mopd.models import load_model, sequence_logprobs
 from mopd.routing import align_routes, record_routes
 from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
@@ -41,21 +42,25 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
         set_torch_threads(cfg.rollout.resources.num_cpus)
         self.cfg = cfg
         self.replica = replica
-        self.tokenizer = load_tokenizer(cfg.student)
+        self.tokenizer = student_tokenizer(cfg)
         self.device = worker_device(cfg.rollout.resources, "rollout.resources")
         # Same call as the trainer's: version 0 here equals the trainer's initial weights.
         self.model = load_model(cfg.student, seed=cfg.run.seed).eval().to(self.device)
+        # Every id that ends a response (EOS, end-of-turn, rollout.stop_token_ids): generate stops
+        # on any of them and pack_samples cuts after it.
+        self.stop_ids = stop_token_ids(cfg, self.tokenizer, self.model.config.get_text_config().vocab_size)
         self._clean_generation_config()
         self._version = 0
 
     def _clean_generation_config(self) -> None:
         """Drop defaults a checkpoint may ship in generation_config.json (top_k, repetition penalty,
-        ...): anything but temperature / top-p would make mu_theta differ from pi_theta at T."""
+        ...): anything but temperature / top-p would make mu_theta differ from pi_theta at T. Its EOS
+        ids are kept, with the tokenizer's and the recipe's, in ``stop_ids``."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
         self.model.generation_config = GenerationConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            bos_token_id=tok.bos_token_id, eos_token_id=list(self.stop_ids), pad_token_id=tok.pad_token_id
         )
 
     def _sampling_config(self, n: int, greedy: bool):
@@ -69,7 +74,7 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
             top_k=0,  # generate's global default is 50; 0 turns the top-k filter off
             max_new_tokens=r.max_new_tokens,
             num_return_sequences=n,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=list(self.stop_ids),
             pad_token_id=self.tokenizer.pad_token_id,
             output_scores=True,  # the processed scores: the distribution actually sampled from
             return_dict_in_generate=True,
@@ -97,7 +102,7 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
         logp = sampled_logprobs(out.scores, new_tokens).cpu()  # (B*n, R')
         new_tokens = new_tokens.cpu()
         samples = [(t.tolist(), lp.tolist()) for t, lp in zip(new_tokens, logp, strict=True)]
-        batch = pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
+        batch = pack_samples(self.tokenizer, prompts, rows, samples, n, self._version, self.stop_ids)
         if rec is None:
             return batch
         # Same columns as the batch: generate's prompt is left-padded to the same P.

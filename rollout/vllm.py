@@ -48,8 +48,9 @@ from typing import Any
 
 import torch
 
-from mopd.config import MOPDConfig
-from mopd.models import load_model, load_tokenizer
+from mopd.chat import stop_token_ids, student_tokenizer
+from mopd.config import MOPDConfig, RolloutConfig
+from mopd.models import load_model
 from mopd.runtime import set_torch_threads
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
@@ -106,6 +107,34 @@ def write_weights(directory: str, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
 
 
+def write_generation_config(directory: str, tokenizer, stop_ids: list[int]) -> None:
+    """``generation_config.json`` for the engine: the rollout's stop ids as its EOS set (so vLLM's
+    own EOS handling agrees with ``stop_token_ids``) and nothing else: no sampling defaults, which
+    vLLM would otherwise take from a checkpoint's file."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(directory)
+
+
+def sampling_params(r: RolloutConfig, stop_ids: list[int], n: int, seed: int, greedy: bool):
+    """The SamplingParams of one prompt: processed log-probs of the sampled tokens, stopping on
+    every id of ``stop_ids`` (the stop token stays in ``token_ids``, as HF generate keeps it)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=0.0 if greedy else r.temperature,
+        top_p=1.0 if greedy else r.top_p,
+        max_tokens=r.max_new_tokens,
+        seed=seed,  # sample k of this prompt uses seed + k (vLLM's parallel sampling)
+        logprobs=0,  # just the sampled token's log-prob, processed (see logprobs_mode)
+        stop_token_ids=list(stop_ids),
+        detokenize=False,
+    )
+
+
 # --------------------------------------------------------------------------- actor
 
 
@@ -119,7 +148,8 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
 
         self.cfg = cfg
         self.replica = replica
-        self.tokenizer = load_tokenizer(cfg.student)
+        self.tokenizer = student_tokenizer(cfg)
+        self.stop_ids: list[int] = []  # set with the initial checkpoint (needs the model's vocabulary size)
         self._pad_v = current_platform.is_cpu()
         # Sleep mode costs a custom allocator: only when the rollout takes turns with the trainer.
         self._sleep_mode = cfg.placement.layout == "colocated" and current_platform.is_sleep_mode_available()
@@ -137,6 +167,7 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
         """config.json, weights and tokenizer of the initial student in the engine's directory."""
         # Same call as the trainer's, so version 0 is the trainer's initial weights.
         model = load_model(self.cfg.student, seed=self.cfg.run.seed)
+        self.stop_ids = stop_token_ids(self.cfg, self.tokenizer, model.config.get_text_config().vocab_size)
         self._skeleton = _meta_copy(model, self.cfg.student.trust_remote_code)
         config, tensors = export_checkpoint(model.state_dict(), self._skeleton, self._pad_v)
         del model
@@ -146,6 +177,7 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
         # The engine loads a tokenizer at start-up (skip_tokenizer_init=True fails in vllm 0.32's
         # LLM), but never uses it: prompts go in as token ids and responses are decoded here.
         self.tokenizer.save_pretrained(self._dir)
+        write_generation_config(self._dir, self.tokenizer, self.stop_ids)
 
     def _start_engine(self):
         from vllm import LLM
@@ -166,20 +198,7 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
         )
 
     def _sampling_params(self, n: int, seed: int, greedy: bool):
-        from vllm import SamplingParams
-
-        r = self.cfg.rollout
-        eos = self.tokenizer.eos_token_id
-        return SamplingParams(
-            n=n,
-            temperature=0.0 if greedy else r.temperature,
-            top_p=1.0 if greedy else r.top_p,
-            max_tokens=r.max_new_tokens,
-            seed=seed,  # sample k of this prompt uses seed + k (vLLM's parallel sampling)
-            logprobs=0,  # just the sampled token's log-prob, processed (see logprobs_mode)
-            stop_token_ids=[eos],
-            detokenize=False,
-        )
+        return sampling_params(self.cfg.rollout, self.stop_ids, n, seed, greedy)
 
     def _check_lengths(self, token_lists: list[list[int]], extra: int) -> None:
         limit = self.cfg.rollout.max_model_len
@@ -206,7 +225,7 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
             for out in outs
             for c in sorted(out.outputs, key=lambda c: c.index)
         ]
-        return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version)
+        return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version, self.stop_ids)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names) into the running engine."""

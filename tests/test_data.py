@@ -9,7 +9,10 @@ import pytest
 
 from mopd.config import DataConfig, DataSourceConfig
 from mopd.data import DataError, PromptMixer, load_source, load_sources
+from mopd.models import build_char_tokenizer
 from mopd.types import PromptRow
+
+TOK = build_char_tokenizer()  # one token per character, plus BOS
 
 KNOWN = {"math", "code", "agent"}
 GOOD = [{"prompt": "1+2=", "answer": "3", "level": 1}, {"prompt": "rev('ab')=", "domain": "code", "answer": "ba"}]
@@ -20,9 +23,9 @@ def _write_jsonl(path, lines):
     return path
 
 
-def _load(path, domain="math", on_bad_row="reject", max_prompt_len=40, **kw):
+def _load(path, domain="math", on_bad_row="reject", max_prompt_len=40, kw_tokenizer=None, **kw):
     src = DataSourceConfig(domain=domain, path=str(path), **kw)
-    return load_source(src, seed=0, max_prompt_len=max_prompt_len, on_bad_row=on_bad_row, known_domains=KNOWN)
+    return load_source(src, 0, max_prompt_len, on_bad_row, KNOWN, tokenizer=kw_tokenizer or TOK)
 
 
 def test_jsonl_rows_keep_other_fields_as_meta(tmp_path):
@@ -58,7 +61,7 @@ def test_datasets_directory_and_dataset_dict(tmp_path):
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert [r.prompt for r in _load(tmp_path / "dd", split="train")[0]] == ["1+1="]
-    with pytest.raises(DataError, match=r"dd/eval, row 2: prompt has 99 characters"):
+    with pytest.raises(DataError, match=r"dd/eval, row 2: prompt has 100 tokens"):
         _load(tmp_path / "dd", split="eval")
     with pytest.raises(DataError, match="no split 'test'.*splits: train, eval"):
         _load(tmp_path / "dd", split="test")
@@ -76,7 +79,8 @@ BAD_ROWS = {
     "missing_prompt": ({"text": "1+1="}, r"line 2: no 'prompt' field \(fields: text\)"),
     "prompt_not_string": ({"prompt": 12}, r"line 2: 'prompt' is a int, not a string"),
     "empty_prompt": ({"prompt": "   "}, r"line 2: empty prompt"),
-    "prompt_too_long": ({"prompt": "1" * 41}, r"line 2: prompt has 41 characters; data.max_prompt_len is 40"),
+    # 40 characters and BOS: the limit counts the tokens the student sees.
+    "prompt_too_long": ({"prompt": "1" * 40}, r"line 2: prompt has 41 tokens; data.max_prompt_len is 40"),
     "unknown_domain": ({"prompt": "x", "domain": "law"}, r"line 2: unknown domain 'law'; known: agent, code, math"),
     "domain_mismatch": ({"prompt": "x", "domain": "agent"}, r"line 2: row domain 'agent' differs from .* 'math'"),
 }
@@ -122,7 +126,7 @@ def test_source_level_errors(tmp_path):
 def test_generator_source_is_seeded_per_domain_and_split():
     def gen(domain, generator, split="train", seed=0, n=50):
         src = DataSourceConfig(domain=domain, generator=generator, num_prompts=n, split=split)
-        return load_source(src, seed=seed, max_prompt_len=40, on_bad_row="reject", known_domains=KNOWN)
+        return load_source(src, seed=seed, max_prompt_len=40, on_bad_row="reject", known_domains=KNOWN, tokenizer=TOK)
 
     rows, stats = gen("math", "math")
     assert len(rows) == 50 and stats == {"data/loaded": 50}
@@ -195,7 +199,7 @@ def test_load_sources_sums_stats(tmp_path):
         max_prompt_len=40,
         on_bad_row="skip",
     )
-    sources, stats = load_sources(cfg, seed=0, known_domains=KNOWN)
+    sources, stats = load_sources(cfg, seed=0, known_domains=KNOWN, tokenizer=TOK)
     assert [len(rows) for _, rows in sources] == [1, 5]
     assert stats == {"data/skipped/empty_prompt": 1, "data/loaded": 6}
 
@@ -204,4 +208,4 @@ def test_bad_rows_are_rejected_by_default(tmp_path):
     path = _write_jsonl(tmp_path / "a.jsonl", [GOOD[0], {"prompt": ""}])
     cfg = DataConfig(sources=[DataSourceConfig(domain="math", path=str(path))])
     with pytest.raises(DataError, match=r"a\.jsonl, line 2: empty prompt.*data\.on_bad_row=skip"):
-        load_sources(cfg, seed=0, known_domains=KNOWN)
+        load_sources(cfg, seed=0, known_domains=KNOWN, tokenizer=TOK)

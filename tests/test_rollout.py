@@ -15,7 +15,7 @@ from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
 from mopd.models import build_char_tokenizer, forward_logits, load_model, sequence_logprobs, tiny_mimo_config
 from mopd.runtime import split_evenly
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import cut_at_eos, merge_batches, pack_rollout, repad
+from rollout.batching import cut_at_stop, merge_batches, pack_rollout, repad
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MAX_NEW = 32
@@ -85,6 +85,7 @@ def assert_layout(b: RolloutBatch, tokenizer) -> None:
         tokens = b.input_ids[i, P : P + n_resp].tolist()
         assert tokenizer.eos_token_id not in tokens[:-1], "tokens after EOS inside the response"
         assert tokens[-1] == tokenizer.eos_token_id or n_resp == MAX_NEW
+        assert b.truncated is not None and bool(b.truncated[i]) == (tokens[-1] != tokenizer.eos_token_id)
         assert (b.input_ids[i, P + n_resp :] == tokenizer.pad_token_id).all(), "nothing may follow the response"
         assert (b.rollout_logprobs[i][~b.response_mask[i]] == 0).all()
         assert (b.rollout_logprobs[i][b.response_mask[i]] <= 0).all()
@@ -95,9 +96,17 @@ def assert_layout(b: RolloutBatch, tokenizer) -> None:
 # --------------------------------------------------------------------------- pure functions
 
 
-def test_cut_at_eos_keeps_eos_and_drops_the_rest():
-    assert cut_at_eos([5, 6, EOS_ID, 0, 0], [-1, -2, -3, -9, -9], EOS_ID) == ([5, 6, EOS_ID], [-1.0, -2.0, -3.0])
-    assert cut_at_eos([5, 6], [-1, -2], EOS_ID) == ([5, 6], [-1.0, -2.0])
+def test_cut_at_stop_keeps_the_first_stop_token_and_drops_the_rest():
+    assert cut_at_stop([5, 6, EOS_ID, 0, 0], [-1, -2, -3, -9, -9], {EOS_ID}) == (
+        [5, 6, EOS_ID],
+        [-1.0, -2.0, -3.0],
+        True,
+    )
+    assert cut_at_stop([5, 6], [-1, -2], {EOS_ID}) == ([5, 6], [-1.0, -2.0], False)
+    # Any id of the set ends the response (an end-of-turn id before EOS here).
+    assert cut_at_stop([5, 9, 6, EOS_ID], [-1, -2, -3, -4], {EOS_ID, 9}) == ([5, 9], [-1.0, -2.0], True)
+    # The stop id may be the pad id: the first occurrence ends the response and is kept.
+    assert cut_at_stop([5, PAD_ID, PAD_ID], [-1, -2, -9], {PAD_ID}) == ([5, PAD_ID], [-1.0, -2.0], True)
 
 
 def test_pack_rollout_layout():

@@ -66,6 +66,32 @@ def test_vllm_layout_and_eos(actor, batch):
     assert (lengths < 32).any() and (lengths == 32).any(), "expected both EOS-ended and length-capped samples"
 
 
+def test_vllm_stops_on_the_hf_rollouts_eos_set(actor):
+    """Regression: the vLLM rollout stopped on the tokenizer's EOS only and its engine directory had
+    no generation_config.json. Now both backends take the same stop ids (mopd.chat.stop_token_ids),
+    the engine's generation config declares them as its EOS set, and a response stops on any of them."""
+    from transformers import GenerationConfig
+
+    from rollout.hf import HFRolloutActor
+    from rollout.vllm import sampling_params
+
+    assert actor.stop_ids == HFRolloutActor(actor.cfg).stop_ids == [actor.tokenizer.eos_token_id]
+    assert GenerationConfig.from_pretrained(actor._dir).eos_token_id == actor.stop_ids
+    assert sampling_params(actor.cfg.rollout, actor.stop_ids, 1, 0, False).stop_token_ids == actor.stop_ids
+    free = actor.generate(prompts(4), n=1, seed=0, greedy=True)
+    P, i = free.prompt_len, int(free.response_mask.sum(1).argmax())
+    tokens = free.input_ids[i, P:][free.response_mask[i, P:]].tolist()
+    k = next(j for j, t in enumerate(tokens) if j >= 2 and t not in tokens[:j] + actor.stop_ids)
+    saved = actor.stop_ids
+    actor.stop_ids = sorted(saved + [tokens[k]])  # as if rollout.stop_token_ids held it
+    try:
+        b = actor.generate(prompts(4), n=1, seed=0, greedy=True)
+    finally:
+        actor.stop_ids = saved
+    assert b.input_ids[i, P:][b.response_mask[i, P:]].tolist() == tokens[: k + 1]
+    assert b.truncated is not None and not b.truncated[i]
+
+
 def test_vllm_rollout_logprobs_match_hf_teacher_forced(batch, hf_model):
     ref = sequence_logprobs(hf_model, batch.input_ids, batch.attention_mask)
     m = batch.response_mask
@@ -238,3 +264,38 @@ def test_ray_pool_with_a_vllm_replica(spec):
             pool.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.mark.extended  # a second engine (1-2 min on two shared cores); the default run checks the stop ids on the first
+def test_vllm_chat_student_stops_at_end_of_turn_and_keeps_eos_equal_to_pad(tmp_path):
+    """The vLLM half of tests/test_chat.py's HF rollout tests: a chat-template prompt goes in as the
+    template's ids, <|im_end|> (declared in generation_config.json, not the tokenizer's EOS) ends the
+    response, and an EOS that is also the pad id stays in the response mask."""
+    from mopd.chat import prompt_ids
+    from rollout.vllm import VLLMRolloutActor
+    from test_chat import EOS_ID, EOT_ID, MAX_NEW, chat_model, chat_row, put_token_at, save_student
+    from test_chat import make_cfg as chat_cfg
+
+    cfg = chat_cfg(save_student(chat_model(), tmp_path / "s", [EOS_ID, EOT_ID]), max_model_len=128)
+    actor = VLLMRolloutActor(cfg)
+    try:
+        assert actor.stop_ids == [EOS_ID, EOT_ID]
+
+        def greedy():
+            b = actor.generate([chat_row()], n=1, seed=0, greedy=True)
+            P = b.prompt_len
+            assert b.input_ids[0, :P][b.attention_mask[0, :P]].tolist() == prompt_ids(actor.tokenizer, chat_row())
+            return b.input_ids[0, P:][b.response_mask[0, P:]].tolist(), b
+
+        free, b = greedy()
+        assert len(free) == MAX_NEW and bool(b.truncated[0]) and not {EOS_ID, EOT_ID} & set(free)
+        for version, target in enumerate((EOT_ID, EOS_ID), start=1):
+            model = chat_model()
+            k = put_token_at(model, free, target)
+            actor.load_weights(model.state_dict(), version)
+            tokens, b = greedy()
+            assert tokens == free[:k] + [target] and not bool(b.truncated[0])
+            end = b.prompt_len + k
+            assert b.response_mask[0, end] and b.attention_mask[0, end] and b.rollout_logprobs[0, end] < 0
+    finally:
+        actor.shutdown()

@@ -174,11 +174,12 @@ def stage_domains(out: Path, st: QuickstartSettings) -> dict[str, Any]:
 
 def read_rows(out: Path, domain: str, split: str, base: MOPDConfig):
     """The rows of ``data/<domain>_<split>.jsonl``, read and checked like any data source."""
+    from mopd.chat import student_tokenizer
     from mopd.config import DataSourceConfig
     from mopd.data import load_source
 
     src = DataSourceConfig(domain=domain, path=str(out / "data" / f"{domain}_{split}.jsonl"))
-    rows, _ = load_source(src, base.run.seed, base.data.max_prompt_len, "reject", {domain})
+    rows, _ = load_source(src, base.run.seed, base.data.max_prompt_len, "reject", {domain}, student_tokenizer(base))
     return rows
 
 

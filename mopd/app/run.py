@@ -24,6 +24,7 @@ from typing import Any
 from mopd import checkpoint as ckpt
 from mopd import sandbox
 from mopd.actors import ActorFailedError
+from mopd.chat import student_tokenizer
 from mopd.config import ConfigError, ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
@@ -115,8 +116,9 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     the checkpoint to resume against the recipe (teacher set, data sources and seed, student), every
     teacher's vocabulary against the student's (tokenizers and configs only, no weights). Writes
     nothing. Raises ``ConfigError`` (or a subclass) naming what to change."""
-    mixer, data_stats = build_mixer(cfg)
-    eval_rows = build_eval_rows(cfg)
+    tokenizer = readable_student_tokenizer(cfg)
+    mixer, data_stats = build_mixer(cfg, tokenizer)
+    eval_rows = build_eval_rows(cfg, tokenizer)
     check_sandbox(cfg, mixer, eval_rows)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
     signature = student_signature(cfg)
@@ -247,17 +249,32 @@ def _check_student(cfg: MOPDConfig, latest: Path) -> None:
         )
 
 
-def build_mixer(cfg: MOPDConfig) -> tuple[PromptMixer, dict[str, int]]:
-    """Load every data source and mix them by weight; returns (mixer, data stats)."""
-    sources, stats = load_sources(cfg.data, cfg.run.seed, set(cfg.teachers))
+def readable_student_tokenizer(cfg: MOPDConfig) -> Any:
+    """``mopd.chat.student_tokenizer``, or a ConfigError saying what to set when it cannot be read."""
+    try:
+        return student_tokenizer(cfg)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"student: cannot read its tokenizer ({first}); set student.path to a Hugging Face model directory "
+            "with tokenizer files, or student.tokenizer to a tokenizer directory"
+        ) from None
+
+
+def build_mixer(cfg: MOPDConfig, tokenizer: Any = None) -> tuple[PromptMixer, dict[str, int]]:
+    """Load every data source and mix them by weight; returns (mixer, data stats). ``tokenizer``:
+    the student's (loaded here if not given), which renders chat prompts and counts their tokens."""
+    tokenizer = tokenizer if tokenizer is not None else readable_student_tokenizer(cfg)
+    sources, stats = load_sources(cfg.data, cfg.run.seed, set(cfg.teachers), tokenizer)
     return PromptMixer(sources, seed=cfg.run.seed), stats
 
 
-def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
+def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
     """Up to ``eval.num_prompts`` held-out prompts per domain that has a verifier: a source's
     ``eval_path``, or its generator's eval split. Empty when ``eval.every`` is 0."""
     if cfg.eval.every <= 0:
         return []
+    tokenizer = tokenizer if tokenizer is not None else readable_student_tokenizer(cfg)
     verifiers, per_domain = registered_generators(), {}
     for src in cfg.data.sources:
         if src.domain not in verifiers or src.domain in per_domain:
@@ -268,7 +285,8 @@ def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
             held_out = replace(src, split="eval", num_prompts=cfg.eval.num_prompts)
         else:
             continue
-        rows, _ = load_source(held_out, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, set(cfg.teachers))
+        known = set(cfg.teachers)
+        rows, _ = load_source(held_out, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, known, tokenizer)
         per_domain[src.domain] = rows[: cfg.eval.num_prompts]
     return [r for d in sorted(per_domain) for r in per_domain[d]]
 

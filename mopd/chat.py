@@ -1,0 +1,88 @@
+"""What the student is shown and where its turn ends: prompt token ids (text as it is, or chat
+messages rendered with the chat template) and the set of token ids that stop a response. The data
+loader (prompt lengths in tokens) and both rollout backends use these same functions, so a prompt
+has one tokenisation; teachers score the ids the student sampled and never see text.
+
+    tok = student_tokenizer(cfg)       # load_tokenizer(cfg.student) with data.chat_template applied
+    ids = prompt_ids(tok, row)         # list[int], what the rollout feeds the student
+    stops = stop_token_ids(cfg, tok)   # sorted ids that end a response
+
+Chat rendering is transformers' ``apply_chat_template(..., add_generation_prompt=True)``: the
+template writes every special token the model expects (BOS included), so the rendered text is not
+tokenised again with special tokens added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mopd.config import ModelConfig, MOPDConfig
+from mopd.types import PromptRow
+
+
+def apply_chat_template_option(tokenizer: Any, option: str) -> Any:
+    """The tokenizer with ``data.chat_template`` applied: a file path replaces its chat template
+    with the file's Jinja text; ``auto`` and ``none`` leave it as it is. Returns ``tokenizer``."""
+    if option not in ("auto", "none"):
+        tokenizer.chat_template = Path(option).read_text(encoding="utf-8")
+    return tokenizer
+
+
+def student_tokenizer(cfg: MOPDConfig) -> Any:
+    """The student's tokenizer as the data loader and the rollout use it."""
+    from mopd.models import load_tokenizer
+
+    return apply_chat_template_option(load_tokenizer(cfg.student), cfg.data.chat_template)
+
+
+def render_messages(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """Chat messages as the prompt text the template makes of them, ending with the assistant's
+    generation prompt."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer: Any, row: PromptRow) -> list[int]:
+    """The token ids of a row's prompt: chat messages through the chat template, or the text with
+    the tokenizer's special tokens (e.g. BOS) added, unless the text already starts with the BOS
+    token (a prompt rendered with a chat template by hand), which would then come twice."""
+    if row.messages is None:
+        bos = getattr(tokenizer, "bos_token", None)
+        rendered = isinstance(bos, str) and bool(bos) and row.prompt.startswith(bos)
+        return list(tokenizer(row.prompt, add_special_tokens=not rendered)["input_ids"])
+    enc = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def generation_config_eos(spec: ModelConfig) -> list[int]:
+    """Every ``eos_token_id`` of a model directory's ``generation_config.json`` (an int or a list
+    there); empty without one (inline configs, directories that ship none)."""
+    if spec.path is None or not (Path(spec.path) / "generation_config.json").is_file():
+        return []
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(spec.path).eos_token_id
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def stop_token_ids(cfg: MOPDConfig, tokenizer: Any, vocab_size: int | None = None) -> list[int]:
+    """Sorted ids that end a student response: the tokenizer's EOS, every EOS of the student's
+    generation config, and ``rollout.stop_token_ids``. With ``vocab_size`` (the model's), ids the
+    model cannot emit are refused. Raises ValueError naming what to set when there are none."""
+    ids = set(generation_config_eos(cfg.student)) | {int(t) for t in cfg.rollout.stop_token_ids}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError(
+            "no token ends a student response: its tokenizer has no eos_token and its model directory no "
+            "generation_config.json with eos_token_id; set rollout.stop_token_ids (e.g. the end-of-turn id)"
+        )
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise ValueError(
+            f"stop token ids {sorted(i for i in ids if i >= vocab_size)} are outside the student's vocabulary "
+            f"({vocab_size} ids); check rollout.stop_token_ids and the student's generation_config.json"
+        )
+    return sorted(ids)
