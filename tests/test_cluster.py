@@ -158,21 +158,32 @@ def head_node() -> Iterator[dict]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# In a submitted job: where a relative run.output_dir resolves, and mopd's warning about it.
+WARN_JOB = (
+    "import logging; logging.basicConfig(); from mopd.runtime import warn_if_in_ray_working_dir as w; "
+    "assert w({'run.output_dir': 'runs/tiny'}) == ['run.output_dir']"
+)
+
+
 @pytest.mark.slow
 def test_readme_job_submit_on_a_cluster(head_node):
-    """The README's submit block against the head: the job succeeds, its driver joined this cluster
-    (no second GCS: the run's actors are this cluster's, under the job's id), and its outputs are in
-    `$SHARED/mopd/tiny`, not in Ray's copy of the working dir."""
+    """The README's submit block against the head: refused without the token, then the job
+    succeeds, its driver joined this cluster (no second GCS: it connected to this head's GCS port,
+    and the run's actors are this cluster's), and its outputs are in `$SHARED/mopd/tiny`, not in
+    Ray's copy of the working dir; a relative output dir in a job draws mopd's warning."""
     shared = head_node["base"] / "shared"
     env = {**head_node["env"], "RAY_ADDRESS": head_node["dashboard"], "SHARED": str(shared)}
-    proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", readme_block("cluster-submit")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    ray = str(BIN / "ray")
+
+    # Token auth is on: the token in HOME alone does not get a client in (the issue's failure mode).
+    refused = _run([ray, "job", "list"], env, timeout=60)
+    assert refused.returncode != 0 and "authentication token" in refused.stdout + refused.stderr, refused
+
+    proc = _run(["bash", "-euo", "pipefail", "-c", readme_block("cluster-submit")], env, timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{out[-4000:]}\n--- head:\n{head_node['log'].read_text()[-2000:]}"
     assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
@@ -181,22 +192,8 @@ def test_readme_job_submit_on_a_cluster(head_node):
     assert re.search(rf"connecting to Ray at \S+:{head_node['gcs_port']}\b", out), out[-3000:]
     assert "starting a local Ray" not in out
 
-    # The run's actors ran on this cluster, under the submitted job's driver.
-    listed = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "list",
-            "actors",
-            "--detail",
-            "--format=json",
-            "--limit=1000",
-            f"--address={head_node['dashboard']}",
-        ],
-        env={**head_node["env"], "RAY_AUTH_MODE": "token"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    authed = {**env, "RAY_AUTH_MODE": "token"}
+    listed = _run([ray, "list", "actors", "--format=json", "--limit=1000"], authed, timeout=60)
     assert listed.returncode == 0, listed.stderr[-2000:]
     classes = {a["class_name"] for a in json.loads(listed.stdout)}
     assert any("Trainer" in c for c in classes) and any("Teacher" in c for c in classes), classes
@@ -208,6 +205,10 @@ def test_readme_job_submit_on_a_cluster(head_node):
     copies = list(head_node["temp_dir"].glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
     assert copies, "no unpacked working dir found under the head's temp dir"
     assert not any((c / "runs").exists() for c in copies), "outputs were written into Ray's copy of the working dir"
-    assert (
-        ray_working_dir_copy(copies[0] / "runs" / "tiny") == copies[0]
-    )  # the warning's detection, on Ray's real layout
+
+    warned = _run([ray, "job", "submit", "--working-dir", ".", "--", "python", "-c", WARN_JOB], authed, timeout=120)
+    out = warned.stdout + warned.stderr
+    assert warned.returncode == 0, out[-3000:]
+    assert re.search(
+        r"run\.output_dir resolves to \S*/runtime_resources/working_dir_files/_ray_pkg_\w+/runs/tiny", out
+    ), out[-3000:]
