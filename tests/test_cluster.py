@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,6 +89,13 @@ def _our_pids(marker: str) -> list[int]:
     return pids
 
 
+def _sigkill(kill: Callable[[int, int], None], target: int) -> None:
+    try:
+        kill(target, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _wait_until_started(log: Path, proc: subprocess.Popen, timeout: float) -> None:
     """Until `ray start` says the node is up (its raylet registered, the dashboard serving), or exits."""
     deadline = time.monotonic() + timeout
@@ -101,7 +108,7 @@ def _wait_until_started(log: Path, proc: subprocess.Popen, timeout: float) -> No
     raise AssertionError(f"the head node did not start in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_node() -> Iterator[dict]:
     """The README's head block, with the local settings a shared test machine needs appended to its
     `ray start` line (click takes the last value of a repeated option) and `--block`, so that
@@ -116,7 +123,7 @@ def head_node() -> Iterator[dict]:
         f" --temp-dir={temp_dir} --num-cpus=8 --disable-usage-stats --block"
     )
     script, n = re.subn(
-        r"^ray start --head\b(.*)$", lambda m: "exec " + m.group(0) + local, readme_block("cluster-head"), flags=re.M
+        r"^ray start --head\b.*$", lambda m: "exec " + m.group(0) + local, readme_block("cluster-head"), flags=re.M
     )
     assert n == 1, "the README's head block has no `ray start --head` line"
     # A fresh machine: no token in HOME, no Ray settings inherited from this process (an earlier
@@ -128,7 +135,12 @@ def head_node() -> Iterator[dict]:
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # on SIGTERM, stop at once (nothing here to drain)
     log = open(base / "head.log", "w")
     proc = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the head's processes, and nothing else
     )
     try:
         _wait_until_started(base / "head.log", proc, timeout=240)
@@ -150,11 +162,10 @@ def head_node() -> Iterator[dict]:
         deadline = time.monotonic() + 15
         while (left := _our_pids(str(temp_dir))) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in left:  # only processes that name this test's own temp dir
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Whatever of this head is left: processes naming its temp dir, and its own process group.
+        for pid in left:
+            _sigkill(os.kill, pid)
+        _sigkill(os.killpg, proc.pid)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -162,19 +173,12 @@ def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# In a submitted job: where a relative run.output_dir resolves, and mopd's warning about it.
-WARN_JOB = (
-    "import logging; logging.basicConfig(); from mopd.runtime import warn_if_in_ray_working_dir as w; "
-    "assert w({'run.output_dir': 'runs/tiny'}) == ['run.output_dir']"
-)
-
-
 @pytest.mark.slow
 def test_readme_job_submit_on_a_cluster(head_node):
     """The README's submit block against the head: refused without the token, then the job
     succeeds, its driver joined this cluster (no second GCS: it connected to this head's GCS port,
     and the run's actors are this cluster's), and its outputs are in `$SHARED/mopd/tiny`, not in
-    Ray's copy of the working dir; a relative output dir in a job draws mopd's warning."""
+    Ray's copy of the working dir, whose path mopd's warning recognises."""
     shared = head_node["base"] / "shared"
     env = {**head_node["env"], "RAY_ADDRESS": head_node["dashboard"], "SHARED": str(shared)}
     ray = str(BIN / "ray")
@@ -205,8 +209,24 @@ def test_readme_job_submit_on_a_cluster(head_node):
     copies = list(head_node["temp_dir"].glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
     assert copies, "no unpacked working dir found under the head's temp dir"
     assert not any((c / "runs").exists() for c in copies), "outputs were written into Ray's copy of the working dir"
+    assert ray_working_dir_copy(copies[0] / "runs" / "tiny") == copies[0]  # the warning's detection, on Ray's layout
 
-    warned = _run([ray, "job", "submit", "--working-dir", ".", "--", "python", "-c", WARN_JOB], authed, timeout=120)
+
+# In a submitted job: where a relative run.output_dir resolves, and mopd's warning about it.
+WARN_JOB = (
+    "import logging; logging.basicConfig(); from mopd.runtime import warn_if_in_ray_working_dir as w; "
+    "assert w({'run.output_dir': 'runs/tiny'}) == ['run.output_dir']"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # the detection is covered above on Ray's real layout, and in-process
+def test_relative_output_dir_in_a_job_warns(head_node):
+    """In a submitted job, a relative run.output_dir resolves in Ray's copy of the working dir, and
+    mopd's warning (what `mopd train` logs) names the key and the copy."""
+    env = {**head_node["env"], "RAY_ADDRESS": head_node["dashboard"], "RAY_AUTH_MODE": "token"}
+    ray = str(BIN / "ray")
+    warned = _run([ray, "job", "submit", "--working-dir", ".", "--", "python", "-c", WARN_JOB], env, timeout=120)
     out = warned.stdout + warned.stderr
     assert warned.returncode == 0, out[-3000:]
     assert re.search(
