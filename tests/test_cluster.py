@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,11 +98,21 @@ def _sigkill(kill: Callable[[int, int], None], target: int) -> None:
         pass
 
 
-def _wait_until_started(log: Path, proc: subprocess.Popen, timeout: float) -> None:
-    """Until `ray start` says the node is up (its raylet registered, the dashboard serving), or exits."""
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _wait_until_started(log: Path, proc: subprocess.Popen, ports: list[int], timeout: float) -> None:
+    """Until `ray start` says the node is up (its raylet registered) and ``ports`` accept connections
+    (the dashboard, and the agent that runs the jobs: it registers right after it listens), or the
+    head exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "Ray runtime started" in log.read_text(errors="replace"):
+        if "Ray runtime started" in log.read_text(errors="replace") and all(_accepts(p) for p in ports):
             return
         if proc.poll() is not None:
             raise AssertionError(f"the head node exited with status {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -108,24 +120,50 @@ def _wait_until_started(log: Path, proc: subprocess.Popen, timeout: float) -> No
     raise AssertionError(f"the head node did not start in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def _head_script(block: str, local: list[str]) -> str:
+    """The README's head block with ``local`` appended to the words of its one `ray start --head`
+    line (its comment dropped: options appended after a `#` would be ignored, and a head on the
+    default ports would start and register itself in /tmp/ray/ray_current_cluster, where every
+    plain `ray.init()` on the machine would then go), run with `exec` so that the head is the
+    process the test stops."""
+    lines = block.splitlines()
+    starts = [i for i, line in enumerate(lines) if shlex.split(line, comments=True)[:3] == ["ray", "start", "--head"]]
+    assert len(starts) == 1, f"the README's head block needs one `ray start --head` line:\n{block}"
+    words = shlex.split(lines[starts[0]], comments=True) + local
+    lines[starts[0]] = "exec " + shlex.join(words)
+    return "\n".join(lines) + "\n"
+
+
+def test_head_script_keeps_the_local_settings_out_of_the_comment():
+    """Regression: appending the test's options to a `ray start` line that ends in a comment put
+    them inside the comment; a head on the default ports started in /tmp/ray instead."""
+    script = _head_script(
+        "export A=1  # a\nray start --head --port=6379  # the GCS's port\n", ["--temp-dir=/t", "--block"]
+    )
+    assert script.splitlines() == ["export A=1  # a", "exec ray start --head --port=6379 --temp-dir=/t --block"]
+
+
 @pytest.fixture(scope="module")
 def head_node() -> Iterator[dict]:
     """The README's head block, with the local settings a shared test machine needs appended to its
-    `ray start` line (click takes the last value of a repeated option) and `--block`, so that
-    stopping this one process stops this head and nothing else."""
+    `ray start` line (click takes the last value of a repeated option: 127.0.0.1, free ports, a temp
+    dir of its own) and `--block`, so that stopping this one process stops this head and nothing else."""
     base = Path(tempfile.mkdtemp(prefix="mopd-cl-", dir="/tmp"))  # short: Ray's socket paths must fit
     home, temp_dir = base / "home", base / "ray"
     home.mkdir()
-    gcs_port, dash_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    local = (
-        f" --port={gcs_port} --dashboard-host=127.0.0.1 --dashboard-port={dash_port}"
-        f" --dashboard-agent-listen-port={free_port('127.0.0.1')} --ray-client-server-port={free_port('127.0.0.1')}"
-        f" --temp-dir={temp_dir} --num-cpus=8 --disable-usage-stats --block"
-    )
-    script, n = re.subn(
-        r"^ray start --head\b.*$", lambda m: "exec " + m.group(0) + local, readme_block("cluster-head"), flags=re.M
-    )
-    assert n == 1, "the README's head block has no `ray start --head` line"
+    gcs_port, dash_port, agent_port = (free_port("127.0.0.1") for _ in range(3))
+    local = [
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--ray-client-server-port={free_port('127.0.0.1')}",
+        f"--temp-dir={temp_dir}",
+        "--num-cpus=8",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    script = _head_script(readme_block("cluster-head"), local)
     # A fresh machine: no token in HOME, no Ray settings inherited from this process (an earlier
     # test's ray.init sets RAY_AUTH_MODE in os.environ).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -133,6 +171,7 @@ def head_node() -> Iterator[dict]:
         HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
     )
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # on SIGTERM, stop at once (nothing here to drain)
+    env["RAY_TMPDIR"] = str(base)  # Ray's default temp dir too: nothing of this head lands in /tmp/ray
     log = open(base / "head.log", "w")
     proc = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", script],
@@ -143,7 +182,7 @@ def head_node() -> Iterator[dict]:
         start_new_session=True,  # its own process group: the head's processes, and nothing else
     )
     try:
-        _wait_until_started(base / "head.log", proc, timeout=240)
+        _wait_until_started(base / "head.log", proc, [dash_port, agent_port], timeout=240)
         yield dict(
             env=env,
             base=base,
@@ -206,7 +245,8 @@ def test_readme_job_submit_on_a_cluster(head_node):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3, steps
     assert (run_dir / "checkpoints" / "step_000003").is_dir()
-    copies = list(head_node["temp_dir"].glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+    unpacked = head_node["temp_dir"].glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    copies = sorted({c.resolve() for c in unpacked if c.is_dir()})  # not the zips' lock files
     assert copies, "no unpacked working dir found under the head's temp dir"
     assert not any((c / "runs").exists() for c in copies), "outputs were written into Ray's copy of the working dir"
     assert ray_working_dir_copy(copies[0] / "runs" / "tiny") == copies[0]  # the warning's detection, on Ray's layout
