@@ -1,4 +1,5 @@
-"""What the worker pools share: connecting to Ray, an actor's environment, a free port, an even split.
+"""What the worker pools share: connecting to Ray, an actor's environment, a free port, an even split;
+and whether a path lies in Ray's copy of a submitted job's working dir.
 
 Ray: an existing cluster (recipe ``ray.address`` or ``RAY_ADDRESS``, which is also how
 ``ray job submit -- mopd train ...`` reaches the driver), otherwise a local Ray for the run."""
@@ -6,10 +7,12 @@ Ray: an existing cluster (recipe ``ray.address`` or ``RAY_ADDRESS``, which is al
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from mopd.config import MOPDConfig
@@ -82,6 +85,56 @@ def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, Any]:
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": dict(ACTOR_ENV)},
     )
+
+
+# What the job supervisor sets in a `ray job submit` driver's environment: the job's runtime env.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_working_dir_copy(path: str | os.PathLike) -> Path | None:
+    """The copy of a job's ``--working-dir`` that Ray unpacked on this node, if ``path`` lies in it
+    (a relative path resolves against the current directory, which in a submitted job is that copy);
+    otherwise None. Ray unpacks it to ``<temp dir>/session_*/runtime_resources/working_dir_files/
+    _ray_pkg_<hash>/``, where nobody looks for outputs and which Ray deletes when it evicts the
+    package. Recognised by those path components, and by the current directory when the job's
+    runtime env (``RAY_JOB_CONFIG_JSON_ENV_VAR``) names a working dir that Ray copied (any URI but
+    ``local://``, which Ray uses in place)."""
+    resolved = Path(path).resolve()
+    parts = resolved.parts
+    for i, part in enumerate(parts):
+        if part.startswith("_ray_pkg_") and "runtime_resources" in parts[:i]:
+            return Path(*parts[: i + 1])
+    try:
+        runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    working_dir = runtime_env.get("working_dir") if isinstance(runtime_env, dict) else None
+    if not isinstance(working_dir, str) or not working_dir or working_dir.startswith("local://"):
+        return None
+    cwd = Path.cwd().resolve()
+    return cwd if resolved.is_relative_to(cwd) else None
+
+
+def warn_if_in_ray_working_dir(paths: Mapping[str, str | os.PathLike]) -> list[str]:
+    """Log a warning for each recipe key (e.g. ``run.output_dir``) whose path lies in Ray's copy of a
+    submitted job's working dir (``ray_working_dir_copy``); returns those keys."""
+    keys = []
+    for key, path in paths.items():
+        copy = ray_working_dir_copy(path)
+        if copy is None:
+            continue
+        keys.append(key)
+        log.warning(
+            "%s resolves to %s, inside Ray's unpacked copy of the job's working dir (%s): nobody will find "
+            "the outputs there, other nodes cannot read them, and Ray deletes the copy when it evicts the "
+            "package. Set %s to an absolute path on storage that every node mounts, e.g. %s=/shared/mopd/<run>",
+            key,
+            Path(path).resolve(),
+            copy,
+            key,
+            key,
+        )
+    return keys
 
 
 def free_port(host: str) -> int:

