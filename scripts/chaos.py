@@ -5,9 +5,9 @@ ended with the same weights.
 
     OMP_NUM_THREADS=1 python scripts/chaos.py --steps 24 --kills 6 --seed 0
 
-The kill moments are drawn uniformly over the undisturbed run's training loop (start-up excluded) (so they land in
-generate, scoring, weight sync, evaluation or between calls, wherever that falls); each kill picks a
-live rollout or teacher actor at random (Ray restarts it, up to ``ray.max_restarts``). Trainer
+Each kill falls at a step drawn from 2..N, a delay into that step drawn from the undisturbed run's
+mean step time (so it lands in generate, scoring, training, weight sync, an evaluation or a
+restart, wherever that falls), and picks a rollout or teacher actor at random (Ray restarts it, up to ``ray.max_restarts``). Trainer
 ranks are not killed: a dead rank stops the run by design (tests/test_faults.py covers that).
 tests/test_chaos.py asserts on the result of ``run_pair``.
 """
@@ -59,12 +59,13 @@ class PairResult:
 
 
 class Killer(threading.Thread):
-    """Kills a random live rollout or teacher actor at each of ``moments`` (seconds after the loop
-    starts), until the loop ends."""
+    """At each ``(step, delay_s)`` of ``plan``, ``delay_s`` seconds into that step (1-based, as
+    it runs, whatever it is doing then: generate, score, train, sync, evaluate), kills a random
+    rollout or teacher actor; until the loop ends."""
 
-    def __init__(self, moments: list[float], seed: int) -> None:
+    def __init__(self, plan: list[tuple[int, float]], seed: int) -> None:
         super().__init__(daemon=True)
-        self.moments, self.rng = sorted(moments), random.Random(seed)
+        self.plan, self.rng = sorted(plan), random.Random(seed)
         self.loop: Any = None
         self.started = threading.Event()
         self.finished = threading.Event()
@@ -75,15 +76,24 @@ class Killer(threading.Thread):
         self.t0 = time.monotonic()
         self.started.set()
 
+    def _wait_for_step(self, step: int) -> float | None:
+        """When step ``step`` began (monotonic), or None if the loop ended first."""
+        while self.loop.step + 1 < step:
+            if self.finished.wait(0.02):
+                return None
+        return time.monotonic()
+
     def run(self) -> None:
         import ray
 
         self.started.wait()
-        for at in self.moments:
-            if self.finished.wait(max(0.0, self.t0 + at - time.monotonic())):
+        for step, delay in self.plan:
+            began = self._wait_for_step(step)
+            if began is None or self.finished.wait(max(0.0, began + delay - time.monotonic())):
                 return
-            groups = [("rollout", self.loop.rollout._actors), ("teacher", self.loop.teachers._actors)]
-            kind, group = self.rng.choice(groups)
+            kind, group = self.rng.choice(
+                [("rollout", self.loop.rollout._actors), ("teacher", self.loop.teachers._actors)]
+            )
             i = self.rng.randrange(len(group))
             ray.kill(group[i], no_restart=False)
             self.log.append(f"{time.monotonic() - self.t0:6.1f}s step {self.loop.step + 1}: killed {kind} actor {i}")
@@ -139,12 +149,12 @@ def run_once(out: Path, steps: int, killer: Killer | None = None) -> Outcome:
 
 
 def run_pair(tmp: Path, steps: int = 24, kills: int = 6, seed: int = 0) -> PairResult:
-    """The undisturbed run, then the same run with ``kills`` kills at moments drawn (with ``seed``)
-    over the middle 80% of the undisturbed run's loop time."""
+    """The undisturbed run, then the same run with ``kills`` kills: each at a step drawn (with
+    ``seed``) from 2..steps, a delay into it drawn from the undisturbed run's mean step time."""
     ref = run_once(tmp / "undisturbed", steps)
     rng = random.Random(seed)
-    moments = [rng.uniform(0.1, 0.9) * ref.loop_s for _ in range(kills)]
-    killer = Killer(moments, seed)
+    plan = [(rng.randint(2, steps), rng.uniform(0.0, ref.loop_s / steps)) for _ in range(kills)]
+    killer = Killer(plan, seed)
     hit = run_once(tmp / "killed", steps, killer)
     return PairResult(
         kills_done=len(hit.kill_log),

@@ -30,7 +30,7 @@ def test_random_kills_under_load_lose_no_step_and_change_no_weight(tmp_path):
     spec.loader.exec_module(chaos)
 
     res = chaos.run_pair(tmp_path, steps=24, kills=6, seed=0)
-    assert res.kills_done == 6, res  # every scheduled kill landed on a live actor
+    assert res.kills_done == 6, res  # every scheduled kill was made (the run outlived the plan)
     # Each kill surfaced as a restart that a pool saw (a call that failed, or a stale policy
     # version), or was absorbed while the actor was idle and restarted before its next call.
     assert res.restarts_seen <= res.kills_done
