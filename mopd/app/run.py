@@ -111,13 +111,13 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     """Every check ``mopd train`` runs before Ray, and all that ``mopd validate`` runs after the
     recipe's own (``mopd.config.validate``): every data source read and checked, the eval prompts,
     the checkpoint to resume against the recipe (teacher set, data sources and seed, student), every
-    teacher's vocabulary against the student's (tokenizers and configs only, no weights). Writes
+    teacher's vocabulary, special ids and stop ids against the student's (``mopd check`` without
+    ``--models``: tokenizers and configs only, no weights). Writes
     nothing. Raises ``ConfigError`` (or a subclass) naming what to change."""
     mixer, data_stats = build_mixer(cfg)
     eval_rows = build_eval_rows(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    signature = student_signature(cfg)
-    check_teacher_vocabularies(cfg, signature)
+    signature = checked_teachers(cfg)
     if latest is not None:
         _check_data_cursor(mixer, latest)
         _check_student(cfg, latest)
@@ -249,6 +249,19 @@ def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
         rows, _ = load_source(held_out, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, set(cfg.teachers))
         per_domain[src.domain] = rows[: cfg.eval.num_prompts]
     return [r for d in sorted(per_domain) for r in per_domain[d]]
+
+
+def checked_teachers(cfg: MOPDConfig) -> dict[str, Any]:
+    """``mopd check``'s cheap part (mopd/app/check.py: every teacher's vocabulary, probe and chat
+    ids, special and stop ids against the student's); logs its warnings, raises on a mismatch, and
+    returns the student's vocabulary signature."""
+    from mopd.app.check import check_teachers  # it imports this module
+
+    report = check_teachers(cfg)
+    report.raise_on_failure()
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    return report.student.signature
 
 
 def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
