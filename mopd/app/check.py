@@ -348,9 +348,11 @@ def model_checks(cfg: MOPDConfig, num_prompts: int = 4, vllm: bool = False) -> d
     replicas (two loads) and, for a vllm teacher or with ``vllm``, of its hf and vLLM scores.
     Returns domain -> rows; disagreement beyond ``TOLERANCE_NATS`` is a FAIL row."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from rollout.hf import HFRolloutActor
 
+    hf_logging.disable_progress_bar()  # the table is the output; load reports (missing weights) still show
     cfg = _on_this_machine(cfg)
     threads = torch.get_num_threads()
     try:

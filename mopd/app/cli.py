@@ -80,7 +80,9 @@ def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from mopd.app.run import preflight
 
-    preflight(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    pre = preflight(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    for warning in pre.warnings:
+        print(f"mopd: warning: {warning}", file=sys.stderr)
     print(to_yaml(cfg), end="")
     return 0
 

@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pre = preflight(cfg, resume, force_teachers)  # every refusal a user can cause, before Ray
     mixer, eval_rows, latest, signature = pre.mixer, pre.eval_rows, pre.latest, pre.signature
+    for warning in pre.warnings:
+        log.warning("%s", warning)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
@@ -105,6 +107,7 @@ class Preflight:
     eval_rows: list[PromptRow]
     latest: Path | None  # the checkpoint to resume from
     signature: dict[str, Any]  # the student's vocabulary signature (mopd.vocab)
+    warnings: list[str] = field(default_factory=list)  # e.g. a teacher that is the student (mopd check)
 
 
 def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Preflight:
@@ -117,11 +120,11 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     mixer, data_stats = build_mixer(cfg)
     eval_rows = build_eval_rows(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    signature = checked_teachers(cfg)
+    signature, warnings = checked_teachers(cfg)
     if latest is not None:
         _check_data_cursor(mixer, latest)
         _check_student(cfg, latest)
-    return Preflight(mixer, data_stats, eval_rows, latest, signature)
+    return Preflight(mixer, data_stats, eval_rows, latest, signature, warnings)
 
 
 def stopped_message(cfg: MOPDConfig, cause: BaseException | None) -> str:
@@ -251,17 +254,15 @@ def build_eval_rows(cfg: MOPDConfig) -> list[PromptRow]:
     return [r for d in sorted(per_domain) for r in per_domain[d]]
 
 
-def checked_teachers(cfg: MOPDConfig) -> dict[str, Any]:
+def checked_teachers(cfg: MOPDConfig) -> tuple[dict[str, Any], list[str]]:
     """``mopd check``'s cheap part (mopd/app/check.py: every teacher's vocabulary, probe and chat
-    ids, special and stop ids against the student's); logs its warnings, raises on a mismatch, and
-    returns the student's vocabulary signature."""
+    ids, special and stop ids against the student's): raises on a mismatch; returns the student's
+    vocabulary signature and the warnings (a teacher that is the student, ...)."""
     from mopd.app.check import check_teachers  # it imports this module
 
     report = check_teachers(cfg)
     report.raise_on_failure()
-    for warning in report.warnings:
-        log.warning("%s", warning)
-    return report.student.signature
+    return report.student.signature, report.warnings
 
 
 def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
