@@ -28,11 +28,9 @@ from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
 from mopd.loop import ConfigMismatchError, MOPDLoop, check_teachers, teacher_fingerprint
 from mopd.metrics import MetricsWriter
-from mopd.models import load_tokenizer
 from mopd.placement import RunPlacement
 from mopd.runtime import init_ray
 from mopd.types import PromptRow
-from mopd.vocab import check_vocabularies, config_vocab_size, tokenizer_signature
 
 log = logging.getLogger("mopd")
 
@@ -47,8 +45,6 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pre = preflight(cfg, resume, force_teachers)  # every refusal a user can cause, before Ray
     mixer, eval_rows, latest, signature = pre.mixer, pre.eval_rows, pre.latest, pre.signature
-    for warning in pre.warnings:
-        log.warning("%s", warning)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(to_yaml(cfg))  # the resolved recipe this run used
@@ -58,6 +54,8 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     from teachers import TeacherPool
     from trainers import TrainerPool
 
+    for warning in pre.warnings:  # e.g. a teacher that is the student (mopd check)
+        log.warning("%s", warning)
     init_ray(cfg)
     pools: list[Any] = []
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
@@ -265,16 +263,6 @@ def checked_teachers(cfg: MOPDConfig) -> tuple[dict[str, Any], list[str]]:
     return report.student.signature, report.warnings
 
 
-def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
-    """The student's tokenizer/vocabulary signature, which every teacher must match."""
-    return _readable_signature(cfg.student, "student")
-
-
-def model_signature(model: ModelConfig) -> dict[str, Any]:
-    """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
-    return tokenizer_signature(load_tokenizer(model), config_vocab_size(model_config(model)))
-
-
 def model_config(model: ModelConfig) -> Any:
     """A model entry's transformers config (its inline ``config``, or ``path``'s config.json)."""
     from transformers import AutoConfig
@@ -285,22 +273,3 @@ def model_config(model: ModelConfig) -> Any:
     if model.path is not None:
         return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
-
-
-def _readable_signature(model: ModelConfig, key: str) -> dict[str, Any]:
-    """``model_signature``, or a ConfigError naming ``key`` when the tokenizer or config cannot be read."""
-    try:
-        return model_signature(model)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{key}: cannot read its tokenizer or model config ({first}); set {key}.path to a Hugging Face "
-            f"model directory (config.json and tokenizer files), or {key}.tokenizer to a tokenizer directory"
-        ) from None
-
-
-def check_teacher_vocabularies(cfg: MOPDConfig, student: dict[str, Any]) -> None:
-    """Compare every teacher's vocabulary with the student's before any actor starts (each
-    teacher's actor checks again at start-up)."""
-    signatures = {d: _readable_signature(t, f"teachers.{d}") for d, t in sorted(cfg.teachers.items())}
-    check_vocabularies(signatures, student)
