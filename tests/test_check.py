@@ -155,8 +155,13 @@ def test_teacher_with_another_eos(models, tmp_path, capsys):
     assert "teacher 'math' vs the student: special_token_ids:" in line and "'eos': 3" in line
 
 
-def test_chat_prompt_ids_are_compared_when_the_student_has_a_template(models, tmp_path, capsys):
-    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+TURNS = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+NO_SYSTEM = "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+
+
+@pytest.mark.parametrize("template", [TURNS, NO_SYSTEM + TURNS], ids=["system", "no-system-role"])
+def test_chat_prompt_ids_are_compared_when_the_student_has_a_template(template, models, tmp_path, capsys):
+    """A template that refuses a system turn (Gemma's) is rendered with the user turn alone."""
     student = tmp_path / "student"
     shutil.copytree(models["student"], student)
     tok = build_char_tokenizer()

@@ -252,17 +252,12 @@ def _chat_rows(s_tok: Any, t_tok: Any) -> list[Row]:
     and a warning when the teacher's own template renders it otherwise."""
     if not s_tok.chat_template:
         return [Row("chat prompt ids", OK, "not checked: the student's tokenizer has no chat template")]
-    try:
-        text = s_tok.apply_chat_template(CHAT_PROBE, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # a template that needs other roles or variables: say so, do not stop
-        return [Row("chat prompt ids", WARN, f"the student's template cannot render a system+user prompt ({e})")]
+    text = _render(s_tok)
+    if text is None:
+        return [Row("chat prompt ids", WARN, "the student's chat template cannot render a user prompt")]
     rows = [_ids_row("chat prompt ids", s_tok, t_tok, text, add_special_tokens=False)]
     if t_tok.chat_template and t_tok.chat_template != s_tok.chat_template:
-        try:
-            own = t_tok.apply_chat_template(CHAT_PROBE, add_generation_prompt=True, tokenize=False)
-        except Exception:
-            own = None
-        if own != text:
+        if _render(t_tok) != text:
             rows.append(
                 Row(
                     "chat template",
@@ -272,6 +267,17 @@ def _chat_rows(s_tok: Any, t_tok: Any) -> list[Row]:
                 )
             )
     return rows
+
+
+def _render(tok: Any) -> str | None:
+    """``CHAT_PROBE`` rendered for generation; without its system turn for templates that refuse
+    one (Gemma's); None if the template renders neither."""
+    for messages in (CHAT_PROBE, CHAT_PROBE[1:]):
+        try:
+            return str(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        except Exception:  # a template raising on a role it does not support (jinja's raise_exception)
+            continue
+    return None
 
 
 def _special_ids(tok: Any) -> dict[str, int | None]:
