@@ -1,6 +1,7 @@
 """The ``mopd`` command line.
 
     mopd validate RECIPE [LAYER.yaml ...] [key=value ...] [--resume]   the checks `train` runs before Ray
+    mopd check RECIPE [key=value ...] [--models] [--vllm]     the teachers against the student, before any actor
     mopd plan RECIPE [key=value ...] [--gpus N] [--nodes M]   memory per actor, and whether it fits
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
@@ -28,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     _resume_options(v)
+    c = sub.add_parser("check", help="check every teacher against the student (tokenizers, ids; --models: scores)")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
+    c.add_argument(
+        "--models",
+        action="store_true",
+        help="load the student and each teacher (no Ray): initial reverse KL per domain, replicas agree",
+    )
+    c.add_argument("--prompts", type=int, default=4, help="prompts per domain for --models (default 4)")
+    c.add_argument("--vllm", action="store_true", help="with --models: compare each hf teacher with vLLM too")
     pl = sub.add_parser("plan", help="the memory each actor needs and the GPUs it asks for (no weights loaded)")
     pl.add_argument("recipe")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
@@ -69,7 +80,9 @@ def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from mopd.app.run import preflight
 
-    preflight(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    pre = preflight(cfg, resume=args.resume, force_teachers=args.force_teachers)
+    for warning in pre.warnings:
+        print(f"mopd: warning: {warning}", file=sys.stderr)
     print(to_yaml(cfg), end="")
     return 0
 
@@ -85,6 +98,22 @@ def _train(args: argparse.Namespace) -> int:
         again += ["--force-teachers"] if args.force_teachers else []
         print(f"mopd: error: {e}\nto continue: {shlex.join(again)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mopd.app.check import check_teachers, format_report, model_checks, model_problems, raise_on_model_failure
+
+    cfg = load_config(args.recipe, args.overrides)
+    report = check_teachers(cfg)
+    # The models load only for teachers that passed the cheap checks: scores of other ids mean nothing.
+    models = model_checks(cfg, args.prompts, args.vllm) if args.models and not report.failed else {}
+    print(format_report(report, models))
+    for warning in report.warnings + model_problems(models, "warn"):
+        print(f"mopd: warning: {warning}", file=sys.stderr)
+    report.raise_on_failure()
+    raise_on_model_failure(models)
+    print("all teacher checks pass" + ("" if args.models else " (tokenizers and configs; --models loads the models)"))
     return 0
 
 
@@ -121,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command == "check":
+            return _check(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "train":

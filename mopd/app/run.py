@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,9 @@ from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
 from mopd.loop import ConfigMismatchError, MOPDLoop, check_teachers, teacher_fingerprint
 from mopd.metrics import MetricsWriter
-from mopd.models import load_tokenizer
 from mopd.placement import RunPlacement
 from mopd.runtime import init_ray, warn_if_in_ray_working_dir
 from mopd.types import PromptRow
-from mopd.vocab import check_vocabularies, config_vocab_size, tokenizer_signature
 
 log = logging.getLogger("mopd")
 
@@ -62,6 +60,8 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     from teachers import TeacherPool
     from trainers import TrainerPool
 
+    for warning in pre.warnings:  # e.g. a teacher that is the student (mopd check)
+        log.warning("%s", warning)
     init_ray(cfg)
     pools: list[Any] = []
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
@@ -111,25 +111,26 @@ class Preflight:
     eval_rows: list[PromptRow]
     latest: Path | None  # the checkpoint to resume from
     signature: dict[str, Any]  # the student's vocabulary signature (mopd.vocab)
+    warnings: list[str] = field(default_factory=list)  # e.g. a teacher that is the student (mopd check)
 
 
 def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Preflight:
     """Every check ``mopd train`` runs before Ray, and all that ``mopd validate`` runs after the
     recipe's own (``mopd.config.validate``): every data source read and checked, the eval prompts,
     the checkpoint to resume against the recipe (teacher set, data sources and seed, student), every
-    teacher's vocabulary against the student's (tokenizers and configs only, no weights). Writes
+    teacher's vocabulary, special ids and stop ids against the student's (``mopd check`` without
+    ``--models``: tokenizers and configs only, no weights). Writes
     nothing. Raises ``ConfigError`` (or a subclass) naming what to change."""
     tokenizer = readable_student_tokenizer(cfg)
     mixer, data_stats = build_mixer(cfg, tokenizer)
     eval_rows = build_eval_rows(cfg, tokenizer)
     check_sandbox(cfg, mixer, eval_rows)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
-    signature = student_signature(cfg)
-    check_teacher_vocabularies(cfg, signature)
+    signature, warnings = checked_teachers(cfg)
     if latest is not None:
         _check_data_cursor(mixer, latest)
         _check_student(cfg, latest)
-    return Preflight(mixer, data_stats, eval_rows, latest, signature)
+    return Preflight(mixer, data_stats, eval_rows, latest, signature, warnings)
 
 
 def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow]) -> None:
@@ -294,14 +295,15 @@ def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
     return [r for d in sorted(per_domain) for r in per_domain[d]]
 
 
-def student_signature(cfg: MOPDConfig) -> dict[str, Any]:
-    """The student's tokenizer/vocabulary signature, which every teacher must match."""
-    return _readable_signature(cfg.student, "student")
+def checked_teachers(cfg: MOPDConfig) -> tuple[dict[str, Any], list[str]]:
+    """``mopd check``'s cheap part (mopd/app/check.py: every teacher's vocabulary, probe and chat
+    ids, special and stop ids against the student's): raises on a mismatch; returns the student's
+    vocabulary signature and the warnings (a teacher that is the student, ...)."""
+    from mopd.app.check import check_teachers  # it imports this module
 
-
-def model_signature(model: ModelConfig) -> dict[str, Any]:
-    """A model's tokenizer/vocabulary signature from its tokenizer and config alone (no weights)."""
-    return tokenizer_signature(load_tokenizer(model), config_vocab_size(model_config(model)))
+    report = check_teachers(cfg)
+    report.raise_on_failure()
+    return report.student.signature, report.warnings
 
 
 def model_config(model: ModelConfig) -> Any:
@@ -314,22 +316,3 @@ def model_config(model: ModelConfig) -> Any:
     if model.path is not None:
         return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
-
-
-def _readable_signature(model: ModelConfig, key: str) -> dict[str, Any]:
-    """``model_signature``, or a ConfigError naming ``key`` when the tokenizer or config cannot be read."""
-    try:
-        return model_signature(model)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{key}: cannot read its tokenizer or model config ({first}); set {key}.path to a Hugging Face "
-            f"model directory (config.json and tokenizer files), or {key}.tokenizer to a tokenizer directory"
-        ) from None
-
-
-def check_teacher_vocabularies(cfg: MOPDConfig, student: dict[str, Any]) -> None:
-    """Compare every teacher's vocabulary with the student's before any actor starts (each
-    teacher's actor checks again at start-up)."""
-    signatures = {d: _readable_signature(t, f"teachers.{d}") for d, t in sorted(cfg.teachers.items())}
-    check_vocabularies(signatures, student)
