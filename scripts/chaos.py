@@ -7,8 +7,9 @@ ended with the same weights.
 
 Each kill falls at a step drawn from 2..N, a delay into that step drawn from the undisturbed run's
 mean step time (so it lands in generate, scoring, training, weight sync, an evaluation or a
-restart, wherever that falls), and picks a rollout or teacher actor at random (Ray restarts it, up to ``ray.max_restarts``). Trainer
-ranks are not killed: a dead rank stops the run by design (tests/test_faults.py covers that).
+restart, wherever that falls), and picks a rollout or teacher actor at random (Ray restarts it, up
+to ``ray.max_restarts``). Trainer ranks are not killed: a dead rank stops the run by design
+(tests/test_faults.py covers that).
 tests/test_chaos.py asserts on the result of ``run_pair``.
 """
 
