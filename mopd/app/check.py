@@ -147,46 +147,52 @@ def read_model(model: ModelConfig, key: str) -> ModelFacts:
 def _generation_eos(model: ModelConfig, config: Any) -> tuple[set[int], str]:
     """The EOS ids generation stops on: ``generation_config.json`` of the model directory when it has
     one (chat models list their end-of-turn id there), else the model config's ``eos_token_id``."""
-    eos, source = getattr(config, "eos_token_id", None), "config eos_token_id"
-    if model.path is not None and (Path(model.path) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+    from mopd.chat import generation_config_eos
 
-        eos, source = GenerationConfig.from_pretrained(model.path).eos_token_id, "generation_config.json"
+    listed = generation_config_eos(model)
+    if listed:
+        return set(listed), "generation_config.json"
+    eos = getattr(config, "eos_token_id", None)
     if eos is None:
-        return set(), source
-    return {int(x) for x in (eos if isinstance(eos, list | tuple) else [eos])}, source
+        return set(), "config eos_token_id"
+    return {int(x) for x in (eos if isinstance(eos, list | tuple) else [eos])}, "config eos_token_id"
 
 
 def check_teachers(cfg: MOPDConfig) -> CheckReport:
     """The cheap checks of every teacher against the student (tokenizers and configs only); raises
     ConfigError only for a model it cannot read. ``report.raise_on_failure()`` refuses a mismatch."""
+    from mopd.chat import apply_chat_template_option
+
     student = read_model(cfg.student, "student")
+    apply_chat_template_option(student.tokenizer, cfg.data.chat_template)  # the rendering the data loader uses
     reports, signatures = {}, {}
     for domain, teacher in sorted(cfg.teachers.items()):
         facts = read_model(teacher, f"teachers.{domain}")
         signatures[domain] = facts.signature
         reports[domain] = _teacher_report(cfg, domain, teacher, facts, student)
-    return CheckReport(student, _student_rows(student), reports, signatures)
+    return CheckReport(student, _student_rows(student, cfg.rollout.stop_token_ids), reports, signatures)
 
 
-def _student_rows(s: ModelFacts) -> list[Row]:
+def _student_rows(s: ModelFacts, recipe_stop_ids: list[int]) -> list[Row]:
     tok = s.tokenizer
     rows = [_rows_row(s)]
     template = "yes" if tok.chat_template else "none (prompts are used as text)"
     rows.append(Row("chat template", OK, template))
-    rows.append(Row("stop ids", OK, f"{s.stop_ids} ({s.stop_source})"))
+    stop = sorted(set(s.stop_ids) | {int(t) for t in recipe_stop_ids})
+    source = s.stop_source + (" + rollout.stop_token_ids" if recipe_stop_ids else "")
+    rows.append(Row("stop ids", OK, f"{stop} ({source})"))
     # Only the end-of-turn token the chat template writes matters (a base model's vocabulary may hold others).
     used = {k: v for k, v in _end_of_turn_ids(tok).items() if k in str(tok.chat_template or "")}
     for name, tid in used.items():
-        if tid in s.stop_ids:
+        if tid in stop:
             rows.append(Row("end of turn", OK, f"{name} = {tid}, a stop id"))
         else:
             rows.append(
                 Row(
                     "end of turn",
                     WARN,
-                    f"{name} = {tid} is not a stop id {s.stop_ids}: responses may run on past the turn "
-                    "(list it in generation_config.json's eos_token_id)",
+                    f"{name} = {tid} is not a stop id {stop}: responses may run on past the turn "
+                    "(list it in generation_config.json's eos_token_id, or set rollout.stop_token_ids)",
                 )
             )
     return rows
@@ -399,12 +405,14 @@ def _domain_rows(cfg: MOPDConfig, domain: str, student: Any, num_prompts: int, v
 
 
 def _domain_prompts(cfg: MOPDConfig, domain: str, num_prompts: int) -> list[Any]:
+    from mopd.chat import student_tokenizer
     from mopd.data import load_source
 
+    tokenizer = student_tokenizer(cfg)
     for src in cfg.data.sources:
         if src.domain == domain:
             d = cfg.data
-            rows, _ = load_source(src, cfg.run.seed, d.max_prompt_len, d.on_bad_row, set(cfg.teachers))
+            rows, _ = load_source(src, cfg.run.seed, d.max_prompt_len, d.on_bad_row, set(cfg.teachers), tokenizer)
             return rows[:num_prompts]
     return []
 
