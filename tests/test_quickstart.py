@@ -175,26 +175,27 @@ def check_report(report: dict) -> None:
 
 @pytest.mark.slow
 def test_reduced_quickstart_improves_the_student(tmp_path):
+    """On seed 3, not the default seed 0: what MOPD does is not a property of seed 0's data and
+    initialisation (nor of one CPU's rounding of it). Seed 0 runs in the extended set below."""
     out = tmp_path / "qs"
-    quickstart("--output-dir", str(out))
+    quickstart("--output-dir", str(out), "seed=3", "run.seed=3")
     check_report(json.loads((out / "report.json").read_text()))
     assert (out / "curves.png").stat().st_size > 0
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(out / "student_hf")).__name__ == "MiMoV2FlashForCausalLM"
 
-    printed = quickstart("--output-dir", str(out), "--from-stage", "report")
+    printed = quickstart("--output-dir", str(out), "--from-stage", "report", "seed=3", "run.seed=3")
     assert all(f"{s}: cached" in printed for s in ("domains", "student", "teachers", "mopd"))
     assert "report: running" in printed
 
 
 @pytest.mark.slow
-def test_reduced_quickstart_improves_the_student_on_another_seed(tmp_path):
-    """Not a property of seed 0's data and initialisation (nor of one CPU's rounding of it)."""
+@pytest.mark.extended  # ~3 min more on 2 cores; the default run covers seed 3, scripts/quickstart_seeds.sh all five
+def test_reduced_quickstart_improves_the_student_on_the_default_seed(tmp_path):
     out = tmp_path / "qs"
-    quickstart("--output-dir", str(out), "seed=3", "run.seed=3")
-    report = json.loads((out / "report.json").read_text())
-    check_report(report)
+    quickstart("--output-dir", str(out))
+    check_report(json.loads((out / "report.json").read_text()))
 
 
 def test_the_seed_table_command_exits_1_when_a_seed_misses_a_target(tmp_path, capsys):
