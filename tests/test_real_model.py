@@ -46,6 +46,22 @@ def tensors_of(directory: Path) -> dict[str, int]:
     return out
 
 
+def standin_cache(root: Path) -> Path:
+    """A ``$MOPD_CACHE`` under ``root`` holding every path recipes/real_small.yaml names, as stand-ins
+    (tiny llama directories with the builtin tokenizer, the prompt files as text): what validating
+    the recipe needs where nothing was converted."""
+    from mopd.models import build_char_tokenizer
+
+    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    for model in (root / real_model.NAME, root / "real_small" / "student"):
+        config.save_pretrained(model)
+        build_char_tokenizer().save_pretrained(model)
+    for domain, questions in real_model.PROMPT_SETS.items():
+        lines = [json.dumps({"prompt": q}) for q in questions]
+        (root / "real_small" / f"{domain}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 # --------------------------------------------------------------------------- tied weights, tiny
 
 
@@ -173,8 +189,9 @@ def mopd(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.Comp
 
 
 @pytest.mark.slow
-def test_train_export_reload(cache, smollm, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOPD_CACHE": str(cache)}
+def test_train_export_reload(cache, smollm, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOPD_CACHE", str(cache))  # where the recipe's paths point
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
     # `math`'s teacher has the student's weights, `chat`'s is the noised copy.
     overrides = [
@@ -188,7 +205,7 @@ def test_train_export_reload(cache, smollm, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
     self_kl = [r["teacher/math/reverse_kl"] for r in records if "teacher/math/reverse_kl" in r]
     other_kl = [r["teacher/chat/reverse_kl"] for r in records if "teacher/chat/reverse_kl" in r]
-    assert self_kl and other_kl, records
+    assert self_kl and other_kl, "both domains must be drawn in two steps (the recipe's run.seed picks them)"
     # The same weights in fp32 on both sides (only the summation order differs, as the trainer
     # and rollout log-probs do: ~1e-7); one step at lr 1e-5 moves the student by far less than 0.01.
     assert max(abs(x) for x in self_kl) < 0.01, self_kl
@@ -209,20 +226,30 @@ def test_train_export_reload(cache, smollm, tmp_path):
             timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
-        assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens"] == 4
+        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        assert result and json.loads(result[-1][len("RESULT ") :])["tokens"] == 4, proc.stdout[-2000:]
 
 
 # vLLM in a subprocess: its engine process and threads end with it, not with the test session.
 VLLM_GENERATE = """
 import json, sys
-from mopd.vllm_compat import set_cpu_env_defaults
-set_cpu_env_defaults()
-from transformers import AutoTokenizer
-from vllm import LLM, SamplingParams
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
-                                 add_generation_prompt=True)
-llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
-out = llm.generate([prompt], SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
-print(json.dumps({"tokens": len(out[0].outputs[0].token_ids), "text": out[0].outputs[0].text}))
+
+
+def main(path):
+    from mopd.vllm_compat import set_cpu_env_defaults
+
+    set_cpu_env_defaults()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))[0].outputs[0]
+    print("RESULT", json.dumps({"tokens": len(out.token_ids), "text": out.text}))
+
+
+if __name__ == "__main__":  # vLLM's engine process is spawned: it imports this module again
+    main(sys.argv[1])
 """
