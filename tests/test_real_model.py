@@ -198,7 +198,8 @@ def test_train_export_reload(cache, smollm, tmp_path, monkeypatch):
         f"run.output_dir={out}", "run.total_steps=2", "checkpoint.every=2", f"teachers.chat.path={cache / 'noised'}",
         "rollout.prompts_per_step=2", "rollout.max_new_tokens=16", "trainer.lr=1e-5",
     ]  # fmt: skip
-    assert load_config(RECIPE, overrides).student.path == str(cache / "real_small" / "student")
+    student = Path(load_config(RECIPE, overrides).student.path)
+    assert student == cache / "real_small" / "student" and len(list(student.glob("*.safetensors"))) == 3
     mopd("train", str(RECIPE), *overrides, env=env)
     records = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in records] == [1, 2]
