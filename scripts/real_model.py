@@ -81,15 +81,16 @@ def ensure_converted(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _convert(src, tmp, log)
-        _replace(tmp, target)
+        if force or not is_converted(target):  # else another process finished first: keep its copy
+            _replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def _replace(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` to ``target``, removing an incomplete (or forced-over) one first.
-    A complete directory that another process renamed into place meanwhile is kept."""
+    """Move the finished ``tmp`` to ``target``, removing an incomplete (or forced-over) one first;
+    if another process renamed a complete one into place in between, that one is kept."""
     if target.exists():
         shutil.rmtree(target)
     try:
