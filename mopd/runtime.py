@@ -79,6 +79,10 @@ def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, Any]:
     """``ray.init`` arguments of a local run: the dashboard is off unless the recipe turns it on,
     and then it listens on 127.0.0.1 only."""
     return dict(
+        # "local": a new Ray, even where `ray start` left a cluster whose address Ray would otherwise
+        # pick up from /tmp/ray/ray_current_cluster (and then refuse num_cpus). Joining a cluster is
+        # what ray.address / RAY_ADDRESS are for.
+        address="local",
         num_cpus=num_cpus,
         namespace=cfg.ray.namespace,
         include_dashboard=cfg.ray.include_dashboard,

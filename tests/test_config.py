@@ -16,9 +16,12 @@ def test_recipes_exist():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_recipe_validates(recipe, tmp_path):
+def test_every_recipe_validates(recipe, tmp_path, monkeypatch):
     from test_production_recipes import PRODUCTION, standin_overrides
+    from test_real_model import standin_cache
 
+    # recipes/real_small.yaml reads $MOPD_CACHE (scripts/real_model.py writes it): stand-ins there.
+    monkeypatch.setenv("MOPD_CACHE", str(standin_cache(tmp_path / "cache")))
     # Production recipes name checkpoints by placeholder paths: tiny stand-ins replace them.
     cfg = load_config(recipe, standin_overrides(recipe, tmp_path) if recipe.name in PRODUCTION else None)
     assert isinstance(cfg, MOPDConfig)

@@ -668,7 +668,9 @@ def _write_hf_dir(module, state_dict: dict[str, torch.Tensor], out_dir: str, spe
     """Save ``state_dict`` with ``module``'s config and generation config as a HF model directory.
 
     The model is rebuilt on the meta device and given the tensors: under ZeRO-3 the live module's
-    parameters are empty partitions, so it cannot be saved directly.
+    parameters are empty partitions, so it cannot be saved directly. Tied weights (an ``lm_head``
+    that is the input embedding, ``tie_word_embeddings``) are tied again after the tensors are
+    assigned, so the directory stores them once, as the input checkpoint did.
     """
     import copy
 
@@ -678,7 +680,24 @@ def _write_hf_dir(module, state_dict: dict[str, torch.Tensor], out_dir: str, spe
     config.dtype = spec.dtype
     with torch.device("meta"):  # no memory, no random init: every tensor comes from state_dict
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    _assign_tied(model, state_dict)
     if getattr(module, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(module.generation_config)
     model.save_pretrained(out_dir)
+
+
+def _assign_tied(model, state_dict: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` (on the meta device) the tensors of ``state_dict``, then tie what its config
+    ties. ``load_state_dict(assign=True)`` alone would give a tied target (``lm_head.weight``) a
+    parameter of its own: an export of 273 tensors from a checkpoint of 272. A state dict may hold
+    the target (a copy of its source) or not (ZeRO-3's consolidated state dict names a shared
+    parameter once); either way the source's tensor is the one kept."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # {target: source}
+    sources = {k: v for k, v in state_dict.items() if k not in tied}
+    missing, unexpected = model.load_state_dict(sources, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"the student's state dict does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

