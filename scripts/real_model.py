@@ -171,22 +171,14 @@ PROMPT_SETS = {
 }
 
 
-def write_prompts(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``<domain>.jsonl`` under ``out_dir`` for each prompt set: per line ``messages`` (one user
-    turn, OpenAI-style) and ``prompt``, the same turn rendered with ``model_dir``'s chat template
-    (``add_generation_prompt=True``): the text a recipe without chat-form support reads."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+def write_prompts(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``<domain>.jsonl`` under ``out_dir`` for each prompt set, one chat per line: ``messages``, a
+    single user turn (OpenAI-style), which mopd renders with the student's chat template."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for domain, questions in PROMPT_SETS.items():
-        lines = []
-        for q in questions:
-            messages = [{"role": "user", "content": q}]
-            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            lines.append(json.dumps({"messages": messages, "prompt": prompt}))
+        lines = [json.dumps({"messages": [{"role": "user", "content": q}]}) for q in questions]
         files[domain] = out / f"{domain}.jsonl"
         files[domain].write_text("\n".join(lines) + "\n")
     return files
@@ -205,7 +197,7 @@ def ensure_recipe_files(root: str | os.PathLike | None = None, log: Callable[[st
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             write_noised(model, tmp / "student", scale=0.05, seed=0)
-            write_prompts(model, tmp)
+            write_prompts(tmp)
             (tmp / MARKER).write_text(json.dumps({"student": "noise 0.05 std, seed 0"}) + "\n")
             _replace(tmp, files)
         finally:

@@ -48,17 +48,17 @@ def tensors_of(directory: Path) -> dict[str, int]:
 
 def standin_cache(root: Path) -> Path:
     """A ``$MOPD_CACHE`` under ``root`` holding every path recipes/real_small.yaml names, as stand-ins
-    (tiny llama directories with the builtin tokenizer, the prompt files as text): what validating
-    the recipe needs where nothing was converted."""
+    (tiny llama directories with the builtin tokenizer and a chat template, the chat prompt files):
+    what validating the recipe needs where nothing was converted."""
     from mopd.models import build_char_tokenizer
 
     config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
     for model in (root / real_model.NAME, root / "real_small" / "student"):
         config.save_pretrained(model)
-        build_char_tokenizer().save_pretrained(model)
-    for domain, questions in real_model.PROMPT_SETS.items():
-        lines = [json.dumps({"prompt": q}) for q in questions]
-        (root / "real_small" / f"{domain}.jsonl").write_text("\n".join(lines) + "\n")
+        tok.save_pretrained(model)
+    real_model.write_prompts(root / "real_small")
     return root
 
 
@@ -164,7 +164,7 @@ def cache(smollm, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (root / "real_small" / "student" / name).write_bytes((smollm / name).read_bytes())
     real_model.write_noised(smollm, root / "noised", scale=0.05, seed=1, dtype="bfloat16")
-    real_model.write_prompts(smollm, root / "real_small")
+    real_model.write_prompts(root / "real_small")
     return root
 
 
@@ -179,6 +179,22 @@ def test_the_conversion_is_a_plain_hf_directory(smollm):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id == 2
+
+
+def test_the_recipe_renders_its_chat_prompts_with_the_students_template(cache, monkeypatch):
+    """The prompt files hold chat messages; the student sees them through its own template, as the
+    token ids that apply_chat_template gives (what every teacher then scores)."""
+    from mopd.chat import prompt_ids, student_tokenizer
+    from mopd.data import load_source
+
+    monkeypatch.setenv("MOPD_CACHE", str(cache))
+    cfg = load_config(RECIPE, [])
+    tok = student_tokenizer(cfg)
+    rows, _ = load_source(cfg.data.sources[0], 0, cfg.data.max_prompt_len, "reject", set(cfg.teachers), tok)
+    assert rows and rows[0].messages is not None
+    assert rows[0].prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    expected = tok.apply_chat_template(rows[0].messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert prompt_ids(tok, rows[0]) == list(expected["input_ids"])
 
 
 def mopd(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
