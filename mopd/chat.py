@@ -1,7 +1,9 @@
 """What the student is shown and where its turn ends: prompt token ids (text as it is, or chat
 messages rendered with the chat template) and the set of token ids that stop a response. The data
 loader (prompt lengths in tokens) and both rollout backends use these same functions, so a prompt
-has one tokenisation; teachers score the ids the student sampled and never see text.
+has one tokenisation; teachers score the ids the student sampled and never see text (a teacher
+with its own ``chat_template`` gets its own rendering of the prompt part, before the same response
+ids: ``teacher_prompt_tokenizer``, teachers/pool.py).
 
     tok = student_tokenizer(cfg)       # load_tokenizer(cfg.student) with data.chat_template applied
     ids = prompt_ids(tok, row)         # list[int], what the rollout feeds the student
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mopd.config import ModelConfig, MOPDConfig
+from mopd.config import ModelConfig, MOPDConfig, TeacherConfig
 from mopd.types import PromptRow
 
 
@@ -53,6 +55,25 @@ def prompt_ids(tokenizer: Any, row: PromptRow) -> list[int]:
         return list(tokenizer(row.prompt, add_special_tokens=not rendered)["input_ids"])
     enc = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(enc["input_ids"])
+
+
+def teacher_prompt_tokenizer(teacher: TeacherConfig, key: str) -> Any | None:
+    """The tokenizer whose chat template renders the prompt part a teacher scores
+    (``teachers.<d>.chat_template``: ``own`` or a Jinja file), or None: it scores the student's
+    rendering. Raises ValueError naming ``key`` when the template is missing."""
+    if teacher.chat_template is None:
+        return None
+    from mopd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(teacher)
+    if teacher.chat_template != "own":
+        tokenizer.chat_template = Path(teacher.chat_template).read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{key}.chat_template is 'own' but the teacher's tokenizer has no chat template; give a Jinja "
+            "template file, or leave it unset (the teacher scores the student's rendering)"
+        )
+    return tokenizer
 
 
 def generation_config_eos(spec: ModelConfig) -> list[int]:

@@ -93,6 +93,11 @@ class TeacherConfig(ModelConfig):
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # Rows per forward pass when scoring.
     batch_size: int = 32
+    # The prompt part this teacher scores, for chat-form rows (data messages_key): ``null`` (default)
+    # the student's rendering, as sampled; ``own`` the teacher tokenizer's chat template; or a Jinja
+    # template file. The response ids are the student's either way; ``mopd check`` renders a chat
+    # prompt with it and refuses ids the teacher cannot score. Text rows keep the student's ids.
+    chat_template: str | None = None
 
 
 @dataclass
@@ -573,6 +578,12 @@ def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
             f"data.chat_template is {template!r}: neither {' nor '.join(map(repr, CHAT_TEMPLATE_MODES))} "
             "nor an existing Jinja template file"
         )
+    for name, t in sorted(cfg.teachers.items()):
+        if t.chat_template is not None and t.chat_template != "own" and not Path(t.chat_template).is_file():
+            errors.append(
+                f"teachers.{name}.chat_template is {t.chat_template!r}: neither 'own' (the teacher tokenizer's "
+                "template) nor an existing Jinja template file; or leave it unset (the student's rendering)"
+            )
     teachers = ", ".join(sorted(cfg.teachers)) or "(none)"
     for i, s in enumerate(cfg.data.sources):
         where = f"data.sources[{i}]"

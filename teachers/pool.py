@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mopd.actors import ActorGroup
+from mopd.chat import prompt_ids, teacher_prompt_tokenizer
 from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
 from mopd.placement import RunPlacement
 from mopd.runtime import split_evenly
@@ -129,6 +130,57 @@ def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) ->
     return metrics
 
 
+def relayout_prompts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_len: int,
+    prompts: Sequence[Sequence[int] | None],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The rows with their prompt part replaced by ``prompts[i]`` (None: the row's own prompt ids),
+    left-padded to the longest, the response columns (from ``prompt_len`` on) unchanged after them.
+    Returns (input_ids, attention_mask, response_mask, new prompt length)."""
+    own = [input_ids[i, :prompt_len][attention_mask[i, :prompt_len].bool()].tolist() for i in range(len(prompts))]
+    rows = [own[i] if p is None else list(p) for i, p in enumerate(prompts)]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype)
+    mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.as_tensor(r, dtype=input_ids.dtype)
+            mask[i, width - len(r) :] = 1
+    resp = response_mask[:, prompt_len:]
+    return (
+        torch.cat([ids, input_ids[:, prompt_len:]], dim=1),
+        torch.cat([mask, attention_mask[:, prompt_len:]], dim=1),
+        torch.cat([torch.zeros_like(mask, dtype=resp.dtype), resp], dim=1),
+        width,
+    )
+
+
+def restore_columns(scores: TeacherScores, scored_prompt_len: int, prompt_len: int, num_cols: int) -> TeacherScores:
+    """Scores of a relaid-out shard (``relayout_prompts``) back in the batch's columns: response
+    column j of the batch is column ``scored_prompt_len + j - prompt_len`` of ``scores``; prompt
+    columns (never read: the response mask is 0 there) are zero."""
+
+    def back(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        out = torch.zeros((t.shape[0], num_cols, *t.shape[2:]), dtype=t.dtype)
+        out[:, prompt_len:] = t[:, scored_prompt_len:]
+        return out
+
+    logprobs = back(scores.logprobs)
+    assert logprobs is not None
+    return TeacherScores(
+        logprobs=logprobs,
+        topk_ids=back(scores.topk_ids),
+        topk_logprobs=back(scores.topk_logprobs),
+        latency_s=scores.latency_s,
+    )
+
+
 # --------------------------------------------------------------------------- the pool
 
 
@@ -182,6 +234,10 @@ class TeacherPool:
             "teacher", max_restarts=max_restarts, local=local, placement_group=pg, owns_placement_group=False
         )
         self._replicas: dict[str, list[int]] = {}  # domain -> indices of its workers in the group
+        # Domains whose teacher renders the prompt part with a template of its own (chat rows).
+        self._prompt_tokenizers = {
+            d: tok for d in self.domains if (tok := teacher_prompt_tokenizer(teachers[d], f"teachers.{d}")) is not None
+        }
         try:
             for domain in self.domains:
                 cfg, s = teachers[domain], seed if isinstance(seed, int) else seed[domain]
@@ -232,13 +288,23 @@ class TeacherPool:
         """Scores of every row of ``batch`` by its domain's teacher, in batch order, and per-domain
         metrics. Returns (TeacherScores with (B, T) logprobs [and (B, T, K) top-k], metrics)."""
         shards = plan_shards(batch.domains, self.replicas)
-        calls = []
+        B, T, P = *batch.input_ids.shape, batch.prompt_len
+        calls, scored_prompt_len = [], []
         for s in shards:
             idx = torch.as_tensor(s.rows, dtype=torch.long)
-            args = (batch.input_ids[idx], batch.attention_mask[idx], batch.response_mask[idx], topk)
-            calls.append((self._replicas[s.domain][s.replica], "score", args))
+            ids, mask, resp = batch.input_ids[idx], batch.attention_mask[idx], batch.response_mask[idx]
+            tok = self._prompt_tokenizers.get(s.domain)
+            p_scored = P
+            if tok is not None:  # chat rows rendered with the teacher's template; text rows as sampled
+                own = [None if batch.rows[i].messages is None else prompt_ids(tok, batch.rows[i]) for i in s.rows]
+                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+                ids, mask, resp, p_scored = relayout_prompts(ids, mask, resp, P, own, pad)
+            scored_prompt_len.append(p_scored)
+            calls.append((self._replicas[s.domain][s.replica], "score", (ids, mask, resp, topk)))
         results = self._actors.call(calls)
-        B, T = batch.input_ids.shape
+        results = [
+            r if p == P else restore_columns(r, p, P, T) for r, p in zip(results, scored_prompt_len, strict=True)
+        ]
         return assemble_scores(shards, results, B, T, topk), domain_metrics(shards, results)
 
     def shutdown(self) -> None:

@@ -320,6 +320,61 @@ def test_teachers_score_the_sampled_ids_not_retokenised_text(tmp_path, free_run,
     assert (scores.logprobs[b.response_mask] < 0).all()
 
 
+def test_a_teacher_with_its_own_template_scores_its_rendering_before_the_same_response(tmp_path, free_run):
+    """teachers.<d>.chat_template: the teacher gets the prompt rendered with its template (here a
+    longer one, so every column moves) followed by the student's response ids, and its scores come
+    back in the batch's columns: equal to scoring that sequence directly."""
+    from teachers.hf import HFTeacherWorker
+    from teachers.pool import TeacherPool
+
+    path, _ = with_token_at(chat_model(), tmp_path / "s", free_run, EOT_ID, [EOS_ID, EOT_ID])
+    _, _, b = greedy_response(path)
+    template = tmp_path / "teacher.jinja"
+    template.write_text(CHATML.replace("<|im_start|>assistant\n", "<|im_start|>assistant\nAnswer: "))
+    teacher = TeacherConfig(path=save_student(chat_model(seed=5, scale=1.0), tmp_path / "t", None))
+    teacher.chat_template = str(template)
+    pool = TeacherPool({"math": teacher}, 0, local=True)
+    scores, _ = pool.score(b)
+
+    worker = HFTeacherWorker("math", teacher, 0, set_threads=False)
+    P = b.prompt_len
+    tok = chat_tokenizer()
+    tok.chat_template = template.read_text()
+    own = tok.apply_chat_template(b.rows[0].messages, add_generation_prompt=True, tokenize=False)
+    assert own.endswith("Answer: ")
+    prompt = tok(own, add_special_tokens=False)["input_ids"]
+    assert len(prompt) > P  # the teacher's prompt part is longer than the student's
+    response = b.input_ids[0, P:]
+    ids = torch.cat([torch.as_tensor(prompt), response])[None]
+    mask = torch.cat([torch.ones(len(prompt), dtype=b.attention_mask.dtype), b.attention_mask[0, P:]])[None]
+    resp = torch.cat([torch.zeros(len(prompt), dtype=torch.bool), b.response_mask[0, P:]])[None]
+    direct = worker.score(ids, mask, resp).logprobs[0, len(prompt) :]
+    on = b.response_mask[0, P:]
+    torch.testing.assert_close(scores.logprobs[0, P:][on], direct[on], atol=1e-5, rtol=0)
+    # The student's own rendering scores differently: the template reached the teacher.
+    plain = TeacherPool({"math": TeacherConfig(path=teacher.path)}, 0, local=True).score(b)[0]
+    assert (plain.logprobs[0, P:][on] - direct[on]).abs().max() > 1e-3
+
+
+def test_relayout_keeps_text_rows_and_restores_columns():
+    from mopd.types import TeacherScores
+    from teachers.pool import relayout_prompts, restore_columns
+
+    ids = torch.tensor([[0, 7, 8, 9, 10], [5, 6, 7, 9, 0]])  # P = 3; row 0 left-padded, row 1 response padded
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    resp = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    new_ids, new_mask, new_resp, p = relayout_prompts(ids, mask, resp, 3, [[1, 2, 3, 4], None], pad_id=0)
+    assert p == 4
+    assert new_ids.tolist() == [[1, 2, 3, 4, 9, 10], [0, 5, 6, 7, 9, 0]]
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]]
+    assert new_resp.tolist() == [[False] * 4 + [True, True], [False] * 4 + [True, False]]
+    top = new_ids[..., None]
+    scored = TeacherScores(logprobs=new_ids.float(), topk_ids=top, topk_logprobs=top.float())
+    back = restore_columns(scored, p, 3, 5)
+    assert back.logprobs[:, 3:].tolist() == ids[:, 3:].float().tolist() and back.logprobs[:, :3].abs().sum() == 0
+    assert back.topk_ids is not None and back.topk_ids[:, 3:, 0].tolist() == ids[:, 3:].tolist()
+
+
 # --------------------------------------------------------------------------- truncated_frac
 
 

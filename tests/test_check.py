@@ -195,6 +195,27 @@ def test_end_of_turn_that_does_not_stop_generation_is_a_warning(tmp_path, capsys
     assert table_value(out, "special ids").endswith("<|im_end|> 99")
 
 
+def test_a_teachers_own_template_must_render_ids_it_can_score(tmp_path, capsys):
+    """teachers.<d>.chat_template: rendered with the teacher's tokenizer, a chat prompt must be ids
+    that the teacher's output layer covers; 'own' without a template in the tokenizer is refused."""
+    student, teacher = chat_model(tmp_path / "student", [2, 99]), chat_model(tmp_path / "teacher", [2, 99])
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}answer:")
+    status, out, err = check(capsys, *recipe(tmp_path, student, teacher, chat_template=str(good)))
+    assert status == 0, err
+    assert re.fullmatch(r".*good\.jinja: the chat prompt is \d+ ids, all < 128", table_value(out, "own chat template"))
+    status, out, err = check(capsys, *recipe(tmp_path, student, teacher, chat_template="own"))
+    assert status == 0 and "own chat template" in out, err
+    plain = chat_model(tmp_path / "plain", [2, 99])  # the same tokenizer without its chat template
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    for f in plain.glob("*chat_template*"):
+        f.unlink()
+    tok.save_pretrained(plain)
+    line = refused(capsys, *recipe(tmp_path, student, plain, chat_template="own"))
+    assert "teachers.math.chat_template is 'own' but the teacher's tokenizer has no chat template" in line
+
+
 def test_end_of_turn_listed_in_generation_config(tmp_path, capsys):
     student, teacher = chat_model(tmp_path / "student", [2, 99]), chat_model(tmp_path / "teacher", [2, 99])
     status, out, err = check(capsys, *recipe(tmp_path, student, teacher))

@@ -230,6 +230,8 @@ def _teacher_report(
     report.rows.append(rows)
     report.rows.append(_ids_row("probe ids", s.tokenizer, t.tokenizer, PROBE, add_special_tokens=True))
     report.rows.extend(_chat_rows(s.tokenizer, t.tokenizer))
+    if teacher.chat_template is not None:
+        report.rows.append(_own_template_row(teacher, f"teachers.{domain}", t.rows))
     report.rows.append(_specials_row(s.tokenizer, t.tokenizer))
     if t.stop_ids == s.stop_ids:
         report.add("stop ids", OK, f"{t.stop_ids}, as the student's")
@@ -273,6 +275,25 @@ def _chat_rows(s_tok: Any, t_tok: Any) -> list[Row]:
                 )
             )
     return rows
+
+
+def _own_template_row(teacher: TeacherConfig, key: str, rows: int) -> Row:
+    """``teachers.<d>.chat_template``: the teacher's rendering of a chat prompt must give ids that
+    its output layer covers (the response ids after it are the student's, checked above)."""
+    from mopd.chat import teacher_prompt_tokenizer
+
+    try:
+        tok = teacher_prompt_tokenizer(teacher, key)
+    except ValueError as e:
+        return Row("own chat template", FAIL, str(e))
+    text = None if tok is None else _render(tok)
+    if tok is None or text is None:
+        return Row("own chat template", FAIL, f"{key}.chat_template cannot render a user prompt")
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    bad = [i for i in ids if not 0 <= i < rows]
+    if not ids or bad:
+        return Row("own chat template", FAIL, f"renders ids the teacher cannot score: {bad[:3] or 'none at all'}")
+    return Row("own chat template", OK, f"{teacher.chat_template}: the chat prompt is {len(ids)} ids, all < {rows}")
 
 
 def _render(tok: Any) -> str | None:
