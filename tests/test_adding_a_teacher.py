@@ -50,14 +50,20 @@ def test_document_has_the_files_and_commands():
     assert [c[:2] for c in doc_commands()] == [["mopd", "validate"], ["mopd", "train"]]
 
 
-@pytest.mark.slow
-def test_fourth_domain_from_the_document(tmp_path):
+def test_the_documents_validate_command_accepts_its_files(tmp_path):
+    """The plugin domain of the document registers, has a teacher and data: `mopd validate` as written."""
     write_doc_files(tmp_path)
-    validate, train = doc_commands()
+    validate, _ = doc_commands()
     proc = run(validate, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "echo:" in proc.stdout
 
+
+@pytest.mark.slow
+@pytest.mark.extended  # ~40 s of Ray; the default run has the document's files, commands and validate above
+def test_fourth_domain_trains_from_the_document(tmp_path):
+    write_doc_files(tmp_path)
+    _, train = doc_commands()
     proc = run(train + ["run.total_steps=2", "trainer.world_size=1", "rollout.prompts_per_step=8"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(tmp_path / "runs" / "echo" / "metrics.jsonl")

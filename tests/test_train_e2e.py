@@ -117,6 +117,8 @@ def _pgid(p) -> int:
         return -1
 
 
+@pytest.mark.extended  # ~80 s; by default: test_faults (a dead rank, --resume, the uninterrupted weights) and
+# test_checkpoint (a crash during a save leaves the previous checkpoint; a resume drops redone metrics)
 def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
     """SIGKILL the driver (and its Ray) in the middle of step 2, after checkpoint 1: `--resume`
     continues from step 1 (data cursor, sampling seeds, optimizer, policy version) to the end with
