@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mopd.config import ModelConfig, MOPDConfig, TeacherConfig
 from mopd.types import PromptRow
 
@@ -74,6 +76,18 @@ def teacher_prompt_tokenizer(teacher: TeacherConfig, key: str) -> Any | None:
             "template file, or leave it unset (the teacher scores the student's rendering)"
         )
     return tokenizer
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) int64 ids and (B, P) bool mask of prompts left-padded to the longest one."""
+    P = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), P), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
+            mask[i, P - len(p) :] = True
+    return ids, mask
 
 
 def generation_config_eos(spec: ModelConfig) -> list[int]:

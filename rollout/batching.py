@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import torch
 
-from mopd.chat import prompt_ids
+from mopd.chat import left_pad, prompt_ids
 from mopd.types import PromptRow, RolloutBatch
 
 
@@ -24,18 +24,6 @@ def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> list[list[int]]:
     """Token ids of each prompt as the student sees it (``mopd.chat.prompt_ids``: text with the
     tokenizer's special tokens, or chat messages through the chat template)."""
     return [prompt_ids(tokenizer, r) for r in rows]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) int64 ids and (B, P) bool mask of prompts left-padded to the longest one."""
-    P = max((len(p) for p in prompts), default=0)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), P), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
-            mask[i, P - len(p) :] = True
-    return ids, mask
 
 
 def cut_at_stop(

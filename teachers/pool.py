@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mopd.actors import ActorGroup
-from mopd.chat import prompt_ids, teacher_prompt_tokenizer
+from mopd.chat import left_pad, prompt_ids, teacher_prompt_tokenizer
 from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
 from mopd.placement import RunPlacement
 from mopd.runtime import split_evenly
@@ -142,14 +142,8 @@ def relayout_prompts(
     left-padded to the longest, the response columns (from ``prompt_len`` on) unchanged after them.
     Returns (input_ids, attention_mask, response_mask, new prompt length)."""
     own = [input_ids[i, :prompt_len][attention_mask[i, :prompt_len].bool()].tolist() for i in range(len(prompts))]
-    rows = [own[i] if p is None else list(p) for i, p in enumerate(prompts)]
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype)
-    mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.as_tensor(r, dtype=input_ids.dtype)
-            mask[i, width - len(r) :] = 1
+    ids, mask = left_pad([own[i] if p is None else list(p) for i, p in enumerate(prompts)], pad_id)
+    ids, mask, width = ids.to(input_ids.dtype), mask.to(attention_mask.dtype), ids.shape[1]
     resp = response_mask[:, prompt_len:]
     return (
         torch.cat([ids, input_ids[:, prompt_len:]], dim=1),
