@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mopd.config import MOPDConfig
+from mopd.config import ConfigError, MOPDConfig
 
 log = logging.getLogger("mopd")
 
@@ -66,13 +66,31 @@ def init_ray(cfg: MOPDConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
+        try:
+            ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
+        except Exception as e:  # Ray's AuthenticationError, or a ConnectionError caused by one
+            if not _caused_by_authentication(e):
+                raise
+            raise ConfigError(
+                f"the Ray cluster at {address} uses token authentication and refused this driver: export "
+                "RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token (README, 'On a Ray cluster')"
+            ) from None
         return
     # A local Ray sized to the recipe: logical CPUs may exceed the cores (actors keep one thread
     # each), otherwise a 2-core laptop could not place trainer + rollout + teachers at once.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
     ray.init(**local_ray_kwargs(cfg, num_cpus))
+
+
+def _caused_by_authentication(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception that caused it says that authentication failed."""
+    seen = 0
+    while e is not None and seen < 8:
+        if type(e).__name__ == "AuthenticationError" or "authenticationerror" in str(e).lower():
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, Any]:

@@ -225,6 +225,12 @@ def test_readme_job_submit_on_a_cluster(head_node):
     # Token auth is on: the token in HOME alone does not get a client in (the failure mode).
     refused = _run([ray, "job", "list"], env, timeout=60)
     assert refused.returncode != 0 and "authentication token" in refused.stdout + refused.stderr, refused
+    # A driver pointed at the cluster without RAY_AUTH_MODE: one line saying what to set, exit 2.
+    gcs = f"127.0.0.1:{head_node['gcs_port']}"
+    train = [str(BIN / "mopd"), "train", "recipes/tiny.yaml", f"ray.address={gcs}", f"run.output_dir={shared}/x"]
+    no_token = _run(train, {k: v for k, v in env.items() if k != "RAY_ADDRESS"}, timeout=120)
+    assert no_token.returncode == 2, no_token.stderr[-3000:]
+    assert "export RAY_AUTH_MODE=token" in no_token.stderr.strip().splitlines()[-1], no_token.stderr[-3000:]
 
     proc = _run(["bash", "-euo", "pipefail", "-c", readme_block("cluster-submit")], env, timeout=400)
     out = proc.stdout + proc.stderr
