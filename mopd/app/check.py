@@ -410,7 +410,7 @@ def _on_this_machine(cfg: MOPDConfig) -> MOPDConfig:
 def _domain_rows(cfg: MOPDConfig, domain: str, student: Any, num_prompts: int, vllm: bool) -> list[Row]:
     from teachers.hf import HFTeacherWorker
 
-    rows = _domain_prompts(cfg, domain, num_prompts)
+    rows = _domain_prompts(cfg, domain, num_prompts, student.tokenizer)
     if not rows:
         return [Row("reverse KL", WARN, "no data source of this domain: nothing to sample")]
     batch = student.generate(rows, n=1, seed=cfg.run.seed)
@@ -425,11 +425,11 @@ def _domain_rows(cfg: MOPDConfig, domain: str, student: Any, num_prompts: int, v
     return out
 
 
-def _domain_prompts(cfg: MOPDConfig, domain: str, num_prompts: int) -> list[Any]:
-    from mopd.chat import student_tokenizer
+def _domain_prompts(cfg: MOPDConfig, domain: str, num_prompts: int, tokenizer: Any) -> list[Any]:
+    """The first ``num_prompts`` prompts of the domain's first source, read with the student's
+    ``tokenizer`` (the rollout actor's: chat template applied)."""
     from mopd.data import load_source
 
-    tokenizer = student_tokenizer(cfg)
     for src in cfg.data.sources:
         if src.domain == domain:
             d = cfg.data
