@@ -52,6 +52,17 @@ def add_workload_args(p) -> None:
     p.add_argument("--rollout-replicas", type=int, default=1)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--overlap", action="store_true", help="rollout.overlap: generate step k+1 while step k trains")
+    p.add_argument(
+        "--zero-stage", type=int, default=None,
+        help="trainer.zero_stage (default: 0 for one trainer rank, which has nothing to partition; 2 for more)",
+    )  # fmt: skip
+
+
+def zero_stage(args) -> int:
+    """The ZeRO stage a user would pick: 0 on one rank (same update, no ZeRO bucket copies), else 2."""
+    if getattr(args, "zero_stage", None) is not None:
+        return int(args.zero_stage)
+    return 0 if args.world_size == 1 else 2
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -107,7 +118,8 @@ data:
   sources: [{{domain: math, generator: math, num_prompts: 2000}}]
 rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new},
   replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
-trainer: {{world_size: {args.world_size}, zero_stage: 2, lr: {args.lr}, micro_batch_size: {args.micro_batch},
+trainer: {{world_size: {args.world_size}, zero_stage: {zero_stage(args)}, lr: {args.lr},
+  micro_batch_size: {args.micro_batch},
   aux_loss_coef: 0.0}}
 objective: {{kind: topk, topk: {CHAR_VOCAB_SIZE}}}
 eval: {{every: 0}}

@@ -277,6 +277,10 @@ class TrainerWorker:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
             config=deepspeed_config(cfg),
         )
+        if world_size == 1 and t.zero_stage == 0:
+            # An all-reduce over one rank changes nothing, but DeepSpeed's fallback still flattens
+            # every gradient into buckets and copies them back (benchmarks/train_profile.py).
+            self.engine.enable_backward_allreduce = False
         self.device = torch.device(self.engine.device)
         if self.device.type != device.type:
             raise RuntimeError(
