@@ -6,9 +6,12 @@ tokenizer, same prompts in the same order (the ``math`` generator, as ``mopd tra
 same samples per prompt, response length, learning rate, optimizer (AdamW, constant LR, clip 1.0),
 fp32, and the same loss: the exact per-position reverse KL over the vocabulary (``objective.kind:
 topk`` with k = vocabulary size in MOPD; ``beta=1`` in TRL). Prints response tokens per second of
-each (steady state: the first step and the start-up are excluded and reported apart), their ratio,
-and held-out quality of both students (greedy exact-match accuracy and the per-token reverse KL to
-the teacher on the students' own samples), also per wall-clock second of training.
+each (steady state: the first step and the start-up are excluded and reported apart) and the ratio
+against TRL's fastest thread setting (``--trl-threads 2,1`` runs both), held-out quality of every
+student (greedy exact-match accuracy and the per-token reverse KL to the teacher on the students'
+own samples, also per wall-clock second of training), each TRL setting's generation and
+non-generation time per step, and mopd's teacher scoring + train + sync (phases in turn) over each
+TRL setting's non-generation time: the two toolkits' cost of the same update.
 
     pip install -c constraints-cpu.txt -e '.[bench]'          # TRL 1.16
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --steps 8 --out results/vs_trl.json
