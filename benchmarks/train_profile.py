@@ -6,18 +6,20 @@ Qwen3-MoE student, the 3.2M dense teacher, fp32, one torch thread unless ``--thr
 so that load on the machine hits every variant alike (the figure of each is its median over rounds):
 
 - ``mopd score``: ``HFTeacherWorker.score`` with the top-k = vocabulary the benchmark recipe uses;
-- ``mopd train_step``: ``TrainerWorker.train_step`` as ``mopd train`` runs it (DeepSpeed ZeRO-2,
-  one rank), and the same with ``trainer.zero_stage=0``;
+- ``mopd train_step``: ``TrainerWorker.train_step`` as ``mopd train`` runs it, on one rank, with
+  DeepSpeed ZeRO-2 (the recipes' default) and with ``trainer.zero_stage=0`` (what the benchmarks'
+  one-rank recipe uses: same update, no ZeRO bucket copies);
 - ``bare``: the same student, objective and micro-batches in plain torch (no DeepSpeed): forward,
   ``topk_reverse_kl_loss``, backward, clip, ``torch.optim.AdamW``;
 - ``TRL arithmetic`` (when ``trl`` is installed, the ``bench`` extra): what TRL's
   ``DistillationTrainer`` does per step besides generating: student backbone, teacher backbone
   (no grad), TRL's ``_chunked_divergence_loss`` with ``beta=1``, backward, clip, AdamW.
 
-Then it splits one ``train_step`` into forward + loss, backward, optimizer step, metric reduction
-and the rest by wall clock, and lists torch profiler self-time by kind of operator. It prints the
-ratio ``(mopd score + mopd train_step) / TRL arithmetic``: the cost of MOPD's train side against
-TRL's for the same update.
+Then it splits ``train_step`` (both stages) by wall clock into the model forward, the loss
+(log-softmax, top-k gather, objective, metric sums), DeepSpeed's backward, the optimizer step, the
+metric reduction and the rest, times Ray's serialiser on one rank's batch, and lists torch profiler
+self time by kind of operator. It prints ``(mopd score + mopd train_step) / TRL arithmetic``: the
+cost of MOPD's train side against TRL's for the same update.
 
     OMP_NUM_THREADS=1 python benchmarks/train_profile.py --out results/train_profile.json   # ~2 min
 """
@@ -169,6 +171,7 @@ def split_train_step(trainer, tb, repeats: int) -> dict[str, float]:
 
     originals = [
         (trainer, "_micro_batch_loss", wrap(trainer, "_micro_batch_loss", "forward + loss")),
+        (trainer, "_forward", wrap(trainer, "_forward", "model forward")),
         (trainer.engine, "backward", wrap(trainer.engine, "backward", "backward (DeepSpeed engine)")),
         (trainer, "_optimizer_step", wrap(trainer, "_optimizer_step", "optimizer step (DeepSpeed engine)")),
         (trainer, "_reduce_metrics", wrap(trainer, "_reduce_metrics", "metric reduction")),
@@ -179,6 +182,11 @@ def split_train_step(trainer, tb, repeats: int) -> dict[str, float]:
             t0 = time.perf_counter()
             trainer.train_step(tb)
             total = time.perf_counter() - t0
+            # _forward runs inside _micro_batch_loss: split that into the model and the rest.
+            acc["loss (log-softmax, top-k gather, objective, metric sums)"] = (
+                acc["forward + loss"] - acc["model forward"]
+            )
+            del acc["forward + loss"]
             for k, v in acc.items():
                 parts[k].append(v)
             parts["rest (batch slicing, plan)"].append(total - sum(acc.values()))
@@ -187,6 +195,27 @@ def split_train_step(trainer, tb, repeats: int) -> dict[str, float]:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
     return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def serialise_cost(tb, micro: int) -> dict[str, float]:
+    """What handing the batch to a trainer actor costs besides the network: Ray's serialiser
+    (pickle protocol 5 with out-of-band buffers, as ``ray.put`` does) both ways, one rank's shard."""
+    import pickle
+
+    from trainers.shards import shard_batch
+
+    shard = shard_batch(tb, 1, micro)[0]
+    ts_out, ts_in, size = [], [], 0
+    for _ in range(5):
+        buffers: list = []
+        t0 = time.perf_counter()
+        data = pickle.dumps(shard, protocol=5, buffer_callback=buffers.append)
+        ts_out.append(time.perf_counter() - t0)
+        size = len(data) + sum(b.raw().nbytes for b in buffers)
+        t0 = time.perf_counter()
+        pickle.loads(data, buffers=buffers)
+        ts_in.append(time.perf_counter() - t0)
+    return {"dumps_s": statistics.median(ts_out), "loads_s": statistics.median(ts_in), "bytes": float(size)}
 
 
 def profile_kinds(fn: Callable[[], Any]) -> dict[str, Any]:
@@ -256,12 +285,17 @@ def main() -> None:
         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     res["seconds"] = {"median": med, "rounds": dict(times)}
-    res["train_step_parts"] = split_train_step(trainers[2], tb, args.rounds)
-    res["profile"] = profile_kinds(lambda: trainers[2].train_step(tb))
-    mopd_side = med["mopd score"] + med["mopd train_step (ZeRO-2)"]
-    if trl is not None:
-        res["ratio_mopd_over_trl"] = mopd_side / med["TRL arithmetic"]
-    res["ratio_train_step_over_bare"] = med["mopd train_step (ZeRO-2)"] / med["bare torch (same objective)"]
+    res["train_step_parts"] = {z: split_train_step(trainers[z], tb, args.rounds) for z in trainers}
+    res["serialise_s"] = serialise_cost(tb, args.micro_batch)
+    res["profile"] = {z: profile_kinds(lambda z=z: trainers[z].train_step(tb)) for z in trainers}
+    # The stage the benchmark recipe uses (0 on one rank: _bench.zero_stage), and ZeRO-2 for comparison.
+    stage = _bench.zero_stage(args)
+    res["recipe_zero_stage"] = stage
+    for z in trainers:
+        train = med[f"mopd train_step (ZeRO-{z})"]
+        if trl is not None:
+            res[f"ratio_mopd_over_trl_zero{z}"] = (med["mopd score"] + train) / med["TRL arithmetic"]
+        res[f"ratio_train_step_over_bare_zero{z}"] = train / med["bare torch (same objective)"]
     res["machine_after"] = _bench.machine()
     print(report(res))
     _bench.write_json(args.out, res)
@@ -279,20 +313,35 @@ def report(res: dict[str, Any]) -> str:
     for k, v in med.items():
         rounds = ", ".join(f"{x:.3f}" for x in res["seconds"]["rounds"][k])
         lines.append(f"| {k} | {v:.3f} | {rounds} |")
-    if "ratio_mopd_over_trl" in res:
-        lines.append(f"(mopd score + mopd train_step) / TRL arithmetic: {res['ratio_mopd_over_trl']:.2f}")
-    lines.append(f"mopd train_step / bare torch: {res['ratio_train_step_over_bare']:.2f}")
-    parts = res["train_step_parts"]
-    lines += ["", "| part of train_step (ZeRO-2) | s | share |", "|---|---|---|"]
-    for k, v in parts.items():
+    for z in (2, 0):
+        if f"ratio_mopd_over_trl_zero{z}" in res:
+            lines.append(
+                f"(mopd score + train_step ZeRO-{z}) / TRL arithmetic: {res[f'ratio_mopd_over_trl_zero{z}']:.2f}"
+            )
+        lines.append(f"mopd train_step ZeRO-{z} / bare torch: {res[f'ratio_train_step_over_bare_zero{z}']:.2f}")
+    parts2, parts0 = res["train_step_parts"][2], res["train_step_parts"][0]
+    lines += ["", "| part of train_step | ZeRO-2 s | share | ZeRO-0 s | share |", "|---|---|---|---|---|"]
+    for k in parts2:
         if k != "total":
-            lines.append(f"| {k} | {v:.3f} | {100 * v / parts['total']:.1f}% |")
-    kinds = res["profile"]["kinds_s"]
-    total = sum(kinds.values())
-    lines += ["", "| operator kind (profiler self time, one train_step) | s | share |", "|---|---|---|"]
-    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {k} | {v:.3f} | {100 * v / total:.1f}% |")
-    lines.append("top operators: " + ", ".join(f"{n} {s:.3f} s x{c}" for n, s, c in res["profile"]["top_ops"][:8]))
+            lines.append(
+                f"| {k} | {parts2[k]:.3f} | {100 * parts2[k] / parts2['total']:.1f}% "
+                f"| {parts0[k]:.3f} | {100 * parts0[k] / parts0['total']:.1f}% |"
+            )
+    ser = res["serialise_s"]
+    lines.append(
+        f"the batch for one rank ({ser['bytes'] / 1e6:.1f} MB): serialise {1e3 * ser['dumps_s']:.1f} ms, "
+        f"deserialise {1e3 * ser['loads_s']:.1f} ms"
+    )
+    k2, k0 = res["profile"][2]["kinds_s"], res["profile"][0]["kinds_s"]
+    t2, t0 = sum(k2.values()), sum(k0.values())
+    lines += ["", "| operator kind (profiler self time, one train_step) | ZeRO-2 s | share | ZeRO-0 s | share |"]
+    lines.append("|---|---|---|---|---|")
+    for k in sorted(k2, key=lambda k: -k2[k]):
+        v0 = k0.get(k, 0.0)
+        lines.append(f"| {k} | {k2[k]:.3f} | {100 * k2[k] / t2:.1f}% | {v0:.3f} | {100 * v0 / t0:.1f}% |")
+    for z in (2, 0):
+        top = res["profile"][z]["top_ops"][:8]
+        lines.append(f"top operators, ZeRO-{z}: " + ", ".join(f"{n} {s:.3f} s x{c}" for n, s, c in top))
     return "\n".join(lines)
 
 
