@@ -100,6 +100,10 @@ def main() -> None:
         res["teachers"].append(measure(work, models, args, f"scaling_t{n}", n, 1, 1))
     for layout in [x for x in args.layouts.split(",") if x]:
         replicas, ranks = (int(v) for v in layout.split("x"))
+        same = [r for r in res["teachers"] if r["teachers"] == 1 and (replicas, ranks) == (1, 1)]
+        if same:  # 1 x 1 with one teacher is the first teachers' run: not run twice
+            res["layouts"].append(same[0])
+            continue
         print(f"{replicas} rollout replica(s) x {ranks} trainer rank(s) ...", flush=True)
         res["layouts"].append(measure(work, models, args, f"scaling_r{replicas}w{ranks}", 1, replicas, ranks))
     res["machine_after"] = _bench.machine()
