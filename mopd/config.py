@@ -175,8 +175,8 @@ class RolloutConfig:
 @dataclass
 class TrainerConfig:
     # ZeRO partitions optimizer state and gradients across ranks; with world_size 1 there is nothing
-    # to partition, and 0 gives the same update without ZeRO's gradient-bucket copies (14% of a
-    # step at the benchmarks' size, half of it on small batches: benchmarks/train_profile.py).
+    # to partition, and 0 gives the same update without ZeRO's gradient-bucket copies (3-14% of a
+    # step at the benchmarks' size, over half on small batches: benchmarks/train_profile.py).
     zero_stage: ZeroStage = 2
     world_size: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
