@@ -106,16 +106,21 @@ def save_models(work: Path, seed: int = 0) -> dict[str, Any]:
     return info
 
 
-def recipe(work: Path, models: dict[str, Any], args, name: str, **extra: Any) -> Path:
-    """The MOPD recipe of a benchmark run as a YAML file (one teacher for every prompt, the exact
-    per-position reverse KL objective, i.e. TRL's beta=1 loss, no MoE balance loss)."""
+def recipe(
+    work: Path, models: dict[str, Any], args, name: str, domains: tuple[str, ...] = ("math",), **extra: Any
+) -> Path:
+    """The MOPD recipe of a benchmark run as a YAML file (the exact per-position reverse KL
+    objective, i.e. TRL's beta=1 loss, no MoE balance loss). One teacher per domain of ``domains``,
+    each the benchmark teacher, each domain's prompts from the ``math`` generator."""
+    teacher = f"{{path: {models['teacher']['path']}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}"
+    teachers = "".join(f"\n  {d}: {teacher}" for d in domains)
+    sources = ", ".join(f"{{domain: {d}, generator: math, num_prompts: 2000}}" for d in domains)
     lines = f"""
 run: {{name: {name}, output_dir: {work / name}, total_steps: {args.steps}, seed: {args.seed}}}
 student: {{path: {models["student"]["path"]}, tokenizer: {BUILTIN_TOKENIZER}}}
-teachers:
-  math: {{path: {models["teacher"]["path"]}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}
+teachers:{teachers}
 data:
-  sources: [{{domain: math, generator: math, num_prompts: 2000}}]
+  sources: [{sources}]
 rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new},
   replicas: {args.rollout_replicas}, overlap: {str(args.overlap).lower()}}}
 trainer: {{world_size: {args.world_size}, zero_stage: {zero_stage(args)}, lr: {args.lr},

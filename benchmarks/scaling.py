@@ -20,36 +20,11 @@ from typing import Any
 
 import _bench
 import step_phases
-from mopd.config import BUILTIN_TOKENIZER
-from mopd.models import CHAR_VOCAB_SIZE
-
-
-def recipe(work: Path, models: dict[str, Any], args, name: str, teachers: int, replicas: int, ranks: int) -> Path:
-    domains = [f"d{i}" for i in range(teachers)]
-    teacher = models["teacher"]["path"]
-    lines = [
-        f"run: {{name: {name}, output_dir: {work / name}, total_steps: {args.steps}, seed: {args.seed}}}",
-        f"student: {{path: {models['student']['path']}, tokenizer: {BUILTIN_TOKENIZER}}}",
-        "teachers:",
-        *(f"  {d}: {{path: {teacher}, tokenizer: {BUILTIN_TOKENIZER}, batch_size: 64}}" for d in domains),
-        "data:",
-        "  sources:",
-        *(f"    - {{domain: {d}, generator: math, num_prompts: 2000}}" for d in domains),
-        f"rollout: {{n: {args.n}, prompts_per_step: {args.prompts}, max_new_tokens: {args.max_new}, "
-        f"replicas: {replicas}}}",
-        f"trainer: {{world_size: {ranks}, zero_stage: {0 if ranks == 1 else 2}, lr: {args.lr}, "
-        f"micro_batch_size: {args.micro_batch}, aux_loss_coef: 0.0}}",
-        f"objective: {{kind: topk, topk: {CHAR_VOCAB_SIZE}}}",
-        "eval: {every: 0}",
-        "checkpoint: {every: 0, keep: 1}",
-    ]
-    path = work / f"{name}.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def measure(work: Path, models, args, name: str, teachers: int, replicas: int, ranks: int) -> dict[str, Any]:
-    path = recipe(work, models, args, name, teachers, replicas, ranks)
+    layout = argparse.Namespace(**{**vars(args), "rollout_replicas": replicas, "world_size": ranks})
+    path = _bench.recipe(work, models, layout, name, domains=tuple(f"d{i}" for i in range(teachers)))
     run = _bench.run_mopd(path, log=work / f"{name}.log")
     res = step_phases.phase_table(run["records"], run["start"])
     recs = run["records"][1:]

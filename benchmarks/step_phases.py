@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch
 import _bench
 from mopd.config import load_config
 from mopd.metrics import read_metrics
+from mopd.runtime import free_port
 
 PHASES = ("rollout", "teachers", "train", "sync", "other", "outside")
 
@@ -110,10 +110,7 @@ def part2(args, work: Path) -> dict[str, Any]:
     _, score_lp_s = timed(lambda: teacher.score(ids, am, rm, topk=0), args.repeats)
     with torch.no_grad():
         _, fwd_s = timed(lambda: forward_logits(teacher.model, ids, am), args.repeats)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    trainer = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=port)
+    trainer = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
     tb = TrainBatch(batch, scores.logprobs, None, scores.topk_ids, scores.topk_logprobs)
     _, train_s = timed(lambda: trainer.train_step(tb), args.repeats)
     _, sync_s = timed(lambda: rollout.load_weights(trainer.state_dict(), 1), args.repeats)

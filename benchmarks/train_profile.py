@@ -27,7 +27,6 @@ cost of MOPD's train side against TRL's for the same update.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
 from collections import defaultdict
@@ -39,6 +38,7 @@ import torch
 
 import _bench
 from mopd.config import load_config
+from mopd.runtime import free_port
 
 # Operator kinds of the profiler table (by aten name); everything else is "other".
 KINDS = {
@@ -58,12 +58,6 @@ def kind_of(name: str) -> str:
     return "elementwise and other"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_batch(cfg, rows, seed: int):
     from mopd.types import TrainBatch
     from rollout.hf import HFRolloutActor
@@ -79,6 +73,7 @@ def bare_step(cfg, micro: int) -> Callable[[Any], None]:
     """The recipe's update in plain torch: HF model, the same objective and micro-batches, AdamW."""
     from mopd.models import forward_logits, load_model, token_logprobs
     from mopd.objective import topk_reverse_kl_loss
+    from trainers.deepspeed_trainer import logprobs_at
 
     model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
     t = cfg.trainer
@@ -93,9 +88,7 @@ def bare_step(cfg, micro: int) -> Callable[[Any], None]:
             s = slice(i, i + micro)
             logits = forward_logits(model, r.input_ids[s], r.attention_mask[s]).logits
             lp = token_logprobs(logits, r.input_ids[s])
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, tb.teacher_topk_ids[s][:, 1:])
-            student_topk = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+            student_topk = logprobs_at(logits, tb.teacher_topk_ids[s])
             loss, _ = topk_reverse_kl_loss(
                 student_topk, tb.teacher_topk_logprobs[s], lp, r.rollout_logprobs[s], r.response_mask[s],
                 eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
@@ -259,7 +252,7 @@ def main() -> None:
                   "real_tokens": int(r.attention_mask.sum()), "response_tokens": int(r.response_mask.sum())},
     }  # fmt: skip
     trainers = {
-        z: TrainerWorker(load_config(recipe, [f"trainer.zero_stage={z}"]), 0, 1, "127.0.0.1", free_port())
+        z: TrainerWorker(load_config(recipe, [f"trainer.zero_stage={z}"]), 0, 1, "127.0.0.1", free_port("127.0.0.1"))
         for z in (2, 0)
     }
     variants: dict[str, Callable[[], Any]] = {

@@ -427,9 +427,7 @@ class TrainerWorker:
             return None
         if rows.topk_ids is None or rows.topk_logprobs is None:
             raise ValueError("objective.kind is 'topk' but the TrainBatch has no teacher_topk_ids/logprobs")
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = logp.gather(-1, rows.topk_ids[:, 1:])
-        return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+        return logprobs_at(logits, rows.topk_ids)
 
     def _domain_loss(
         self, rows: _Rows, idx: list[int], logp_train: torch.Tensor, student_topk: torch.Tensor | None
@@ -649,6 +647,14 @@ def safe_checkpoint_load(path: str, map_location: Any = None) -> Any:
     own checkpoint engine loads with ``weights_only=False``."""
     with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(b, t, K) log-probs of ``ids`` (b, t, K) under ``logits`` (b, t, V), aligned like
+    ``token_logprobs``: position t holds the distribution of token t, from logits t - 1; column 0 is 0."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, ids[:, 1:])
+    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
 def _token_means(prefix: str, stat: torch.Tensor) -> Metrics:
