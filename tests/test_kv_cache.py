@@ -1,6 +1,6 @@
 """rollout.kv_cache: the in-place key/value cache the HF rollout hands to ``generate``.
 
-    OMP_NUM_THREADS=1 pytest tests/test_kv_cache.py
+OMP_NUM_THREADS=1 pytest tests/test_kv_cache.py
 """
 
 from __future__ import annotations
