@@ -41,7 +41,7 @@ def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
     cfg.rollout.backend = engine
     own_cache = rollout.hf.preallocated_cache
     if backend == "hf-dynamic":
-        rollout.hf.preallocated_cache = transformers_cache  # type: ignore[assignment]
+        rollout.hf.preallocated_cache = transformers_cache
     t0 = time.perf_counter()
     actor = actor_class(engine)(cfg)
     start_s = time.perf_counter() - t0

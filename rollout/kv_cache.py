@@ -36,11 +36,12 @@ class PreallocatedLayer(DynamicLayer):
         if self._buffers is None:
             return False
         kb, vb = self._buffers
+        k, v = self.keys, self.values
         if filled and not (
-            self.keys.data_ptr() == kb.data_ptr()
-            and self.values.data_ptr() == vb.data_ptr()
-            and self.keys.stride() == kb.stride()
-            and self.values.stride() == vb.stride()
+            k is not None
+            and v is not None
+            and (k.data_ptr(), v.data_ptr(), k.stride(), v.stride())
+            == (kb.data_ptr(), vb.data_ptr(), kb.stride(), vb.stride())
         ):
             return False
         return (
@@ -51,26 +52,25 @@ class PreallocatedLayer(DynamicLayer):
             and end <= kb.shape[-2]
         )
 
-    def _rebuffer(self, like_k: torch.Tensor, like_v: torch.Tensor, filled: int, needed: int) -> None:
-        """New buffers of at least ``needed`` columns, holding the ``filled`` columns there are."""
-        cap = max(needed, self.capacity, 2 * filled)
-        B, H, _, D = like_k.shape
-        kb = like_k.new_empty(B, H, cap, D)
-        vb = like_v.new_empty(B, H, cap, like_v.shape[-1])
-        if filled:
-            kb[:, :, :filled].copy_(self.keys)
-            vb[:, :, :filled].copy_(self.values)
-        self._buffers = (kb, vb)
-
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        filled = self.keys.shape[-2] if self.keys.numel() else 0
+        k, v = self.keys, self.values
+        assert k is not None and v is not None
+        filled = k.shape[-2] if k.numel() else 0
         end = filled + key_states.shape[-2]
         if not self._fits(key_states, value_states, filled, end):
-            self._rebuffer(key_states, value_states, filled, end)
+            # New buffers of at least `end` columns, holding the `filled` columns there are.
+            cap = max(end, self.capacity, 2 * filled)
+            B, H, _, D = key_states.shape
+            kb = key_states.new_empty(B, H, cap, D)
+            vb = value_states.new_empty(B, H, cap, value_states.shape[-1])
+            if filled:
+                kb[:, :, :filled].copy_(k)
+                vb[:, :, :filled].copy_(v)
+            self._buffers = (kb, vb)
         kb, vb = self._buffers  # type: ignore[misc]
         kb[:, :, filled:end].copy_(key_states)
         vb[:, :, filled:end].copy_(value_states)
