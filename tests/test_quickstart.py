@@ -84,6 +84,39 @@ def test_the_student_sees_typos_only_on_its_noisy_kinds_at_the_set_rate():
     assert time_row.meta["answer"] == "time(Sive)"  # the row itself is never changed
 
 
+def test_sft_batch_encodes_each_row_once_and_as_encoding_it_alone_would():
+    from mopd.app.quickstart import sft_batch
+    from mopd.chat import prompt_ids
+    from mopd.models import build_char_tokenizer
+    from mopd.types import PromptRow
+
+    tok = build_char_tokenizer()
+    rows = [PromptRow(f"{a}+{b}=", "math", meta={"answer": a + b}) for a, b in ((1, 2), (30, 4), (5, 67))]
+    cache: dict = {}
+    first = sft_batch(tok, rows, cache)
+    assert len(cache) == 3
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return tok(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    counting = Counting()
+    again = sft_batch(counting, [rows[2], rows[0], rows[2]], cache)
+    assert counting.calls == 0, "rows already in the cache were encoded again"
+    for batch, order in ((first, rows), (again, [rows[2], rows[0], rows[2]])):
+        for i, row in enumerate(order):
+            want = prompt_ids(tok, row) + tok(str(row.meta["answer"]), add_special_tokens=False)["input_ids"]
+            got = batch.rollout.input_ids[i][batch.rollout.attention_mask[i]].tolist()
+            assert got == want + [tok.eos_token_id]
+
+
 def _report(before, teacher, after, score):
     return {
         "domains": {

@@ -186,17 +186,26 @@ def read_rows(out: Path, domain: str, split: str, base: MOPDConfig):
 # ---------------------------------------------------------------------- stages 2-3: SFT
 
 
-def sft_batch(tokenizer, rows) -> TrainBatch:
-    """A TrainBatch whose responses are the reference answers (+ EOS), in the rollout layout."""
+def sft_batch(tokenizer, rows, cache: dict[tuple[str, ...], tuple[list[int], list[int]]] | None = None) -> TrainBatch:
+    """A TrainBatch whose responses are the reference answers (+ EOS), in the rollout layout.
+    ``cache`` (kept by the caller across steps) maps a row's prompt and answer to their token ids:
+    an SFT run draws the same rows again and again, and encoding each one every time it is drawn
+    took ~15% of a step."""
     import torch
 
     from mopd.types import TrainBatch
     from rollout.batching import encode_prompts, pack_rollout
 
-    prompts = encode_prompts(tokenizer, rows)
-    answers = [
-        tokenizer(str(r.meta["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows
-    ]
+    cache = {} if cache is None else cache
+    keys = [(r.prompt, str(r.messages), str(r.meta["answer"])) for r in rows]
+    new = {k: r for k, r in zip(keys, rows, strict=True) if k not in cache}
+    if new:
+        answer_ids = tokenizer([k[2] for k in new], add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompts(tokenizer, list(new.values()))
+        for key, prompt, answer in zip(new, prompt_ids, answer_ids, strict=True):
+            cache[key] = (prompt, [*answer, tokenizer.eos_token_id])
+    prompts = [cache[k][0] for k in keys]
+    answers = [cache[k][1] for k in keys]
     zeros = [[0.0] * len(a) for a in answers]
     batch = pack_rollout(
         prompts,
@@ -252,12 +261,13 @@ def run_sft(
     tok = load_tokenizer(cfg.student)
     worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
     rng = random.Random(seed)
+    encoded: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
     t0, loss = time.time(), float("nan")
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
         drawn = rng.choices(rows, weights=weights, k=batch) if weights else [rng.choice(rows) for _ in range(batch)]
         if noise is not None:
             drawn = [noise(r, rng) for r in drawn]
-        loss = worker.sft_step(sft_batch(tok, drawn))["sft/loss"]
+        loss = worker.sft_step(sft_batch(tok, drawn, encoded))["sft/loss"]
     worker.save_hf(str(out_dir))
     # The gloo process group stays up for the next SFT run in this process: DeepSpeed caches its
     # groups, so tearing it down and re-creating it breaks the next engine.
