@@ -286,7 +286,7 @@ class MOPDLoop:
 
     def restore(self, path: Path, force_teachers: bool = False) -> None:
         state = ckpt.read_state(path)
-        check_teachers(state.get("teachers", {}), teacher_fingerprint(self.cfg), force_teachers)
+        check_teacher_set(state.get("teachers", {}), teacher_fingerprint(self.cfg), force_teachers)
         self.trainer.load_checkpoint(str(path / "trainer"))
         self.step = int(state["step"])
         self.policy_version = int(state["policy_version"])
@@ -299,7 +299,9 @@ class MOPDLoop:
         log.info("resumed from %s at step %d (policy version %d)", path, self.step, self.policy_version)
 
 
-def check_teachers(saved: dict[str, str], current: dict[str, str], force: bool) -> None:
+def check_teacher_set(saved: dict[str, str], current: dict[str, str], force: bool) -> None:
+    """Raise ConfigMismatchError when the recipe's teachers (fingerprints by domain) differ from the
+    checkpoint's, unless ``force`` (--force-teachers): then only warn."""
     if saved == current:
         return
     diff = sorted(set(saved) ^ set(current)) + sorted(k for k in set(saved) & set(current) if saved[k] != current[k])

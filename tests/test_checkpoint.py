@@ -212,10 +212,10 @@ def test_skipped_bad_rows_are_counted_in_the_metrics(stopped_run):
 
 
 def test_other_teacher_set_is_refused_unless_forced(caplog):
-    from mopd.loop import ConfigMismatchError, check_teachers
+    from mopd.loop import ConfigMismatchError, check_teacher_set
 
     saved, current = {"math": "aa (m)", "code": "bb (c)"}, {"math": "aa (m)", "code": "cc (c2)"}
     with pytest.raises(ConfigMismatchError, match=r"teacher set differs .*domains: code.*--force-teachers"):
-        check_teachers(saved, current, force=False)
-    check_teachers(saved, current, force=True)
+        check_teacher_set(saved, current, force=False)
+    check_teacher_set(saved, current, force=True)
     assert "(forced)" in caplog.text

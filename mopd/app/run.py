@@ -28,7 +28,7 @@ from mopd.chat import student_tokenizer
 from mopd.config import ConfigError, ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
-from mopd.loop import ConfigMismatchError, MOPDLoop, check_teachers, teacher_fingerprint
+from mopd.loop import ConfigMismatchError, MOPDLoop, check_teacher_set, teacher_fingerprint
 from mopd.metrics import MetricsWriter
 from mopd.placement import RunPlacement
 from mopd.runtime import init_ray, warn_if_in_ray_working_dir
@@ -205,7 +205,7 @@ def _checkpoint_to_resume(cfg: MOPDConfig, resume: bool, force_teachers: bool) -
         log.warning("--resume: no checkpoint under %s; starting from step 0", root)
         return None
     # Checked here too, so a teacher mismatch fails before any actor starts.
-    check_teachers(ckpt.read_state(latest).get("teachers", {}), teacher_fingerprint(cfg), force_teachers)
+    check_teacher_set(ckpt.read_state(latest).get("teachers", {}), teacher_fingerprint(cfg), force_teachers)
     return latest
 
 
