@@ -8,7 +8,7 @@ values in a buffer sized once for the prompt plus ``max_new_tokens`` and hands a
 its filled part: a step writes only its own column. Sliding-window layers keep transformers' own
 class (they trim themselves). Nothing else changes: same masks, same attention calls, same tokens.
 
-    cache = preallocated_cache(model, capacity=prompt_len + max_new_tokens)
+    cache = preallocated_cache(model, capacity=prompt_len + max_new_tokens)   # None: not for this model
     model.generate(..., past_key_values=cache)
 """
 
@@ -81,9 +81,14 @@ class PreallocatedLayer(DynamicLayer):
         super().reset()  # keeps the buffers: the next prefill writes over them
 
 
-def preallocated_cache(model, capacity: int) -> DynamicCache:
+def preallocated_cache(model, capacity: int) -> DynamicCache | None:
     """A ``DynamicCache`` for ``model`` whose full-attention layers are ``PreallocatedLayer``s of
-    ``capacity`` columns (prompt + new tokens); other layer kinds stay transformers' own."""
-    cache = DynamicCache(config=model.config)
+    ``capacity`` columns (prompt + new tokens); other layer kinds stay transformers' own. None for
+    a model ``generate`` gives no ``DynamicCache`` (state-space or encoder-decoder models): pass it
+    on as ``past_key_values`` and ``generate`` builds its own cache, as without it."""
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if model.config.is_encoder_decoder or (supports is not None and not supports()):
+        return None
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache

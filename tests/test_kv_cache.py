@@ -60,6 +60,7 @@ def test_crop_select_and_reset_are_followed():
 def test_only_full_attention_layers_are_replaced():
     model = load_model(ModelConfig(config=tiny_mimo_config(), tokenizer=BUILTIN_TOKENIZER), seed=0)
     cache = preallocated_cache(model, capacity=40)
+    assert cache is not None
     kinds = [type(layer) for layer in cache.layers]
     assert kinds[0] is PreallocatedLayer and kinds[3] is PreallocatedLayer
     assert kinds[1] is not PreallocatedLayer and kinds[2] is not PreallocatedLayer  # sliding windows
@@ -80,7 +81,9 @@ def test_generate_with_it_gives_what_generate_gives_with_its_own_cache():
         output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=2,
     )  # fmt: skip
     ref = model.generate(**kw)
-    got = model.generate(**kw, past_key_values=preallocated_cache(model, ids.shape[1] + 48))
+    cache = preallocated_cache(model, ids.shape[1] + 48)
+    got = model.generate(**kw, past_key_values=cache)
+    assert cache is not None and isinstance(cache.layers[0], PreallocatedLayer) and cache.get_seq_length() > 48
     assert torch.equal(got.sequences, ref.sequences)
     for g, r in zip(got.scores, ref.scores, strict=True):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
