@@ -19,6 +19,7 @@ import argparse
 import gc
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,10 @@ def main() -> None:
     p.add_argument("--backends", default="hf,vllm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/bench")
+    p.add_argument(
+        "--student", default=None,
+        help="a Hugging Face model directory to roll out instead of the benchmark student (its own tokenizer)",
+    )  # fmt: skip
     p.add_argument("--out", default="results/rollout_engines.json")
     args = p.parse_args()
     # The recipe helper wants these; they do not matter here.
@@ -93,14 +98,20 @@ def main() -> None:
     models = _bench.save_models(work, args.seed)
     recipe = _bench.recipe(work, models, args, "rollout_engines")
     cfg = load_config(recipe)
-    cfg.rollout.max_model_len = 512
+    cfg.rollout.max_model_len = 1024
+    if args.student:
+        cfg.student = replace(cfg.student, path=args.student, tokenizer=None)
+        res_student: dict[str, Any] = {"path": args.student}
+    else:
+        res_student = models["student"]
     rows = _bench.prompt_stream(recipe, 1)[0]
-    res: dict[str, Any] = {"args": vars(args), "machine": _bench.machine(), "student": models["student"]}
+    res: dict[str, Any] = {"args": vars(args), "machine": _bench.machine(), "student": res_student}
     for backend in args.backends.split(","):
         print(f"{backend} ...", flush=True)
         res[backend] = measure(backend, cfg, rows, args)
+    who = args.student or f"student {models['student']['params'] / 1e6:.1f}M params"
     print(
-        f"student {models['student']['params'] / 1e6:.1f}M params, {args.prompts} prompts x {args.n} samples x "
+        f"{who}, {args.prompts} prompts x {args.n} samples x "
         f"<= {args.max_new} new tokens; load {res['machine']['load_avg_1_5_15']}"
     )
     print("| backend | engine start s | generate s (each call) | response tok/s (median) | weight sync s |")
