@@ -15,6 +15,8 @@ TRL setting's non-generation time: the two toolkits' cost of the same update.
 
     pip install -c constraints-cpu.txt -e '.[bench]'          # TRL 1.16
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --steps 8 --out results/vs_trl.json
+    OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --steps 8 --trl-threads 2,1 --also-overlap \
+        --also 'rollout.backend=vllm rollout.overlap=true'
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ def report(res: dict[str, Any]) -> str:
     rows = [("mopd, phases in turn", res["mopd"], "mopd")]
     if "mopd_overlap" in res:
         rows.append(("mopd, rollout.overlap", res["mopd_overlap"], "mopd_overlap"))
+    for label, r in res.get("mopd_also", {}).items():
+        rows.append((f"mopd, {label}", r, f"mopd_also:{label}"))
+    n_mopd = len(rows)
     for threads, r in res["trl_runs"].items():
         rows.append((f"TRL, {threads} thread(s)", r, f"trl_{threads}"))
     for name, r, key in rows:
@@ -169,7 +174,9 @@ def report(res: dict[str, Any]) -> str:
     lines.append(f"throughput mopd (phases in turn) / fastest TRL: {res['ratio']:.2f}x")
     if "mopd_overlap" in res:
         lines.append(f"throughput mopd (rollout.overlap) / fastest TRL: {res['ratio_overlap']:.2f}x")
-    for name, r, _ in rows[: 2 if "mopd_overlap" in res else 1]:
+    for label, r in res.get("mopd_also", {}).items():
+        lines.append(f"throughput mopd ({label}) / fastest TRL: {r['tokens_per_s'] / res['trl']['tokens_per_s']:.2f}x")
+    for name, r, _ in rows[:n_mopd]:
         lines.append(
             f"{name}, phases (s/step, steps 2..N): " + ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
         )
@@ -200,6 +207,11 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench", help="models, runs and logs go here")
     p.add_argument("--out", default="results/vs_trl.json")
     p.add_argument("--also-overlap", action="store_true", help="run mopd a second time with rollout.overlap=true")
+    p.add_argument(
+        "--also", action="append", default=[], metavar="OVERRIDES",
+        help="run mopd once more with these recipe overrides (space-separated, e.g. "
+        "'rollout.backend=vllm rollout.overlap=true'); may be given several times",
+    )  # fmt: skip
     p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
@@ -219,6 +231,12 @@ def main() -> None:
         print(f"mopd train, rollout.overlap=true ({args.steps} steps) ...", flush=True)
         over = ["rollout.overlap=true", f"run.output_dir={work / 'mopd_vs_trl_overlap'}"]
         res["mopd_overlap"] = mopd_figures(_bench.run_mopd(recipe, over, log=work / "mopd_vs_trl_overlap.log"))
+    res["mopd_also"] = {}
+    for i, label in enumerate(args.also):
+        print(f"mopd train, {label} ({args.steps} steps) ...", flush=True)
+        over = [*label.split(), f"run.output_dir={work / f'mopd_vs_trl_also{i}'}"]
+        log = work / f"mopd_vs_trl_also{i}.log"
+        res["mopd_also"][label] = mopd_figures(_bench.run_mopd(recipe, over, log=log))
     threads = [int(t) for t in str(args.trl_threads).split(",")]
     res["trl_runs"] = {}
     for t in threads:
@@ -252,10 +270,10 @@ def main() -> None:
         res["quality"]["mopd_overlap"] = _bench.quality(
             res["mopd_overlap"]["final_dir"], teacher, held_out, args.max_new
         )
+    for label, r in res["mopd_also"].items():
+        res["quality"][f"mopd_also:{label}"] = _bench.quality(r["final_dir"], teacher, held_out, args.max_new)
     trl_kl = res["quality"][f"trl_{best}"]["reverse_kl"]
-    res["kl_gap"] = {
-        k: res["quality"][k]["reverse_kl"] - trl_kl for k in ("mopd", "mopd_overlap") if k in res["quality"]
-    }
+    res["kl_gap"] = {k: q["reverse_kl"] - trl_kl for k, q in res["quality"].items() if k.startswith("mopd")}
     print(report(res))
     _bench.write_json(args.out, res)
 
