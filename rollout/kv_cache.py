@@ -4,10 +4,12 @@ transformers' ``DynamicCache`` grows each layer with ``torch.cat``: every decode
 whole cache so far, so a response of R tokens copies O(R^2) key/value columns. What that costs
 depends on the response length against the model's arithmetic: on CPU this cache made the rollout
 of the 10.7M benchmark student 1.00x (128 tokens) to 1.17x (512 tokens) as fast, and SmolLM2-135M
-no faster (docs/benchmarks.md, ``benchmarks/rollout_engines.py --backends hf,hf-dynamic``). ``PreallocatedLayer`` keeps the keys and
-values in a buffer sized once for the prompt plus ``max_new_tokens`` and hands attention a view of
-its filled part: a step writes only its own column. Sliding-window layers keep transformers' own
-class (they trim themselves). Nothing else changes: same masks, same attention calls, same tokens.
+no faster (docs/benchmarks.md, ``benchmarks/rollout_engines.py --backends hf,hf-dynamic``).
+
+``PreallocatedLayer`` keeps the keys and values in a buffer sized once for the prompt plus
+``max_new_tokens`` and hands attention a view of its filled part: a step writes only its own column.
+Sliding-window layers keep transformers' own class (they trim themselves). Nothing else changes:
+same masks, same attention calls, same tokens.
 
     cache = preallocated_cache(model, capacity=prompt_len + max_new_tokens)   # None: not for this model
     model.generate(..., past_key_values=cache)
