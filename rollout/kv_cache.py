@@ -9,7 +9,9 @@ no faster (docs/benchmarks.md, ``benchmarks/rollout_engines.py --backends hf,hf-
 ``PreallocatedLayer`` keeps the keys and values in a buffer sized once for the prompt plus
 ``max_new_tokens`` and hands attention a view of its filled part: a step writes only its own column.
 Sliding-window layers keep transformers' own class (they trim themselves). Nothing else changes:
-same masks, same attention calls, same tokens.
+same masks, same attention calls, same tokens. Memory: from the first step the cache holds what
+``DynamicCache`` reaches only when a row runs to ``max_new_tokens`` (the size a rollout has to fit
+anyway), and it never needs the second copy that each ``torch.cat`` makes for a moment.
 
     cache = preallocated_cache(model, capacity=prompt_len + max_new_tokens)   # None: not for this model
     model.generate(..., past_key_values=cache)
