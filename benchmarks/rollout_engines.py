@@ -27,13 +27,6 @@ import _bench
 from mopd.config import load_config
 
 
-def transformers_cache(model, capacity: int):
-    """What ``generate`` builds when given no cache (the ``hf-dynamic`` baseline)."""
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
 def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
     import rollout.hf
     from rollout.pool import actor_class
@@ -41,8 +34,8 @@ def measure(backend: str, cfg, rows, args) -> dict[str, Any]:
     engine = "hf" if backend.startswith("hf") else backend
     cfg.rollout.backend = engine
     own_cache = rollout.hf.preallocated_cache
-    if backend == "hf-dynamic":
-        rollout.hf.preallocated_cache = transformers_cache
+    if backend == "hf-dynamic":  # no cache handed to generate: it builds its own DynamicCache
+        rollout.hf.preallocated_cache = lambda model, capacity: None
     t0 = time.perf_counter()
     actor = actor_class(engine)(cfg)
     start_s = time.perf_counter() - t0

@@ -28,7 +28,8 @@ class PreallocatedLayer(DynamicLayer):
     its first ``seq_len`` columns. Past the capacity the buffer doubles (one copy). Anything that
     replaces ``keys`` with a tensor of its own (``batch_select_indices``, ``reorder_cache``, ...) is
     noticed at the next update, which moves that tensor into a fresh buffer; ``crop`` shortens the
-    view and the next update writes after it."""
+    view and the next update writes after it; after ``reset`` the next prefill writes over the
+    buffers it keeps."""
 
     def __init__(self, capacity: int = 0) -> None:
         super().__init__()
@@ -81,9 +82,6 @@ class PreallocatedLayer(DynamicLayer):
         vb[:, :, filled:end].copy_(value_states)
         self.keys, self.values = kb[:, :, :end], vb[:, :, :end]
         return self.keys, self.values
-
-    def reset(self) -> None:
-        super().reset()  # keeps the buffers: the next prefill writes over them
 
 
 def preallocated_cache(model, capacity: int) -> DynamicCache | None:
