@@ -31,7 +31,7 @@ import torch
 import _bench
 from mopd.config import load_config
 from mopd.metrics import read_metrics
-from mopd.runtime import free_port
+from mopd.dist.runtime import free_port
 
 PHASES = ("rollout", "teachers", "train", "sync", "other", "outside")
 

@@ -38,7 +38,7 @@ import torch
 
 import _bench
 from mopd.config import load_config
-from mopd.runtime import free_port
+from mopd.dist.runtime import free_port
 
 # Operator kinds of the profiler table (by aten name); everything else is "other".
 KINDS = {

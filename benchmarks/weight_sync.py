@@ -6,7 +6,7 @@ call to the replicas' acknowledgement; a thread samples the driver's resident se
 (``/proc/self/statm``) every millisecond meanwhile, and the growth is the peak minus the RSS just
 before the call. ``driver``: ``rollout.weight_sync=driver`` (rank 0's state dict through the driver
 and Ray's object store); ``direct``: trainer rank 0 broadcasts to the replica over gloo
-(mopd/weight_sync.py). The first direct sync also forms the group; it is reported apart. Direct
+(mopd/dist/weight_sync.py). The first direct sync also forms the group; it is reported apart. Direct
 runs first, so the driver path's allocations cannot hide the direct path's.
 
     OMP_NUM_THREADS=1 python benchmarks/weight_sync.py --size 10M --out results/weight_sync_10M.json
@@ -105,7 +105,7 @@ def main() -> None:
 
     import ray
 
-    from mopd.runtime import init_ray
+    from mopd.dist.runtime import init_ray
     from rollout import RolloutPool
     from trainers import TrainerPool
 

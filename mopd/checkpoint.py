@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, found by step, exported as Hugging Face directories.
+"""Checkpoints: written atomically, found by step, exported (mopd/app/export.py) as Hugging Face directories.
 
 Layout of ``<checkpoint dir>/step_000010/``:
     state.json   step, policy version, data cursor, RNG state, teacher set, the recipe
@@ -98,29 +98,3 @@ def resolve(path: str | os.PathLike) -> Path:
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint at {path} (expected step_NNNNNN/{STATE_FILE})")
     return latest
-
-
-def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy a checkpoint's student to ``out_dir`` as a Hugging Face directory (safetensors,
-    config, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` and vLLM load."""
-    src = resolve(path) / "hf"
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} holds no Hugging Face model (config.json missing)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_file():
-            shutil.copy2(item, out / item.name)
-    _add_vllm_keys(out / "config.json")
-    return out
-
-
-def _add_vllm_keys(config_path: Path) -> None:
-    """Add the config keys vLLM's implementation of the model reads where transformers saves
-    others (MiMoV2Flash); transformers ignores them, so the directory serves both."""
-    from mopd.vllm_compat import vllm_config_overrides
-
-    config = json.loads(config_path.read_text())
-    extra = vllm_config_overrides(config)
-    if extra:
-        config_path.write_text(json.dumps({**config, **extra}, indent=2))

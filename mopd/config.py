@@ -82,7 +82,7 @@ class ModelConfig:
 @dataclass
 class ResourcesConfig:
     num_cpus: float = 1.0
-    # > 0: the worker runs on the GPU Ray assigns it (mopd/devices.py), in its model's dtype; 0: CPU.
+    # > 0: the worker runs on the GPU Ray assigns it (mopd/dist/devices.py), in its model's dtype; 0: CPU.
     num_gpus: float = 0.0
 
 
@@ -163,7 +163,7 @@ class RolloutConfig:
     # checkpoint, so a resumed run still matches an uninterrupted one. Pays off when the rollout
     # and the trainer have cores of their own (docs/benchmarks.md).
     overlap: bool = False
-    # How the trainer's weights reach the replicas after each update (mopd/weight_sync.py).
+    # How the trainer's weights reach the replicas after each update (mopd/dist/weight_sync.py).
     # direct: trainer rank 0 broadcasts them over a torch.distributed group of its own with the
     # replicas (gloo on CPU, NCCL when trainer and rollout both have GPUs), in buckets of at most
     # weight_sync_bucket_mb; the driver holds no tensor. driver: rank 0's state dict goes through
@@ -261,7 +261,7 @@ class RayConfig:
 @dataclass
 class PlacementConfig:
     """Where the pools run: one Ray placement group for the run, reserved before any actor starts
-    (mopd/placement.py). ``disaggregated``: trainer ranks, rollout replicas and teachers each on
+    (mopd/dist/placement.py). ``disaggregated``: trainer ranks, rollout replicas and teachers each on
     bundles (devices) of their own. ``colocated``: rollout replica i shares trainer rank i's bundle
     and the two take turns (the rollout frees its device memory while the trainer steps). Needs
     ``rollout.replicas == trainer.world_size`` and no ``rollout.overlap``; with GPUs,
@@ -271,7 +271,7 @@ class PlacementConfig:
 
     layout: Layout = "disaggregated"
     # Seconds to wait for the run's placement group when the cluster has the resources but other
-    # work holds them. A group larger than the cluster fails at once (mopd/placement.py).
+    # work holds them. A group larger than the cluster fails at once (mopd/dist/placement.py).
     timeout_s: float = 120.0
     # Memory of one GPU in GB, for `mopd plan`'s fit checks (80: A100/H100 80GB; 141: H200).
     gpu_memory_gb: float = 80.0

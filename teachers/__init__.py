@@ -10,7 +10,7 @@ Importing this package loads neither torch models, Ray nor vLLM: the names below
 
 from __future__ import annotations
 
-from mopd.lazy import lazy_exports
+from mopd.dist.lazy import lazy_exports
 
 _EXPORTS = {
     "TeacherPool": "teachers.pool",

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 
 from mopd.config import TeacherConfig
-from mopd.devices import worker_device
+from mopd.dist.devices import worker_device
 from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
-from mopd.runtime import set_torch_threads
+from mopd.dist.runtime import set_torch_threads
 from mopd.types import TeacherScores
 from mopd.vocab import config_vocab_size, tokenizer_signature
 from teachers.common import active_columns, check_score_inputs, empty_scores, row_chunks
 
 
 class HFTeacherWorker:
-    """One teacher model scoring (B, T) batches at temperature 1 on its device (``mopd.devices``:
+    """One teacher model scoring (B, T) batches at temperature 1 on its device (``mopd.dist.devices``:
     a GPU when ``teachers.<domain>.resources.num_gpus > 0``, else the CPU); inputs and scores stay
     on the CPU."""
 

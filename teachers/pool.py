@@ -5,9 +5,9 @@ teacher of its domain.
     scores, metrics = pool.score(batch, topk=0)   # scores aligned with batch rows
 
 Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``; with the
-run's placement group, mopd/placement.py, on the bundles ``placement.plan.teachers[domain]``) or,
+run's placement group, mopd/dist/placement.py, on the bundles ``placement.plan.teachers[domain]``) or,
 with ``local=True``, one in-process worker per domain (tests, debugging), all in one ``ActorGroup``
-(mopd/actors.py). An actor that dies is restarted by Ray (up to ``max_restarts`` times) and its rows
+(mopd/dist/actors.py). An actor that dies is restarted by Ray (up to ``max_restarts`` times) and its rows
 are scored again: a teacher's weights come from its path or seeded config, so the fresh actor scores
 exactly as the old one did. Routing, splitting across
 replicas and reassembly are pure functions below (``plan_shards``, ``assemble_scores``), tested
@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from mopd.actors import ActorGroup
+from mopd.dist.actors import ActorGroup
 from mopd.chat import left_pad, prompt_ids, teacher_prompt_tokenizer
 from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
-from mopd.placement import RunPlacement
-from mopd.runtime import split_evenly
+from mopd.dist.placement import RunPlacement
+from mopd.dist.runtime import split_evenly
 from mopd.types import RolloutBatch, TeacherScores
-from mopd.vllm_compat import VLLM_CPU_ENV
+from mopd.dist.vllm_compat import VLLM_CPU_ENV
 from mopd.vocab import check_vocabularies
 
 

@@ -15,7 +15,7 @@ MiMoV2Flash on vLLM: transformers saves the model with its own config keys (``la
 them (the weight names already match). On CPU, asymmetric V heads (``v_head_dim < head_dim``) would
 select vLLM's FlashAttention / Triton "DIFFKV" attention, absent on CPU: the value heads are
 zero-padded to ``head_dim`` instead (exact: the extra channels are 0). CPU attention also needs a
-supported head size (32, 64, 80, ...). These helpers live in ``mopd.vllm_compat``, shared with the
+supported head size (32, 64, 80, ...). These helpers live in ``mopd.dist.vllm_compat``, shared with the
 vLLM rollout actor.
 """
 
@@ -33,9 +33,9 @@ import torch
 
 from mopd.config import TeacherConfig
 from mopd.models import load_model, load_tokenizer
-from mopd.runtime import set_torch_threads
+from mopd.dist.runtime import set_torch_threads
 from mopd.types import TeacherScores
-from mopd.vllm_compat import (
+from mopd.dist.vllm_compat import (
     check_cpu_support,
     needs_value_padding,
     pad_value_heads,

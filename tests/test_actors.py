@@ -1,4 +1,4 @@
-"""``ActorGroup`` (mopd/actors.py): in-process calls and shutdown, then with a local Ray and a toy
+"""``ActorGroup`` (mopd/dist/actors.py): in-process calls and shutdown, then with a local Ray and a toy
 actor: a call whose actor is killed is retried after Ray restarted it (``prepare`` first), a group
 without restarts raises ``ActorFailedError`` naming the actor at once, a constructor error surfaces
 in ``ready``, and shutdown asks, kills and removes the placement group, twice without harm.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mopd.actors import ActorFailedError, ActorGroup
+from mopd.dist.actors import ActorFailedError, ActorGroup
 
 
 def toy_classes():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from mopd.runtime import RAY_JOB_CONFIG_ENV, free_port, ray_working_dir_copy
+from mopd.dist.runtime import RAY_JOB_CONFIG_ENV, free_port, ray_working_dir_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's `ray` and `mopd`
@@ -67,7 +67,7 @@ def test_working_dir_copy_is_recognised(tmp_path, monkeypatch):
 
 def test_train_warns_when_outputs_go_to_the_copy(tmp_path, monkeypatch, caplog):
     """`mopd train`'s warning names the key to set (run.output_dir) and the copy."""
-    from mopd.runtime import warn_if_in_ray_working_dir
+    from mopd.dist.runtime import warn_if_in_ray_working_dir
 
     copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0f"
     with caplog.at_level("WARNING", logger="mopd"):
@@ -260,7 +260,7 @@ def test_readme_job_submit_on_a_cluster(head_node):
 
 # In a submitted job: where a relative run.output_dir resolves, and mopd's warning about it.
 WARN_JOB = (
-    "import logging; logging.basicConfig(); from mopd.runtime import warn_if_in_ray_working_dir as w; "
+    "import logging; logging.basicConfig(); from mopd.dist.runtime import warn_if_in_ray_working_dir as w; "
     "assert w({'run.output_dir': 'runs/tiny'}) == ['run.output_dir']"
 )
 

@@ -1,4 +1,4 @@
-"""Device placement (mopd/devices.py): a worker runs on a GPU exactly when its recipe entry
+"""Device placement (mopd/dist/devices.py): a worker runs on a GPU exactly when its recipe entry
 reserves one, and says which recipe key to change when it cannot.
 
     pytest tests/test_devices.py        # CPU; CUDA's presence is faked with monkeypatch
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mopd.config import ModelConfig, MOPDConfig, ResourcesConfig, TeacherConfig
-from mopd.devices import deepspeed_env, worker_device
+from mopd.dist.devices import deepspeed_env, worker_device
 from mopd.models import tiny_mimo_config
 
 

@@ -1,7 +1,9 @@
 """The three layers import only downward, and no package imports one that imports it back.
 
-    core     mopd/ (without mopd/app): config, types, objective, the loop, data, domains, ...
-    workers  teachers/, rollout/, trainers/: each imports the core only
+    core     mopd/ (without mopd/app, mopd/dist): config, types, objective, the loop, data, domains, ...
+    dist     mopd/dist/: Ray actors, placement, runtime, devices, weight sync, vLLM shims, the plan;
+             imports the core only
+    workers  teachers/, rollout/, trainers/: each imports the core and dist only
     app      mopd/app/: the CLI, the run wiring, the quickstart, the report; the only importer of workers
 
 Every import counts, also one inside a function and ``importlib.import_module("literal")``:
@@ -19,11 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("teachers", "rollout", "trainers")
-# Allowed imports between units: core <- each worker <- app.
+# Allowed imports between units: core <- dist <- each worker <- app.
 ALLOWED = {
     "core": {"core"},
-    **{w: {"core", w} for w in WORKERS},
-    "app": {"core", "app", *WORKERS},
+    "dist": {"core", "dist"},
+    **{w: {"core", "dist", w} for w in WORKERS},
+    "app": {"core", "dist", "app", *WORKERS},
 }
 
 
@@ -32,6 +35,8 @@ def unit_of(module: str) -> str | None:
     top = module.split(".")[0]
     if module == "mopd.app" or module.startswith("mopd.app."):
         return "app"
+    if module == "mopd.dist" or module.startswith("mopd.dist."):
+        return "dist"
     if top == "mopd":
         return "core"
     return top if top in WORKERS else None

@@ -1,4 +1,4 @@
-"""The run's one placement group (mopd/placement.py) and taking turns (``placement.layout:
+"""The run's one placement group (mopd/dist/placement.py) and taking turns (``placement.layout:
 colocated``).
 
 Without Ray: the bundles of both layouts, the cluster-size check, the recipe checks. With a local
@@ -21,7 +21,7 @@ import pytest
 
 from mopd.config import ConfigError, load_config
 from mopd.metrics import read_metrics
-from mopd.placement import PlacementError, plan_placement, shortfall
+from mopd.dist.placement import PlacementError, plan_placement, shortfall
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 CPU1 = {"CPU": 1.0}
@@ -203,7 +203,7 @@ def live_groups(ray) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_a_group_the_cluster_cannot_hold_fails_at_once_before_any_actor(ray_local, tmp_path, monkeypatch):
-    from mopd.actors import ActorGroup
+    from mopd.dist.actors import ActorGroup
     from mopd.app.run import run_training
 
     started = []
@@ -224,7 +224,7 @@ def test_a_group_the_cluster_cannot_hold_fails_at_once_before_any_actor(ray_loca
 def test_a_group_others_hold_the_resources_of_fails_after_the_timeout(ray_local):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from mopd.placement import RunPlacement
+    from mopd.dist.placement import RunPlacement
 
     other = placement_group([{"CPU": NUM_CPUS - 1}])
     assert other.wait(30)

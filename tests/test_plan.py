@@ -1,4 +1,4 @@
-"""Tests of ``mopd plan`` (mopd/plan.py): figures computed by hand for two configs, the exit status
+"""Tests of ``mopd plan`` (mopd/dist/plan.py): figures computed by hand for two configs, the exit status
 of a recipe that does not fit, and the trainer estimate against a measured CPU training step.
 
     pytest tests/test_plan.py
@@ -17,7 +17,7 @@ import pytest
 from mopd.app.cli import main
 from mopd.config import DataSourceConfig, ModelConfig, MOPDConfig, TeacherConfig, to_yaml
 from mopd.models import tiny_mimo_config
-from mopd.plan import model_shape, plan_recipe
+from mopd.dist.plan import model_shape, plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = dict(
@@ -156,8 +156,8 @@ import torch
 import deepspeed, transformers  # noqa: F401  (loaded before the baseline)
 from mopd.config import ModelConfig, MOPDConfig
 from mopd.models import tiny_mimo_config
-from mopd.plan import plan_recipe
-from mopd.runtime import free_port
+from mopd.dist.plan import plan_recipe
+from mopd.dist.runtime import free_port
 from mopd.types import PromptRow, RolloutBatch, TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
 
@@ -230,10 +230,10 @@ def test_model_shape_reads_a_directory_without_weights(tmp_path):
 def test_plan_reads_the_cluster_from_ray_address(tmp_path, capsys, monkeypatch):
     """With RAY_ADDRESS set and no --gpus, the cluster's GPUs come from Ray (stubbed here: a test
     must not join the Ray clusters others run on this machine)."""
-    import mopd.plan
+    import mopd.dist.plan
 
     seen = []
-    monkeypatch.setattr(mopd.plan, "cluster_gpus", lambda address: seen.append(address) or [1.0])
+    monkeypatch.setattr(mopd.dist.plan, "cluster_gpus", lambda address: seen.append(address) or [1.0])
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     cfg = dense_recipe()
     cfg.trainer.resources.num_gpus = 1

@@ -253,7 +253,7 @@ import json, sys
 
 
 def main(path):
-    from mopd.vllm_compat import set_cpu_env_defaults
+    from mopd.dist.vllm_compat import set_cpu_env_defaults
 
     set_cpu_env_defaults()
     from transformers import AutoTokenizer

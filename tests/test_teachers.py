@@ -347,7 +347,7 @@ def test_package_import_is_light():
 
 
 def test_vllm_config_overrides_for_mimo():
-    from mopd.vllm_compat import vllm_config_overrides
+    from mopd.dist.vllm_compat import vllm_config_overrides
 
     cfg = tiny_mimo_config()
     o = vllm_config_overrides(cfg)
@@ -360,7 +360,7 @@ def test_vllm_config_overrides_for_mimo():
 
 
 def test_pad_value_heads_zero_pads_weight_bias_and_o_proj_columns():
-    from mopd.vllm_compat import pad_value_heads
+    from mopd.dist.vllm_compat import pad_value_heads
 
     v = torch.randn(2 * 3, 5)  # 2 kv heads of v_dim 3, hidden 5
     b = torch.randn(2 * 3)
@@ -375,8 +375,8 @@ def test_pad_value_heads_zero_pads_weight_bias_and_o_proj_columns():
 
 
 def test_actor_env_layers_extras_in_order():
-    from mopd.runtime import actor_env
-    from mopd.vllm_compat import VLLM_CPU_ENV
+    from mopd.dist.runtime import actor_env
+    from mopd.dist.vllm_compat import VLLM_CPU_ENV
 
     base = {
         "OMP_NUM_THREADS": "2",
@@ -414,7 +414,7 @@ def test_padded_value_heads_leave_the_model_unchanged(tmp_path, batch):
 
 
 def test_flat_logprobs_to_tensors():
-    from mopd.vllm_compat import check_cpu_support
+    from mopd.dist.vllm_compat import check_cpu_support
     from teachers.vllm import flat_to_tensors
 
     # 3 tokens, k = 2: for positions 1 and 2, the token's own entry then the top 2 in rank order.

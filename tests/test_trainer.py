@@ -18,7 +18,7 @@ import torch
 from mopd.config import ModelConfig, MOPDConfig
 from mopd.models import forward_logits, load_model, sequence_logprobs, tiny_mimo_config, topk_logprobs
 from mopd.objective import grpo_advantages
-from mopd.runtime import free_port
+from mopd.dist.runtime import free_port
 from mopd.types import PromptRow, RolloutBatch, TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker, lr_lambda, plan_micro_batches
 from trainers.moe_balance import sigmoid_balance_loss
@@ -435,7 +435,7 @@ class _RecordingRank:
 def test_pool_sends_each_rank_only_its_own_shard_as_its_own_ref(ray_local):
     """Each rank is called with one object ref holding its shard (its rows only); no ref holds the
     whole batch, so no rank fetches another rank's rows."""
-    from mopd.actors import ActorGroup
+    from mopd.dist.actors import ActorGroup
     from trainers import TrainerPool
 
     cfg = make_cfg(micro_batch_size=2)

@@ -1,4 +1,4 @@
-"""Weight sync without the driver (mopd/weight_sync.py): the bucket plan and its round trip (pure),
+"""Weight sync without the driver (mopd/dist/weight_sync.py): the bucket plan and its round trip (pure),
 a real gloo group between two processes that syncs an HF rollout actor, and (slow) the rollout pool
 syncing from the trainer pool over Ray in both modes.
 
@@ -15,7 +15,7 @@ import torch
 
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
 from mopd.models import load_model, tiny_mimo_config
-from mopd.weight_sync import (
+from mopd.dist.weight_sync import (
     ALIGN,
     Assembler,
     SyncPlan,
@@ -183,7 +183,7 @@ def test_zero3_trainer_sends_gathered_weights_to_an_hf_actor():
     threads): afterwards the actor holds what the trainer's consolidated state dict holds."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mopd.runtime import free_port
+    from mopd.dist.runtime import free_port
     from rollout.hf import HFRolloutActor
     from trainers.deepspeed_trainer import TrainerWorker
 

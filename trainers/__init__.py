@@ -7,7 +7,7 @@ Importing this package is light: DeepSpeed and Ray load only when a name below i
 
 from __future__ import annotations
 
-from mopd.lazy import lazy_exports
+from mopd.dist.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainerWorker": "trainers.deepspeed_trainer",

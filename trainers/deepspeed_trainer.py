@@ -3,7 +3,7 @@
 A worker is a plain class: tests drive it in-process (world size 1); ``trainers.pool.TrainerPool``
 runs ``world_size`` of them as Ray actors. Each rank receives only its own rows, a ``RankBatch``
 (trainers/shards.py: rows ``rank::world_size``, tensors only); one ``train_step`` is exactly one
-optimizer step. The rank runs on the device ``mopd.devices`` picks from ``trainer.resources``
+optimizer step. The rank runs on the device ``mopd.dist.devices`` picks from ``trainer.resources``
 (DeepSpeed's accelerator follows it); what it returns is on the CPU.
 
     worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=29500)
@@ -30,13 +30,13 @@ from typing import Any, cast
 import torch
 
 from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig
-from mopd.devices import deepspeed_env, worker_device
+from mopd.dist.devices import deepspeed_env, worker_device
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import mopd_loss, topk_reverse_kl_loss
 from mopd.routing import replay_routes
-from mopd.runtime import set_torch_threads
+from mopd.dist.runtime import set_torch_threads
 from mopd.types import TrainBatch
-from mopd.weight_sync import TensorSpec, WeightLink, host_store, plan_sync
+from mopd.dist.weight_sync import TensorSpec, WeightLink, host_store, plan_sync
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 from trainers.shards import RankBatch, shard_batch
 
@@ -289,7 +289,7 @@ class TrainerWorker:
                 "earlier in this process (another trainer on another device, or DS_ACCELERATOR)"
             )
         self._version = 0
-        self._sync_store: Any = None  # rank 0: the weight-sync group's rendezvous (mopd/weight_sync.py)
+        self._sync_store: Any = None  # rank 0: the weight-sync group's rendezvous (mopd/dist/weight_sync.py)
         self._sync_link: WeightLink | None = None
 
     # ------------------------------------------------------------------ versions

@@ -1,8 +1,8 @@
 """``TrainerPool``: ``trainer.world_size`` DeepSpeed ranks as Ray actors, one per bundle of the run's
-placement group (mopd/placement.py; rank i on ``placement.plan.trainer[i]``), or of a group of its
+placement group (mopd/dist/placement.py; rank i on ``placement.plan.trainer[i]``), or of a group of its
 own when none is given.
 
-The pool (with its ``ActorGroup``, mopd/actors.py) is the only place that touches Ray object refs;
+The pool (with its ``ActorGroup``, mopd/dist/actors.py) is the only place that touches Ray object refs;
 the loop calls plain methods. A step's batch is cut into one ``RankBatch`` per rank
 (trainers/shards.py), each put in the object store on its own: a rank fetches only its own rows.
 
@@ -27,11 +27,11 @@ import ray
 import torch
 from ray.util.placement_group import placement_group_table
 
-from mopd.actors import ActorGroup
+from mopd.dist.actors import ActorGroup
 from mopd.config import MOPDConfig
-from mopd.devices import deepspeed_env
-from mopd.placement import RunPlacement
-from mopd.runtime import free_port
+from mopd.dist.devices import deepspeed_env
+from mopd.dist.placement import RunPlacement
+from mopd.dist.runtime import free_port
 from mopd.types import TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker
 from trainers.shards import shard_batch
@@ -80,9 +80,9 @@ class TrainerPool:
         self._rank0 = (placement, plan.trainer[0])  # where rank 0 runs: it hosts both rendezvous
         try:
             addr, port = _rendezvous(*self._rank0)
-            # Threads per reserved CPU, DeepSpeed's accelerator (mopd.devices), then ray.env.
+            # Threads per reserved CPU, DeepSpeed's accelerator (mopd.dist.devices), then ray.env.
             ranks = [(cfg, rank, t.world_size, addr, port) for rank in range(t.world_size)]
-            # Colocated, a rank asks its bundle's device minus the rollout's share (mopd/placement.py).
+            # Colocated, a rank asks its bundle's device minus the rollout's share (mopd/dist/placement.py).
             res, env = plan.trainer_resources, (deepspeed_env(t.resources), cfg.ray.env)
             self._actors.start(
                 TrainerWorker,

@@ -118,7 +118,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mopd.plan import check_cluster, cluster_gpus, format_plan, plan_recipe, raise_if_unfit
+    from mopd.dist.plan import check_cluster, cluster_gpus, format_plan, plan_recipe, raise_if_unfit
 
     cfg = load_config(args.recipe, args.overrides)
     plan = plan_recipe(cfg, args.gpu_memory_gb)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "export":
-            from mopd.checkpoint import export_checkpoint
+            from mopd.app.export import export_checkpoint
 
             try:
                 path = export_checkpoint(args.checkpoint, args.out_dir)

@@ -241,7 +241,7 @@ def run_sft(
     from tqdm import tqdm
 
     from mopd.models import load_tokenizer
-    from mopd.runtime import free_port
+    from mopd.dist.runtime import free_port
     from trainers.deepspeed_trainer import TrainerWorker
 
     cfg = replace(
@@ -488,7 +488,7 @@ def _stage_mopd(out, st, base, recipe_over, results):
 
 def _stage_report(out, st, base, recipe_over, results):
     from mopd.app.report import build_report, plot_curves
-    from mopd.checkpoint import export_checkpoint
+    from mopd.app.export import export_checkpoint
 
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")

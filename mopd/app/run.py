@@ -5,7 +5,7 @@
 Everything that can fail without an actor fails here first, in ``preflight`` (data sources, eval
 prompts, the checkpoint to resume against the recipe, every teacher's vocabulary against the
 student's), which ``mopd validate`` runs too; then
-the run's one placement group is reserved (mopd/placement.py: fails here, before any actor starts,
+the run's one placement group is reserved (mopd/dist/placement.py: fails here, before any actor starts,
 if the cluster cannot hold it), the teacher, trainer and rollout pools start together on its
 bundles, ``MOPDLoop`` runs, and every pool and the group are released however the run ends. A run
 that cannot go on raises ``RunStoppedError`` naming the ``--resume`` command.
@@ -23,15 +23,15 @@ from typing import Any
 
 from mopd import checkpoint as ckpt
 from mopd import sandbox
-from mopd.actors import ActorFailedError
+from mopd.dist.actors import ActorFailedError
 from mopd.chat import student_tokenizer
 from mopd.config import ConfigError, ModelConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.domains import registered_generators
 from mopd.loop import ConfigMismatchError, MOPDLoop, check_teacher_set, teacher_fingerprint
 from mopd.metrics import MetricsWriter
-from mopd.placement import RunPlacement
-from mopd.runtime import init_ray, warn_if_in_ray_working_dir
+from mopd.dist.placement import RunPlacement
+from mopd.dist.runtime import init_ray, warn_if_in_ray_working_dir
 from mopd.types import PromptRow
 
 log = logging.getLogger("mopd")

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mopd.config import ConfigError, ModelConfig, MOPDConfig
-from mopd.vllm_compat import tensor_parallel_size
+from mopd.dist.vllm_compat import tensor_parallel_size
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -14,7 +14,7 @@ CPU, then ``env`` in order); it may be called more than once (the teacher pool s
 domain into one group), and actor ``i`` (index in the group) is named in errors as
 ``"<kind> <label> <j>"``. With ``placement_group`` actor ``i`` goes to bundle ``i``, or to the bundle
 ``start(..., bundles=...)`` names for it; the group removes the placement group on shutdown unless
-``owns_placement_group=False`` (the run's one group, mopd/placement.py, shared by every pool). With
+``owns_placement_group=False`` (the run's one group, mopd/dist/placement.py, shared by every pool). With
 ``local=True`` the instances live in this process
 (tests, debugging): resources, environment and placement are ignored and calls run in order.
 
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mopd.runtime import actor_env
+from mopd.dist.runtime import actor_env
 
 log = logging.getLogger("mopd")
 
