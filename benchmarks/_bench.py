@@ -205,7 +205,7 @@ def quality(
     """Held-out quality of a student: greedy exact-match accuracy (the domain's verifier) and the
     per-token reverse KL(student || teacher) over the full vocabulary on the student's own sampled
     responses (temperature 1, seeded), the quantity both toolkits minimise."""
-    from mopd.domains import get_domain
+    from mopd.domains import get_verifier
     from mopd.models import forward_logits
     from rollout.hf import HFRolloutActor
 
@@ -215,7 +215,7 @@ def quality(
     actor = HFRolloutActor(cfg)
     greedy = actor.generate(rows, 1, seed=seed, greedy=True)
     acc = sum(
-        get_domain(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses, strict=True)
+        get_verifier(r.domain).verify(r, resp) for r, resp in zip(greedy.rows, greedy.responses, strict=True)
     ) / len(rows)
     sampled = actor.generate(rows, 1, seed=seed)
     teacher = load_model(ModelConfig(path=teacher_dir, tokenizer=BUILTIN_TOKENIZER)).eval()

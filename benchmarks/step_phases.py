@@ -30,8 +30,8 @@ import torch
 
 import _bench
 from mopd.config import load_config
-from mopd.metrics import read_metrics
 from mopd.dist.runtime import free_port
+from mopd.metrics import read_metrics
 
 PHASES = ("rollout", "teachers", "train", "sync", "other", "outside")
 

@@ -32,7 +32,6 @@ BUILTIN_TOKENIZER = "builtin:char"
 
 # The choices of the settings that have a fixed set of values (the tuples list them for messages).
 Backend = Literal["hf", "vllm"]  # teachers.<domain>.backend, rollout.backend
-ObjectiveKind = Literal["sampled", "topk"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 OnBadRow = Literal["reject", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -44,8 +43,6 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
 # data.chat_template: these two words, or a path to a Jinja template file.
 CHAT_TEMPLATE_MODES = ("auto", "none")
-# Students whose MoE routers mopd.routing can record and replay.
-ROUTING_REPLAY_MODEL_TYPES = ("mimo_v2_flash", "qwen3_moe")
 
 
 class ConfigError(ValueError):
@@ -156,7 +153,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 512
     # Rollout Routing Replay (R3): record each token's MoE experts at rollout and make the trainer's
-    # forward use them (mopd/routing.py). MoE students (ROUTING_REPLAY_MODEL_TYPES), hf backend.
+    # forward use them (mopd/routing.py). MoE students (mopd.routing.ROUTERS), hf backend.
     routing_replay: bool = False
     # Generate step k+1's batch while step k scores and trains (one policy version stale, which
     # the objective's importance weights account for). The pipeline drains before every eval and
@@ -200,7 +197,9 @@ class TrainerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: ObjectiveKind = "sampled"
+    # A kind registered in mopd.objective (sampled, topk): its choices are the registry's, checked
+    # when a recipe is loaded (_check_objective_kind) and by validate.
+    kind: str = "sampled"
     eps_low: float = 0.5
     eps_high: float = 5.0
     # kind=sampled only: weight of the verifier's GRPO outcome advantage; > 0 needs a verifier
@@ -278,10 +277,43 @@ class PlacementConfig:
 
 
 @dataclass
+class EnvironmentConfig:
+    """A tool environment attached to a domain (``environments.<domain>``): that domain's rows are
+    rolled out over several turns (rollout/multiturn.py). The student writes tool calls, the
+    environment (mopd/envs/) runs them, the results are appended as context tokens the student
+    does not train on, and the student goes on until the episode ends or a limit stops it."""
+
+    # A registered environment (built-in: lookup, shell) or ``module.path:Class``; user ones
+    # register with mopd.envs.register_env in a module listed in run.plugins.
+    name: str = MISSING
+    # Tool-call format of the student's turns (mopd/envs/parsers.py): ``hermes`` for chat models
+    # (<tool_call>{json}</tool_call>), ``simple`` for the builtin character tokenizer ([name(arg)]).
+    parser: str = "hermes"
+    # Student turns per trajectory; a trajectory still calling tools after them is truncated.
+    max_turns: int = 4
+    # Tokens per trajectory after the prompt (student and tool tokens); each student turn also
+    # stops at rollout.max_new_tokens.
+    max_tokens: int = 512
+    # Characters of one tool result kept (the rest is cut, with a note saying so).
+    max_result_chars: int = 4096
+    # Wall time of one tool call; a slower call is answered with a timeout error.
+    timeout_s: float = 30.0
+    # Environment worker actors (Ray) per rollout replica; 0 runs the environments in-process.
+    workers: int = 0
+    # Tool calls running at once, over the workers.
+    max_concurrent: int = 64
+    # Keyword arguments of the environment's constructor.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class MOPDConfig:
     run: RunConfig = field(default_factory=RunConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    # Multi-turn domains: a tool environment per domain, keyed like ``teachers`` (none: every
+    # domain is one turn, prompt in, response out).
+    environments: dict[str, EnvironmentConfig] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -345,12 +377,24 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 def _merge(base: DictConfig, layer: DictConfig | ListConfig, source: str) -> DictConfig:
     try:
-        return cast(DictConfig, OmegaConf.merge(base, layer))  # merged into a DictConfig: a DictConfig
+        merged = cast(DictConfig, OmegaConf.merge(base, layer))  # merged into a DictConfig: a DictConfig
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = e.full_key or str(e.key)
         raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}") from e
     except ValidationError as e:
         raise ConfigError(f"{source}: {_describe(e)}") from e
+    _check_objective_kind(merged, source)
+    return merged
+
+
+def _check_objective_kind(cfg: DictConfig, source: str) -> None:
+    """``objective.kind`` names a registered objective: checked as each layer merges, so that the
+    message names the file (or ``override``) that set it, as OmegaConf's ``Literal`` checks do."""
+    from mopd.objective import objective_kinds
+
+    kind = OmegaConf.select(cfg, "objective.kind", throw_on_resolution_failure=False)
+    if kind is not None and kind not in objective_kinds():  # an unresolved value: validate reports it
+        raise ConfigError(f"{source}: objective.kind is {kind!r}; valid: {', '.join(objective_kinds())}")
 
 
 def _describe(e: OmegaConfBaseException) -> str:
@@ -405,6 +449,8 @@ def _suggest(full_key: str) -> str:
         valid, where = [f.name for f in fields(TeacherConfig)], "teachers.<domain>"
         if len(parts) == 3 and parts[2] == "resources":
             valid, where = [f.name for f in fields(ResourcesConfig)], "teachers.<domain>.resources"
+    elif len(parts) == 2 and parts[0] == "environments":
+        valid, where = [f.name for f in fields(EnvironmentConfig)], "environments.<domain>"
     elif len(parts) >= 2 and parts[0] == "data" and parts[1] == "sources":
         valid, where = [f.name for f in fields(DataSourceConfig)], "data.sources[i]"
     else:
@@ -428,6 +474,7 @@ def validate(cfg: MOPDConfig) -> None:
     _check_models(cfg, errors)
     _check_data(cfg, errors)  # loads run.plugins, which may register domains
     _check_routing_replay(cfg, errors)
+    _check_environments(cfg, errors)  # after _check_data: plugins may register environments
     _check_objective(cfg, errors)
     _check_placement(cfg, errors)
     if len(errors) == 1:  # one problem, one line (`mopd: error: invalid recipe: ...`)
@@ -558,16 +605,18 @@ def _check_routing_replay(cfg: MOPDConfig, errors: list[str]) -> None:
             f"rollout.routing_replay is not supported with rollout backend '{cfg.rollout.backend}' yet; "
             "use rollout.backend=hf or rollout.routing_replay=false"
         )
+    from mopd.routing import ROUTERS  # torch: loaded only for a recipe that asks for replay
+
     model_type = _model_type(cfg.student)
-    if model_type is not None and model_type not in ROUTING_REPLAY_MODEL_TYPES:
+    if model_type is not None and model_type not in ROUTERS:
         errors.append(
             f"rollout.routing_replay needs an MoE student with a supported router; the student's model_type "
-            f"is '{model_type}'; supported: {', '.join(ROUTING_REPLAY_MODEL_TYPES)}"
+            f"is '{model_type}'; supported: {', '.join(sorted(ROUTERS))}"
         )
 
 
 def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
-    from mopd.domains import load_plugins, registered_generators
+    from mopd.domains import generators, load_plugins
 
     try:
         load_plugins(cfg.run.plugins)
@@ -606,39 +655,80 @@ def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
             value = getattr(s, key)
             if value is not None and not Path(value).exists():
                 errors.append(f"{where}.{key}: file or directory does not exist: {value}")
-        if s.generator is not None and s.generator not in registered_generators():
+        if s.generator is not None and s.generator not in generators():
             errors.append(
-                f"{where}.generator: unknown generator {s.generator!r}; "
-                f"registered: {', '.join(sorted(registered_generators()))}"
+                f"{where}.generator: unknown generator {s.generator!r}; registered: {', '.join(sorted(generators()))}"
             )
+
+
+def _check_environments(cfg: MOPDConfig, errors: list[str]) -> None:
+    """Each ``environments.<domain>``: a domain with a teacher and data, an environment that can be
+    found, a known call format, limits that allow a turn, and settings multi-turn supports."""
+    if not cfg.environments:
+        return
+    from mopd.envs import EnvError, get_env
+    from mopd.envs.parsers import registered_parsers
+
+    domains = sorted({s.domain for s in cfg.data.sources})
+    teachers = ", ".join(sorted(cfg.teachers)) or "(none)"
+    for d, e in sorted(cfg.environments.items()):
+        where = f"environments.{d}"
+        if d not in cfg.teachers:
+            errors.append(f"{where}: no teacher for domain '{d}'; configured teachers: {teachers}")
+        if d not in domains:
+            errors.append(f"{where}: no data source has domain '{d}'; data domains: {', '.join(domains) or '(none)'}")
+        try:
+            get_env(e.name)
+        except EnvError as err:
+            errors.append(f"{where}.name: {err}")
+        if e.parser not in registered_parsers():
+            errors.append(f"{where}.parser is {e.parser!r}; valid: {', '.join(registered_parsers())}")
+        for key in ("max_turns", "max_tokens", "max_result_chars", "timeout_s", "max_concurrent"):
+            if getattr(e, key) <= 0:
+                errors.append(f"{where}.{key} must be positive, got {getattr(e, key)}")
+        if e.workers < 0:
+            errors.append(f"{where}.workers must be >= 0 (0: in-process), got {e.workers}")
+        t = cfg.teachers.get(d)
+        if t is not None and t.chat_template is not None:
+            errors.append(
+                f"teachers.{d}.chat_template is set, but domain '{d}' is multi-turn ({where}): the trajectory "
+                "holds tool results rendered in the student's template, which a teacher with its own would "
+                f"need re-laid turn by turn (not supported); unset teachers.{d}.chat_template"
+            )
+    if cfg.rollout.backend != "hf":
+        errors.append(
+            f"environments ({', '.join(sorted(cfg.environments))}) need rollout.backend=hf for now; the "
+            f"'{cfg.rollout.backend}' backend rolls out one turn only"
+        )
+    if cfg.rollout.routing_replay:
+        errors.append(
+            "rollout.routing_replay with environments: the routes of tool tokens prefilled between turns are "
+            "not recorded yet, so the trainer could not replay them; set rollout.routing_replay=false"
+        )
 
 
 def _check_objective(cfg: MOPDConfig, errors: list[str]) -> None:
     """Objective settings that cannot work together, or not with this data."""
-    from mopd.domains import registered_generators
+    from mopd.domains import verifiers
+    from mopd.objective import get_objective, objective_kinds
 
     o = cfg.objective
     if not (0 < o.eps_low < o.eps_high):
         errors.append(f"objective.eps_low ({o.eps_low}) must be > 0 and < objective.eps_high ({o.eps_high})")
-    if o.forward_kl > 0 and o.kind != "topk":
-        errors.append(
-            f"objective.forward_kl={o.forward_kl} needs objective.kind=topk (the forward KL needs the "
-            f"teacher's distribution, which the sampled form does not fetch); set objective.forward_kl=0"
-        )
-    if o.alpha > 0 and o.kind == "topk":
-        errors.append(
-            f"objective.alpha={o.alpha} does nothing with objective.kind=topk (the top-k loss has no "
-            "outcome-advantage term, so the verifier's reward would be computed and dropped); set "
-            "objective.alpha=0, or objective.kind=sampled to train on the verifier's reward"
-        )
-    if o.alpha > 0:
-        verifiers = registered_generators()
+    # What each kind refuses and needs is its objective's to say (mopd/objective.py).
+    if o.kind not in objective_kinds():  # a config changed in Python; a recipe's is checked on load
+        errors.append(f"objective.kind is {o.kind!r}; valid: {', '.join(objective_kinds())}")
+        return
+    objective = get_objective(o.kind)
+    errors.extend(objective.check(o))
+    if objective.uses_outcome_reward(o):
+        known = verifiers()
         for i, s in enumerate(cfg.data.sources):
-            if s.domain not in verifiers:
+            if s.domain not in known:
                 errors.append(
                     f"objective.alpha={o.alpha} needs a verifier for every data domain, and domain "
                     f"'{s.domain}' (data.sources[{i}]) has none: register one with "
-                    "mopd.domains.register_domain in a module listed in run.plugins, or set objective.alpha=0"
+                    "mopd.domains.register_verifier in a module listed in run.plugins, or set objective.alpha=0"
                 )
 
 

@@ -125,9 +125,9 @@ def _path_records(src: DataSourceConfig) -> Iterator[Record]:
 def _generated_records(src: DataSourceConfig, seed: int) -> Iterator[Record]:
     """Rows of a registered generator, with a generator of its own per (seed, domain, generator,
     split): sources never share a random stream, so adding one changes no other."""
-    from mopd.domains import get_domain
+    from mopd.domains import get_generator
 
-    gen = get_domain(str(src.generator)).generate
+    gen = get_generator(str(src.generator)).generate
     rng = random.Random(derive_seed(seed, src.domain, src.generator, src.split))
     for i, row in enumerate(gen(rng, src.num_prompts, src.split), start=1):
         # No "domain" field: the rows take the source's domain (a recipe may relabel a generator).

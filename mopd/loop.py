@@ -28,11 +28,11 @@ from mopd import checkpoint as ckpt
 from mopd.config import ConfigError, MOPDConfig, to_dict
 from mopd.data import PromptMixer
 from mopd.metrics import MetricsWriter, PhaseTimer
-from mopd.objective import grpo_advantages
+from mopd.objective import get_objective, grpo_advantages
 from mopd.seeds import rng_state_from_json, rng_state_to_json, step_seed
 from mopd.types import PromptRow, RolloutBatch, TeacherScores, TrainBatch
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 
 class ConfigMismatchError(ConfigError):
@@ -147,7 +147,7 @@ class MOPDLoop:
                 batch = self._generate(self.step + 1, self._next_rows())
         self._start_next()
         with timer("teachers"):
-            topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
+            topk = get_objective(cfg.objective.kind).teacher_topk(cfg.objective)
             scores, teacher_metrics = self.teachers.score(batch, topk=topk)
         with timer("verify"):
             adv_orm, verify_metrics = self._outcome_advantages(batch)
@@ -191,13 +191,14 @@ class MOPDLoop:
         return out
 
     def _outcome_advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """Verifier rewards -> GRPO advantages (only when alpha > 0)."""
-        if self.cfg.objective.alpha <= 0:
+        """Verifier rewards -> GRPO advantages (only when the objective uses them: alpha > 0)."""
+        o = self.cfg.objective
+        if not get_objective(o.kind).uses_outcome_reward(o):
             return None, {}
-        from mopd.domains import get_domain
+        from mopd.domains import get_verifier
 
         rewards = torch.tensor(
-            [get_domain(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses, strict=True)],
+            [get_verifier(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses, strict=True)],
             dtype=torch.float32,
         )
         metrics = {
@@ -317,7 +318,9 @@ def check_teacher_set(saved: dict[str, str], current: dict[str, str], force: boo
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     """Per-domain response length, token share and share of responses truncated (no stop token
-    before ``rollout.max_new_tokens``: a student that runs past its turn shows here first)."""
+    before ``rollout.max_new_tokens``: a student that runs past its turn shows here first).
+    Lengths count the tokens the student sampled (a multi-turn trajectory's tool results are not
+    its response); multi-turn domains add their environment metrics (``episode_metrics``)."""
     lengths = batch.response_mask.sum(-1).float()
     total = float(lengths.sum()) or 1.0
     out = {"rollout/response_len": float(lengths.mean()), "rollout/tokens": float(lengths.sum())}
@@ -330,6 +333,31 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         out[f"teacher/{d}/token_share"] = float(lengths[idx].sum()) / total
         if truncated is not None:
             out[f"rollout/{d}/truncated_frac"] = float(truncated[idx].mean())
+    if batch.episodes is not None:
+        out.update(episode_metrics(batch))
+    return out
+
+
+def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Per multi-turn domain: means over its trajectories of ``rollout/<d>/turns``, ``tool_calls``,
+    ``tool_errors``, ``tool_timeouts``, ``tool_latency_s`` (per step), ``tool_truncated`` (share of
+    results cut), ``env_reward`` (over those rewarded), ``context_tokens`` (tool results and template
+    glue), and the share stopped by each limit, ``stop_<max_turns|max_tokens|max_new_tokens>``."""
+    from mopd.envs.base import summarize
+
+    assert batch.episodes is not None
+    context = (batch.attention_mask & ~batch.response_mask)[:, batch.prompt_len :].sum(-1).float()
+    out: dict[str, float] = {}
+    for d in sorted(set(batch.domains)):
+        pairs = [(i, e) for i, (x, e) in enumerate(zip(batch.domains, batch.episodes, strict=True)) if x == d]
+        idx = [i for i, e in pairs if e is not None]
+        stats = [e for _, e in pairs if e is not None]
+        if not stats:  # a one-turn domain
+            continue
+        out.update(summarize(stats, d))
+        out[f"rollout/{d}/context_tokens"] = float(context[idx].mean())
+        for why in ("max_turns", "max_tokens", "max_new_tokens"):
+            out[f"rollout/{d}/stop_{why}"] = sum(s.stop == why for s in stats) / len(stats)
     return out
 
 
@@ -338,10 +366,10 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
 
 def evaluate(rollout: Rollout, rows: list[PromptRow], seed: int = 0) -> dict[str, float]:
     """Greedy accuracy per domain with each domain's verifier: ``eval/<domain>/accuracy``."""
-    from mopd.domains import get_domain
+    from mopd.domains import get_verifier
 
     batch = rollout.generate(rows, 1, seed=seed, greedy=True)
     by_domain: dict[str, list[float]] = {}
     for row, resp in zip(batch.rows, batch.responses, strict=True):
-        by_domain.setdefault(row.domain, []).append(get_domain(row.domain).verify(row, resp))
+        by_domain.setdefault(row.domain, []).append(get_verifier(row.domain).verify(row, resp))
     return {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}

@@ -53,6 +53,19 @@ def load_tokenizer(spec: ModelConfig):
     return tok
 
 
+def model_config(spec: ModelConfig) -> Any:
+    """A model entry's ``transformers`` config (its inline ``config``, or ``path``'s config.json);
+    reads no weights."""
+    from transformers import AutoConfig
+
+    if spec.config is not None:
+        extra = dict(spec.config)
+        return AutoConfig.for_model(extra.pop("model_type"), **extra)
+    if spec.path is not None:
+        return AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")
+
+
 def tiny_mimo_config(vocab_size: int = CHAR_VOCAB_SIZE, **overrides: Any) -> dict[str, Any]:
     """A small ``MiMoV2FlashForCausalLM`` config (MoE with a dense first layer, hybrid
     sliding-window/global attention) that trains on two CPU cores."""

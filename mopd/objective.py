@@ -7,11 +7,26 @@ else, including the importance weight and the advantage, is treated as a constan
     o = cfg.objective   # every coefficient is the recipe's: the defaults live in mopd/config.py only
     loss, metrics = mopd_loss(logp_train, logp_rollout, logp_teacher, response_mask, adv_orm,
                               eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip)
+
+Which loss a run trains with is ``objective.kind``: an ``Objective`` registered under that name. The
+loop, the app, the memory plan, the config checks and the trainer ask it (never branch on the kind)
+what to fetch from the teachers, whether the verifier's reward is needed, and for the loss:
+
+    obj = get_objective(o.kind)           # ValueError naming the registered kinds
+    k = obj.teacher_topk(o)               # top-k to request from the teachers (0: none)
+    loss, metrics = obj.loss(LossInputs(logp_train, logp_rollout, logp_teacher, response_mask, adv_orm), o)
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
+
+if TYPE_CHECKING:
+    from mopd.config import ObjectiveConfig
 
 Metrics = dict[str, float]
 
@@ -172,6 +187,150 @@ def topk_reverse_kl_loss(
         "num_tokens": float(n_tok),
     }
     return loss, metrics
+
+
+# --------------------------------------------------------------------------- objectives by kind
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One domain's rows of a micro-batch, aligned on response tokens (see the module docstring).
+
+    logp_train (b, t) f32 with grad; rollout (b, t) f32 (the inference engine's log-probs); teacher
+    (b, t) f32 (the domain teacher's log-prob of the sampled token); response_mask (b, t) bool;
+    adv_orm (b,) f32 or None (the GRPO outcome advantage, when the objective uses the verifier);
+    student_topk (b, t, K) f32 with grad and teacher_topk (b, t, K) f32: log-probs at the teacher's
+    top-k ids, or None when the objective asks for no top-k.
+    """
+
+    logp_train: torch.Tensor
+    rollout: torch.Tensor
+    teacher: torch.Tensor
+    response_mask: torch.Tensor
+    adv_orm: torch.Tensor | None = None
+    student_topk: torch.Tensor | None = None
+    teacher_topk: torch.Tensor | None = None
+
+
+class Objective(ABC):
+    """One ``objective.kind``: what its loss needs (the teachers' top-k, the verifier) and the loss.
+
+    A new loss is a subclass registered with ``register_objective``; nothing else branches on the
+    kind. The methods take the recipe's ``objective`` section, which holds every coefficient."""
+
+    kind: ClassVar[str]
+
+    def teacher_topk(self, o: ObjectiveConfig) -> int:
+        """Log-probs per position to request from the teachers at their top-k ids (0: none; the
+        trainer then computes no student top-k either)."""
+        return 0
+
+    def uses_outcome_reward(self, o: ObjectiveConfig) -> bool:
+        """Whether the loss reads ``adv_orm``: then the loop runs the verifiers, and every data
+        domain needs one."""
+        return False
+
+    def extra_logit_bytes(self, o: ObjectiveConfig) -> int:
+        """Bytes per logit (row x token x vocabulary entry) the loss keeps alive in the backward
+        beyond the sampled token's log-softmax (``mopd.dist.plan``)."""
+        return 0
+
+    def check(self, o: ObjectiveConfig) -> list[str]:
+        """Settings that do nothing or cannot work with this kind: one message each, saying what to set."""
+        return []
+
+    @abstractmethod
+    def loss(self, x: LossInputs, o: ObjectiveConfig) -> tuple[torch.Tensor, Metrics]:
+        """The scalar loss of these rows, a mean over the sequences with a response token (the
+        trainer weights it by their number), and metrics with at least ``num_tokens`` and the
+        token means ``reverse_kl`` and ``is_masked_frac`` (``adv_mean`` too if it has an advantage;
+        the trainer reports 0 without)."""
+
+
+class SampledObjective(Objective):
+    """The report's sampled-token surrogate (``mopd_loss``), plus ``alpha`` times the verifier's
+    GRPO advantage."""
+
+    kind = "sampled"
+
+    def uses_outcome_reward(self, o: ObjectiveConfig) -> bool:
+        return o.alpha > 0
+
+    def check(self, o: ObjectiveConfig) -> list[str]:
+        if o.forward_kl > 0:
+            return [
+                f"objective.forward_kl={o.forward_kl} needs objective.kind=topk (the forward KL needs the "
+                f"teacher's distribution, which the sampled form does not fetch); set objective.forward_kl=0"
+            ]
+        return []
+
+    def loss(self, x: LossInputs, o: ObjectiveConfig) -> tuple[torch.Tensor, Metrics]:
+        return mopd_loss(
+            x.logp_train, x.rollout, x.teacher, x.response_mask, x.adv_orm,
+            eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip,
+        )  # fmt: skip
+
+
+class TopKObjective(Objective):
+    """Reverse KL (plus ``forward_kl`` times the forward KL) on the teacher's top-k support
+    (``topk_reverse_kl_loss``)."""
+
+    kind = "topk"
+
+    def teacher_topk(self, o: ObjectiveConfig) -> int:
+        return o.topk
+
+    def extra_logit_bytes(self, o: ObjectiveConfig) -> int:
+        return 8  # a second fp32 log-softmax over the vocabulary and its gradient
+
+    def check(self, o: ObjectiveConfig) -> list[str]:
+        if o.alpha > 0:
+            return [
+                f"objective.alpha={o.alpha} does nothing with objective.kind=topk (the top-k loss has no "
+                "outcome-advantage term, so the verifier's reward would be computed and dropped); set "
+                "objective.alpha=0, or objective.kind=sampled to train on the verifier's reward"
+            ]
+        return []
+
+    def loss(self, x: LossInputs, o: ObjectiveConfig) -> tuple[torch.Tensor, Metrics]:
+        if x.student_topk is None or x.teacher_topk is None:
+            raise ValueError("objective.kind is 'topk' but the TrainBatch has no teacher_topk_ids/logprobs")
+        return topk_reverse_kl_loss(
+            x.student_topk, x.teacher_topk, x.logp_train, x.rollout, x.response_mask,
+            eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
+        )  # fmt: skip
+
+
+_OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(obj: Objective) -> Objective:
+    """Make ``obj`` the objective of ``objective.kind: <obj.kind>``; a kind registers once."""
+    existing = _OBJECTIVES.get(obj.kind)
+    if existing is not None:
+        raise ValueError(
+            f"objective kind {obj.kind!r} is already registered ({type(existing).__qualname__}); "
+            f"registered: {', '.join(objective_kinds())}"
+        )
+    _OBJECTIVES[obj.kind] = obj
+    return obj
+
+
+def objective_kinds() -> tuple[str, ...]:
+    """The registered kinds, in registration order (the built-ins first)."""
+    return tuple(_OBJECTIVES)
+
+
+def get_objective(kind: str) -> Objective:
+    """The objective registered as ``kind``; ValueError naming the valid kinds if there is none."""
+    obj = _OBJECTIVES.get(kind)
+    if obj is None:
+        raise ValueError(f"objective.kind is {kind!r}; valid: {', '.join(objective_kinds())}")
+    return obj
+
+
+register_objective(SampledObjective())
+register_objective(TopKObjective())
 
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

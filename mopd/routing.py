@@ -52,20 +52,22 @@ def _softmax_gate_weights(router: torch.nn.Module, logits: torch.Tensor, idx: to
     return w.to(logits.dtype)
 
 
-# Router class name -> gate weight formula. Every router here returns (logits, weights, indices).
-GATE_WEIGHTS: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "MiMoV2FlashTopkRouter": _sigmoid_gate_weights,
-    "Qwen3MoeTopKRouter": _softmax_gate_weights,
+GateWeights = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The one list of supported students: model_type -> (its router's class name, the gate weight
+# formula). Every router here returns (logits, weights, indices). The recipe check
+# (mopd.config: rollout.routing_replay) reads the model types from here.
+ROUTERS: dict[str, tuple[str, GateWeights]] = {
+    "mimo_v2_flash": ("MiMoV2FlashTopkRouter", _sigmoid_gate_weights),
+    "qwen3_moe": ("Qwen3MoeTopKRouter", _softmax_gate_weights),
 }
+# Router class name -> gate weight formula: how the hooks find a model's router modules.
+GATE_WEIGHTS: dict[str, GateWeights] = dict(ROUTERS.values())
 
 
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The supported router modules of ``model`` in forward order (one per MoE layer)."""
     return [m for m in model.modules() if type(m).__name__ in GATE_WEIGHTS]
-
-
-def supports_routing_replay(model: torch.nn.Module) -> bool:
-    return bool(moe_routers(model))
 
 
 def _routers_or_fail(model: torch.nn.Module) -> list[torch.nn.Module]:

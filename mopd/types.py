@@ -3,14 +3,20 @@
 Layout of a batch of B trajectories, T = P + R columns: each prompt is left-padded to P columns and
 each response right-padded to R columns, so every response starts at column P. Position t of every
 (B, T) tensor refers to token ``input_ids[:, t]`` (its log-prob is conditioned on columns < t).
+A multi-turn trajectory (a domain with an environment) keeps all its turns in its response region:
+the student's sampled tokens (``response_mask`` True) interleaved with context tokens (tool results,
+template glue: ``attention_mask`` True, ``response_mask`` False, rollout log-prob 0).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from mopd.envs.base import TrajectoryStats
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
@@ -41,7 +47,8 @@ class RolloutBatch:
 
     input_ids        (B, T) int64  prompt (left-padded) + response (right-padded), pad = pad_id
     attention_mask   (B, T) bool   True on real tokens (prompt and response)
-    response_mask    (B, T) bool   True on generated tokens, the stop token (EOS, end-of-turn) included
+    response_mask    (B, T) bool   True on tokens the student sampled, each turn's stop token (EOS,
+                                   end-of-turn) included; False on prompt, padding and context tokens
     rollout_logprobs (B, T) f32    log mu_theta(token) under the distribution actually sampled from
                                    (temperature / top-p applied); 0 outside the response
     group_ids        (B,)   int64  equal for the n samples of one prompt
@@ -52,7 +59,10 @@ class RolloutBatch:
     prompt_len       int           P, the column where responses start
     routed_experts   (B, T, L, k) int16 or None: experts each MoE layer chose (routing replay)
     truncated        (B,)   bool or None: True where the response reached rollout.max_new_tokens
-                                   without a stop token (None: not recorded, e.g. a batch built by hand)
+                                   without a stop token, or a multi-turn trajectory was stopped by a
+                                   limit (None: not recorded, e.g. a batch built by hand)
+    episodes         list[TrajectoryStats | None] or None: per trajectory, what its environment saw
+                                   (turns, tool calls, errors, reward, ``stop``); None on one-turn rows
     """
 
     input_ids: torch.Tensor
@@ -67,6 +77,7 @@ class RolloutBatch:
     prompt_len: int
     routed_experts: torch.Tensor | None = None
     truncated: torch.Tensor | None = None
+    episodes: list[TrajectoryStats | None] | None = None
 
     def __post_init__(self) -> None:
         B, T = self.input_ids.shape
@@ -81,6 +92,8 @@ class RolloutBatch:
             raise ValueError(f"routed_experts: expected ({B}, {T}, L, k), got {tuple(self.routed_experts.shape)}")
         if self.truncated is not None:
             _check("truncated", self.truncated, (B,), torch.bool)
+        if self.episodes is not None and len(self.episodes) != B:
+            raise ValueError(f"episodes must have {B} entries, got {len(self.episodes)}")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -101,6 +114,7 @@ class RolloutBatch:
             prompt_len=self.prompt_len,
             routed_experts=None if self.routed_experts is None else self.routed_experts[t],
             truncated=None if self.truncated is None else self.truncated[t],
+            episodes=None if self.episodes is None else [self.episodes[i] for i in idx],
         )
 
 

@@ -6,18 +6,24 @@ No Ray, no model: everything here is tested directly (tests/test_rollout.py).
 Layout (see mopd/types.py): prompt left-padded to P columns, response right-padded to R columns,
 every response starts at column P; a stop token (any id of ``mopd.chat.stop_token_ids``: EOS,
 end-of-turn, ...), when sampled, is the last response token and is part of ``response_mask`` (even
-when it is also the pad id); nothing after it is.
+when it is also the pad id); nothing after it is. A multi-turn trajectory (``pack_rollout(...,
+sampled=...)``) holds its turns and the tool results between them in its response region: only the
+sampled tokens are in ``response_mask`` and carry rollout log-probs; the others are context.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mopd.chat import left_pad, prompt_ids
 from mopd.types import PromptRow, RolloutBatch
+
+if TYPE_CHECKING:
+    from mopd.envs.base import TrajectoryStats
 
 
 def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> list[list[int]]:
@@ -48,12 +54,18 @@ def pack_rollout(
     pad_id: int,
     policy_version: int,
     truncated: Sequence[bool] | None = None,
+    sampled: Sequence[Sequence[bool]] | None = None,
+    episodes: Sequence[TrajectoryStats | None] | None = None,
 ) -> RolloutBatch:
     """Build a RolloutBatch from per-trajectory token lists (one entry per trajectory, B in all).
 
     prompts[i]   prompt ids of trajectory i (BOS included)
-    responses[i] sampled ids, already cut after the stop token; logprobs[i] aligned with it
-    truncated[i] whether response i ended without a stop token (None: not known)
+    responses[i] ids after the prompt, already cut after the (last) stop token; logprobs[i] aligned
+    truncated[i] whether response i ended without a stop token / was stopped by a limit (None: not known)
+    sampled[i]   aligned with responses[i]: True where the student sampled the token, False on
+                 context tokens (tool results, template glue: attended to, never trained, log-prob
+                 0). None: every response token was sampled (a one-turn rollout)
+    episodes[i]  trajectory i's environment stats (None: a one-turn row); None: no multi-turn rows
     """
     B = len(prompts)
     if not (len(responses) == len(logprobs) == len(group_ids) == len(rows) == len(texts) == B):
@@ -64,16 +76,26 @@ def pack_rollout(
     resp_ids = torch.full((B, R), pad_id, dtype=torch.int64)
     resp_mask = torch.zeros((B, R), dtype=torch.bool)
     resp_lp = torch.zeros((B, R), dtype=torch.float32)
+    student = torch.zeros((B, R), dtype=torch.bool)
+    if sampled is not None and len(sampled) != B:
+        raise ValueError(f"pack_rollout: sampled has {len(sampled)} entries for {B} trajectories")
     for i, (r, lp) in enumerate(zip(responses, logprobs, strict=True)):
         if len(r) != len(lp):
             raise ValueError(f"trajectory {i}: {len(r)} tokens but {len(lp)} log-probs")
         resp_ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
         resp_mask[i, : len(r)] = True
         resp_lp[i, : len(r)] = torch.as_tensor(list(lp), dtype=torch.float32)
+        if sampled is None:
+            student[i, : len(r)] = True
+        elif len(sampled[i]) != len(r):
+            raise ValueError(f"trajectory {i}: {len(r)} tokens but {len(sampled[i])} sampled flags")
+        else:
+            student[i, : len(r)] = torch.as_tensor(list(sampled[i]), dtype=torch.bool)
+    resp_lp = torch.where(student, resp_lp, 0.0)  # context tokens were not sampled: no rollout log-prob
     return RolloutBatch(
         input_ids=torch.cat([prompt_ids, resp_ids], 1),
         attention_mask=torch.cat([prompt_mask, resp_mask], 1),
-        response_mask=torch.cat([torch.zeros_like(prompt_mask), resp_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(prompt_mask), student], 1),
         rollout_logprobs=torch.cat([torch.zeros((B, P), dtype=torch.float32), resp_lp], 1),
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.int64).reshape(B),
         domains=[r.domain for r in rows],
@@ -82,6 +104,7 @@ def pack_rollout(
         policy_version=policy_version,
         prompt_len=P,
         truncated=None if truncated is None else torch.as_tensor(list(truncated), dtype=torch.bool).reshape(B),
+        episodes=None if episodes is None else list(episodes),
     )
 
 
@@ -161,7 +184,16 @@ def merge_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompt_len=P,
         routed_experts=cat("routed_experts", -1) if all(has_routes) else None,  # -1: route afresh
         truncated=torch.cat([b.truncated for b in batches if b.truncated is not None]) if known_truncation else None,
+        episodes=_merged_episodes(batches),
     )
+
+
+def _merged_episodes(batches: Sequence[RolloutBatch]) -> list[TrajectoryStats | None] | None:
+    """The batches' episode stats in order (None for the rows of one-turn batches), or None when
+    no batch has any."""
+    if all(b.episodes is None for b in batches):
+        return None
+    return [e for b in batches for e in (b.episodes if b.episodes is not None else [None] * len(b))]
 
 
 def decode_responses(tokenizer, responses: Sequence[Sequence[int]]) -> list[str]:

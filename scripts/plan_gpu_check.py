@@ -18,9 +18,9 @@ def run_case(case: str) -> dict:
     import torch
 
     from mopd.config import ModelConfig, MOPDConfig
-    from mopd.models import tiny_mimo_config
     from mopd.dist.plan import plan_recipe
     from mopd.dist.runtime import free_port
+    from mopd.models import tiny_mimo_config
     from mopd.types import PromptRow, RolloutBatch, TrainBatch
     from trainers.deepspeed_trainer import TrainerWorker
 

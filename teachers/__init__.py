@@ -4,7 +4,9 @@
     pool = TeacherPool(cfg.teachers, seed=cfg.run.seed, student_tokenizer_signature=sig)
     scores, metrics = pool.score(batch)
 
-Backends: ``teachers.hf`` (transformers forward) and ``teachers.vllm`` (vLLM prompt log-probs).
+Backends: ``teachers.hf`` (transformers forward) and ``teachers.vllm`` (vLLM prompt log-probs),
+named in ``teachers.backend.TEACHER_BACKENDS``; ``teachers.backend.TeacherWorker`` is what the pool
+calls on each.
 Importing this package loads neither torch models, Ray nor vLLM: the names below resolve lazily.
 """
 

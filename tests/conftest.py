@@ -1,4 +1,5 @@
-"""Fixtures shared by test modules.
+"""Fixtures shared by test modules, and the hooks of tests/features.py (optional features: skipped
+where missing, a failure where ``MOPD_REQUIRE`` names them, as ``.ci/run`` does).
 
 ``uninterrupted``: one 3-step `mopd train recipes/tiny.yaml` run (trainer world size 2, ZeRO-2),
 the reference that interrupted runs (tests/test_train_e2e.py, tests/test_faults.py) must match.
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from features import pytest_configure, pytest_runtest_setup  # noqa: F401 (pytest finds hooks by name)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"

@@ -329,7 +329,6 @@ def test_models_replicas_that_load_different_weights(models, tmp_path, capsys):
 @pytest.mark.extended
 def test_models_hf_and_vllm_agree(models, tmp_path, capsys):
     """--vllm scores the student's samples with the teacher's vLLM engine too (float32 on both)."""
-    pytest.importorskip("vllm")
     status, out, err = check(capsys, *recipe(tmp_path, models["student"], models["other"]), "--models", "--vllm")
     assert status == 0, err
     agree = table_value(out, "hf vs vllm")

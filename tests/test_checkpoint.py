@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from mopd import checkpoint as ckpt
-from mopd.dist.actors import ActorFailedError
 from mopd.app.run import _checkpoint_to_resume, build_mixer
 from mopd.config import load_config
+from mopd.dist.actors import ActorFailedError
 from mopd.loop import MOPDLoop
 from mopd.metrics import MetricsWriter, read_metrics
 

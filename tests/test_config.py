@@ -166,9 +166,13 @@ def test_topk_with_an_outcome_advantage_is_refused(recipe):
     load_config(recipe, ["objective.kind=sampled", "objective.alpha=0.5"])  # math has a verifier
 
 
-def test_outcome_advantage_needs_a_verifier_for_every_domain(recipe, tmp_path):
+def test_outcome_advantage_needs_a_verifier_for_every_domain(recipe, tmp_path, monkeypatch):
     """A file-only domain has no verifier: refused before any actor starts (it used to die with a
     KeyError at step 1), until a plugin registers one."""
+    import mopd.domains as registry
+
+    registry.verifiers()  # the built-ins are in; the plugin's 'legal' is dropped after the test
+    monkeypatch.setattr(registry, "_VERIFIERS", dict(registry._VERIFIERS))
     data = tmp_path / "legal.jsonl"
     data.write_text('{"prompt": "may I?"}\n')
     file_only = [
@@ -178,12 +182,11 @@ def test_outcome_advantage_needs_a_verifier_for_every_domain(recipe, tmp_path):
     load_config(recipe, file_only)  # alpha = 0: no verifier needed
     msg = _error(recipe, *file_only, "objective.alpha=0.5")
     assert "domain 'legal' (data.sources[1]) has none" in msg and msg.count("needs a verifier") == 1
-    assert "register one with mopd.domains.register_domain in a module listed in run.plugins" in msg
+    assert "register one with mopd.domains.register_verifier in a module listed in run.plugins" in msg
     assert "or set objective.alpha=0" in msg
     plugin = tmp_path / "legal_verifier.py"
     plugin.write_text(
-        "from mopd.domains import register_domain\n"
-        "register_domain('legal', lambda rng, n, split: [], lambda row, response: 0.0)\n"
+        "from mopd.domains import register_verifier\nregister_verifier('legal', lambda row, response: 0.0)\n"
     )
     load_config(recipe, [*file_only, "objective.alpha=0.5", f"run.plugins=[{plugin}]"])
 

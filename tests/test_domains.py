@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 
-from mopd.domains import agent, code, get_domain, registered_generators
-from mopd.domains.common import format_sft_example, split_of
+import mopd.domains as registry
+from mopd.domains import (
+    agent,
+    code,
+    generators,
+    get_generator,
+    get_verifier,
+    load_plugins,
+    register_domain,
+    register_generator,
+    register_verifier,
+    verifiers,
+)
+from mopd.domains.common import split_of
 from mopd.models import CHARS
 from mopd.types import PromptRow
 
@@ -17,11 +31,82 @@ ALL = list(DOMAINS) + LEVELED
 
 
 def _gen(name: str, n: int, split: str, seed: int = 0) -> list[PromptRow]:
-    return get_domain(name).generate(random.Random(seed), n, split)
+    return get_generator(name).generate(random.Random(seed), n, split)
 
 
 def test_builtins_registered():
-    assert set(ALL) <= set(registered_generators())
+    """A verifier per domain (rows are looked up by their domain); a generator per level too."""
+    assert set(ALL) | {"code_exec"} <= set(generators())
+    assert set(DOMAINS) <= set(verifiers()) and not (set(LEVELED) | {"code_exec"}) & set(verifiers())
+    assert get_verifier("code").executes is code.executes
+
+
+@pytest.fixture
+def scratch(monkeypatch):
+    """The registries as they are, put back after the test."""
+    verifiers()  # the built-ins are in
+    monkeypatch.setattr(registry, "_VERIFIERS", dict(registry._VERIFIERS))
+    monkeypatch.setattr(registry, "_GENERATORS", dict(registry._GENERATORS))
+
+
+def _shadow_verify(row, response):
+    return 1.0
+
+
+def _shadow_generate(rng, n, split):
+    return []
+
+
+def test_a_taken_name_is_refused_naming_what_holds_it(scratch):
+    """Regression: register_domain("math", ...) in a plugin used to replace the built-in math
+    domain without a word."""
+    with pytest.raises(ValueError, match=r"verifier named 'math' is already registered \(mopd\.domains\.common\."):
+        register_verifier("math", _shadow_verify)
+    with pytest.raises(ValueError, match=r"generator named 'math_l3' is already registered.*replace=True"):
+        register_generator("math_l3", _shadow_generate)
+    with pytest.raises(ValueError, match="generator named .math.*_shadow_generate would shadow it"):
+        register_domain("math", _shadow_generate, _shadow_verify)
+    assert get_verifier("math").verify is not _shadow_verify
+
+
+def test_register_domain_registers_both_or_neither(scratch):
+    register_generator("legal", lambda rng, n, split: [])
+    with pytest.raises(ValueError, match="generator named 'legal'"):
+        register_domain("legal", _shadow_generate, _shadow_verify)
+    assert "legal" not in verifiers()  # the refused register_domain registered nothing
+    register_domain("law", _shadow_generate, _shadow_verify)
+    assert get_generator("law").generate is _shadow_generate and get_verifier("law").verify is _shadow_verify
+
+
+def test_replace_is_explicit_and_the_same_function_again_is_no_conflict(scratch):
+    register_verifier("math", _shadow_verify, replace=True)
+    assert get_verifier("math").verify is _shadow_verify
+    register_verifier("math", _shadow_verify)  # a module imported twice registers the same function
+
+
+def test_a_plugin_that_shadows_a_built_in_is_refused_naming_both(tmp_path, scratch):
+    plugin = tmp_path / "shadow_math.py"
+    plugin.write_text("from mopd.domains import register_verifier\nregister_verifier('math', lambda row, resp: 1.0)\n")
+    with pytest.raises(ImportError, match=r"run.plugins: cannot import '.*shadow_math.py': a verifier named 'math'"):
+        load_plugins([str(plugin)])
+    assert "mopd_plugin_shadow_math" not in sys.modules  # the fixed file is imported next time
+
+
+def test_unknown_names_list_the_registered_ones():
+    with pytest.raises(KeyError, match="no verifier for domain 'math_l3'; registered: agent, code, math"):
+        get_verifier("math_l3")
+    with pytest.raises(KeyError, match="unknown generator 'lawl'; registered: agent, agent_l1"):
+        get_generator("lawl")
+
+
+def test_a_plugin_that_registers_before_any_read_still_meets_the_built_ins():
+    code = (
+        "from mopd.domains import register_verifier\n"
+        "try:\n    register_verifier('code', lambda row, response: 1.0)\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "verifier named 'code' is already registered (mopd.domains.code.verify)" in out
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -49,7 +134,6 @@ def test_rows_are_short_tokenizable_and_carry_the_answer(name):
         assert len(row.prompt) < 40 and len(answer) <= 15, (row.prompt, answer)
         assert set(row.prompt) <= chars and set(answer) <= chars, (row.prompt, answer)
         assert answer == answer.strip() and "\n" not in answer
-        assert format_sft_example(row) == (row.prompt, answer)
 
 
 def test_eval_rows_are_distinct():
@@ -120,7 +204,7 @@ def test_agent_calls_use_the_tools_format():
 
 @pytest.mark.parametrize("name", DOMAINS)
 def test_verifier_is_strict(name):
-    verify = get_domain(name).verify
+    verify = get_verifier(name).verify
     for row in _gen(name, 50, "eval"):
         a = row.meta["answer"]
         assert verify(row, a) == 1.0
@@ -134,7 +218,7 @@ def test_verifier_is_strict(name):
 def test_verifier_without_answer_says_so():
     row = PromptRow(prompt="1+1=", domain="math", source="x.jsonl", index=3)
     with pytest.raises(KeyError, match="answer"):
-        get_domain("math").verify(row, "2")
+        get_verifier("math").verify(row, "2")
 
 
 def test_unknown_split_and_level_rejected():

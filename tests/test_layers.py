@@ -1,4 +1,5 @@
-"""The three layers import only downward, and no package imports one that imports it back.
+"""The three layers import only downward, no package imports one that imports it back, and no
+module imports one that imports it back (directly or around a longer circle).
 
     core     mopd/ (without mopd/app, mopd/dist): config, types, objective, the loop, data, domains, ...
     dist     mopd/dist/: Ray actors, placement, runtime, devices, weight sync, vLLM shims, the plan;
@@ -7,7 +8,11 @@
     app      mopd/app/: the CLI, the run wiring, the quickstart, the report; the only importer of workers
 
 Every import counts, also one inside a function and ``importlib.import_module("literal")``:
-a lazy import is still a dependency. Run against another checkout with
+a lazy import is still a dependency. So for the circles between modules: a function-level import
+only defers when the other module loads, the two still need each other (mopd.app.check imported
+mopd.app.run at the top, and run imported check inside a function: a circle; now both take what
+they share from mopd.models). Only an import under ``if TYPE_CHECKING:`` is left out of the module
+check: it never runs, and annotations may refer both ways. Run against another checkout with
 ``python tests/test_layers.py PATH``.
 """
 
@@ -52,21 +57,31 @@ def project_files(root: Path) -> Iterator[Path]:
         yield from sorted((root / top).rglob("*.py"))
 
 
+def _package(path: Path, root: Path) -> str:
+    """The package that relative imports in ``path`` start from."""
+    name = module_name(path, root)
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def _absolute(node: ast.ImportFrom, package: str) -> str:
+    """The module a ``from ... import`` names, a relative one made absolute."""
+    base = node.module or ""
+    if node.level:
+        parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(parent + ([base] if base else []))
+    return base
+
+
 def imported_modules(path: Path, root: Path) -> Iterator[tuple[int, str]]:
     """(line, module) of every import in ``path``, at any depth, relative ones made absolute."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = module_name(path, root)
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
+    package = _package(path, root)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([base] if base else []))
+            base = _absolute(node, package)
             yield node.lineno, base
             for alias in node.names:  # `from mopd import app` imports the app
                 if unit_of(f"{base}.{alias.name}") != unit_of(base):
@@ -132,8 +147,65 @@ def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
     return out
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:`` (never run)."""
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        test = node.test if isinstance(node, ast.If) else None
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
+            ids |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return ids
+
+
+def _in_functions(tree: ast.Module) -> set[int]:
+    """ids of the nodes inside a function body (they run when it is called)."""
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            ids |= {id(n) for n in ast.walk(node) if n is not node}
+    return ids
+
+
+def _project_module(name: str, modules: set[str]) -> str | None:
+    """The project module a dotted name lies in (``mopd.domains.register_domain`` -> ``mopd.domains``)."""
+    parts = name.split(".")
+    return next((m for i in range(len(parts), 0, -1) if (m := ".".join(parts[:i])) in modules), None)
+
+
+def module_edges(root: Path) -> dict[tuple[str, str], list[str]]:
+    """(importing module, imported project module) -> the imports that make that edge, as
+    'file:line' (with ' (in a function)' for a lazy one); imports under TYPE_CHECKING left out."""
+    modules = {module_name(p, root) for p in project_files(root)}
+    edges: dict[tuple[str, str], list[str]] = {}
+    for path in project_files(root):
+        src, package = module_name(path, root), _package(path, root)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        typing_only, lazy = _type_checking_only(tree), _in_functions(tree)
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):  # `from pkg import mod` imports pkg.mod
+                base = _absolute(node, package)
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args:
+                arg = node.args[0]
+                names = [arg.value] if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else []
+            if id(node) in typing_only:
+                continue
+            for name in names:
+                dst = _project_module(name, modules)
+                if dst is not None and dst != src:
+                    where = f"{path.relative_to(root)}:{node.lineno}" + (" (in a function)" if id(node) in lazy else "")
+                    edges.setdefault((src, dst), []).append(where)
+    return {k: sorted(set(v)) for k, v in edges.items()}
+
+
 def layer_problems(root: Path = ROOT) -> list[str]:
-    """Every import that goes against the layers, and every import cycle between units."""
+    """Every import that goes against the layers, every import cycle between units, and every
+    import cycle between modules (each with the imports that close it)."""
     edges = unit_edges(root)
     problems = []
     for (src, dst), where in sorted(edges.items()):
@@ -141,6 +213,10 @@ def layer_problems(root: Path = ROOT) -> list[str]:
             problems += [f"{src} -> {dst}: {w}" for w in where]
     for group in cycles(set(edges)):
         problems.append("import cycle between " + ", ".join(group))
+    mod_edges = module_edges(root)
+    for group in cycles(set(mod_edges)):
+        inside = [f"{a} -> {b} ({', '.join(w)})" for (a, b), w in sorted(mod_edges.items()) if {a, b} <= set(group)]
+        problems.append("import cycle between modules " + ", ".join(group) + ": " + "; ".join(inside))
     return problems
 
 
@@ -180,6 +256,31 @@ def test_the_check_sees_imports_inside_functions_and_import_module(tmp_path):
 
 def test_a_cycle_is_found():
     assert cycles({("core", "teachers"), ("teachers", "core"), ("app", "core")}) == [["core", "teachers"]]
+
+
+def test_a_cycle_between_modules_of_one_unit_is_found_also_through_a_lazy_import(tmp_path):
+    """Regression: mopd/app/check.py imported ``model_config`` from mopd/app/run.py at the top, and
+    run.py imported ``check_teachers`` from check.py inside a function; both are the app unit, so
+    the unit check could not see the circle."""
+    app = tmp_path / "mopd" / "app"
+    app.mkdir(parents=True)
+    for init in (tmp_path / "mopd" / "__init__.py", app / "__init__.py"):
+        init.write_text("")
+    (app / "check.py").write_text("from mopd.app.run import model_config\n")
+    (app / "run.py").write_text("def checked_teachers():\n    from mopd.app.check import check_teachers\n")
+    (tmp_path / "mopd" / "a.py").write_text("from . import b\n")  # a longer circle, relative imports
+    (tmp_path / "mopd" / "b.py").write_text("import importlib\nimportlib.import_module('mopd.c')\n")
+    (tmp_path / "mopd" / "c.py").write_text("from mopd.a import x\n")
+    # A circle only for the type checker (types -> d under TYPE_CHECKING) is none: it never runs.
+    (tmp_path / "mopd" / "types.py").write_text("import typing\nif typing.TYPE_CHECKING:\n    from mopd.d import y\n")
+    (tmp_path / "mopd" / "d.py").write_text("from mopd.types import z\n")
+    problems = layer_problems(tmp_path)
+    assert problems == [
+        "import cycle between modules mopd.a, mopd.b, mopd.c: mopd.a -> mopd.b (mopd/a.py:1); "
+        "mopd.b -> mopd.c (mopd/b.py:2); mopd.c -> mopd.a (mopd/c.py:1)",
+        "import cycle between modules mopd.app.check, mopd.app.run: mopd.app.check -> mopd.app.run "
+        "(mopd/app/check.py:1); mopd.app.run -> mopd.app.check (mopd/app/run.py:2 (in a function))",
+    ]
 
 
 if __name__ == "__main__":

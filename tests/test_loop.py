@@ -3,6 +3,7 @@ advantages when alpha > 0, non-finite inputs skip the update, and a streak of th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -52,16 +53,44 @@ def make_loop(tmp_path, *overrides):
     return loop, trainer
 
 
+def answered(batch, right: list[bool]):
+    """``batch`` with each response replaced: the row's answer where ``right[i]``, else a wrong one."""
+    responses = [str(r.meta["answer"]) if ok else "not the answer" for r, ok in zip(batch.rows, right, strict=True)]
+    return dataclasses.replace(batch, responses=responses)
+
+
 def test_alpha_turns_verifier_rewards_into_group_advantages(tmp_path):
+    """The tiny random student answers nothing right (all rewards 0: every advantage is 0, which a
+    loop that dropped the rewards would give too). Here the k-th of a group's 4 responses is right
+    where k <= group % 3: 1, 2 or 3 right per group, so the advantages have both signs."""
     loop, trainer = make_loop(tmp_path, "objective.alpha=0.5")
+    real_generate = loop.rollout.generate
+
+    def some_right(rows, n, seed, greedy=False):
+        batch = real_generate(rows, n, seed, greedy)
+        gids = batch.group_ids.tolist()
+        k = [gids[:i].count(g) for i, g in enumerate(gids)]  # index within its group
+        return answered(batch, [k[i] <= gids[i] % 3 for i in range(len(gids))])
+
+    loop.rollout.generate = some_right
     metrics = loop.train_one_step()
-    batch = trainer.batches[0]
-    adv = batch.adv_orm
-    assert adv is not None and adv.shape == (len(batch.rollout),)
-    # GRPO: zero mean within each prompt's group of n samples.
-    for g in batch.rollout.group_ids.unique():
-        assert abs(float(adv[batch.rollout.group_ids == g].sum())) < 1e-4
-    assert any(k.startswith("verify/") and k.endswith("/reward") for k in metrics)
+    batch = trainer.batches[0].rollout
+    adv = trainer.batches[0].adv_orm
+    assert adv is not None and adv.shape == (len(batch),)
+    right = [r == str(w.meta["answer"]) for r, w in zip(batch.responses, batch.rows, strict=True)]
+    rewards = torch.tensor(right, dtype=torch.float32)
+    assert 0 < rewards.mean() < 1
+    for g in batch.group_ids.unique():
+        r, a = rewards[batch.group_ids == g], adv[batch.group_ids == g]
+        assert 0 < r.sum() < len(r), "every group must have right and wrong answers"
+        # GRPO with the population std: a right answer gets (1 - p) / sd, a wrong one -p / sd.
+        p = float(r.mean())
+        sd = (p * (1 - p)) ** 0.5
+        torch.testing.assert_close(a, torch.where(r > 0, (1 - p) / sd, -p / sd), rtol=0, atol=1e-4)
+        assert (a[r > 0] > 0).all() and (a[r == 0] < 0).all() and abs(float(a.mean())) < 1e-5
+    for d in set(batch.domains):
+        mine = torch.tensor([x == d for x in batch.domains])
+        assert metrics[f"verify/{d}/reward"] == pytest.approx(float(rewards[mine].mean()))
 
 
 def test_alpha_zero_sends_no_outcome_advantage(tmp_path):

@@ -206,3 +206,195 @@ def test_grpo_advantages():
     a = grpo_advantages(r, torch.tensor([7, 7, 7]))
     std = torch.tensor([1.0, -1.0, 0.0]).pow(2).mean().sqrt()
     assert torch.allclose(a, _t([1.0, -1.0, 0.0]) / std, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- objectives by kind
+
+
+def _loss_inputs(seed: int, b: int = 3, t: int = 5, k: int = 4) -> objective.LossInputs:
+    """Random (b, t) log-probs, a ragged mask (row 2 empty) and (b, t, K) top-k log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(b, t, 6, generator=g), -1)[..., 0]
+    mask = torch.tensor([[True] * t, [True, True, False, False, False], [False] * t])
+    return objective.LossInputs(
+        logp_train=(lp + 0.1 * torch.randn(b, t, generator=g)).requires_grad_(),
+        rollout=lp,
+        teacher=torch.log_softmax(torch.randn(b, t, 6, generator=g), -1)[..., 0],
+        response_mask=mask,
+        adv_orm=torch.randn(b, generator=g),
+        student_topk=torch.log_softmax(torch.randn(b, t, k, generator=g), -1).requires_grad_(),
+        teacher_topk=torch.log_softmax(torch.randn(b, t, k, generator=g), -1),
+    )
+
+
+def _direct(kind: str, x: objective.LossInputs, o: ObjectiveConfig):
+    if kind == "sampled":
+        return objective.mopd_loss(
+            x.logp_train, x.rollout, x.teacher, x.response_mask, x.adv_orm,
+            eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip,
+        )  # fmt: skip
+    return objective.topk_reverse_kl_loss(
+        x.student_topk, x.teacher_topk, x.logp_train, x.rollout, x.response_mask,
+        eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
+    )  # fmt: skip
+
+
+def _grads(loss: torch.Tensor, x: objective.LossInputs) -> list[torch.Tensor | None]:
+    leaves = [x.logp_train, x.student_topk]
+    assert all(t is not None for t in leaves)
+    got = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [None if gr is None else gr.clone() for gr in got]
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [("sampled", {}), ("sampled", {"alpha": 0.5, "adv_clip": 0.3}), ("topk", {}), ("topk", {"forward_kl": 0.7})],
+)
+def test_each_builtin_objective_is_its_loss_function(kind, settings):
+    """The registered objective gives bitwise the loss, gradients and metrics of calling the loss
+    function itself with the recipe's coefficients."""
+    o = ObjectiveConfig(kind=kind, **settings)
+    x = _loss_inputs(seed=3)
+    got_loss, got_m = objective.get_objective(kind).loss(x, o)
+    want_loss, want_m = _direct(kind, x, o)
+    assert torch.equal(got_loss, want_loss) and got_m == want_m
+    for got, want in zip(_grads(got_loss, x), _grads(want_loss, x), strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+def test_what_each_builtin_objective_asks_for():
+    sampled, topk = objective.get_objective("sampled"), objective.get_objective("topk")
+    o = ObjectiveConfig(topk=16, alpha=0.5)
+    assert (sampled.teacher_topk(o), topk.teacher_topk(o)) == (0, 16)
+    assert sampled.uses_outcome_reward(o) and not sampled.uses_outcome_reward(ObjectiveConfig(alpha=0.0))
+    assert not topk.uses_outcome_reward(o)
+    assert (sampled.extra_logit_bytes(o), topk.extra_logit_bytes(o)) == (0, 8)
+    assert sampled.check(ObjectiveConfig()) == [] and topk.check(ObjectiveConfig(kind="topk", forward_kl=1.0)) == []
+
+
+def test_topk_objective_without_topk_inputs_says_what_is_missing():
+    x = _loss_inputs(seed=0)
+    x = objective.LossInputs(x.logp_train, x.rollout, x.teacher, x.response_mask)
+    with pytest.raises(ValueError, match="objective.kind is 'topk' but the TrainBatch has no teacher_topk"):
+        objective.get_objective("topk").loss(x, ObjectiveConfig(kind="topk"))
+
+
+def test_the_registry_refuses_a_second_objective_of_one_kind(monkeypatch):
+    monkeypatch.setattr(objective, "_OBJECTIVES", dict(objective._OBJECTIVES))
+
+    class Other(objective.SampledObjective):
+        pass
+
+    with pytest.raises(ValueError, match=r"objective kind 'sampled' is already registered \(SampledObjective\)"):
+        objective.register_objective(Other())
+    assert type(objective.get_objective("sampled")) is objective.SampledObjective
+
+
+def test_an_unknown_kind_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"^objective.kind is 'full'; valid: sampled, topk$"):
+        objective.get_objective("full")
+
+
+class _Toy(objective.Objective):
+    """Mean squared gap to the teacher's top-k log-probs: a loss no branch in the code knows of."""
+
+    kind = "toy"
+
+    def teacher_topk(self, o):
+        return 2
+
+    def loss(self, x, o):
+        assert x.student_topk is not None and x.teacher_topk is not None
+        gap = (x.student_topk - x.teacher_topk).pow(2).sum(-1)
+        loss = objective._sequence_mean(gap, x.response_mask)
+        n = float(x.response_mask.sum())
+        return loss, {"num_tokens": n, "reverse_kl": 1.0, "is_masked_frac": 0.0}
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setattr(objective, "_OBJECTIVES", dict(objective._OBJECTIVES))
+    return objective.register_objective(_Toy())
+
+
+def test_a_registered_objective_is_what_the_trainer_runs(toy):
+    """The trainer's per-domain code path looks the kind up: a new objective needs no branch there."""
+    from trainers.deepspeed_trainer import _Rows, domain_loss, logprobs_at, student_topk_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    b, t, v = 2, 4, 7
+    logits = torch.randn(b, t, v, generator=g, requires_grad=True)
+    ids = torch.randint(0, v, (b, t))
+    topk_ids = torch.randint(0, v, (b, t, 2), generator=g)
+    mask = torch.tensor([[False, True, True, True], [False, True, False, False]])
+    lp = torch.zeros(b, t)
+    rows = _Rows(
+        ids, torch.ones(b, t, dtype=torch.bool), mask, lp, lp, None,
+        topk_ids, torch.log_softmax(torch.randn(b, t, 2, generator=g), -1), [0, 0],
+    )  # fmt: skip
+    o = ObjectiveConfig(kind="toy")
+    obj = objective.get_objective(o.kind)
+    assert obj is toy
+    student_topk = student_topk_logprobs(obj, o, logits, rows)
+    assert student_topk is not None and torch.equal(student_topk, logprobs_at(logits, topk_ids))
+    loss, stat = domain_loss(obj, o, rows, [0, 1], lp, student_topk)
+    want, _ = toy.loss(objective.LossInputs(lp, lp, lp, mask, None, student_topk, rows.topk_logprobs), o)
+    assert torch.equal(loss, want)
+    assert stat.tolist() == [4.0, 4.0, 0.0, 0.0, 0.0]  # adv_mean: 0 for a loss without an advantage
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_the_trainers_domain_loss_keeps_each_builtin_objective_bitwise():
+    """The trainer's metric sums per domain are those it computed inline before the registry:
+    tokens, reverse_kl, is_masked_frac and adv_mean (0 for top-k) times tokens, |train - rollout|."""
+    from trainers.deepspeed_trainer import _Rows, domain_loss
+
+    x = _loss_inputs(seed=5)
+    b, t, k = x.student_topk.shape
+    rows = _Rows(
+        torch.zeros(b, t, dtype=torch.long), torch.ones(b, t, dtype=torch.bool), x.response_mask, x.rollout,
+        x.teacher, x.adv_orm, torch.zeros(b, t, k, dtype=torch.long), x.teacher_topk, [0, 1, 0],
+    )  # fmt: skip
+    idx = [0, 2]
+    sub = objective.LossInputs(
+        x.logp_train[idx], x.rollout[idx], x.teacher[idx], x.response_mask[idx], x.adv_orm[idx],
+        x.student_topk[idx], x.teacher_topk[idx],
+    )  # fmt: skip
+    for kind in ("sampled", "topk"):
+        o = ObjectiveConfig(kind=kind, alpha=0.5 if kind == "sampled" else 0.0)
+        loss, stat = domain_loss(objective.get_objective(kind), o, rows, idx, x.logp_train, x.student_topk)
+        want, m = _direct(kind, sub, o)
+        n = m["num_tokens"]
+        abs_diff = float(((sub.logp_train.detach() - sub.rollout).abs() * sub.response_mask).sum())
+        adv = m["adv_mean"] if kind == "sampled" else 0.0
+        assert torch.equal(loss, want), kind
+        assert stat.tolist() == [n, m["reverse_kl"] * n, m["is_masked_frac"] * n, adv * n, abs_diff], kind
+
+
+def test_a_registered_objective_is_a_valid_recipe_choice(toy):
+    """The recipe's objective.kind choices are the registry's: a new kind needs no schema edit."""
+    from pathlib import Path
+
+    from mopd.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    assert load_config(tiny, ["objective.kind=toy"]).objective.kind == "toy"
+    with pytest.raises(ConfigError, match=r"objective.kind is 'toyy'; valid: sampled, topk, toy$"):
+        load_config(tiny, ["objective.kind=toyy"])
+
+
+def test_the_memory_plan_counts_what_the_objective_keeps(toy, monkeypatch):
+    """The trainer's logits estimate adds the objective's ``extra_logit_bytes`` per logit (8 for top-k)."""
+    from mopd.dist.plan import plan_recipe
+    from test_plan import dense_recipe
+
+    def logits(kind: str) -> float:
+        cfg = dense_recipe()
+        cfg.objective.kind = kind
+        return plan_recipe(cfg).actors[0].parts["logits"]
+
+    per_logit = 4 * 32 * 128  # B x T x V of dense_recipe
+    assert logits("topk") - logits("sampled") == 8 * per_logit
+    monkeypatch.setattr(_Toy, "extra_logit_bytes", lambda self, o: 3)
+    assert logits("toy") - logits("sampled") == 3 * per_logit

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from mopd.config import ConfigError, load_config
-from mopd.metrics import read_metrics
 from mopd.dist.placement import PlacementError, plan_placement, shortfall
+from mopd.metrics import read_metrics
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 CPU1 = {"CPU": 1.0}
@@ -203,8 +203,8 @@ def live_groups(ray) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_a_group_the_cluster_cannot_hold_fails_at_once_before_any_actor(ray_local, tmp_path, monkeypatch):
-    from mopd.dist.actors import ActorGroup
     from mopd.app.run import run_training
+    from mopd.dist.actors import ActorGroup
 
     started = []
     monkeypatch.setattr(ActorGroup, "start", lambda self, *a, **k: started.append(self.kind))

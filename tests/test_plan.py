@@ -16,8 +16,8 @@ import pytest
 
 from mopd.app.cli import main
 from mopd.config import DataSourceConfig, ModelConfig, MOPDConfig, TeacherConfig, to_yaml
-from mopd.models import tiny_mimo_config
 from mopd.dist.plan import model_shape, plan_recipe
+from mopd.models import tiny_mimo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = dict(

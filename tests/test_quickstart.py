@@ -6,6 +6,7 @@ re-runs from there. The full-size figures are in docs/quickstart.md."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,6 +28,10 @@ REDUCED = [
 ]  # fmt: skip
 # Greedy accuracy on 64 prompts moves in steps of 1/64; a domain "falls" if it loses more than 3.
 TOLERANCE = 3 / 64
+# The normalised score (mean over domains of the share of the teacher-student gap that MOPD closed) at
+# this size: 0.459 on seed 3 on a 2-core machine (math 0.33 -> 0.50 of 0.95, code 0.02 -> 0.39 of 0.66,
+# agent 0.06 -> 0.55 of 1.0). Another machine rounds into another SFT student, so the bound leaves room.
+MIN_NORMALIZED = 0.2
 
 
 @pytest.mark.parametrize(
@@ -191,13 +196,16 @@ def quickstart(*args: str) -> str:
 
 def check_report(report: dict) -> None:
     """The report's fields, and what MOPD must do at this size: every domain's reverse KL falls,
-    the student gains on at least one domain by >= 0.1 (6 prompts of 64) and falls on none."""
+    the student gains on at least one domain by >= 0.1 (6 prompts of 64) and falls on none, and
+    closes at least MIN_NORMALIZED of the teacher-student gap on average."""
     assert set(report["domains"]) == {"math", "code", "agent"}
     for r in report["domains"].values():
         assert set(r) >= {"teacher", "student_before", "student_after", "reverse_kl_start", "reverse_kl_end"}
         assert all(0.0 <= r[k] <= 1.0 for k in ("teacher", "student_before", "student_after"))
     assert report["objective"] == "topk" and report["wall_time_s"] > 0
-    assert isinstance(report["normalized_score"], float)
+    score = report["normalized_score"]
+    assert isinstance(score, float) and math.isfinite(score), score  # NaN: a teacher not above its student
+    assert score >= MIN_NORMALIZED, score
     gains = {d: r["student_after"] - r["student_before"] for d, r in report["domains"].items()}
     assert max(gains.values()) >= 0.1, gains
     assert min(gains.values()) >= -TOLERANCE, gains

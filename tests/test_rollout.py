@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
-from mopd.models import build_char_tokenizer, forward_logits, load_model, sequence_logprobs, tiny_mimo_config
 from mopd.dist.runtime import split_evenly
+from mopd.models import build_char_tokenizer, forward_logits, load_model, sequence_logprobs, tiny_mimo_config
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import cut_at_stop, merge_batches, pack_rollout, repad
+from rollout.batching import cut_at_stop, encode_prompts, merge_batches, pack_rollout, pack_samples, repad
+from rollout.sync_member import SyncGroupMember
+from rollout.turns import TakesTurns
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MAX_NEW = 32
@@ -329,11 +331,91 @@ def test_local_pool_generate_sync_and_logprobs(student_dir):
 
 
 def test_pool_rejects_unknown_backend():
+    from rollout.backend import actor_class
     from rollout.pool import RolloutPool
 
+    with pytest.raises(ValueError, match="^rollout.backend is 'sglang'; valid: hf, vllm$"):
+        actor_class("sglang")
     cfg = make_cfg(ModelConfig(config=tiny_mimo_config(), tokenizer=BUILTIN_TOKENIZER), backend="sglang")
     with pytest.raises(ValueError, match="valid: hf, vllm"):
         RolloutPool(cfg, local=True)
+
+
+class EchoRolloutActor(TakesTurns, SyncGroupMember):
+    """A third backend in a few lines: every sample is the prompt's last token, then EOS."""
+
+    built: list[EchoRolloutActor] = []
+
+    def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
+        self.tokenizer, self.replica, self._version, self.stopped = build_char_tokenizer(), replica, 0, False
+        self.built.append(self)
+
+    @staticmethod
+    def backend_env(num_gpus: float) -> dict[str, str]:
+        return {}
+
+    def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
+        prompts = encode_prompts(self.tokenizer, rows)
+        samples = [([p[-1], EOS_ID], [-1.0, -2.0]) for p in prompts for _ in range(n)]
+        return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version, [EOS_ID])
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self._version = int(version)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(input_ids.shape)
+
+    def _release(self) -> None:
+        pass
+
+    def _restore(self) -> None:
+        pass
+
+    def version(self) -> int:
+        return self._version
+
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def test_backend_table_lists_the_configured_backends_and_their_classes_have_the_contract():
+    """``ROLLOUT_BACKENDS`` is the code's list; ``Backend`` in mopd/config.py (the recipe schema, which
+    the core cannot take from the workers) must name the same. Every entry resolves to a class
+    with every method of ``RolloutWorker`` (mypy checks their signatures)."""
+    from mopd.config import BACKENDS
+    from rollout.backend import ROLLOUT_BACKENDS, RolloutWorker, actor_class
+
+    assert set(ROLLOUT_BACKENDS) == set(BACKENDS) == {"hf", "vllm"}
+    contract = [m for m in vars(RolloutWorker) if not m.startswith("_")]
+    assert {"generate", "load_weights", "receive_weights", "sleep", "backend_env"} <= set(contract)
+    for name in ROLLOUT_BACKENDS:
+        cls = actor_class(name)
+        assert isinstance(cls, type)
+        assert [m for m in contract if not callable(getattr(cls, m, None))] == [], name
+
+
+def test_a_backend_in_the_table_is_what_the_pool_builds(monkeypatch):
+    """A new backend joins with one line in ``ROLLOUT_BACKENDS``: the pool builds it by name."""
+    from rollout.backend import ROLLOUT_BACKENDS
+    from rollout.pool import RolloutPool
+
+    monkeypatch.setitem(ROLLOUT_BACKENDS, "echo", f"{__name__}:EchoRolloutActor")
+    monkeypatch.setattr(EchoRolloutActor, "built", [])
+    cfg = make_cfg(ModelConfig(config=tiny_mimo_config(), tokenizer=BUILTIN_TOKENIZER), backend="echo")
+    with RolloutPool(cfg, local=True) as pool:
+        [echo] = EchoRolloutActor.built
+        b = pool.generate(prompts(3), n=2, seed=0)
+        assert b.input_ids.shape[0] == 6 and b.policy_version == 0
+        P = b.prompt_len
+        assert torch.equal(b.input_ids[:, P], b.input_ids[:, P - 1]) and bool((b.input_ids[:, P + 1] == EOS_ID).all())
+        pool.sync_weights({}, version=3)
+        pool.sleep()
+        assert pool.versions() == [3] and pool.asleep() == [True]
+        pool.wake()
+    assert echo.stopped
 
 
 @pytest.mark.slow

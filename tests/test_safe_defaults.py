@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mopd.config import ModelConfig, MOPDConfig, load_config
-from mopd.models import load_model
 from mopd.dist.runtime import local_ray_kwargs
+from mopd.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mopd", "teachers", "rollout", "trainers", "scripts", "benchmarks")

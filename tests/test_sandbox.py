@@ -21,14 +21,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from features import require
 from mopd import sandbox
-from mopd.domains import code, get_domain
+from mopd.domains import code, get_generator, get_verifier
 from mopd.sandbox import live_group_members, run_untrusted
 
-needs_ns = pytest.mark.skipif(
-    sandbox.isolation() != "namespaces", reason="namespaces unavailable here (needs root and unshare)"
-)
-needs_bwrap = pytest.mark.skipif(not sandbox._backend_works("bwrap"), reason="bubblewrap (bwrap) unavailable here")
+# Skipped where the layer does not work here, failed where MOPD_REQUIRE names it (tests/features.py).
+needs_ns = pytest.mark.requires("sandbox")
+needs_bwrap = pytest.mark.requires("bwrap")
 # The kernel layers: our own namespaces (root + unshare) and bubblewrap, each where it works.
 KERNEL = pytest.mark.parametrize(
     "kernel", [pytest.param("namespaces", marks=needs_ns), pytest.param("bwrap", marks=needs_bwrap)]
@@ -65,7 +65,7 @@ def _contained(res, t_max: float) -> None:
 
 
 def _scores_zero_then_one(row, response: str) -> None:
-    verify = get_domain("code").verify
+    verify = get_verifier("code").verify
     t0 = time.monotonic()
     assert verify(row, response) == 0.0
     assert time.monotonic() - t0 < 8
@@ -76,7 +76,7 @@ def _scores_zero_then_one(row, response: str) -> None:
 
 
 def test_exec_verifier_runs_the_response(row):
-    verify = get_domain("code").verify
+    verify = get_verifier("code").verify
     assert row.meta["check"] == "exec"
     assert verify(row, row.meta["answer"]) == 1.0
     assert verify(row, repr(row.meta["value"])) == 1.0  # any expression with the right value
@@ -86,10 +86,10 @@ def test_exec_verifier_runs_the_response(row):
 def test_exec_rows_route_to_the_code_teacher_and_plain_rows_keep_exact_match():
     rows = code.generate_exec(random.Random(1), 20, "train")
     assert {r.domain for r in rows} == {"code"} and all(r.prompt.startswith("make ") for r in rows)
-    plain = get_domain("code_l2").generate(random.Random(0), 3, "train")[0]
+    plain = get_generator("code_l2").generate(random.Random(0), 3, "train")[0]
     assert "check" not in plain.meta
-    assert get_domain("code").verify(plain, plain.meta["answer"]) == 1.0
-    assert get_domain("code").verify(plain, "0))\nprint((" + repr(plain.meta["answer"])) == 0.0  # not executed
+    assert get_verifier("code").verify(plain, plain.meta["answer"]) == 1.0
+    assert get_verifier("code").verify(plain, "0))\nprint((" + repr(plain.meta["answer"])) == 0.0  # not executed
 
 
 def test_sandbox_failure_scores_zero_and_is_counted(row, monkeypatch):
@@ -100,7 +100,7 @@ def test_sandbox_failure_scores_zero_and_is_counted(row, monkeypatch):
 
     monkeypatch.setattr(sandbox, "run_untrusted", broken)
     before = code.EXEC_OUTCOMES["error: RuntimeError"]
-    assert get_domain("code").verify(row, row.meta["answer"]) == 0.0
+    assert get_verifier("code").verify(row, row.meta["answer"]) == 0.0
     assert code.EXEC_OUTCOMES["error: RuntimeError"] == before + 1
 
 
@@ -238,8 +238,8 @@ SNOOP = (
 
 @pytest.mark.parametrize("layer", ["default", "kernel", "audit"])
 def test_parent_environment_is_invisible(layer, monkeypatch):
-    if layer == "kernel" and sandbox.isolation() != "namespaces":
-        pytest.skip("namespaces unavailable")
+    if layer == "kernel":
+        require("sandbox")
     monkeypatch.setenv("MOPD_TEST_SECRET", SECRET)
     kw = {"default": {}, "kernel": {"audit": False}, "audit": {"namespaces": False}}[layer]
     res = run_untrusted(SNOOP.format(pid=os.getpid()), **kw, **FAST)
@@ -252,7 +252,7 @@ def test_parent_environment_verifier(row, monkeypatch):
     monkeypatch.setenv("MOPD_TEST_SECRET", SECRET)
     secret_row = code.generate_exec(random.Random(0), 1, "train")[0]
     secret_row.meta.update(value=SECRET, answer=repr(SECRET))
-    verify = get_domain("code").verify
+    verify = get_verifier("code").verify
     assert verify(secret_row, "__import__('os').environ.get('MOPD_TEST_SECRET')") == 0.0
     env_of_test = f"open('/proc/{os.getpid()}/environ').read().split('MOPD_TEST_SECRET=')[1].split(chr(0))[0]"
     assert verify(secret_row, env_of_test) == 0.0
@@ -427,10 +427,12 @@ def test_disk_cap(kernel, host_work_sizes):
 
 
 def test_disk_cap_verifier(row):
+    """The verifier's response is stopped by the disk cap (counted as such), not by another limit."""
     killed = code.EXEC_OUTCOMES["disk_limit"]
     _scores_zero_then_one(row, _stmt(FILL_DISK))
-    if sandbox.isolation() == "namespaces":
-        assert code.EXEC_OUTCOMES["disk_limit"] == killed + 1
+    if sandbox.isolation() == "basic":  # no tmpfs without a kernel layer: nothing caps the disk
+        require("sandbox")
+    assert code.EXEC_OUTCOMES["disk_limit"] == killed + 1
 
 
 # ---------------------------------------------------------------------- no kernel layer
@@ -444,7 +446,7 @@ def test_unisolated_runs_are_refused_unless_allowed(monkeypatch, row):
     with pytest.raises(sandbox.SandboxUnavailableError, match="sandbox.allow_unisolated=true"):
         run_untrusted("print(1)", **FAST)
     refused = code.EXEC_OUTCOMES["error: SandboxUnavailableError"]
-    assert get_domain("code").verify(row, row.meta["answer"]) == 0.0
+    assert get_verifier("code").verify(row, row.meta["answer"]) == 0.0
     assert code.EXEC_OUTCOMES["error: SandboxUnavailableError"] == refused + 1
     sandbox.allow_unisolated(True)
     res = run_untrusted("print(1)", **FAST)

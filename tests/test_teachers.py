@@ -343,6 +343,79 @@ def test_package_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# --------------------------------------------------------------------------- backends (teachers/backend.py)
+
+
+class ConstantTeacherWorker:
+    """A third backend in a few lines: log-prob -1 at every response token, nothing else."""
+
+    def __init__(self, name: str, cfg: TeacherConfig, seed: int, *, max_logprobs: int, set_threads: bool = True):
+        self.name, self.seed, self.max_logprobs, self.set_threads = name, seed, max_logprobs, set_threads
+        self.stopped = False
+
+    @staticmethod
+    def backend_env(num_gpus: float) -> dict[str, str]:
+        return {}
+
+    def vocab_signature(self) -> dict:
+        return tokenizer_signature(build_char_tokenizer(), tiny_mimo_config()["vocab_size"])  # the HF teachers'
+
+    def score(self, input_ids, attention_mask, response_mask, topk: int = 0) -> TeacherScores:
+        return TeacherScores(logprobs=torch.where(response_mask, -1.0, 0.0))
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def test_backend_table_lists_the_configured_backends_and_their_classes_have_the_contract():
+    """``TEACHER_BACKENDS`` is the code's list; ``Backend`` in mopd/config.py (the recipe schema, which
+    the core cannot take from the workers) must name the same. Every entry resolves to a class
+    with every method of ``TeacherWorker`` (mypy checks their signatures)."""
+    from mopd.config import BACKENDS
+    from teachers.backend import TEACHER_BACKENDS, TeacherWorker, worker_class
+
+    assert set(TEACHER_BACKENDS) == set(BACKENDS) == {"hf", "vllm"}
+    contract = [m for m in vars(TeacherWorker) if not m.startswith("_")]
+    assert {"score", "vocab_signature", "shutdown", "backend_env"} <= set(contract)
+    for name in TEACHER_BACKENDS:
+        cls = worker_class(name)
+        assert isinstance(cls, type)
+        assert [m for m in contract if not callable(getattr(cls, m, None))] == [], name
+
+
+def test_unknown_teacher_backend_names_the_valid_ones():
+    from teachers.backend import worker_class
+
+    with pytest.raises(ValueError, match="^unknown teacher backend 'trt'; valid: hf, vllm$"):
+        worker_class("trt")
+    cfg = teacher_cfg()
+    cfg.backend = "trt"  # past validate, as a hand-built config can be
+    with pytest.raises(ValueError, match="valid: hf, vllm"):
+        TeacherPool({"math": cfg}, 0, local=True)
+
+
+def test_a_backend_in_the_table_is_what_the_pool_builds(monkeypatch):
+    """A new backend joins with one line in ``TEACHER_BACKENDS``: the pool builds it by name, with
+    the common constructor, and routes rows to it."""
+    from teachers.backend import TEACHER_BACKENDS
+
+    monkeypatch.setitem(TEACHER_BACKENDS, "constant", f"{__name__}:ConstantTeacherWorker")
+    cfg = teacher_cfg()
+    cfg.backend = "constant"
+    pool = TeacherPool({"math": cfg, "code": teacher_cfg()}, SEEDS, local=True, max_topk=7)
+    try:
+        fake = pool.worker("math")
+        assert isinstance(fake, ConstantTeacherWorker) and isinstance(pool.worker("code"), HFTeacherWorker)
+        assert (fake.name, fake.seed, fake.max_logprobs, fake.set_threads) == ("math", SEEDS["math"], 7, False)
+        b = mixed_batch()
+        scores, _ = pool.score(b)
+        rows = [i for i, d in enumerate(b.domains) if d == "math"]
+        assert torch.equal(scores.logprobs[rows], torch.where(b.response_mask[rows], -1.0, 0.0))
+    finally:
+        pool.shutdown()
+    assert fake.stopped
+
+
 # --------------------------------------------------------------------------- vLLM helpers (no engine)
 
 

@@ -117,12 +117,11 @@ def _pgid(p) -> int:
         return -1
 
 
-@pytest.mark.extended  # ~80 s; by default: test_faults (a dead rank, --resume, the uninterrupted weights) and
-# test_checkpoint (a crash during a save leaves the previous checkpoint; a resume drops redone metrics)
 def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
     """SIGKILL the driver (and its Ray) in the middle of step 2, after checkpoint 1: `--resume`
     continues from step 1 (data cursor, sampling seeds, optimizer, policy version) to the end with
-    the weights of the uninterrupted run; the export's logits equal the trainer's."""
+    the weights of the uninterrupted run. Two short runs (~1 min on 2 cores); test_faults resumes
+    in-process after a dead rank, test_checkpoint after a crash during a save."""
     args = [
         str(TINY),
         f"run.output_dir={tmp_path}",
@@ -147,8 +146,13 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, t
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
 
+
+@pytest.mark.extended  # an export of the tiny MoE student; the default run exports SmolLM2 (test_real_model)
+def test_export_gives_the_trainers_logits(uninterrupted, tmp_path):
+    """`mopd export` of the last checkpoint: a transformers directory whose logits equal the trainer's."""
+    trained = hf_weights(uninterrupted / "checkpoints" / "step_000003" / "hf")
     out = tmp_path / "export"
-    ok(mopd("export", str(tmp_path / "checkpoints"), str(out)))
+    ok(mopd("export", str(uninterrupted / "checkpoints"), str(out)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = json.loads((out / "config.json").read_text())
@@ -158,7 +162,7 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, t
     ids = torch.tensor([tok("12+7=")["input_ids"]])
     mask = torch.ones_like(ids, dtype=torch.bool)
     trainer_model = load_model(load_config(TINY).student, seed=0)
-    trainer_model.load_state_dict(resumed)
+    trainer_model.load_state_dict(trained)
     with torch.no_grad():
         torch.testing.assert_close(
             forward_logits(model, ids, mask).logits, forward_logits(trainer_model, ids, mask).logits, rtol=0, atol=1e-5
@@ -195,7 +199,6 @@ def test_three_steps_vllm_rollout(tmp_path):
     """The vLLM rollout inside the loop, with its weight sync, next to an HF and a vLLM teacher
     (one teacher engine: each vLLM engine costs 20-40 s to start on two cores; vLLM teacher
     scoring itself is checked against HF in test_teachers_vllm.py)."""
-    pytest.importorskip("vllm")
     proc = ok(
         mopd(
             "train", str(TINY), f"run.output_dir={tmp_path}", "rollout.backend=vllm",

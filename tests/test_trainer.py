@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from mopd.config import ModelConfig, MOPDConfig
+from mopd.dist.runtime import free_port
 from mopd.models import forward_logits, load_model, sequence_logprobs, tiny_mimo_config, topk_logprobs
 from mopd.objective import grpo_advantages
-from mopd.dist.runtime import free_port
 from mopd.types import PromptRow, RolloutBatch, TrainBatch
 from trainers.deepspeed_trainer import TrainerWorker, lr_lambda, plan_micro_batches
 from trainers.moe_balance import sigmoid_balance_loss

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig, MOPDConfig
-from mopd.models import load_model, tiny_mimo_config
 from mopd.dist.weight_sync import (
     ALIGN,
     Assembler,
@@ -28,6 +27,7 @@ from mopd.dist.weight_sync import (
     receive_into,
     specs_of,
 )
+from mopd.models import load_model, tiny_mimo_config
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ optimizer step. The rank runs on the device ``mopd.dist.devices`` picks from ``t
     weights = worker.state_dict()                 # full HF state dict on rank 0, None elsewhere
     worker.send_weights(version, bucket_bytes)    # rank 0 broadcasts to the rollout (weight sync group)
 
-Collectives: under ZeRO every method except ``get_version``/``set_version`` must be called on all
+Collectives: under ZeRO every method except ``get_version`` must be called on all
 ranks with the same arguments (the pool does that).
 """
 
@@ -29,14 +29,14 @@ from typing import Any, cast
 
 import torch
 
-from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig
+from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig, ObjectiveConfig
 from mopd.dist.devices import deepspeed_env, worker_device
-from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
-from mopd.objective import mopd_loss, topk_reverse_kl_loss
-from mopd.routing import replay_routes
 from mopd.dist.runtime import set_torch_threads
-from mopd.types import TrainBatch
 from mopd.dist.weight_sync import TensorSpec, WeightLink, host_store, plan_sync
+from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
+from mopd.objective import LossInputs, Objective, get_objective
+from mopd.routing import replay_routes
+from mopd.types import TrainBatch
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 from trainers.shards import RankBatch, shard_batch
 
@@ -296,9 +296,6 @@ class TrainerWorker:
     def get_version(self) -> int:
         return self._version
 
-    def set_version(self, version: int) -> None:
-        self._version = int(version)
-
     # ------------------------------------------------------------------ training
     def _shard(self, batch: TrainBatch | RankBatch) -> RankBatch:
         """This rank's shard: as given (the pool's way), or cut here from a whole batch."""
@@ -381,12 +378,13 @@ class TrainerWorker:
             dummy = logits.float().mean() * 0.0
             return (dummy if aux is None else dummy + aux * 0.0), True
         logp_train = token_logprobs(logits, rows.input_ids)
-        student_topk = self._student_topk(logits, rows)
+        obj = get_objective(self.cfg.objective.kind)
+        student_topk = student_topk_logprobs(obj, self.cfg.objective, logits, rows)
         objective = logits.new_zeros((), dtype=torch.float32)
         for d_i in range(len(sums.domains)):
             idx = [i for i, d in enumerate(rows.domains) if d == d_i]
             if idx:
-                loss_d, stat_d = self._domain_loss(rows, idx, logp_train, student_topk)
+                loss_d, stat_d = domain_loss(obj, self.cfg.objective, rows, idx, logp_train, student_topk)
                 # Undo the objective's per-domain mean over sequences: weight by sequence count.
                 objective = objective + loss_d * _num_sequences(rows.response_mask[idx])
                 sums.stats[d_i] += stat_d
@@ -419,42 +417,6 @@ class TrainerWorker:
         if captured:
             return out.logits, sigmoid_balance_loss(captured, attention_mask)
         return out.logits, None
-
-    def _student_topk(self, logits: torch.Tensor, rows: _Rows) -> torch.Tensor | None:
-        """(b, t, K) student log-probs at the teacher's top-k ids, aligned like ``token_logprobs``
-        (position t: the distribution of token t, from logits t - 1; column 0 is 0)."""
-        if self.cfg.objective.kind != "topk":
-            return None
-        if rows.topk_ids is None or rows.topk_logprobs is None:
-            raise ValueError("objective.kind is 'topk' but the TrainBatch has no teacher_topk_ids/logprobs")
-        return logprobs_at(logits, rows.topk_ids)
-
-    def _domain_loss(
-        self, rows: _Rows, idx: list[int], logp_train: torch.Tensor, student_topk: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The objective on the rows ``idx`` of one domain, and their metric sums (5,) in ``_STATS`` order."""
-        o = self.cfg.objective
-        sub = rows.subset(idx)
-        t = torch.as_tensor(idx, dtype=torch.long, device=logp_train.device)
-        lp = logp_train[t]
-        if o.kind == "topk":
-            assert student_topk is not None and sub.topk_logprobs is not None  # computed / sent for kind=topk
-            loss, m = topk_reverse_kl_loss(
-                student_topk[t], sub.topk_logprobs, lp, sub.rollout, sub.response_mask,
-                eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
-            )  # fmt: skip
-            m["adv_mean"] = 0.0  # no advantage in the top-k form
-        else:
-            loss, m = mopd_loss(
-                lp, sub.rollout, sub.teacher, sub.response_mask, sub.adv_orm,
-                eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip,
-            )  # fmt: skip
-        n = m["num_tokens"]
-        abs_diff = float(((lp.detach() - sub.rollout).abs() * sub.response_mask).sum())
-        stat = torch.tensor(
-            [n, m["reverse_kl"] * n, m["is_masked_frac"] * n, m["adv_mean"] * n, abs_diff], dtype=torch.float64
-        )
-        return loss, stat
 
     def _optimizer_step(self, skip: bool) -> tuple[float, bool]:
         """Apply (or drop) the accumulated update. Returns (pre-clip gradient norm, applied)."""
@@ -655,6 +617,42 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logp.gather(-1, ids[:, 1:])
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+
+def student_topk_logprobs(obj: Objective, o: ObjectiveConfig, logits: torch.Tensor, rows: _Rows) -> torch.Tensor | None:
+    """(b, t, K) student log-probs at the teacher's top-k ids (``logprobs_at``), or None when the
+    objective asks the teachers for no top-k."""
+    if obj.teacher_topk(o) == 0:
+        return None
+    if rows.topk_ids is None or rows.topk_logprobs is None:
+        raise ValueError(f"objective.kind is {obj.kind!r} but the TrainBatch has no teacher_topk_ids/logprobs")
+    return logprobs_at(logits, rows.topk_ids)
+
+
+def domain_loss(
+    obj: Objective,
+    o: ObjectiveConfig,
+    rows: _Rows,
+    idx: list[int],
+    logp_train: torch.Tensor,
+    student_topk: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``obj``'s loss on the rows ``idx`` of one domain (a mean over their sequences), and their
+    metric sums (5,) f64 in ``_STATS`` order. ``logp_train`` (b, t) and ``student_topk`` (b, t, K)
+    cover all of ``rows``."""
+    sub = rows.subset(idx)
+    t = torch.as_tensor(idx, dtype=torch.long, device=logp_train.device)
+    lp = logp_train[t]
+    x = LossInputs(
+        lp, sub.rollout, sub.teacher, sub.response_mask, sub.adv_orm,
+        None if student_topk is None else student_topk[t], sub.topk_logprobs,
+    )  # fmt: skip
+    loss, m = obj.loss(x, o)
+    n = m["num_tokens"]
+    abs_diff = float(((lp.detach() - sub.rollout).abs() * sub.response_mask).sum())
+    adv_mean = m.get("adv_mean", 0.0)  # 0 for a loss without an advantage (the top-k form)
+    stat = torch.tensor([n, m["reverse_kl"] * n, m["is_masked_frac"] * n, adv_mean * n, abs_diff], dtype=torch.float64)
+    return loss, stat
 
 
 def _token_means(prefix: str, stat: torch.Tensor) -> Metrics:

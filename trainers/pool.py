@@ -27,8 +27,8 @@ import ray
 import torch
 from ray.util.placement_group import placement_group_table
 
-from mopd.dist.actors import ActorGroup
 from mopd.config import MOPDConfig
+from mopd.dist.actors import ActorGroup
 from mopd.dist.devices import deepspeed_env
 from mopd.dist.placement import RunPlacement
 from mopd.dist.runtime import free_port
@@ -150,9 +150,6 @@ class TrainerPool:
 
     def get_version(self) -> int:
         return self._all("get_version")[0]
-
-    def set_version(self, version: int) -> None:
-        self._all("set_version", version)
 
     def shutdown(self) -> None:
         """Kill the ranks and release a placement group of the pool's own. Safe to call twice."""

@@ -20,18 +20,14 @@ error:`` line, exit status 2).
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mopd.app.run import model_config
 from mopd.config import ConfigError, ModelConfig, MOPDConfig, TeacherConfig
-from mopd.models import load_tokenizer
+from mopd.models import load_tokenizer, model_config
 from mopd.vocab import check_vocabularies, config_vocab_size, signature_differences, tokenizer_signature
-
-log = logging.getLogger("mopd")
 
 # A fixed text whose ids every teacher must share with the student: prose, accents, Cyrillic, CJK,
 # Arabic, an emoji, code with indentation, and maths symbols (where BPE merges and normalizers differ).

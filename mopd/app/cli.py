@@ -7,6 +7,9 @@
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
 
+RECIPE is a YAML file, or the name of a recipe shipped with mopd (``mopd validate quickstart``:
+the checkout's recipes/quickstart.yaml, also from an installed wheel; see mopd/app/shipped.py).
+
 ``mopd COMMAND --help`` lists a command's options. An error a user can cause (recipe, data,
 checkpoint, teacher set, vocabulary: ``mopd.config.ConfigError``) is one ``mopd: error:`` line,
 exit status 2, before any actor starts; a traceback means a bug.
@@ -15,22 +18,26 @@ exit status 2, before any actor starts; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
 
+from mopd.app.shipped import resolve_recipe
 from mopd.config import ConfigError, load_config, to_yaml
+
+RECIPE_HELP = "a recipe YAML file, or the name of a recipe shipped with mopd (e.g. quickstart, tiny)"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mopd", description="Multi-Teacher On-Policy Distillation")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="run every check `train` runs before Ray; print the resolved recipe")
-    v.add_argument("recipe")
+    v.add_argument("recipe", help=RECIPE_HELP)
     v.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     _resume_options(v)
     c = sub.add_parser("check", help="check every teacher against the student (tokenizers, ids; --models: scores)")
-    c.add_argument("recipe")
+    c.add_argument("recipe", help=RECIPE_HELP)
     c.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     c.add_argument(
         "--models",
@@ -40,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", type=int, default=4, help="prompts per domain for --models (default 4)")
     c.add_argument("--vllm", action="store_true", help="with --models: compare each hf teacher with vLLM too")
     pl = sub.add_parser("plan", help="the memory each actor needs and the GPUs it asks for (no weights loaded)")
-    pl.add_argument("recipe")
+    pl.add_argument("recipe", help=RECIPE_HELP)
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     pl.add_argument("--gpus", type=float, default=None, help="GPUs per node of the cluster to plan for")
     pl.add_argument("--nodes", type=int, default=1, help="nodes of --gpus GPUs each (default 1)")
@@ -51,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         help="read the GPUs from this Ray cluster (default: ray.address, else RAY_ADDRESS)",
     )
     t = sub.add_parser("train", help="run the MOPD loop on Ray")
-    t.add_argument("recipe")
+    t.add_argument("recipe", help=RECIPE_HELP)
     t.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
     _resume_options(t)
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
@@ -87,8 +94,17 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging() -> None:
+    """What ``mopd train`` and ``mopd quickstart`` show while they run: INFO and above of every
+    logger on stderr, with the time and the logger's name. Only this entry point configures
+    logging; the library logs to ``logging.getLogger(__name__)`` and leaves its host's root logger
+    alone. (Ray actors log in their own processes; Ray forwards their output to this one.)"""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
+    configure_logging()
     from mopd.app.run import RunStoppedError, run_training
 
     try:
@@ -148,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if hasattr(args, "recipe"):  # a YAML file, or the name of a shipped recipe (`mopd validate quickstart`)
+            args.recipe = resolve_recipe(args.recipe)
         if args.command == "validate":
             return _validate(args)
         if args.command == "check":
@@ -168,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quickstart":
             from mopd.app.quickstart import run_quickstart
 
+            configure_logging()
             run_quickstart(args.output_dir, args.from_stage, args.overrides)
             return 0
     except ConfigError as e:  # and its subclasses: DataError, ConfigMismatchError, VocabularyMismatchError

@@ -18,7 +18,6 @@ re-runs S and the stages after it):
 from __future__ import annotations
 
 import json
-import logging
 import random
 import shutil
 import time
@@ -27,15 +26,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from mopd.app.shipped import recipes_dir
 from mopd.config import LR_SCHEDULES, LRSchedule, MOPDConfig, load_config
 
 if TYPE_CHECKING:
     from mopd.types import TrainBatch
 
-log = logging.getLogger("mopd.quickstart")
 
 STAGES = ("domains", "student", "teachers", "mopd", "report")
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+RECIPE = recipes_dir() / "quickstart.yaml"  # shipped with mopd (package data), also in a wheel
 
 
 @dataclass
@@ -156,7 +155,7 @@ def stage_inputs(st: QuickstartSettings, recipe_over: list[str]) -> dict[str, di
 
 def stage_domains(out: Path, st: QuickstartSettings) -> dict[str, Any]:
     """Write ``data/<domain>_{train,eval}.jsonl`` from each domain's generator (own RNG per split)."""
-    from mopd.domains import get_domain
+    from mopd.domains import get_generator
     from mopd.seeds import derive_seed
 
     data = out / "data"
@@ -164,7 +163,7 @@ def stage_domains(out: Path, st: QuickstartSettings) -> dict[str, Any]:
     counts = {}
     for d, gen in st.generators.items():
         for split, n in (("train", st.train_prompts), ("eval", st.eval_prompts)):
-            rows = get_domain(gen).generate(random.Random(derive_seed(st.seed, d, split)), n, split)
+            rows = get_generator(gen).generate(random.Random(derive_seed(st.seed, d, split)), n, split)
             with open(data / f"{d}_{split}.jsonl", "w") as f:
                 for r in rows:
                     f.write(json.dumps({"prompt": r.prompt, "domain": d, **r.meta}) + "\n")
@@ -240,8 +239,8 @@ def run_sft(
     rng)``, if given, may replace each drawn row (a noisy copy of its answer)."""
     from tqdm import tqdm
 
-    from mopd.models import load_tokenizer
     from mopd.dist.runtime import free_port
+    from mopd.models import load_tokenizer
     from trainers.deepspeed_trainer import TrainerWorker
 
     cfg = replace(
@@ -358,7 +357,7 @@ def settings_from(items: dict[str, str]) -> QuickstartSettings:
 def _kind_errors(st: QuickstartSettings) -> list[str]:
     """What is wrong with ``student_noisy_kinds`` / ``student_noise``: kinds the domain's generator
     never draws, a share outside [0, 1] (unknown domains are checked in ``settings_from``)."""
-    from mopd.domains import get_domain
+    from mopd.domains import get_generator
 
     errors = []
     if not 0.0 <= st.student_noise <= 1.0:
@@ -366,7 +365,8 @@ def _kind_errors(st: QuickstartSettings) -> list[str]:
     for d, kinds in st.student_noisy_kinds.items():
         if d not in st.generators:
             continue  # reported with the other settings that name domains
-        drawn = {str(r.meta.get("kind")) for r in get_domain(st.generators[d]).generate(random.Random(0), 500, "train")}
+        rows = get_generator(st.generators[d]).generate(random.Random(0), 500, "train")
+        drawn = {str(r.meta.get("kind")) for r in rows}
         bad = sorted(set(kinds) - drawn)
         if bad:
             errors.append(
@@ -376,7 +376,6 @@ def _kind_errors(st: QuickstartSettings) -> list[str]:
 
 
 def run_quickstart(out_dir: str, from_stage: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(out_dir).resolve()
     mine, recipe_over = split_overrides(list(overrides or []))
     st = settings_from(mine)
@@ -487,8 +486,8 @@ def _stage_mopd(out, st, base, recipe_over, results):
 
 
 def _stage_report(out, st, base, recipe_over, results):
-    from mopd.app.report import build_report, plot_curves
     from mopd.app.export import export_checkpoint
+    from mopd.app.report import build_report, plot_curves
 
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")

@@ -23,18 +23,21 @@ from typing import Any
 
 from mopd import checkpoint as ckpt
 from mopd import sandbox
-from mopd.dist.actors import ActorFailedError
+from mopd.app.check import check_teachers
 from mopd.chat import student_tokenizer
-from mopd.config import ConfigError, ModelConfig, MOPDConfig, to_yaml
+from mopd.config import ConfigError, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
-from mopd.domains import registered_generators
-from mopd.loop import ConfigMismatchError, MOPDLoop, check_teacher_set, teacher_fingerprint
-from mopd.metrics import MetricsWriter
+from mopd.dist.actors import ActorFailedError
 from mopd.dist.placement import RunPlacement
 from mopd.dist.runtime import init_ray, warn_if_in_ray_working_dir
+from mopd.domains import verifiers
+from mopd.loop import ConfigMismatchError, MOPDLoop, check_teacher_set, teacher_fingerprint
+from mopd.metrics import MetricsWriter
+from mopd.models import model_config
+from mopd.objective import get_objective
 from mopd.types import PromptRow
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 
 class RunStoppedError(RuntimeError):
@@ -43,8 +46,9 @@ class RunStoppedError(RuntimeError):
 
 
 def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = False) -> Path:
-    """Validate data, start the actors, run (or resume) the loop; returns the output directory."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Validate data, start the actors, run (or resume) the loop; returns the output directory.
+    Logs through ``logging`` and configures none of it: the program that calls this does (``mopd
+    train``: ``mopd.app.cli.configure_logging``)."""
     pre = preflight(cfg, resume, force_teachers)  # every refusal a user can cause, before Ray
     sandbox.allow_unisolated(cfg.sandbox.allow_unisolated)  # the verifiers run in this process
     mixer, eval_rows, latest, signature = pre.mixer, pre.eval_rows, pre.latest, pre.signature
@@ -66,7 +70,7 @@ def run_training(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = F
     pools: list[Any] = []
     writer = MetricsWriter(out, resume_step=None if latest is None else int(ckpt.read_state(latest)["step"]))
     try:
-        topk = cfg.objective.topk if cfg.objective.kind == "topk" else 0
+        topk = get_objective(cfg.objective.kind).teacher_topk(cfg.objective)
         placement = RunPlacement.create(cfg)
         pools.append(placement)  # released last, after every pool's actors
         teachers, trainer, rollout = start_pools(
@@ -125,6 +129,7 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     mixer, data_stats = build_mixer(cfg, tokenizer)
     eval_rows = build_eval_rows(cfg, tokenizer)
     check_sandbox(cfg, mixer, eval_rows)
+    check_environments(cfg, tokenizer)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
     signature, warnings = checked_teachers(cfg)
     if latest is not None:
@@ -133,18 +138,36 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     return Preflight(mixer, data_stats, eval_rows, latest, signature, warnings)
 
 
+def check_environments(cfg: MOPDConfig, tokenizer: Any) -> None:
+    """Multi-turn domains (``environments``) need a student chat template that appends a tool result
+    without changing what it rendered before (rollout/multiturn.py ``ChatRenderer``)."""
+    if not cfg.environments:
+        return
+    from mopd.chat import stop_token_ids
+    from rollout.multiturn import TemplateError, make_renderer
+
+    try:
+        stops = stop_token_ids(cfg, tokenizer)
+    except ValueError:  # reported by the teacher checks, with what to set
+        stops = []
+    try:
+        make_renderer(tokenizer, stops)
+    except TemplateError as e:
+        raise ConfigError(f"environments ({', '.join(sorted(cfg.environments))}): {e}") from e
+
+
 def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow]) -> None:
     """Model output is executed (a verified row whose domain ``executes`` it: training rows when
     ``objective.alpha > 0``, eval rows) only where the sandbox's kernel layer works, or where the
     recipe accepts the risk (``sandbox.allow_unisolated``)."""
     if cfg.sandbox.allow_unisolated:
         return
-    domains = registered_generators()
+    known = verifiers()
     verified: list[tuple[str, Iterator[PromptRow]]] = [("eval.every > 0", iter(eval_rows))]
     if cfg.objective.alpha > 0:
         verified.append((f"objective.alpha={cfg.objective.alpha}", mixer.rows()))
     for why, rows in verified:
-        row = next((r for r in rows if r.domain in domains and domains[r.domain].executes(r)), None)
+        row = next((r for r in rows if r.domain in known and known[r.domain].executes(r)), None)
         if row is not None and sandbox.isolation() == "basic":
             raise ConfigError(
                 f"the verifier of domain '{row.domain}' executes model output ({row.source} rows, {why}), "
@@ -279,9 +302,9 @@ def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
     if cfg.eval.every <= 0:
         return []
     tokenizer = tokenizer if tokenizer is not None else readable_student_tokenizer(cfg)
-    verifiers, per_domain = registered_generators(), {}
+    verified, per_domain = verifiers(), {}
     for src in cfg.data.sources:
-        if src.domain not in verifiers or src.domain in per_domain:
+        if src.domain not in verified or src.domain in per_domain:
             continue
         if src.eval_path is not None:
             held_out = replace(src, path=src.eval_path, generator=None)
@@ -299,20 +322,6 @@ def checked_teachers(cfg: MOPDConfig) -> tuple[dict[str, Any], list[str]]:
     """``mopd check``'s cheap part (mopd/app/check.py: every teacher's vocabulary, probe and chat
     ids, special and stop ids against the student's): raises on a mismatch; returns the student's
     vocabulary signature and the warnings (a teacher that is the student, ...)."""
-    from mopd.app.check import check_teachers  # it imports this module
-
     report = check_teachers(cfg)
     report.raise_on_failure()
     return report.student.signature, report.warnings
-
-
-def model_config(model: ModelConfig) -> Any:
-    """A model entry's transformers config (its inline ``config``, or ``path``'s config.json)."""
-    from transformers import AutoConfig
-
-    if model.config is not None:
-        extra = dict(model.config)
-        return AutoConfig.for_model(extra.pop("model_type"), **extra)
-    if model.path is not None:
-        return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    raise ValueError("a model needs 'path' (a Hugging Face model directory) or 'config' (an inline model config)")

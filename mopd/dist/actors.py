@@ -45,7 +45,7 @@ from typing import Any
 
 from mopd.dist.runtime import actor_env
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 Call = tuple[int, str, tuple]  # (actor index in the group, method name, positional args)
 

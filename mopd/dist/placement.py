@@ -30,7 +30,7 @@ from typing import Any
 
 from mopd.config import MOPDConfig, ResourcesConfig
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 ROLES = ("trainer", "rollout", "teachers")
 

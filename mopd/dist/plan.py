@@ -33,8 +33,9 @@ replica). ``e`` below is the byte size of the dtype the actor computes in.
   + 3 h)`` for a MoE layer (each token's ``k`` expert inputs, gate/up/act/product, output and
   weighted output) plus ``2`` per expert (router logits and probabilities); then the loss's logits:
   ``B T V`` times ``e`` (the logits) + 12 (the fp32 log-softmax output, its gradient and the
-  gradient scattered back by the gather, alive together during the backward) + 8 more with
-  ``objective.kind: topk`` (a second log-softmax). Assumptions: no sequence packing, every row
+  gradient scattered back by the gather, alive together during the backward) + what the objective
+  keeps beyond that (``Objective.extra_logit_bytes``: 8 for ``objective.kind: topk``, a second
+  log-softmax). Assumptions: no sequence packing, every row
   padded to ``T``, dropout off. With ``trainer.gradient_checkpointing``
   a layer keeps only its input (``h`` per token) and one layer's activations are alive at a time.
   With ``trainer.offload_optimizer`` the optimizer and its fp32 buffers are in host memory (shown
@@ -75,6 +76,7 @@ from typing import Any
 
 from mopd.config import ConfigError, ModelConfig, MOPDConfig
 from mopd.dist.vllm_compat import tensor_parallel_size
+from mopd.objective import get_objective
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -121,16 +123,6 @@ class ModelShape:
         return sum(per_layer) * dtype_bytes
 
 
-def hf_config(spec: ModelConfig) -> Any:
-    """The ``transformers`` config of a model entry (a directory's config.json or the inline dict)."""
-    from transformers import AutoConfig
-
-    if spec.path is not None:
-        return AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
-    cfg = dict(spec.config or {})
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-
-
 def count_params(config: Any, trust_remote_code: bool = False) -> tuple[int, int]:
     """(total, routed-expert) parameter counts of the model, built on the meta device."""
     import torch
@@ -147,7 +139,9 @@ def count_params(config: Any, trust_remote_code: bool = False) -> tuple[int, int
 
 
 def model_shape(spec: ModelConfig) -> ModelShape:
-    config = hf_config(spec)
+    from mopd.models import model_config  # torch: `mopd plan` pays for it, importing this module does not
+
+    config = model_config(spec)
     text = getattr(config, "text_config", None) or config
     total, expert = count_params(config, spec.trust_remote_code)
     n_exp = int(_first(text, ("num_experts", "n_routed_experts", "num_local_experts"), 0) or 0)
@@ -237,9 +231,10 @@ def layer_activation_elems(s: ModelShape, tokens: int, moe: bool) -> float:
 
 
 def train_activations(
-    s: ModelShape, batch: int, tokens: int, e: int, topk: bool, checkpointing: bool = False
+    s: ModelShape, batch: int, tokens: int, e: int, extra_logit_bytes: int = 0, checkpointing: bool = False
 ) -> dict[str, float]:
-    """Bytes of one micro-batch's activations and of the loss's logits (see the module docstring).
+    """Bytes of one micro-batch's activations and of the loss's logits (see the module docstring);
+    ``extra_logit_bytes`` per logit are the objective's own (``Objective.extra_logit_bytes``).
     With gradient checkpointing: each layer's input, plus one layer's activations recomputed."""
     moe = s.moe_layers
     dense_layer, moe_layer = layer_activation_elems(s, tokens, False), layer_activation_elems(s, tokens, True)
@@ -247,7 +242,7 @@ def train_activations(
         per_token = s.layers * s.hidden + (moe_layer if moe else dense_layer)
     else:
         per_token = (s.layers - moe) * dense_layer + moe * moe_layer
-    logits = batch * tokens * s.vocab_size * (e + 12 + (8 if topk else 0))
+    logits = batch * tokens * s.vocab_size * (e + 12 + extra_logit_bytes)
     return {"activations": batch * tokens * per_token * e, "logits": float(logits)}
 
 
@@ -314,8 +309,8 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     e = 2 if t.bf16 else 4
     parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
     host = parts.pop("host_optimizer", 0.0)
-    topk = cfg.objective.kind == "topk"
-    parts.update(train_activations(s, t.micro_batch_size, tokens, e, topk, t.gradient_checkpointing))
+    extra = get_objective(cfg.objective.kind).extra_logit_bytes(cfg.objective)
+    parts.update(train_activations(s, t.micro_batch_size, tokens, e, extra, t.gradient_checkpointing))
     note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, micro-batch {t.micro_batch_size} x {tokens} tokens"
     note += ", checkpointing" if t.gradient_checkpointing else ""
     note += f", optimizer in host memory ({host / GB:.1f} GB per rank)" if host else ""

@@ -17,7 +17,7 @@ from typing import Any
 
 from mopd.config import ConfigError, MOPDConfig
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 # Keep each actor to its own threads: several actors spin-waiting on 2 cores slow each other ~15x.
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}

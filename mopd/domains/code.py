@@ -29,11 +29,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from mopd.domains import register_domain
+from mopd.domains import register_generator
 from mopd.domains.common import exact_match, register_levels, sample_split
 from mopd.types import PromptRow
 
-log = logging.getLogger("mopd")
+log = logging.getLogger(__name__)
 
 DOMAIN = "code"
 LETTERS = string.ascii_lowercase
@@ -188,4 +188,4 @@ def verify(row: PromptRow, response: str) -> float:
 
 
 register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL, verify=verify, executes=executes)
-register_domain("code_exec", generate_exec, verify, executes)
+register_generator("code_exec", generate_exec)  # its rows are domain "code": the code verifier runs them

@@ -71,13 +71,6 @@ def exact_match(row: PromptRow, response: str) -> float:
     return 1.0 if response.strip() == str(row.meta["answer"]) else 0.0
 
 
-def format_sft_example(row: PromptRow) -> tuple[str, str]:
-    """(prompt, completion) for supervised fine-tuning; the trainer appends EOS to the completion."""
-    if "answer" not in row.meta:
-        raise KeyError(f"{row.domain} prompt {row.prompt!r} has no 'answer' in its meta")
-    return row.prompt, str(row.meta["answer"])
-
-
 def register_levels(
     name: str,
     generate: Callable[..., list[PromptRow]],
@@ -86,15 +79,16 @@ def register_levels(
     verify: Callable[[PromptRow, str], float] = exact_match,
     executes: Callable[[PromptRow], bool] | None = None,
 ) -> None:
-    """Register ``name`` (at the default level) and ``name_l<k>`` for every level k.
+    """Register the domain ``name`` (its verifier, and its generator at the default level) and a
+    generator ``name_l<k>`` for every level k.
 
     A recipe picks a difficulty with the generator name alone (``generator: math_l3``) while the
-    source's ``domain`` stays ``math``; all levels share one verifier (exact match by default).
+    source's ``domain`` stays ``math``, whose verifier (exact match by default) scores every level.
     """
     from functools import partial
 
-    from mopd.domains import register_domain
+    from mopd.domains import register_domain, register_generator
 
     register_domain(name, partial(generate, level=default), verify, executes)
     for level in levels:
-        register_domain(f"{name}_l{level}", partial(generate, level=level), verify, executes)
+        register_generator(f"{name}_l{level}", partial(generate, level=level))
