@@ -339,7 +339,8 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
 
 
 def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Per multi-turn domain: means over its trajectories of ``rollout/<d>/turns``, ``tool_calls``,
+    """Per multi-turn domain: means over its trajectories of ``rollout/<d>/turns`` (student turns:
+    runs of sampled tokens, also those a limit cut before their environment step), ``tool_calls``,
     ``tool_errors``, ``tool_timeouts``, ``tool_latency_s`` (per step), ``tool_truncated`` (share of
     results cut), ``env_reward`` (over those rewarded), ``context_tokens`` (tool results and template
     glue), and the share stopped by each limit, ``stop_<max_turns|max_tokens|max_new_tokens>``."""
@@ -347,6 +348,8 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
 
     assert batch.episodes is not None
     context = (batch.attention_mask & ~batch.response_mask)[:, batch.prompt_len :].sum(-1).float()
+    sampled = batch.response_mask.int()
+    turns = (sampled[:, 1:] > sampled[:, :-1]).sum(-1).float() + sampled[:, 0]  # starts of sampled runs
     out: dict[str, float] = {}
     for d in sorted(set(batch.domains)):
         pairs = [(i, e) for i, (x, e) in enumerate(zip(batch.domains, batch.episodes, strict=True)) if x == d]
@@ -355,6 +358,7 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
         if not stats:  # a one-turn domain
             continue
         out.update(summarize(stats, d))
+        out[f"rollout/{d}/turns"] = float(turns[idx].mean())
         out[f"rollout/{d}/context_tokens"] = float(context[idx].mean())
         for why in ("max_turns", "max_tokens", "max_new_tokens"):
             out[f"rollout/{d}/stop_{why}"] = sum(s.stop == why for s in stats) / len(stats)

@@ -164,7 +164,7 @@ def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow
         return
     known = verifiers()
     verified: list[tuple[str, Iterator[PromptRow]]] = [("eval.every > 0", iter(eval_rows))]
-    if cfg.objective.alpha > 0:
+    if get_objective(cfg.objective.kind).uses_outcome_reward(cfg.objective):
         verified.append((f"objective.alpha={cfg.objective.alpha}", mixer.rows()))
     for why, rows in verified:
         row = next((r for r in rows if r.domain in known and known[r.domain].executes(r)), None)
