@@ -291,6 +291,9 @@ def check_trained(records) -> None:
 
 
 @pytest.mark.slow
+# ~25 s; every default end-to-end run (test_faults, test_train_e2e) reserves its disaggregated group,
+# and test_disaggregated_gives_every_actor_a_bundle_of_its_own_resources checks the bundles
+@pytest.mark.extended
 def test_disaggregated_run_uses_one_group_with_a_bundle_per_actor(ray_local, tmp_path):
     seen, records = run_observed(ray_local, tmp_path)
     [group] = seen["groups"].values()  # exactly one group for the run

@@ -256,6 +256,8 @@ LOGPROB_ATOL = 1e-3
 
 @pytest.mark.slow
 @pytest.mark.vllm
+# ~70 s; by default test_rollout_vllm.py checks a vLLM reload against transformers on a tiny model
+@pytest.mark.extended
 def test_vllm_reload_decodes_as_transformers(trained):
     from transformers import AutoTokenizer
 

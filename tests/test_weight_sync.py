@@ -249,6 +249,9 @@ def _assert_rollout_matches_trainer(rollout_pool, trainer_pool, version: int) ->
 
 
 @pytest.mark.slow
+# ~30 s; by default test_faults.py restarts a rollout replica between steps (it gets the current
+# weights back) and the test above takes the driver path after a kill during a direct sync
+@pytest.mark.extended
 def test_pools_sync_directly_a_restarted_replica_rejoins_and_the_driver_path_still_works(ray_cluster):
     """rollout.weight_sync=direct through the pools: trainer rank 0 broadcasts to two replicas. A
     replica killed between syncs is given the weights through the driver when it is noticed, and
