@@ -344,7 +344,7 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
     ``tool_errors``, ``tool_timeouts``, ``tool_latency_s`` (per step), ``tool_truncated`` (share of
     results cut), ``env_reward`` (over those rewarded), ``context_tokens`` (tool results and template
     glue), and the share stopped by each limit, ``stop_<max_turns|max_tokens|max_new_tokens>``."""
-    from mopd.envs.base import summarize
+    from mopd.envs.base import LIMIT_STOPS, summarize
 
     assert batch.episodes is not None
     context = (batch.attention_mask & ~batch.response_mask)[:, batch.prompt_len :].sum(-1).float()
@@ -360,7 +360,7 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
         out.update(summarize(stats, d))
         out[f"rollout/{d}/turns"] = float(turns[idx].mean())
         out[f"rollout/{d}/context_tokens"] = float(context[idx].mean())
-        for why in ("max_turns", "max_tokens", "max_new_tokens"):
+        for why in LIMIT_STOPS:
             out[f"rollout/{d}/stop_{why}"] = sum(s.stop == why for s in stats) / len(stats)
     return out
 

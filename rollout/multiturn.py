@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 # generate_turn(contexts, max_new) -> per context (sampled ids, their log-probs, ended by a stop token)
 GenerateTurn = Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float], bool]]]
-STOPS = ("done", "max_turns", "max_tokens", "max_new_tokens")  # values of Trajectory.stop
 
 
 class TemplateError(ValueError):
@@ -84,7 +83,7 @@ class Trajectory:
     sampled: list[bool] = field(default_factory=list)
     turns: int = 0
     last_text: str = ""  # the last student turn, decoded (the final answer of a finished episode)
-    stop: str = ""  # "" while going; then one of STOPS
+    stop: str = ""  # "" while going; then one of mopd.envs.base.STOPS
     stats: TrajectoryStats | None = None  # the pool's stats, once closed
 
     def append(self, ids: Sequence[int], logprobs: Sequence[float] | None) -> None:

@@ -234,6 +234,11 @@ _BUILTINS_LOADED = False
 BUILTINS = ("mopd.envs.builtin",)  # modules whose environments register on first use
 
 
+# Why the rollout stopped a trajectory (``TrajectoryStats.stop``): the environment ended it, or a limit.
+STOPS = ("done", "max_turns", "max_tokens", "max_new_tokens")
+LIMIT_STOPS = STOPS[1:]  # each marks the trajectory truncated
+
+
 @dataclass
 class TrajectoryStats:
     """What the pool saw of one trajectory (the per-domain rollout metrics are means of these).
