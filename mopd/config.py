@@ -695,16 +695,6 @@ def _check_environments(cfg: MOPDConfig, errors: list[str]) -> None:
                 "holds tool results rendered in the student's template, which a teacher with its own would "
                 f"need re-laid turn by turn (not supported); unset teachers.{d}.chat_template"
             )
-    if cfg.rollout.backend != "hf":
-        errors.append(
-            f"environments ({', '.join(sorted(cfg.environments))}) need rollout.backend=hf for now; the "
-            f"'{cfg.rollout.backend}' backend rolls out one turn only"
-        )
-    if cfg.rollout.routing_replay:
-        errors.append(
-            "rollout.routing_replay with environments: the routes of tool tokens prefilled between turns are "
-            "not recorded yet, so the trainer could not replay them; set rollout.routing_replay=false"
-        )
 
 
 def _check_objective(cfg: MOPDConfig, errors: list[str]) -> None:

@@ -176,18 +176,23 @@ class MOPDLoop:
                 self.rollout.sync_from(self.trainer, self.policy_version)
         self.step += 1
         out = {**metrics, **teacher_metrics, **verify_metrics, **rollout_metrics(batch), **timer.metrics()}
-        out.update(self._fault_metrics())
+        out.update(self._fault_metrics(batch))
         out["policy_version"] = float(self.policy_version)
         out["rollout/policy_version"] = float(batch.policy_version)
         return out
 
-    def _fault_metrics(self) -> dict[str, float]:
-        """``faults/<kind>_restarts``: actor restarts so far in this process (once there was one)."""
+    def _fault_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """``faults/<kind>_restarts``: actor restarts so far in this process (once there was one);
+        with a multi-turn domain in the batch, the tool environments' (``faults/env_restarts``,
+        ``faults/env_wedged``, as the rollout replicas report them)."""
         out = {}
         for kind, part in (("rollout", self.rollout), ("teacher", self.teachers)):
             n = getattr(part, "restarts", 0)
             if n:
                 out[f"faults/{kind}_restarts"] = float(n)
+        env_metrics = getattr(self.rollout, "env_metrics", None)
+        if batch.episodes is not None and env_metrics is not None:
+            out.update({k: v for k, v in env_metrics().items() if v})
         return out
 
     def _outcome_advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -369,11 +374,15 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
 
 
 def evaluate(rollout: Rollout, rows: list[PromptRow], seed: int = 0) -> dict[str, float]:
-    """Greedy accuracy per domain with each domain's verifier: ``eval/<domain>/accuracy``."""
+    """Greedy accuracy per domain with each domain's verifier: ``eval/<domain>/accuracy``; a
+    multi-turn domain adds its greedy episodes' stats (``episode_metrics``) as ``eval/<domain>/<key>``."""
     from mopd.domains import get_verifier
 
     batch = rollout.generate(rows, 1, seed=seed, greedy=True)
     by_domain: dict[str, list[float]] = {}
     for row, resp in zip(batch.rows, batch.responses, strict=True):
         by_domain.setdefault(row.domain, []).append(get_verifier(row.domain).verify(row, resp))
-    return {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}
+    out = {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}
+    if batch.episodes is not None:
+        out.update({"eval/" + k.removeprefix("rollout/"): v for k, v in episode_metrics(batch).items()})
+    return out

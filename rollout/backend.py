@@ -93,6 +93,11 @@ class RolloutWorker(Protocol):
         """The student tokenizer's pad id (the pool pads merged batches with it)."""
         ...
 
+    def env_metrics(self) -> dict[str, float]:
+        """Fault counters of the replica's tool-environment pools so far (``faults/env_restarts``,
+        ``faults/env_wedged``); empty before a multi-turn domain was rolled out."""
+        ...
+
     def shutdown(self) -> None:
         """Release the engine; the pool calls it once before the actor goes."""
         ...

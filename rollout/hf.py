@@ -31,10 +31,10 @@ from mopd.dist.runtime import set_torch_threads
 from mopd.dist.weight_sync import receive_into
 from mopd.models import load_model, sequence_logprobs
 from mopd.routing import align_routes, record_routes
-from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import cut_at_stop, decode_responses, encode_prompts, left_pad, merge_batches, pack_samples
+from rollout.batching import cut_at_stop, decode_responses, encode_prompts, left_pad, pack_samples
 from rollout.kv_cache import preallocated_cache
+from rollout.multiturn import EnvironmentRollouts
 from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from rollout.multiturn import Renderer
 
 
-class HFRolloutActor(TakesTurns, SyncGroupMember):
+class HFRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     """Samples from the student with ``model.generate``; records the log-prob of each sampled token
     under the distribution it was drawn from (temperature and top-p applied). The model lives on
     the worker's device; inputs and results cross the actor boundary on the CPU. Asleep, a model on
@@ -109,28 +109,7 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
         Rows of a multi-turn domain are rolled out through their environment (module docstring);
         their trajectories carry ``episodes`` and interleaved masks."""
         self._check_awake("generate")
-        envs = self.cfg.environments
-        if not any(r.domain in envs for r in rows):
-            return self._one_turn(rows, n, seed, greedy)
-        if self.cfg.rollout.routing_replay:
-            raise ValueError("rollout.routing_replay does not record the routes of multi-turn rollouts yet")
-        parts = [[i for i, r in enumerate(rows) if r.domain not in envs]]
-        parts += [
-            [i for i, r in enumerate(rows) if r.domain == d] for d in sorted({r.domain for r in rows} & set(envs))
-        ]
-        batches, order = [], []
-        for k, idx in enumerate(p for p in parts if p):
-            part = [rows[i] for i in idx]
-            domain = part[0].domain
-            if domain in envs:
-                batches.append(self._multi_turn(part, n, seed_for(seed, k), greedy, domain, envs[domain]))
-            else:
-                batches.append(self._one_turn(part, n, seed_for(seed, k), greedy))
-            order += [i * n + s for i in idx for s in range(n)]  # where each of its trajectories belongs
-        merged = merge_batches(batches, self.tokenizer.pad_token_id)
-        where = {pos: j for j, pos in enumerate(order)}  # final position i*n + s -> merged row
-        batch = merged.select([where[p] for p in range(len(rows) * n)])
-        return replace(batch, group_ids=torch.arange(len(rows)).repeat_interleave(n))
+        return self._generate_mixed(rows, n, seed, greedy, one_turn=self._one_turn, multi_turn=self._multi_turn)
 
     def _one_turn(self, rows: list[PromptRow], n: int, seed: int, greedy: bool) -> RolloutBatch:
         """n one-turn samples of each row (``generate``, the path of every domain without an environment)."""
@@ -159,13 +138,13 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
     def _multi_turn(
         self, rows: list[PromptRow], n: int, seed: int, greedy: bool, domain: str, env: EnvironmentConfig
     ) -> RolloutBatch:
-        """n trajectories of each row of ``domain`` through its environment (rollout/multiturn.py)."""
+        """n trajectories of each row of ``domain`` through its environment (rollout/multiturn.py).
+        With ``rollout.routing_replay`` each turn's routes go to ``run_episodes`` beside it."""
         from mopd.envs import get_parser
-        from rollout.multiturn import TurnLimits, make_renderer, pack_episodes, run_episodes
+        from rollout.multiturn import TurnLimits, pack_episodes, run_episodes
 
-        if self._renderer is None:
-            self._renderer = make_renderer(self.tokenizer, self.stop_ids)
         limits = TurnLimits(env.max_turns, env.max_tokens, self.cfg.rollout.max_new_tokens)
+        routes: list[torch.Tensor] | None = [] if self.cfg.rollout.routing_replay else None  # the last turn's
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             trajs = run_episodes(
@@ -173,59 +152,40 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
                 n,
                 pool=self._env_pool(domain, env),
                 parser=get_parser(env.parser),
-                renderer=self._renderer,
-                generate_turn=lambda contexts, max_new: self._generate_turn(contexts, max_new, greedy),
+                renderer=self._tool_renderer(),
+                generate_turn=lambda contexts, max_new: self._generate_turn(contexts, max_new, greedy, routes),
                 limits=limits,
                 decode=lambda ids: decode_responses(self.tokenizer, [ids])[0],
+                routes=None if routes is None else lambda: routes,
             )
         return pack_episodes(trajs, self.tokenizer.pad_token_id, self._version)
 
     def _generate_turn(
-        self, contexts: list[list[int]], max_new: list[int], greedy: bool
+        self, contexts: list[list[int]], max_new: list[int], greedy: bool, routes: list[torch.Tensor] | None = None
     ) -> list[tuple[list[int], list[float], bool]]:
         """One student turn for each context (left-padded into one ``generate``): its ids cut after
-        the first stop token and to ``max_new[i]``, their log-probs, whether a stop token ended it."""
+        the first stop token and to ``max_new[i]``, their log-probs, whether a stop token ended it.
+        A ``routes`` list is refilled with the experts the turn chose, per context (``turn_routes``)."""
         ids, mask = left_pad(contexts, self.tokenizer.pad_token_id)
         longest = max(max_new)
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.long().to(self.device),
-            generation_config=self._sampling_config(1, greedy, longest),
-            past_key_values=preallocated_cache(self.model, ids.shape[1] + longest),
-        )
+        recording = record_routes(self.model) if routes is not None else nullcontext()
+        with recording as rec:
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.long().to(self.device),
+                generation_config=self._sampling_config(1, greedy, longest),
+                past_key_values=preallocated_cache(self.model, ids.shape[1] + longest),
+            )
         new_tokens = out.sequences[:, ids.shape[1] :]
         logp = sampled_logprobs(out.scores, new_tokens).cpu()
         turns = []
         for tokens, lps, m in zip(new_tokens.cpu().tolist(), logp.tolist(), max_new, strict=True):
             tokens, lps, stopped = cut_at_stop(tokens, lps, self.stop_ids)
             turns.append((tokens[:m], lps[:m], stopped and len(tokens) <= m))
+        if rec is not None and routes is not None:
+            kept = [len(tokens) for tokens, _, _ in turns]
+            routes[:] = turn_routes(rec.routes(rows=len(contexts)), [len(c) for c in contexts], kept)
         return turns
-
-    def _env_pool(self, domain: str, env: EnvironmentConfig) -> EnvPool:
-        """The environment pool of ``domain`` (``environments.<domain>.workers`` Ray actors, or
-        in-process with 0), started on first use and kept until ``shutdown``."""
-        if domain not in self._env_pools:
-            from mopd.dist.env_pool import EnvPool
-
-            self._env_pools[domain] = EnvPool(
-                env.name,
-                workers=max(1, env.workers),
-                local=env.workers == 0,
-                max_concurrent=env.max_concurrent,
-                timeout_s=env.timeout_s,
-                max_result_chars=env.max_result_chars,
-                env_kwargs=dict(env.kwargs),
-                plugins=self.cfg.run.plugins,
-            )
-        return self._env_pools[domain]
-
-    def env_metrics(self) -> dict[str, float]:
-        """Fault counters of the environment pools (``faults/env_restarts``, ``faults/env_wedged``)."""
-        out: dict[str, float] = {}
-        for pool in self._env_pools.values():
-            for k, v in pool.metrics().items():
-                out[k] = out.get(k, 0.0) + v
-        return out
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names, on any device: CPU tensors are copied to
@@ -263,11 +223,21 @@ class HFRolloutActor(TakesTurns, SyncGroupMember):
         return self.tokenizer.pad_token_id
 
     def shutdown(self) -> None:
-        for pool in self._env_pools.values():
-            pool.shutdown()
-        self._env_pools = {}
+        self._shutdown_envs()
         self.model = None
         self.leave_weight_sync()
+
+
+def turn_routes(routes: torch.Tensor, context_lens: Sequence[int], kept: Sequence[int]) -> list[torch.Tensor]:
+    """Per context of one turn, the routes of its positions: the context's, then its ``kept``
+    sampled tokens' ((n_i, L, k), n_i <= context_lens[i] + kept[i]; a token is routed when it is
+    fed back to sample the next one, so the turn's last may have none).
+
+    routes: (b, W + S - 1, L, k) as ``RouteRecorder.routes`` gives them for a ``generate`` over the
+    contexts left-padded to W = max(context_lens) that took S steps (the prefill, then one step per
+    token): context i sits in columns W - c_i .. W - 1, its s-th sampled token in column W + s."""
+    W = max(context_lens)
+    return [routes[i, W - c : W + n].clone() for i, (c, n) in enumerate(zip(context_lens, kept, strict=True))]
 
 
 def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

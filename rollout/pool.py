@@ -115,6 +115,14 @@ class RolloutPool:
         """Rollout actor restarts seen so far (``faults/rollout_restarts``)."""
         return self._actors.restarts
 
+    def env_metrics(self) -> dict[str, float]:
+        """The replicas' tool-environment fault counters, summed (``faults/env_*``)."""
+        out: dict[str, float] = {}
+        for part in self._actors.call_all("env_metrics"):
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
     # ----------------------------------------------------------------- API
 
     @property

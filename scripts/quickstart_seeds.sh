@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the quickstart for several seeds and print the table of their reports (mean and min of every
-# column, and the targets each seed misses). A seed's stages are cached in DIR/seed_S, so a re-run
-# only runs what is missing.
+# Run the quickstart for several seeds and print the tables of their reports: the multi-turn
+# domains' episode stats (turns, tool calls, invalid calls, success; mean over seeds), then the
+# accuracies (mean and min of every column, and the targets each seed misses). A seed's stages are
+# cached in DIR/seed_S, so a re-run only runs what is missing.
 #   bash scripts/quickstart_seeds.sh                              # seeds 0-4 into runs/quickstart_seeds
 #   SEEDS="0 1" OUT=runs/qs bash scripts/quickstart_seeds.sh trainer.lr=1e-3
 #   TARGET=0.85 OUT=runs/qs_sampled bash scripts/quickstart_seeds.sh objective.kind=sampled ...
@@ -19,4 +20,5 @@ for s in $SEEDS; do
   "$MOPD" quickstart --output-dir "$OUT/seed_$s" "seed=$s" "run.seed=$s" "$@"
   echo "=== seed $s: $(( $(date +%s) - start )) s"
 done
+"$PY" -m mopd.app.quickstart "$OUT" $SEEDS  # the multi-turn domains' episodes: turns, tool calls, ...
 "$PY" -m mopd.app.report "$OUT" $SEEDS --normalized "${TARGET:-0.90}"

@@ -332,8 +332,7 @@ def test_config_accepts_an_environment_and_refuses_bad_ones():
         validate(cfg)
     cfg = env_cfg()
     cfg.rollout.routing_replay = True
-    with pytest.raises(ConfigError, match=r"routing_replay with environments"):
-        validate(cfg)
+    validate(cfg)  # the hf rollout records the routes of every turn (tests/test_routing.py)
 
 
 # --------------------------------------------------------------------------- the HF actor
@@ -458,3 +457,21 @@ def test_mopd_train_two_steps_with_a_lookup_environment(tmp_path):
         assert f"rollout/agent/{k}" in keys, k
     assert "rollout/math/turns" not in keys
     assert all(r["rollout/agent/turns"] >= 1.0 for r in steps if "rollout/agent/turns" in r)
+
+
+# --------------------------------------------------------------------------- per-request seeds (vLLM)
+
+
+def test_turn_seeds_follow_each_trajectory_across_turns():
+    """rollout.multiturn.TurnSeeds: seed_for(seed, trajectory, turn), the trajectory of a context
+    found by the context it extends, also after others stopped."""
+    from mopd.seeds import seed_for
+    from rollout.multiturn import TurnSeeds
+
+    seeds = TurnSeeds(7)
+    first = seeds([[1, 3], [1, 4], [2]])
+    assert first == [seed_for(7, t, 0) for t in range(3)] and len(set(first)) == 3
+    assert seeds([[1, 4, 9, 9], [2, 5, 6]]) == [seed_for(7, 1, 1), seed_for(7, 2, 1)]  # trajectory 0 stopped
+    assert seeds([[2, 5, 6, 8]]) == [seed_for(7, 2, 2)]
+    with pytest.raises(RuntimeError, match="extends no context of the previous turn"):
+        seeds([[1, 3, 0]])

@@ -1,19 +1,26 @@
 """The quickstart end to end at reduced size (fewer prompts and steps than the default): every stage
-runs through the same code as `mopd quickstart`, the report has its fields, MOPD improves the student
-on at least one domain without it falling on the others, stages are cached and `--from-stage`
-re-runs from there. The full-size figures are in docs/quickstart.md."""
+runs through the same code as `mopd quickstart`, the report has its fields (the multi-turn agent
+domain's episode stats included), MOPD improves the student on at least one domain without it
+falling on the others, stages are cached and `--from-stage` re-runs from there. Also the agent
+domain's SFT targets: a demonstration's ids are those its multi-turn rollout gives, the tool result
+is context. The full-size figures are in docs/quickstart.md."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+
+from mopd.types import PromptRow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +49,7 @@ MIN_NORMALIZED = 0.2
         ({"teacher_sft_schedule": "cosin"}, "teacher_sft_schedule='cosin'; valid: constant, linear, cosine"),
         (
             {"student_noisy_kinds.agent": "[wether]"},
-            "student_noisy_kinds.agent=['wether']: agent_l1 draws the kinds dial, time, weather",
+            "student_noisy_kinds.agent=['wether']: agent_lookup draws the kinds dial, mail",
         ),
         ({"student_noisy_kinds.maths": "[+]"}, "student_noisy_kinds names maths"),
         ({"student_noise": "1.5"}, "student_noise must be in [0, 1], got 1.5"),
@@ -55,10 +62,48 @@ def test_bad_settings_fail_before_any_stage(items, message):
         settings_from(items)
 
 
+def test_lookup_rows_without_the_lookup_environment_fail_before_any_stage():
+    from mopd.app.quickstart import RECIPE, environment_errors, settings_from
+    from mopd.config import load_config
+
+    base = load_config(RECIPE, [])
+    assert environment_errors(settings_from({}), base) == []
+    one_turn = settings_from({"generators.agent": "agent_l1", "student_noisy_kinds.agent": "[dial]"})
+    assert environment_errors(one_turn, base) == []
+    assert environment_errors(settings_from({}), replace(base, environments={})) == [
+        "generators.agent=agent_lookup makes lookup rows, which need environments.agent.name=lookup "
+        "(no environments.agent)"
+    ]
+
+
+def test_agent_rows_keep_their_table_and_tools_through_the_data_files(tmp_path):
+    """The agent domain's rows (generator ``agent_lookup``) are written to JSONL by the domains
+    stage and read back for every later stage: the hidden table and the tool schema must survive."""
+    from mopd.app.quickstart import RECIPE, read_rows, settings_from, stage_domains
+    from mopd.config import load_config
+    from mopd.domains import get_generator
+    from mopd.envs.base import apply_step
+    from mopd.envs.builtin import LookupEnv, demonstration
+    from mopd.envs.parsers import get_parser
+
+    st = settings_from({"train_prompts": "30", "eval_prompts": "10"})
+    stage_domains(tmp_path, st)
+    rows = read_rows(tmp_path, "agent", "eval", load_config(RECIPE, []))
+    made = get_generator("agent_lookup").generate(random.Random(0), 1, "eval")[0]
+    assert len(rows) == 10 and all(set(r.meta) == set(made.meta) for r in rows)
+    for row in rows:
+        env, demo = LookupEnv(row), demonstration(row)
+        turn = get_parser("simple").parse(demo[0]["content"], env.tools())
+        assert apply_step(env, turn.calls, turn.content).messages[0]["content"] == demo[1]["content"]
+        assert apply_step(env, [], demo[2]["content"]).reward == 1.0
+
+
 def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
     from mopd.app.quickstart import settings_from, split_overrides
 
-    mine, recipe = split_overrides(["generators.agent=agent_l2", "student_mix.agent=0.5", "trainer.lr=1e-3"])
+    mine, recipe = split_overrides(
+        ["generators.agent=agent_l2", "student_noisy_kinds.agent=[fx]", "student_mix.agent=0.5", "trainer.lr=1e-3"]
+    )
     assert recipe == ["trainer.lr=1e-3"]
     st = settings_from(mine)
     assert st.generators["agent"] == "agent_l2" and st.generators["math"] == "math_l0"
@@ -73,20 +118,158 @@ def test_typo_swaps_the_first_two_characters():
 
 
 def test_the_student_sees_typos_only_on_its_noisy_kinds_at_the_set_rate():
-    import random
-
-    from mopd.app.quickstart import settings_from, student_noise
+    from mopd.app.quickstart import settings_from, student_target
     from mopd.types import PromptRow
 
-    noise = student_noise(settings_from({"student_noise": "0.6"}))
+    st = settings_from({"student_noise": "0.6", "student_noisy_kinds.code": "[upper]"})
+    target = student_target(st, {})
     rng = random.Random(0)
-    time_row = PromptRow("clock for Sive ->", "agent", meta={"answer": "time(Sive)", "kind": "time"})
-    weather_row = PromptRow("forecast for Sive ->", "agent", meta={"answer": "weather(Sive)", "kind": "weather"})
-    drawn = [noise(time_row, rng).meta["answer"] for _ in range(2000)]
-    assert set(drawn) == {"time(Sive)", "itme(Sive)"}
-    assert abs(drawn.count("itme(Sive)") / 2000 - 0.6) < 0.05  # binomial sd 0.011
-    assert all(noise(weather_row, rng) is weather_row for _ in range(200))
-    assert time_row.meta["answer"] == "time(Sive)"  # the row itself is never changed
+    upper = PromptRow("upper('ab')=", "code", meta={"answer": "AB", "kind": "upper"})
+    concat = PromptRow("'a'+'b'=", "code", meta={"answer": "ab", "kind": "concat"})
+    drawn = [target(upper, rng) for _ in range(2000)]
+    assert {t[0]["content"] for t in drawn} == {"AB", "BA"} and all(len(t) == 1 for t in drawn)
+    assert abs(sum(t[0]["content"] == "BA" for t in drawn) / 2000 - 0.6) < 0.05  # binomial sd 0.011
+    assert all(target(concat, rng) == [{"role": "assistant", "content": "ab"}] for _ in range(200))
+    assert upper.meta["answer"] == "AB"  # the row itself is never changed
+
+
+def test_the_students_noisy_tool_rows_answer_at_once_with_a_guessed_number():
+    """On a noisy kind of a multi-turn domain (default: agent `mail`) the student's SFT target is
+    an answer without the lookup, its number made up; other kinds (and the teachers) get the
+    whole demonstration."""
+    from mopd.app.quickstart import RECIPE, settings_from, sft_target, student_target
+    from mopd.config import load_config
+    from mopd.envs.builtin import demonstration, lookup_rows
+
+    envs = load_config(RECIPE, []).environments
+    target = student_target(settings_from({}), envs)  # student_noise 0.7, agent: [mail]
+    rows = lookup_rows(random.Random(0), 40, "train")
+    rng = random.Random(0)
+    for row in rows:
+        assert sft_target(row, envs) == demonstration(row, "simple")
+        drawn = [target(row, rng) for _ in range(100)]
+        if row.meta["kind"] == "dial":
+            assert all(t == demonstration(row) for t in drawn)
+            continue
+        guesses = [t[0]["content"] for t in drawn if len(t) == 1]
+        assert 50 <= len(guesses) <= 90  # 70 expected, binomial sd 4.6
+        number = row.meta["table"][row.meta["key"]]
+        for g in guesses:
+            made_up = re.fullmatch(r"mail\((\d{3}),([a-z]+)\)", g)
+            assert made_up and made_up[1] != number and g.replace(made_up[1], number) == row.meta["answer"]
+        assert all(t == demonstration(row) for t in drawn if len(t) > 1)
+
+
+def test_a_demonstrations_sft_ids_are_those_its_multi_turn_rollout_gives():
+    """A tool trajectory in SFT is the very row MOPD's rollout makes of it: the same ids, with the
+    tool result as context (response_mask 0), each turn and its EOS trained."""
+    from mopd.app.quickstart import sft_batch, sft_target
+    from mopd.config import EnvironmentConfig
+    from mopd.dist.env_pool import EnvPool
+    from mopd.envs import get_parser
+    from mopd.envs.builtin import lookup_rows
+    from mopd.models import build_char_tokenizer
+    from rollout.multiturn import TurnLimits, make_renderer, pack_episodes, run_episodes
+
+    tok = build_char_tokenizer()
+    envs = {"agent": EnvironmentConfig(name="lookup", parser="simple")}
+    rows = lookup_rows(random.Random(5), 6, "train")
+    targets = [sft_target(r, envs) for r in rows]
+    assert {r.meta["kind"] for r in rows} == {"dial", "mail"}
+    trajs = []
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    pool = EnvPool("lookup", workers=1, local=True)
+    try:
+        for row, target in zip(rows, targets, strict=True):
+            turns = iter(m["content"] for m in target if m["role"] == "assistant")
+
+            def generate_turn(contexts, max_new, turns=turns):  # the model "writes" the demonstration
+                ids = [*tok(next(turns), add_special_tokens=False)["input_ids"], tok.eos_token_id]
+                return [(ids, [-0.5] * len(ids), True)]
+
+            trajs += run_episodes(
+                [row], 1, pool=pool, parser=get_parser("simple"), renderer=make_renderer(tok, [tok.eos_token_id]),
+                generate_turn=generate_turn, limits=TurnLimits(3, 64, 16), decode=decode,
+            )  # fmt: skip
+    finally:
+        pool.shutdown()
+    assert all(t.stop == "done" and t.turns == 2 and t.stats.reward == 1.0 for t in trajs)
+    rolled = pack_episodes(trajs, tok.pad_token_id, 0)
+    sft = sft_batch(tok, rows, {}, targets).rollout
+    assert torch.equal(sft.input_ids, rolled.input_ids) and torch.equal(sft.attention_mask, rolled.attention_mask)
+    assert torch.equal(sft.response_mask, rolled.response_mask)
+    for i, row in enumerate(rows):
+        context = sft.attention_mask[i] & ~sft.response_mask[i]
+        context[: sft.prompt_len] = False
+        assert tok.decode(sft.input_ids[i][context]) == f"={row.meta['table'][row.meta['key']]};"
+
+
+def test_the_table_shows_each_multi_turn_domains_episodes():
+    from mopd.app.quickstart import format_table
+
+    report = _report((0.5,), (1.0,), (0.9,), 0.8)
+    report["objective"] = "topk"
+    stats = {"turns": 1.5, "tool_calls": 0.5, "tool_errors": 0.0, "success": 0.5}
+    report["domains"]["x"]["episodes"] = {
+        "student_before": stats,
+        "teacher": {**stats, "turns": 2.0, "tool_calls": 1.0, "success": 1.0},
+        "student_after": {**stats, "turns": 2.0, "tool_calls": 1.0, "tool_errors": 0.25, "success": 0.9},
+    }
+    lines = format_table(report).splitlines()
+    assert "invalid calls" in lines[-4] and "success" in lines[-4]
+    assert lines[-3].split() == ["x", "student", "before", "1.50", "0.50", "0.00", "0.500"]
+    assert lines[-1].split() == ["x", "student", "after", "2.00", "1.00", "0.25", "0.900"]
+    del report["domains"]["x"]["episodes"]
+    assert "multi-turn" not in format_table(report)
+
+
+def test_the_seeds_episodes_table_gives_each_seed_and_the_mean(tmp_path, capsys):
+    from mopd.app.quickstart import episodes_table, main
+
+    def report(turns_after):
+        r = _report((0.5,), (1.0,), (0.9,), 0.8)
+        stats = {"turns": 1.5, "tool_calls": 0.5, "tool_errors": 0.0, "success": 0.5}
+        r["domains"]["x"]["episodes"] = {w: stats for w in ("student_before", "teacher")}
+        r["domains"]["x"]["episodes"]["student_after"] = {**stats, "turns": turns_after}
+        return r
+
+    table = episodes_table({0: report(2.0), 1: report(1.0)}).splitlines()
+    assert table[0].startswith("| seed | x turns before | x turns teacher | x turns after | x tool calls before")
+    assert "x invalid calls after | x success before" in table[0] and len(table) == 5
+    assert table[2].startswith("| 0 | 1.50 | 1.50 | 2.00 | 0.50 |") and table[-1].startswith(
+        "| **mean** | 1.50 | 1.50 | 1.50 |"
+    )
+    assert episodes_table({0: _report((0.5,), (1.0,), (0.9,), 0.8)}) == ""
+    for seed, turns in ((0, 2.0), (1, 1.0)):
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "report.json").write_text(json.dumps(report(turns)))
+    assert main([str(tmp_path), "0", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == table
+
+
+def test_evaluate_adds_a_multi_turn_domains_episode_stats():
+    from mopd.envs.base import TrajectoryStats
+    from mopd.loop import evaluate
+    from mopd.models import build_char_tokenizer
+    from rollout.batching import pack_rollout
+
+    tok = build_char_tokenizer()
+    rows = [PromptRow("a ->", "agent", meta={"answer": "dial(1)"}), PromptRow("1+1=", "math", meta={"answer": "2"})]
+
+    class Fake:
+        def generate(self, rows, n, seed, greedy=False):
+            stats = TrajectoryStats(turns=2, tool_calls=1, tool_errors=1, reward=1.0, stop="done")
+            return pack_rollout(
+                [[1, 5], [1, 6]], [[7, 2, 8, 9, 2], [10, 2]], [[0.0] * 5, [0.0] * 2], [0, 1], rows,
+                ["dial(1)", "3"], tok.pad_token_id, 0, sampled=[[True, True, False, True, True], [True, True]],
+                episodes=[stats, None],
+            )  # fmt: skip
+
+    out = evaluate(Fake(), rows)
+    assert out["eval/agent/accuracy"] == 1.0 and out["eval/math/accuracy"] == 0.0
+    assert out["eval/agent/turns"] == 2.0 and out["eval/agent/tool_calls"] == 1.0
+    assert out["eval/agent/tool_errors"] == 1.0 and out["eval/agent/env_reward"] == 1.0
+    assert not any(k.startswith("eval/math/") and k != "eval/math/accuracy" for k in out)
 
 
 def test_sft_batch_encodes_each_row_once_and_as_encoding_it_alone_would():

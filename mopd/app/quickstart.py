@@ -3,12 +3,16 @@
 Stages, each cached in the output directory (a re-run skips finished stages; ``--from-stage S``
 re-runs S and the stages after it):
 
-    domains   three synthetic domains (math, code, agent): disjoint train/eval prompt files
-    student   a tiny MiMoV2Flash (MoE) student, general SFT on a mixture of all domains
+    domains   three synthetic domains (math, code, agent): disjoint train/eval prompt files; agent
+              is multi-turn (the ``lookup`` environment: the answer needs a number only a tool call
+              returns, so a trajectory is a call, the tool's result, then the answer)
+    student   a tiny MiMoV2Flash (MoE) student, general SFT on a mixture of all domains (agent rows:
+              whole demonstrations, the tool results as context)
     teachers  one teacher per domain, trained from the student's SFT checkpoint on its domain only
     mopd      ``mopd train recipes/quickstart.yaml`` with the student and teachers above
     report    teacher / student-before / student-after accuracy per domain, normalised score,
-              per-domain reverse KL, a PNG of the curves, the student exported to student_hf/
+              per-domain reverse KL, the multi-turn domains' turns, tool calls, invalid calls and
+              success, a PNG of the curves, the student exported to student_hf/
 
     mopd quickstart --output-dir runs/quickstart
     mopd quickstart --output-dir runs/quickstart --from-stage mopd objective.kind=sampled objective.forward_kl=0 \
@@ -21,16 +25,18 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from mopd.app.shipped import recipes_dir
-from mopd.config import LR_SCHEDULES, LRSchedule, MOPDConfig, load_config
+from mopd.config import LR_SCHEDULES, EnvironmentConfig, LRSchedule, MOPDConfig, load_config
 
 if TYPE_CHECKING:
-    from mopd.types import TrainBatch
+    from mopd.types import PromptRow, TrainBatch
+    from rollout.multiturn import Renderer
 
 
 STAGES = ("domains", "student", "teachers", "mopd", "report")
@@ -43,19 +49,22 @@ class QuickstartSettings:
 
     # domain -> registered generator; the easiest levels, so that a tiny teacher reaches >= 0.9
     # within a few minutes of domain SFT on two cores.
+    # agent_lookup rows are multi-turn (the recipe's environments.agent: lookup).
     generators: dict[str, str] = field(
-        default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_l1"}
+        default_factory=lambda: {"math": "math_l0", "code": "code_l0", "agent": "agent_lookup"}
     )
     # Share of each domain in the student's general SFT mixture, relative (missing domains: 1.0).
     student_mix: dict[str, float] = field(default_factory=lambda: {"math": 1.0, "code": 1.0, "agent": 1.0})
     # Sub-tasks (a row's ``kind``) where the student is noisy and its teacher is sharp. In the
     # student's SFT a share ``student_noise`` of these rows' answers carry a typo (the first two
-    # characters swapped); the teachers learn them clean. The student then samples the right
-    # answer ~30% of the time but its greedy answer is the typo: its teacher sharpens what it
-    # half-knows, the regime MOPD is made for (teachers trained from the student by RL), and its
-    # gap is set by the data, not by where an unfinished SFT stopped (docs/quickstart.md).
+    # characters swapped), or, where the row is a tool trajectory (agent), are answered at once
+    # with a guessed number instead of looking it up; the teachers learn them clean. The student
+    # then samples the right answer (the trajectory through the tool) ~30% of the time but its
+    # greedy answer is the typo (the guess): its teacher sharpens what it half-knows, the regime
+    # MOPD is made for (teachers trained from the student by RL), and its gap is set by the data,
+    # not by where an unfinished SFT stopped (docs/quickstart.md).
     student_noisy_kinds: dict[str, list[str]] = field(
-        default_factory=lambda: {"math": ["-"], "code": ["concat"], "agent": ["time", "dial"]}
+        default_factory=lambda: {"math": ["-"], "code": ["concat"], "agent": ["mail"]}
     )
     student_noise: float = 0.7
     train_prompts: int = 4000  # per domain
@@ -185,36 +194,89 @@ def read_rows(out: Path, domain: str, split: str, base: MOPDConfig):
 # ---------------------------------------------------------------------- stages 2-3: SFT
 
 
-def sft_batch(tokenizer, rows, cache: dict[tuple[str, ...], tuple[list[int], list[int]]] | None = None) -> TrainBatch:
-    """A TrainBatch whose responses are the reference answers (+ EOS), in the rollout layout.
-    ``cache`` (kept by the caller across steps) maps a row's prompt and answer to their token ids:
-    an SFT run draws the same rows again and again, and encoding each one every time it is drawn
-    took ~15% of a step."""
+# An SFT row's target: the assistant turns it is trained on, with the tool results between them.
+Target = list[dict[str, Any]]
+# target(row, rng) -> the target of one drawn row (the student's may be a noisy one)
+TargetFn = Callable[["PromptRow", random.Random], Target]
+# a row and its target -> (prompt ids, response ids, sampled flags)
+Encoded = dict[tuple[str, ...], tuple[list[int], list[int], list[bool]]]
+
+
+def sft_target(row: PromptRow, envs: Mapping[str, EnvironmentConfig]) -> Target:
+    """What a model should write for ``row``: a lookup row of a multi-turn domain is its
+    ``lookup`` demonstration in the domain's call format (the call, the tool's result, the answer);
+    any other row is its answer, one turn."""
+    env = envs.get(row.domain)
+    if env is not None and "key" in row.meta:
+        from mopd.envs.builtin import demonstration
+
+        return demonstration(row, env.parser)
+    return [{"role": "assistant", "content": str(row.meta["answer"])}]
+
+
+def encode_target(tokenizer, renderer: Renderer, target: Target) -> tuple[list[int], list[bool]]:
+    """The response ids of ``target`` as a rollout of that trajectory holds them, and which of
+    them the model wrote: each assistant turn's text and then EOS (written), and the messages
+    between two turns rendered as the rollout appends one step's results, all in one
+    ``renderer.messages`` call (context)."""
+    ids: list[int] = []
+    written: list[bool] = []
+    for is_turn, group in groupby(target, key=lambda m: m["role"] == "assistant"):
+        msgs = list(group)
+        if is_turn:
+            for m in msgs:
+                turn = [*tokenizer(str(m["content"]), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+                ids += turn
+                written += [True] * len(turn)
+        else:
+            context = renderer.messages(msgs)
+            ids += context
+            written += [False] * len(context)
+    return ids, written
+
+
+def sft_batch(
+    tokenizer,
+    rows: list[PromptRow],
+    cache: Encoded | None = None,
+    targets: list[Target] | None = None,
+    renderer: Renderer | None = None,
+) -> TrainBatch:
+    """A TrainBatch whose responses are the rows' targets (default: their answers, one turn), in
+    the rollout layout: ``response_mask`` on what the model writes (each turn and its EOS), not on
+    the tool results between turns (context, as in a rollout batch); ``renderer`` renders those
+    (default: ``rollout.multiturn.make_renderer``). ``cache`` (kept by the caller across steps) maps
+    a row's prompt and target to their token ids: an SFT run draws the same rows again and again,
+    and encoding each one every time it is drawn took ~15% of a step."""
     import torch
 
     from mopd.types import TrainBatch
     from rollout.batching import encode_prompts, pack_rollout
 
     cache = {} if cache is None else cache
-    keys = [(r.prompt, str(r.messages), str(r.meta["answer"])) for r in rows]
-    new = {k: r for k, r in zip(keys, rows, strict=True) if k not in cache}
+    if targets is None:
+        targets = [[{"role": "assistant", "content": str(r.meta["answer"])}] for r in rows]
+    keys = [(r.prompt, str(r.messages), json.dumps(t)) for r, t in zip(rows, targets, strict=True)]
+    new = {k: (r, t) for k, r, t in zip(keys, rows, targets, strict=True) if k not in cache}
     if new:
-        answer_ids = tokenizer([k[2] for k in new], add_special_tokens=False)["input_ids"]
-        prompt_ids = encode_prompts(tokenizer, list(new.values()))
-        for key, prompt, answer in zip(new, prompt_ids, answer_ids, strict=True):
-            cache[key] = (prompt, [*answer, tokenizer.eos_token_id])
-    prompts = [cache[k][0] for k in keys]
-    answers = [cache[k][1] for k in keys]
-    zeros = [[0.0] * len(a) for a in answers]
+        if renderer is None:
+            from rollout.multiturn import make_renderer
+
+            renderer = make_renderer(tokenizer, [tokenizer.eos_token_id])
+        prompt_ids = encode_prompts(tokenizer, [r for r, _ in new.values()])
+        for key, prompt, (_, target) in zip(new, prompt_ids, new.values(), strict=True):
+            cache[key] = (prompt, *encode_target(tokenizer, renderer, target))
+    encoded = [cache[k] for k in keys]
     batch = pack_rollout(
-        prompts,
-        answers,
-        zeros,
+        [e[0] for e in encoded],
+        [e[1] for e in encoded],
+        [[0.0] * len(e[1]) for e in encoded],
         list(range(len(rows))),
         rows,
-        [str(r.meta["answer"]) for r in rows],
+        [str(t[-1]["content"]) for t in targets],
         tokenizer.pad_token_id,
         0,
+        sampled=[e[2] for e in encoded],
     )
     return TrainBatch(batch, torch.zeros_like(batch.rollout_logprobs))
 
@@ -231,16 +293,19 @@ def run_sft(
     out_dir: Path,
     desc: str,
     weights: list[float] | None = None,
-    noise: Callable[[Any, random.Random], Any] | None = None,
+    target: TargetFn | None = None,
 ) -> dict[str, Any]:
     """SFT through the project's DeepSpeed trainer (one in-process rank, ZeRO 0) and save the
     result as a Hugging Face directory. ``init`` overrides ``recipe.student`` (path or config);
-    each batch draws rows uniformly, or in proportion to ``weights`` (one per row); ``noise(row,
-    rng)``, if given, may replace each drawn row (a noisy copy of its answer)."""
+    each batch draws rows uniformly, or in proportion to ``weights`` (one per row); ``target(row,
+    rng)`` gives each drawn row's target (default: ``sft_target``, clean; the student's may be
+    noisy). A tool trajectory's ids are those the multi-turn rollout gives it (``sft_batch``)."""
     from tqdm import tqdm
 
+    from mopd.chat import stop_token_ids
     from mopd.dist.runtime import free_port
     from mopd.models import load_tokenizer
+    from rollout.multiturn import make_renderer
     from trainers.deepspeed_trainer import TrainerWorker
 
     cfg = replace(
@@ -258,15 +323,16 @@ def run_sft(
         ),
     )
     tok = load_tokenizer(cfg.student)
+    renderer = make_renderer(tok, stop_token_ids(cfg, tok))  # as the rollout renders tool results
+    target = target or (lambda row, rng: sft_target(row, cfg.environments))
     worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port("127.0.0.1"))
     rng = random.Random(seed)
-    encoded: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+    encoded: Encoded = {}
     t0, loss = time.time(), float("nan")
     for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True):
         drawn = rng.choices(rows, weights=weights, k=batch) if weights else [rng.choice(rows) for _ in range(batch)]
-        if noise is not None:
-            drawn = [noise(r, rng) for r in drawn]
-        loss = worker.sft_step(sft_batch(tok, drawn, encoded))["sft/loss"]
+        targets = [target(r, rng) for r in drawn]
+        loss = worker.sft_step(sft_batch(tok, drawn, encoded, targets, renderer))["sft/loss"]
     worker.save_hf(str(out_dir))
     # The gloo process group stays up for the next SFT run in this process: DeepSpeed caches its
     # groups, so tearing it down and re-creating it breaks the next engine.
@@ -276,18 +342,45 @@ def run_sft(
 # ---------------------------------------------------------------------- evaluation
 
 
-def evaluate_model(recipe: MOPDConfig, model_dir: Path, rows) -> dict[str, float]:
-    """Greedy accuracy of a model directory per domain, with an in-process HF rollout worker."""
+# A multi-turn domain's episode stats in the report (means per greedy trajectory): its name
+# there -> the key of ``mopd.loop.evaluate`` (``eval/<domain>/<key>``). Success is the verifier on
+# the final answer over every trajectory (one a limit stopped fails), not the environment's
+# ``env_reward``, which averages over the trajectories that reached an answer only.
+EPISODE_STATS = {"turns": "turns", "tool_calls": "tool_calls", "tool_errors": "tool_errors", "success": "accuracy"}
+
+
+WHO = ("student_before", "teacher", "student_after")  # the models a report compares
+
+
+@dataclass
+class Evaluation:
+    """A model's greedy evaluation: ``accuracy[domain]`` (its verifier on the final turn) and, per
+    multi-turn domain, ``episodes[domain]``: turns, tool calls, invalid calls (``tool_errors``)
+    and success, means per trajectory (``EPISODE_STATS``)."""
+
+    accuracy: dict[str, float]
+    episodes: dict[str, dict[str, float]]
+
+
+def evaluate_model(recipe: MOPDConfig, model_dir: Path, rows) -> Evaluation:
+    """Greedy evaluation of a model directory, with an in-process HF rollout worker (a multi-turn
+    domain's rows are rolled out through its environment)."""
     from mopd.loop import evaluate
     from rollout.pool import RolloutPool
 
     cfg = replace(recipe, student=replace(recipe.student, path=str(model_dir), config=None, tokenizer=None))
     pool = RolloutPool(cfg, local=True)
     try:
-        acc = evaluate(pool, rows, seed=0)
+        metrics = evaluate(pool, rows, seed=0)
     finally:
         pool.shutdown()
-    return {k.split("/")[1]: v for k, v in acc.items()}
+    accuracy = {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("/accuracy")}
+    episodes = {
+        d: {name: metrics.get(f"eval/{d}/{key}", float("nan")) for name, key in EPISODE_STATS.items()}
+        for d in accuracy
+        if f"eval/{d}/turns" in metrics
+    }
+    return Evaluation(accuracy, episodes)
 
 
 # ---------------------------------------------------------------------- the command
@@ -375,12 +468,31 @@ def _kind_errors(st: QuickstartSettings) -> list[str]:
     return errors
 
 
+def environment_errors(st: QuickstartSettings, base: MOPDConfig) -> list[str]:
+    """Domains whose generator makes tool trajectories (rows with a lookup table) but that the
+    recipe does not roll out through the ``lookup`` environment (their SFT targets are its
+    demonstrations, their evaluation its episodes)."""
+    from mopd.domains import get_generator
+
+    errors = []
+    for d, gen in st.generators.items():
+        rows = get_generator(gen).generate(random.Random(0), 8, "train")
+        env = base.environments.get(d)
+        if any("table" in r.meta for r in rows) and (env is None or env.name != "lookup"):
+            have = f"environments.{d}.name={env.name!r}" if env is not None else f"no environments.{d}"
+            errors.append(f"generators.{d}={gen} makes lookup rows, which need environments.{d}.name=lookup ({have})")
+    return errors
+
+
 def run_quickstart(out_dir: str, from_stage: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     out = Path(out_dir).resolve()
     mine, recipe_over = split_overrides(list(overrides or []))
     st = settings_from(mine)
     # The recipe (with the user's overrides) is validated before any stage runs.
     base = load_config(RECIPE, recipe_over)
+    errors = environment_errors(st, base)
+    if errors:
+        raise ValueError("quickstart settings: " + "; ".join(errors))
     cache = StageCache(out)
     if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"--from-stage {from_stage!r}; valid: {', '.join(STAGES)}")
@@ -430,10 +542,10 @@ def _stage_student(out, st, base, recipe_over, results):
     weights = [st.student_mix.get(d, 1.0) / len(per_domain[d]) for d in st.domain_names for _ in per_domain[d]]
     res = run_sft(
         base, {}, mix, st.student_sft_steps, st.student_sft_lr, st.student_sft_schedule, st.sft_batch, st.seed,
-        out / "student_sft", "student SFT", weights=weights, noise=student_noise(st),
+        out / "student_sft", "student SFT", weights=weights, target=student_target(st, base.environments),
     )  # fmt: skip
-    res["accuracy"] = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
-    return res
+    ev = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
+    return {**res, "accuracy": ev.accuracy, "episodes": ev.episodes}
 
 
 def typo(answer: str) -> str:
@@ -441,17 +553,28 @@ def typo(answer: str) -> str:
     return answer[1] + answer[0] + answer[2:] if len(answer) >= 2 and answer[0] != answer[1] else answer
 
 
-def student_noise(st: QuickstartSettings) -> Callable[[Any, random.Random], Any]:
-    """The student's SFT noise: a row of a noisy kind gets a typo'd answer with probability
-    ``student_noise`` (drawn afresh each time the row is drawn); other rows are kept."""
+def guess(row: PromptRow, rng: random.Random) -> str:
+    """A lookup row's answer with a made-up number in place of the one only the tool returns."""
+    number = str(row.meta["table"][row.meta["key"]])
+    made_up = rng.choice([n for n in range(100, 1000) if str(n) != number])
+    return str(row.meta["answer"]).replace(number, str(made_up))
+
+
+def student_target(st: QuickstartSettings, envs: Mapping[str, EnvironmentConfig]) -> TargetFn:
+    """The student's SFT targets: each row's ``sft_target``, except that a row of a noisy kind, with
+    probability ``student_noise`` (drawn afresh each time the row is drawn), is answered at once:
+    a tool trajectory by its answer with a guessed number (no call: the student did not learn to
+    use the tool there), any other row by its answer with a typo."""
     noisy = {(d, k) for d, kinds in st.student_noisy_kinds.items() for k in kinds}
 
-    def apply(row, rng: random.Random):
+    def target(row: PromptRow, rng: random.Random) -> Target:
+        clean = sft_target(row, envs)
         if (row.domain, row.meta.get("kind")) not in noisy or rng.random() >= st.student_noise:
-            return row
-        return replace(row, meta={**row.meta, "answer": typo(str(row.meta["answer"]))})
+            return clean
+        wrong = guess(row, rng) if len(clean) > 1 else typo(str(row.meta["answer"]))
+        return [{"role": "assistant", "content": wrong}]
 
-    return apply
+    return target
 
 
 def _stage_teachers(out, st, base, recipe_over, results):
@@ -471,8 +594,8 @@ def _stage_teachers(out, st, base, recipe_over, results):
             out / "teachers" / d,
             f"teacher {d} SFT",
         )
-        r["accuracy"] = evaluate_model(base, out / "teachers" / d, read_rows(out, d, "eval", base))[d]
-        res[d] = r
+        ev = evaluate_model(base, out / "teachers" / d, read_rows(out, d, "eval", base))
+        res[d] = {**r, "accuracy": ev.accuracy[d], **({"episodes": ev.episodes[d]} if d in ev.episodes else {})}
     return res
 
 
@@ -492,13 +615,25 @@ def _stage_report(out, st, base, recipe_over, results):
     t0 = time.time()
     export_checkpoint(out / "mopd" / "checkpoints", out / "student_hf")
     after = evaluate_model(base, out / "student_hf", _eval_rows(out, st, base))
-    report = build_report(st.domain_names, results, after, out / "mopd" / "metrics.jsonl")
+    report = build_report(st.domain_names, results, after.accuracy, out / "mopd" / "metrics.jsonl")
+    add_episodes(report, results, after)
     # All stages' own times (cached ones count as when they ran) plus this one so far.
     report["wall_time_s"] = round(sum(results[s]["seconds"] for s in STAGES[:-1]) + time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_curves(out / "mopd" / "metrics.jsonl", st.domain_names, out / "curves.png")
     print(format_table(report))
     return {"report": report}
+
+
+def add_episodes(report: dict[str, Any], results: dict[str, Any], after: Evaluation) -> None:
+    """``report["domains"][d]["episodes"]``, per multi-turn domain: the greedy eval episodes' stats
+    (``EPISODE_STATS``) of the teacher, the student before and the student after MOPD."""
+    for d in after.episodes:
+        report["domains"][d]["episodes"] = {
+            "student_before": results["student"].get("episodes", {}).get(d, {}),
+            "teacher": results["teachers"][d].get("episodes", {}),
+            "student_after": after.episodes[d],
+        }
 
 
 STAGE_FUNCS = {
@@ -520,4 +655,60 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r.get('reverse_kl_start', float('nan')):9.3f} {r.get('reverse_kl_end', float('nan')):7.3f}"
         )
     lines.append(f"normalized score {report['normalized_score']:.3f} (objective: {report['objective']})")
+    return "\n".join(lines + episode_lines(report))
+
+
+def episode_lines(report: dict[str, Any]) -> list[str]:
+    """The multi-turn domains' episode stats of ``report``, one line per model (none without such domains)."""
+    multi = {d: r["episodes"] for d, r in report["domains"].items() if "episodes" in r}
+    if not multi:
+        return []
+    head = f"{'domain':8s} {'model':15s} {'turns':>6s} {'tool calls':>11s} {'invalid calls':>14s} {'success':>8s}"
+    lines = ["multi-turn domains, greedy eval episodes (means per trajectory):", head]
+    nan = float("nan")
+    for d, eps in multi.items():
+        for who in WHO:
+            e = eps.get(who, {})
+            lines.append(
+                f"{d:8s} {who.replace('_', ' '):15s} {e.get('turns', nan):6.2f} {e.get('tool_calls', nan):11.2f} "
+                f"{e.get('tool_errors', nan):14.2f} {e.get('success', nan):8.3f}"
+            )
+    return lines
+
+
+def episodes_table(reports: dict[int, dict[str, Any]]) -> str:
+    """A Markdown table of several seeds' multi-turn episode stats: per multi-turn domain and stat,
+    student before / teacher / after, one row per seed, then the mean ("" without such domains)."""
+    seeds = sorted(reports)
+    first = reports[seeds[0]]["domains"]
+    cols = [(d, k, who) for d in first if "episodes" in first[d] for k in EPISODE_STATS for who in WHO]
+    if not cols:
+        return ""
+    names = {"student_before": "before", "teacher": "teacher", "student_after": "after"}
+    labels = {"turns": "turns", "tool_calls": "tool calls", "tool_errors": "invalid calls", "success": "success"}
+    head = "| seed | " + " | ".join(f"{d} {labels[k]} {names[w]}" for d, k, w in cols) + " |"
+    rows = {
+        s: [reports[s]["domains"][d]["episodes"].get(w, {}).get(k, float("nan")) for d, k, w in cols] for s in seeds
+    }
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {s} | " + " | ".join(f"{v:.2f}" for v in rows[s]) + " |" for s in seeds]
+    means = [sum(rows[s][i] for s in seeds) / len(seeds) for i in range(len(cols))]
+    lines.append("| **mean** | " + " | ".join(f"{v:.2f}" for v in means) + " |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mopd.app.quickstart DIR SEED...``: the episodes table of ``DIR/seed_S/report.json``."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m mopd.app.quickstart DIR SEED...", file=sys.stderr)
+        return 2
+    reports = {int(s): json.loads((Path(args[0]) / f"seed_{s}" / "report.json").read_text()) for s in args[1:]}
+    print(episodes_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

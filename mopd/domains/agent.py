@@ -11,6 +11,11 @@
 
 Each tool has several phrasings; the call format is strict: ``name(arg,arg)``, no spaces, no
 quotes, arguments in the tool's fixed order (which is not always the order of the request).
+
+``agent_lookup`` (the quickstart's agent domain) is the multi-turn form: the ``dial`` and ``mail``
+requests whose call needs the person's number, which only the ``lookup`` tool of the ``lookup``
+environment returns (mopd/envs/builtin.py); its rows carry the table and the tool schema in
+``meta``, so a JSONL copy of them is complete.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from mopd.domains import register_generator
 from mopd.domains.common import register_levels, sample_split
 from mopd.types import PromptRow
 
@@ -110,4 +116,12 @@ def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL)
     return sample_split(rng, n, split, DOMAIN, lambda r: draw(r, level))
 
 
+def generate_lookup(rng: random.Random, n: int, split: str) -> list[PromptRow]:
+    """``n`` rows of ``split`` for the ``lookup`` environment (``mopd.envs.builtin.lookup_rows``)."""
+    from mopd.envs.builtin import lookup_rows  # it imports this module
+
+    return lookup_rows(rng, n, split, DOMAIN)
+
+
 register_levels(DOMAIN, generate, LEVELS, DEFAULT_LEVEL)
+register_generator("agent_lookup", generate_lookup)
