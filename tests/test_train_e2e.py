@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REFERENCE_ARGS
 from mopd import checkpoint as ckpt
 from mopd.config import load_config
 from mopd.metrics import read_metrics
@@ -38,7 +39,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-# `uninterrupted` (tests/conftest.py): the 3-step reference run, trainer world size 2 with ZeRO-2.
+# `uninterrupted` (tests/conftest.py): the 3-step reference run, trainer world size 2 with ZeRO-2 and a
+# multi-turn domain (REFERENCE_ARGS).
 
 
 def hf_weights(path: Path) -> dict:
@@ -62,6 +64,12 @@ def test_three_steps_world_size_2_zero2(uninterrupted):
         assert any(f"teacher/{domain}/latency_s" in r for r in records)
     assert {"timing/rollout", "timing/teachers", "timing/train", "timing/sync"} <= keys
     assert (uninterrupted / "tensorboard").is_dir()
+    # The agent domain's trajectories (every turn is a call: tests/layers/calls_every_turn.py) take
+    # several turns, with tool results as context between them; the teacher scores them.
+    agent = [r for r in records if "rollout/agent/turns" in r]
+    assert agent, "no step drew the agent domain"
+    assert max(r["rollout/agent/turns"] for r in agent) > 1 and max(r["rollout/agent/tool_calls"] for r in agent) > 0
+    assert all(r["rollout/agent/context_tokens"] > 0 and "teacher/agent/reverse_kl" in r for r in agent)
     # Log-prob agreement, trainer vs HF rollout, on the same weights: step 1 on the initial weights,
     # steps 2-3 on weights synced from the trainer. Both compute fp32 log-softmax of the same model;
     # only the summation order differs (KV-cached decoding vs one full forward): ~1e-7 measured.
@@ -120,15 +128,9 @@ def _pgid(p) -> int:
 def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
     """SIGKILL the driver (and its Ray) in the middle of step 2, after checkpoint 1: `--resume`
     continues from step 1 (data cursor, sampling seeds, optimizer, policy version) to the end with
-    the weights of the uninterrupted run. Two short runs (~1 min on 2 cores); test_faults resumes
-    in-process after a dead rank, test_checkpoint after a crash during a save."""
-    args = [
-        str(TINY),
-        f"run.output_dir={tmp_path}",
-        "trainer.world_size=2",
-        "trainer.zero_stage=2",
-        "checkpoint.every=1",
-    ]
+    the weights of the uninterrupted run, tool trajectories of the multi-turn domain included. Two
+    short runs (~1 min on 2 cores); test_checkpoint covers a crash during a save."""
+    args = [str(TINY), f"run.output_dir={tmp_path}", *REFERENCE_ARGS, "checkpoint.every=1"]
     root = tmp_path / "checkpoints"
     # Killed with run.total_steps=2, resumed with the recipe's 3: a resumed run may also go further.
     sigkill_after_checkpoint([*args, "run.total_steps=2"], root / "step_000001")
@@ -171,8 +173,9 @@ def test_export_gives_the_trainers_logits(uninterrupted, tmp_path):
 
 def test_resume_with_other_teachers_fails_unless_forced(uninterrupted):
     proc = mopd(
-        "train", str(TINY), f"run.output_dir={uninterrupted}", "teachers.code.config.hidden_size=32", "--resume"
-    )
+        "train", str(TINY), f"run.output_dir={uninterrupted}", *REFERENCE_ARGS, "teachers.code.config.hidden_size=32",
+        "--resume",
+    )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "teacher set differs from the checkpoint's (domains: code)" in proc.stderr
     assert "--force-teachers" in proc.stderr
