@@ -140,7 +140,6 @@ class HFRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     ) -> RolloutBatch:
         """n trajectories of each row of ``domain`` through its environment (rollout/multiturn.py).
         With ``rollout.routing_replay`` each turn's routes go to ``run_episodes`` beside it."""
-        from mopd.envs import get_parser
         from rollout.multiturn import TurnLimits, pack_episodes, run_episodes
 
         limits = TurnLimits(env.max_turns, env.max_tokens, self.cfg.rollout.max_new_tokens)
@@ -151,7 +150,7 @@ class HFRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
                 rows,
                 n,
                 pool=self._env_pool(domain, env),
-                parser=get_parser(env.parser),
+                parser=self._tool_parser(env),
                 renderer=self._tool_renderer(),
                 generate_turn=lambda contexts, max_new: self._generate_turn(contexts, max_new, greedy, routes),
                 limits=limits,

@@ -406,6 +406,15 @@ class EnvironmentRollouts:
             self._renderer = make_renderer(self.tokenizer, self.stop_ids)
         return self._renderer
 
+    def _tool_parser(self, env: EnvironmentConfig) -> ToolCallParser:
+        """The domain's tool-call parser, after the ``run.plugins`` modules (where a user format
+        registers) are imported in this process: the rollout actor's, not only the driver's."""
+        from mopd.domains import load_plugins
+        from mopd.envs import get_parser
+
+        load_plugins(self.cfg.run.plugins)
+        return get_parser(env.parser)
+
     def _env_pool(self, domain: str, env: EnvironmentConfig) -> EnvPool:
         """The environment pool of ``domain`` (``environments.<domain>.workers`` Ray actors, or
         in-process with 0), started on first use and kept until ``_shutdown_envs``."""

@@ -279,7 +279,6 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         each turn one ``llm.generate`` over the trajectories still going, each request seeded per
         trajectory and turn (``TurnSeeds``). A turn re-sends its whole context as token ids; the
         prefix cache holds the KV of what earlier turns computed."""
-        from mopd.envs import get_parser
         from rollout.multiturn import TurnLimits, pack_episodes, run_episodes
 
         seeds = TurnSeeds(seed)
@@ -287,7 +286,7 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
             rows,
             n,
             pool=self._env_pool(domain, env),
-            parser=get_parser(env.parser),
+            parser=self._tool_parser(env),
             renderer=self._tool_renderer(),
             generate_turn=lambda contexts, max_new: self._generate_turn(
                 contexts, max_new, seeds(contexts), greedy, domain

@@ -32,11 +32,39 @@ REFERENCE_ARGS = [
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory) -> Path:
-    """Three steps in one go, trainer world size 2 with ZeRO-2; returns the output directory."""
-    out = tmp_path_factory.mktemp("run_a")
-    cmd = [sys.executable, "-m", "mopd.app.cli", "train", str(TINY), f"run.output_dir={out}", *REFERENCE_ARGS]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def uninterrupted(tmp_path_factory, worker_id: str) -> Path:  # worker_id: pytest-xdist's ("master" without -n)
+    """Three steps in one go, trainer world size 2 with ZeRO-2; returns the output directory. Run
+    once per test session: with pytest-xdist (``-n 2``) the first worker that needs it runs it in
+    the session's shared temp directory, and the others wait for it and read the same directory."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out, done = shared / "uninterrupted", shared / "uninterrupted.done"
+    with FileLock(str(shared / "uninterrupted.lock")):
+        if not done.exists():
+            cmd = [sys.executable, "-m", "mopd.app.cli", "train", str(TINY), f"run.output_dir={out}", *REFERENCE_ARGS]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            done.touch()
     return out
+
+
+# The modules that take longest, started first: with ``-n 2 --dist loadfile`` (the README's test
+# command) each module runs whole on one worker, taken in collection order, so the long ones go
+# out while the other worker works through the many short ones.
+LONGEST_FIRST = (
+    "test_quickstart.py",
+    "test_real_model.py",
+    "test_train_e2e.py",
+    "test_faults.py",
+    "test_cluster.py",
+    "test_rollout_vllm.py",
+    "test_placement.py",
+    "test_weight_sync.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order kept
