@@ -713,12 +713,13 @@ def _check_objective(cfg: MOPDConfig, errors: list[str]) -> None:
     errors.extend(objective.check(o))
     if objective.uses_outcome_reward(o):
         known = verifiers()
-        for i, s in enumerate(cfg.data.sources):
-            if s.domain not in known:
+        for i, s in enumerate(cfg.data.sources):  # a multi-turn domain's reward is its environment's
+            if s.domain not in known and s.domain not in cfg.environments:
                 errors.append(
-                    f"objective.alpha={o.alpha} needs a verifier for every data domain, and domain "
+                    f"objective.alpha={o.alpha} needs a verifier for every one-turn data domain, and domain "
                     f"'{s.domain}' (data.sources[{i}]) has none: register one with "
-                    "mopd.domains.register_verifier in a module listed in run.plugins, or set objective.alpha=0"
+                    "mopd.domains.register_verifier in a module listed in run.plugins, attach an environment "
+                    f"(environments.{s.domain}), or set objective.alpha=0"
                 )
 
 

@@ -196,16 +196,12 @@ class MOPDLoop:
         return out
 
     def _outcome_advantages(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """Verifier rewards -> GRPO advantages (only when the objective uses them: alpha > 0)."""
+        """Outcome rewards (``outcome_rewards``) -> GRPO advantages (only when the objective uses
+        them: alpha > 0)."""
         o = self.cfg.objective
         if not get_objective(o.kind).uses_outcome_reward(o):
             return None, {}
-        from mopd.domains import get_verifier
-
-        rewards = torch.tensor(
-            [get_verifier(r.domain).verify(r, resp) for r, resp in zip(batch.rows, batch.responses, strict=True)],
-            dtype=torch.float32,
-        )
+        rewards = torch.tensor(outcome_rewards(batch), dtype=torch.float32)
         metrics = {
             f"verify/{d}/reward": float(rewards[[i for i, x in enumerate(batch.domains) if x == d]].mean())
             for d in sorted(set(batch.domains))
@@ -373,15 +369,27 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
 # ---------------------------------------------------------------------- evaluation
 
 
-def evaluate(rollout: Rollout, rows: list[PromptRow], seed: int = 0) -> dict[str, float]:
-    """Greedy accuracy per domain with each domain's verifier: ``eval/<domain>/accuracy``; a
-    multi-turn domain adds its greedy episodes' stats (``episode_metrics``) as ``eval/<domain>/<key>``."""
+def outcome_rewards(batch: RolloutBatch) -> list[float]:
+    """Each trajectory's outcome reward: a multi-turn one's from its environment (0.0 where it gave
+    none: a trajectory a limit stopped, or an environment without rewards), the others' from their
+    domain's verifier on the response."""
     from mopd.domains import get_verifier
 
+    episodes = batch.episodes if batch.episodes is not None else [None] * len(batch.rows)
+    return [
+        get_verifier(row.domain).verify(row, resp) if ep is None else float(ep.reward or 0.0)
+        for row, resp, ep in zip(batch.rows, batch.responses, episodes, strict=True)
+    ]
+
+
+def evaluate(rollout: Rollout, rows: list[PromptRow], seed: int = 0) -> dict[str, float]:
+    """Greedy accuracy per domain (``outcome_rewards``: the verifier's, or a multi-turn domain's
+    environment reward): ``eval/<domain>/accuracy``; a multi-turn domain adds its greedy episodes'
+    stats (``episode_metrics``) as ``eval/<domain>/<key>``."""
     batch = rollout.generate(rows, 1, seed=seed, greedy=True)
     by_domain: dict[str, list[float]] = {}
-    for row, resp in zip(batch.rows, batch.responses, strict=True):
-        by_domain.setdefault(row.domain, []).append(get_verifier(row.domain).verify(row, resp))
+    for row, reward in zip(batch.rows, outcome_rewards(batch), strict=True):
+        by_domain.setdefault(row.domain, []).append(reward)
     out = {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}
     if batch.episodes is not None:
         out.update({"eval/" + k.removeprefix("rollout/"): v for k, v in episode_metrics(batch).items()})

@@ -333,6 +333,17 @@ def test_config_accepts_an_environment_and_refuses_bad_ones():
     cfg = env_cfg()
     cfg.rollout.routing_replay = True
     validate(cfg)  # the hf rollout records the routes of every turn (tests/test_routing.py)
+    # Outcome rewards (alpha > 0): a multi-turn domain's come from its environment, so it needs no
+    # verifier; a one-turn domain without one is still refused.
+    cfg = env_cfg()  # domain "shop": no verifier of that name
+    cfg.environments = {"shop": cfg.environments.pop("agent")}
+    cfg.teachers = {"shop": cfg.teachers.pop("agent")}
+    cfg.data.sources[0].domain = "shop"
+    cfg.objective.alpha = 0.5
+    validate(cfg)
+    cfg.environments = {}
+    with pytest.raises(ConfigError, match=r"needs a verifier for every one-turn data domain, and domain 'shop'"):
+        validate(cfg)
 
 
 # --------------------------------------------------------------------------- the HF actor
@@ -475,3 +486,29 @@ def test_turn_seeds_follow_each_trajectory_across_turns():
     assert seeds([[2, 5, 6, 8]]) == [seed_for(7, 2, 2)]
     with pytest.raises(RuntimeError, match="extends no context of the previous turn"):
         seeds([[1, 3, 0]])
+
+
+def test_outcome_rewards_of_tool_trajectories_are_their_environments():
+    """alpha > 0 and the in-run eval score a multi-turn trajectory by its environment's reward (0.0
+    where it gave none, e.g. cut at max_turns), a one-turn row by its domain's verifier."""
+    from mopd.envs.base import TrajectoryStats
+    from mopd.loop import outcome_rewards
+
+    rows = [
+        PromptRow("ring bob ->", "agent", {"answer": "dial(417)"}),
+        PromptRow("ring bob ->", "agent", {"answer": "dial(417)"}),
+        PromptRow("1+2=", "math", {"answer": "3"}),
+    ]
+    # The first answered wrongly by the verifier's measure, but its environment rewarded it: the
+    # environment decides. The second was cut before any reward. The third has no environment.
+    texts, stats = (
+        ["dial(0)", "[lookup(bob)]", "3"],
+        [TrajectoryStats(reward=1.0), TrajectoryStats(stop="max_turns"), None],
+    )
+    batch = pack_rollout(
+        prompts=[[1, 5]] * 3, responses=[[7, 2]] * 3, logprobs=[[-0.1, -0.2]] * 3, group_ids=[0, 1, 2],
+        rows=rows, texts=texts, pad_id=0, policy_version=0, episodes=stats,
+    )  # fmt: skip
+    assert outcome_rewards(batch) == [1.0, 0.0, 1.0]
+    one_turn = pack_rollout([[1, 5]], [[7, 2]], [[-0.1, -0.2]], [0], rows[2:], ["4"], pad_id=0, policy_version=0)
+    assert outcome_rewards(one_turn) == [0.0]
