@@ -19,9 +19,13 @@ TINY_TEACHER = (
 )
 
 
-def block(lang: str) -> str:
-    found = re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(found) == 1, f"expected one {lang} block in {DOC.name}"
+def block(lang: str, section: str) -> str:
+    """The one ``lang`` code block of the doc's section whose heading starts with ``section``."""
+    text = DOC.read_text()
+    start = text.index("\n" + section)
+    end = text.find("\n## ", start + 1)
+    found = re.findall(rf"```{lang}\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
+    assert len(found) == 1, f"expected one {lang} block in section {section!r} of {DOC.name}"
     return found[0]
 
 
@@ -33,7 +37,7 @@ def python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_the_documents_environment_answers_its_tool_and_rewards_the_answer(tmp_path):
     """A hermes call of the document's tool gets the row's price; the right final answer scores 1,
     a wrong one 0, an unknown tool an error message."""
-    (tmp_path / "my_envs.py").write_text(block("python"))
+    (tmp_path / "my_envs.py").write_text(block("python", "## 1."))
     code = """
 import random
 from mopd.domains import get_generator, load_plugins
@@ -57,8 +61,8 @@ print("ok")
 
 def test_the_documents_recipe_lines_validate(tmp_path):
     """The recipe lines as written (with a tiny teacher for the checkpoint path), over recipes/tiny.yaml."""
-    (tmp_path / "my_envs.py").write_text(block("python"))
-    yaml = block("yaml").replace("{path: /path/to/shop_teacher}", TINY_TEACHER)
+    (tmp_path / "my_envs.py").write_text(block("python", "## 1."))
+    yaml = block("yaml", "## 2.").replace("{path: /path/to/shop_teacher}", TINY_TEACHER)
     (tmp_path / "shop.yaml").write_text(yaml)
     cmd = [sys.executable, "-m", "mopd.app.cli", "validate", str(ROOT / "recipes" / "tiny.yaml"), "shop.yaml"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -109,7 +109,9 @@ def test_evaluate_survives_hostile_responses(row):
     from mopd.loop import evaluate
 
     rows = [row, row]
-    batch = SimpleNamespace(rows=rows, responses=[_stmt("import os\nos.system('id')"), row.meta["answer"]])
+    batch = SimpleNamespace(
+        rows=rows, responses=[_stmt("import os\nos.system('id')"), row.meta["answer"]], episodes=None
+    )
     rollout = SimpleNamespace(generate=lambda rows, n, seed, greedy=False: batch)
     assert evaluate(rollout, rows) == {"eval/code/accuracy": 0.5}
 

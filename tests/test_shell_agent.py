@@ -22,6 +22,7 @@ import torch
 from features import require
 from mopd.config import EnvironmentConfig, ModelConfig, MOPDConfig
 from mopd.envs.base import STOPS
+from test_adding_an_environment import block
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "recipes" / "templates" / "smollm2_tools.jinja"
@@ -160,22 +161,6 @@ def test_smollm2_samples_a_shell_trajectory_to_a_recorded_stop(smollm):
     torch.testing.assert_close(forced[m], b.rollout_logprobs[m], atol=2e-3, rtol=0)
 
 
-RECIPE = """
-run: {{total_steps: 1, output_dir: "{out}"}}
-student: {{path: "{model}"}}
-teachers:
-  code_agent: {{path: "{model}"}}
-data:
-  chat_template: "{template}"
-  sources:
-    - {{domain: code_agent, path: "{tasks}"}}
-environments:
-  code_agent:
-    {{name: shell, parser: hermes, max_turns: 4, max_tokens: 1024, timeout_s: 30,
-     kwargs: {{command_timeout_s: 10, limits: {{memory_mb: 512}}}}}}
-"""
-
-
 def test_mopd_validate_accepts_a_code_agent_recipe(smollm, tmp_path, capsys):
     """The recipe lines of docs/adding_an_environment.md ("A code-agent domain"): a jsonl of shell
     tasks, the shell environment with hermes calls, the shipped tools template."""
@@ -183,7 +168,16 @@ def test_mopd_validate_accepts_a_code_agent_recipe(smollm, tmp_path, capsys):
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text(json.dumps({"prompt": TASK, "files": {}, "test": TEST}) + "\n")
+    doc = block("yaml", "## A code-agent domain")  # the doc's recipe lines, with this machine's paths
+    for placeholder, here in [
+        ("/path/to/SmolLM2-135M-Instruct", smollm),
+        ("/path/to/code_teacher", smollm),
+        ("recipes/templates/smollm2_tools.jinja", TEMPLATE),
+        ("tasks.jsonl", tasks),
+    ]:
+        assert placeholder in doc, placeholder
+        doc = doc.replace(placeholder, str(here))
     recipe = tmp_path / "code_agent.yaml"
-    recipe.write_text(RECIPE.format(out=tmp_path / "run", model=smollm, template=TEMPLATE, tasks=tasks))
+    recipe.write_text(f"run: {{total_steps: 1, output_dir: {tmp_path / 'run'}}}\n" + doc)
     assert main(["validate", str(recipe)]) == 0
     assert "name: shell" in capsys.readouterr().out
