@@ -90,6 +90,10 @@ class TeacherConfig(ModelConfig):
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # Rows per forward pass when scoring.
     batch_size: int = 32
+    # hf backend: positions whose log-probs and top-k are computed at a time from the last hidden
+    # states (mopd/logprobs.py), so scoring never holds a rows x tokens x vocabulary tensor; 0
+    # computes the whole chunk of rows' logits at once (the unchunked path).
+    logprob_chunk_size: int = 1024
     # The prompt part this teacher scores, for chat-form rows (data messages_key): ``null`` (default)
     # the student's rendering, as sampled; ``own`` the teacher tokenizer's chat template; or a Jinja
     # template file. The response ids are the student's either way; ``mopd check`` renders a chat
@@ -193,6 +197,11 @@ class TrainerConfig:
     # Keep the optimizer state (Adam moments, fp32 master weights) in host memory and step on the
     # CPU (DeepSpeed ZeRO-Offload; needs trainer.zero_stage >= 1): GPU memory for bigger students.
     offload_optimizer: bool = False
+    # Positions whose log-probs (and log-probs at the teachers' top-k ids) are computed at a time
+    # from the last hidden states, with the backward recomputing each chunk (mopd/logprobs.py): the
+    # loss's extra memory is ~6 bytes x chunk x vocabulary instead of ~8 logits' worth per token,
+    # and the logits themselves never exist. 0: the full-logits path (all positions at once).
+    logprob_chunk_size: int = 1024
 
 
 @dataclass
@@ -543,11 +552,14 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
         "trainer.grad_clip": cfg.trainer.grad_clip,
         "trainer.weight_decay": cfg.trainer.weight_decay,
         "trainer.aux_loss_coef": cfg.trainer.aux_loss_coef,
+        "trainer.logprob_chunk_size": cfg.trainer.logprob_chunk_size,
         "objective.alpha": cfg.objective.alpha,
         "objective.adv_clip": cfg.objective.adv_clip,
         "objective.forward_kl": cfg.objective.forward_kl,
         "ray.max_restarts": cfg.ray.max_restarts,
     }
+    for name, t in cfg.teachers.items():
+        non_negative[f"teachers.{name}.logprob_chunk_size"] = t.logprob_chunk_size
     for name, value in non_negative.items():
         if value < 0:
             errors.append(f"{name} must be >= 0, got {value}")

@@ -20,6 +20,7 @@ import torch
 from mopd.config import TeacherConfig
 from mopd.dist.devices import worker_device
 from mopd.dist.runtime import set_torch_threads
+from mopd.logprobs import align_to_tokens, chunked_scores, head_scoring, next_token_targets
 from mopd.models import forward_logits, load_model, load_tokenizer, token_logprobs, topk_logprobs
 from mopd.types import TeacherScores
 from mopd.vocab import config_vocab_size, tokenizer_signature
@@ -99,19 +100,49 @@ class HFTeacherWorker:
         keep = t - max(first - 1, 0)
         kwargs = {"logits_to_keep": keep} if self._can_trim_head else {}
         dev_ids = ids.to(self.device)
-        logits = forward_logits(self.model, dev_ids, am.to(self.device), **kwargs).logits[:, -keep:]
+        window_lp, window_top = self._window_scores(dev_ids, am.to(self.device), keep, k, kwargs)
         tail = slice(t - keep, t)
         lp = torch.zeros(b, t, dtype=torch.float32)
-        # Column 0 of the kept window is a prompt token (or column 0 itself): token_logprobs gives 0.
-        lp[:, tail] = token_logprobs(logits, dev_ids[:, tail]).cpu()
+        # Column 0 of the kept window is a prompt token (or column 0 itself): its score is 0.
+        lp[:, tail] = window_lp.cpu()
         lp = torch.where(rm, lp, torch.zeros_like(lp))
-        if k <= 0:
+        if window_top is None:
             return lp, None
         top_ids = torch.zeros(b, t, k, dtype=torch.int64)
         top_lp = torch.zeros(b, t, k, dtype=torch.float32)
-        top_ids[:, tail], top_lp[:, tail] = (x.cpu() for x in topk_logprobs(logits, k))
+        top_ids[:, tail], top_lp[:, tail] = (x.cpu() for x in window_top)
         keep_mask = rm[..., None]
         return lp, (torch.where(keep_mask, top_ids, 0), torch.where(keep_mask, top_lp, 0.0))
+
+    def _window_scores(
+        self, ids: torch.Tensor, am: torch.Tensor, keep: int, k: int, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Scores of the last ``keep`` columns of ``ids``/``am`` (b, t) on the model's device:
+        log-probs (b, keep) and, with k > 0, top-k ids / log-probs (b, keep, k); column 0 of the
+        window is 0. In chunks of ``logprob_chunk_size`` positions from the last hidden states
+        (mopd/logprobs.py), or from the full logits with chunk size 0."""
+        chunk = self.cfg.logprob_chunk_size
+        if chunk == 0:
+            logits = forward_logits(self.model, ids, am, **kwargs).logits[:, -keep:]
+            top = topk_logprobs(logits, k) if k > 0 else None
+            return token_logprobs(logits, ids[:, -keep:]), top
+        targets = next_token_targets(ids)
+        top_box: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+
+        def fn(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+            tail = targets[:, -x.shape[1] :]  # x: the positions the model kept (at least `keep`)
+            picked, top_ids, top_lp = chunked_scores(x, chunk=chunk, weight=w, targets=tail, topk=k)
+            top_box.append((top_ids, top_lp))
+            assert picked is not None  # targets given
+            return picked
+
+        with head_scoring(self.model, fn) as finish:
+            out = forward_logits(self.model, ids, am, **kwargs).logits
+        lp = align_to_tokens(finish(out)[:, -keep:])[..., 0]
+        top_ids, top_lp = top_box[-1]
+        if top_ids is None or top_lp is None:
+            return lp, None
+        return lp, (align_to_tokens(top_ids[:, -keep:]), align_to_tokens(top_lp[:, -keep:]))
 
     def shutdown(self) -> None:
         """Nothing to release beyond the Python objects (kept for interface parity with vLLM)."""

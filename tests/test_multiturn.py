@@ -442,7 +442,8 @@ register_generator("agent_lookup_test", lambda rng, n, split: lookup_rows(rng, n
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # ~80 s on 2 cores
+@pytest.mark.extended  # ~80 s on 2 cores; by default the reference run of tests/conftest.py (`uninterrupted`)
+# trains with a multi-turn domain (tests/layers/agent.yaml), checked in test_train_e2e and test_faults
 def test_mopd_train_two_steps_with_a_lookup_environment(tmp_path):
     """`mopd train` on recipes/tiny.yaml plus an ``agent`` domain rolled out in the ``lookup``
     environment: the multi-turn metrics reach metrics.jsonl."""

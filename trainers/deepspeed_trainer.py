@@ -33,6 +33,7 @@ from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig, ObjectiveConfig
 from mopd.dist.devices import deepspeed_env, worker_device
 from mopd.dist.runtime import set_torch_threads
 from mopd.dist.weight_sync import TensorSpec, WeightLink, host_store, plan_sync
+from mopd.logprobs import align_to_tokens, chunked_logprobs, head_scoring, next_token_targets
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import LossInputs, Objective, get_objective
 from mopd.routing import replay_routes
@@ -348,8 +349,7 @@ class TrainerWorker:
         self.engine.train()
         for j, micro in enumerate(plan):
             rows = _take_rows(shard, micro.rows).to(self.device)
-            logits, aux = self._forward(rows.input_ids, rows.attention_mask, rows.routes)
-            logp = token_logprobs(logits, rows.input_ids)
+            logp, _, aux = self._scores(rows.input_ids, rows.attention_mask, rows.routes)
             nll = -(logp * rows.response_mask).sum() / n_tokens
             if aux is not None:
                 nll = nll + self.cfg.trainer.aux_loss_coef * aux * (len(micro.rows) / shard.batch_rows)
@@ -372,15 +372,14 @@ class TrainerWorker:
         batch's metric sums to ``sums``.
         """
         rows = _take_rows(shard, micro.rows).to(self.device)
-        logits, aux = self._forward(rows.input_ids, rows.attention_mask, rows.routes)
+        obj = get_objective(self.cfg.objective.kind)
+        topk_ids = rows.topk_ids if _wants_topk(obj, self.cfg.objective, rows) else None
+        logp_train, student_topk, aux = self._scores(rows.input_ids, rows.attention_mask, rows.routes, topk_ids)
         if micro.dummy:
             # Same modules, same collectives, zero gradient.
-            dummy = logits.float().mean() * 0.0
+            dummy = logp_train.mean() * 0.0
             return (dummy if aux is None else dummy + aux * 0.0), True
-        logp_train = token_logprobs(logits, rows.input_ids)
-        obj = get_objective(self.cfg.objective.kind)
-        student_topk = student_topk_logprobs(obj, self.cfg.objective, logits, rows)
-        objective = logits.new_zeros((), dtype=torch.float32)
+        objective = logp_train.new_zeros((), dtype=torch.float32)
         for d_i in range(len(sums.domains)):
             idx = [i for i, d in enumerate(rows.domains) if d == d_i]
             if idx:
@@ -398,14 +397,46 @@ class TrainerWorker:
         finite = bool(torch.isfinite(total.detach()))
         return total * self.world_size, finite
 
+    def _scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        routes: torch.Tensor | None = None,
+        topk_ids: torch.Tensor | None = None,
+        *,
+        balance: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The student's forward: log-probs (b, t) f32 of ``input_ids``, its log-probs (b, t, K) f32
+        at ``topk_ids`` (b, t, K) (None without), and the balance loss (``_forward``; ``balance``
+        False: none asked for). Chunked from the last hidden states (``trainer.logprob_chunk_size``,
+        mopd/logprobs.py), or from the full logits with chunk size 0."""
+        chunk = self.cfg.trainer.logprob_chunk_size
+        if chunk == 0:
+            logits, aux = self._forward(input_ids, attention_mask, routes, balance=balance)
+            at_topk = None if topk_ids is None else logprobs_at(logits, topk_ids)
+            return token_logprobs(logits, input_ids), at_topk, aux
+        targets = next_token_targets(input_ids, topk_ids)
+        fn = lambda x, w: chunked_logprobs(x, targets, chunk=chunk, weight=w)  # noqa: E731
+        with head_scoring(self.engine.module, fn) as finish:
+            out, aux = self._forward(input_ids, attention_mask, routes, balance=balance)
+        scores = align_to_tokens(finish(out))
+        return scores[..., 0], None if topk_ids is None else scores[..., 1:], aux
+
     def _forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        routes: torch.Tensor | None = None,
+        *,
+        balance: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (b, t, V) and the MoE load-balancing loss (scalar, or None for dense students).
+        """The model's ``logits`` output (b, t, V; under ``head_scoring`` what the head returns
+        instead) and the MoE load-balancing loss (scalar, or None for dense students or
+        ``balance`` False).
 
         ``routes`` (b, t, L, k): the rollout's expert choices, replayed (routing replay); the
         balance loss then counts the replayed experts."""
-        if not (self._moe and self.cfg.trainer.aux_loss_coef > 0):
+        if not (balance and self._moe and self.cfg.trainer.aux_loss_coef > 0):
             with replay_routes(self.engine.module, routes):
                 return forward_logits(self.engine, input_ids, attention_mask).logits, None
         with replay_routes(self.engine.module, routes), self._routes.capture() as captured:
@@ -491,8 +522,7 @@ class TrainerWorker:
             for i in range(0, input_ids.shape[0], mbs):
                 ids, am = input_ids[i : i + mbs].to(self.device), attention_mask[i : i + mbs].to(self.device)
                 routes = None if routed_experts is None else routed_experts[i : i + mbs].to(self.device)
-                with replay_routes(self.engine.module, routes):
-                    out.append(token_logprobs(forward_logits(self.engine, ids, am).logits, ids).cpu())
+                out.append(self._scores(ids, am, routes, balance=False)[0].cpu())
         finally:
             self.engine.train(was_training)
         return torch.cat(out).float().cpu()
@@ -619,13 +649,23 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
-def student_topk_logprobs(obj: Objective, o: ObjectiveConfig, logits: torch.Tensor, rows: _Rows) -> torch.Tensor | None:
-    """(b, t, K) student log-probs at the teacher's top-k ids (``logprobs_at``), or None when the
-    objective asks the teachers for no top-k."""
+def _wants_topk(obj: Objective, o: ObjectiveConfig, rows: _Rows) -> bool:
+    """Whether the objective's loss needs the student's log-probs at the teacher's top-k ids;
+    ValueError if it does and the rows have none."""
     if obj.teacher_topk(o) == 0:
-        return None
+        return False
     if rows.topk_ids is None or rows.topk_logprobs is None:
         raise ValueError(f"objective.kind is {obj.kind!r} but the TrainBatch has no teacher_topk_ids/logprobs")
+    return True
+
+
+def student_topk_logprobs(obj: Objective, o: ObjectiveConfig, logits: torch.Tensor, rows: _Rows) -> torch.Tensor | None:
+    """(b, t, K) student log-probs at the teacher's top-k ids (``logprobs_at``) from full logits
+    (the ``trainer.logprob_chunk_size: 0`` path), or None when the objective asks the teachers for
+    no top-k."""
+    if not _wants_topk(obj, o, rows):
+        return None
+    assert rows.topk_ids is not None  # _wants_topk
     return logprobs_at(logits, rows.topk_ids)
 
 
