@@ -259,6 +259,13 @@ def test_results_are_capped_with_a_note():
 # --------------------------------------------------------------------------- lookup
 
 
+def test_the_lookup_tools_written_out_schema_is_function_schemas():
+    from mopd.domains.agent import LOOKUP_TOOL
+    from mopd.envs.base import function_schema
+
+    assert LOOKUP_TOOL == function_schema("lookup", "The number saved for a person.", {"name": "the person's name"})
+
+
 def test_lookup_rows_need_the_tool_and_the_demonstration_scores_one():
     rows = lookup_rows(random.Random(0), 40, "train")
     for row in rows:

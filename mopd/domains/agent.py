@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from mopd.domains import register_generator
-from mopd.domains.common import register_levels, sample_split
+from mopd.domains.common import check_split, register_levels, sample_split, split_of
 from mopd.types import PromptRow
 
 DOMAIN = "agent"
@@ -116,10 +117,52 @@ def generate(rng: random.Random, n: int, split: str, level: int = DEFAULT_LEVEL)
     return sample_split(rng, n, split, DOMAIN, lambda r: draw(r, level))
 
 
-def generate_lookup(rng: random.Random, n: int, split: str) -> list[PromptRow]:
-    """``n`` rows of ``split`` for the ``lookup`` environment (``mopd.envs.builtin.lookup_rows``)."""
-    from mopd.envs.builtin import lookup_rows  # it imports this module
+# The ``lookup`` tool's schema (as ``mopd.envs.base.function_schema`` writes it; tests/test_envs.py
+# holds them equal): written out, since the environments import this module.
+LOOKUP_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "The number saved for a person.",
+        "parameters": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "description": "the person's name"}},
+            "required": ["name"],
+        },
+    },
+}
+LOOKUP_KINDS = ("dial", "mail")  # the agent domain's requests that name a person
+DISTRACTORS = 2  # other people in each row's table, so the key the student looks up matters
 
+
+def draw_lookup(rng: random.Random) -> tuple[str, str, str, str, dict[str, str]]:
+    """(prompt, answer, kind, key, table): a request naming a person (``key``) and the call with
+    their number, which only ``table`` holds."""
+    kind = rng.choice(LOOKUP_KINDS)
+    tool = next(t for t in TOOLS if t.name == kind)
+    values = {slot: rng.choice(choices) for slot, choices in tool.slots.items()}
+    prompt, _ = render(tool, rng.randrange(len(tool.phrasings)), values)
+    people = {values["name"], *rng.sample(NAMES, DISTRACTORS + 1)}
+    table = {p: str(rng.randrange(100, 1000)) for p in sorted(people)}
+    answer = tool.call.format(**{**values, "name": table[values["name"]]})
+    return prompt, answer, tool.name, values["name"], table
+
+
+def lookup_rows(rng: random.Random, n: int, split: str, domain: str = DOMAIN) -> list[PromptRow]:
+    """``n`` rows of ``split`` for the ``lookup`` environment (the same prompt may recur with
+    another number: the answer is drawn per row)."""
+    check_split(split)
+    rows: list[PromptRow] = []
+    while len(rows) < n:
+        prompt, answer, kind, key, table = draw_lookup(rng)
+        if split_of(prompt) == split:
+            meta = {"answer": answer, "kind": kind, "key": key, "table": table, "tools": [LOOKUP_TOOL]}
+            rows.append(PromptRow(prompt, domain, meta, source="generator:agent_lookup", index=len(rows)))
+    return rows
+
+
+def generate_lookup(rng: random.Random, n: int, split: str) -> list[PromptRow]:
+    """``n`` rows of ``split`` for the ``lookup`` environment (``lookup_rows``)."""
     return lookup_rows(rng, n, split, DOMAIN)
 
 

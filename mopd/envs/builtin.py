@@ -27,47 +27,18 @@ from __future__ import annotations
 import base64
 import io
 import json
-import random
 import tarfile
 from typing import Any
 
 from mopd.domains import agent
-from mopd.domains.common import check_split, split_of
 from mopd.envs.base import ERROR_PREFIX, Env, Message, ParsedCall, StepResult, function_schema, register_env
 from mopd.envs.parsers import get_parser
 from mopd.types import PromptRow
 
 # --------------------------------------------------------------------------- lookup
 
-LOOKUP_TOOL = function_schema("lookup", "The number saved for a person.", {"name": "the person's name"})
-LOOKUP_KINDS = ("dial", "mail")  # the agent domain's requests that name a person
-DISTRACTORS = 2  # other people in each row's table, so the key the student looks up matters
-
-
-def draw_lookup(rng: random.Random) -> tuple[str, str, str, str, dict[str, str]]:
-    """(prompt, answer, kind, key, table): a request naming a person (``key``) and the call with
-    their number, which only ``table`` holds."""
-    kind = rng.choice(LOOKUP_KINDS)
-    tool = next(t for t in agent.TOOLS if t.name == kind)
-    values = {slot: rng.choice(choices) for slot, choices in tool.slots.items()}
-    prompt, _ = agent.render(tool, rng.randrange(len(tool.phrasings)), values)
-    people = {values["name"], *rng.sample(agent.NAMES, DISTRACTORS + 1)}
-    table = {p: str(rng.randrange(100, 1000)) for p in sorted(people)}
-    answer = tool.call.format(**{**values, "name": table[values["name"]]})
-    return prompt, answer, tool.name, values["name"], table
-
-
-def lookup_rows(rng: random.Random, n: int, split: str, domain: str = agent.DOMAIN) -> list[PromptRow]:
-    """``n`` rows of ``split`` for the ``lookup`` environment (the same prompt may recur with
-    another number: the answer is drawn per row)."""
-    check_split(split)
-    rows: list[PromptRow] = []
-    while len(rows) < n:
-        prompt, answer, kind, key, table = draw_lookup(rng)
-        if split_of(prompt) == split:
-            meta = {"answer": answer, "kind": kind, "key": key, "table": table, "tools": [LOOKUP_TOOL]}
-            rows.append(PromptRow(prompt, domain, meta, source="generator:agent_lookup", index=len(rows)))
-    return rows
+# The rows are the agent domain's (its ``agent_lookup`` generator); re-exported for environment users.
+LOOKUP_TOOL, lookup_rows = agent.LOOKUP_TOOL, agent.lookup_rows
 
 
 def demonstration(row: PromptRow, fmt: str = "simple") -> list[Message]:
