@@ -198,9 +198,10 @@ class TrainerConfig:
     # CPU (DeepSpeed ZeRO-Offload; needs trainer.zero_stage >= 1): GPU memory for bigger students.
     offload_optimizer: bool = False
     # Positions whose log-probs (and log-probs at the teachers' top-k ids) are computed at a time
-    # from the last hidden states, with the backward recomputing each chunk (mopd/logprobs.py): the
-    # loss's extra memory is ~6 bytes x chunk x vocabulary instead of ~8 logits' worth per token,
-    # and the logits themselves never exist. 0: the full-logits path (all positions at once).
+    # from the last hidden states, the backward recomputing each chunk (mopd/logprobs.py): the
+    # logits never exist, and the loss adds ~6 bytes x chunk x vocabulary (1.1 GB at 1024 and
+    # V = 151,936, any length) instead of ~14 bytes x tokens x vocabulary in bf16 (17.5 GB at 8K
+    # tokens; docs/benchmarks.md). 0: the full-logits path (all positions at once).
     logprob_chunk_size: int = 1024
 
 
