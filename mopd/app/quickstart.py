@@ -343,9 +343,9 @@ def run_sft(
 
 
 # A multi-turn domain's episode stats in the report (means per greedy trajectory): its name
-# there -> the key of ``mopd.loop.evaluate`` (``eval/<domain>/<key>``). Success is the verifier on
-# the final answer over every trajectory (one a limit stopped fails), not the environment's
-# ``env_reward``, which averages over the trajectories that reached an answer only.
+# there -> the key of ``mopd.loop.evaluate`` (``eval/<domain>/<key>``). Success is the eval's
+# accuracy: the environment's reward over every trajectory (0 for one a limit stopped), not
+# ``env_reward``, which averages over the trajectories that were rewarded only.
 EPISODE_STATS = {"turns": "turns", "tool_calls": "tool_calls", "tool_errors": "tool_errors", "success": "accuracy"}
 
 
