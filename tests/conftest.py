@@ -32,7 +32,7 @@ REFERENCE_ARGS = [
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, worker_id: str) -> Path:  # worker_id: pytest-xdist's ("master" without -n)
+def uninterrupted(tmp_path_factory, worker_id: str) -> Path:
     """Three steps in one go, trainer world size 2 with ZeRO-2; returns the output directory. Run
     once per test session: with pytest-xdist (``-n 2``) the first worker that needs it runs it in
     the session's shared temp directory, and the others wait for it and read the same directory."""
@@ -48,6 +48,12 @@ def uninterrupted(tmp_path_factory, worker_id: str) -> Path:  # worker_id: pytes
             assert proc.returncode == 0, proc.stderr[-4000:]
             done.touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def worker_id(request) -> str:
+    """pytest-xdist's worker name (gw0, gw1, ...), "master" without it: also where xdist is absent."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
 # The modules that take longest, started first: with ``-n 2 --dist loadfile`` (the README's test
