@@ -36,8 +36,10 @@ REDUCED = [
 # Greedy accuracy on 64 prompts moves in steps of 1/64; a domain "falls" if it loses more than 3.
 TOLERANCE = 3 / 64
 # The normalised score (mean over domains of the share of the teacher-student gap that MOPD closed) at
-# this size: 0.459 on seed 3 on a 2-core machine (math 0.33 -> 0.50 of 0.95, code 0.02 -> 0.39 of 0.66,
-# agent 0.06 -> 0.55 of 1.0). Another machine rounds into another SFT student, so the bound leaves room.
+# this size: 0.423 on seed 3 on a 2-core machine (math 0.38 -> 0.47 of 0.97, code 0.20 -> 0.63 of 0.97,
+# multi-turn agent 0.47 -> 0.77 of 1.0; agent tool calls per trajectory 0.48 -> 1.00, the teacher's
+# 1.00), in 280-287 s for this test. Another machine rounds into another SFT student, so the bound
+# leaves room.
 MIN_NORMALIZED = 0.2
 
 
@@ -102,12 +104,12 @@ def test_dotted_settings_go_to_the_stages_and_the_rest_to_the_recipe():
     from mopd.app.quickstart import settings_from, split_overrides
 
     mine, recipe = split_overrides(
-        ["generators.agent=agent_l2", "student_noisy_kinds.agent=[fx]", "student_mix.agent=0.5", "trainer.lr=1e-3"]
+        ["generators.agent=agent_l2", "student_noisy_kinds.agent=[fx]", "student_mix.agent=0.25", "trainer.lr=1e-3"]
     )
     assert recipe == ["trainer.lr=1e-3"]
     st = settings_from(mine)
     assert st.generators["agent"] == "agent_l2" and st.generators["math"] == "math_l0"
-    assert st.student_mix["agent"] == 0.5 and st.student_mix["code"] == 1.0
+    assert st.student_mix["agent"] == 0.25 and st.student_mix["code"] == 1.0
 
 
 def test_typo_swaps_the_first_two_characters():
@@ -158,6 +160,16 @@ def test_the_students_noisy_tool_rows_answer_at_once_with_a_guessed_number():
             made_up = re.fullmatch(r"mail\((\d{3}),([a-z]+)\)", g)
             assert made_up and made_up[1] != number and g.replace(made_up[1], number) == row.meta["answer"]
         assert all(t == demonstration(row) for t in drawn if len(t) > 1)
+
+
+def test_sft_rows_are_sorted_by_length_with_their_targets():
+    from mopd.app.quickstart import by_length
+
+    rows = [PromptRow(p, "x", meta={"answer": a}) for p, a in (("long prompt", "a"), ("p", "b"), ("mid", "ccccc"))]
+    targets = [[{"role": "assistant", "content": str(r.meta["answer"])}] for r in rows]
+    got, got_targets = by_length(rows, targets)
+    assert [r.prompt for r in got] == ["p", "mid", "long prompt"]
+    assert [t[0]["content"] for t in got_targets] == ["b", "ccccc", "a"]
 
 
 def test_a_demonstrations_sft_ids_are_those_its_multi_turn_rollout_gives():
@@ -344,7 +356,7 @@ def test_a_cached_stage_made_with_other_settings_is_rerun(tmp_path):
         "teachers",
         ["teacher_sft_steps"],
     )
-    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "0.5"}), [])) == (
+    assert cache.first_changed(stage_inputs(settings_from({"student_mix.agent": "0.25"}), [])) == (
         "student",
         ["student_mix"],
     )
