@@ -90,6 +90,13 @@ class TeacherConfig(ModelConfig):
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # Rows per forward pass when scoring.
     batch_size: int = 32
+    # hf backend, > 0: forward passes by tokens instead of rows: the rows, sorted by length, go
+    # through the model in groups whose padded size (rows x the longest row's columns) stays within
+    # this budget (a longer row goes alone); ``batch_size`` no longer applies. 0: ``batch_size`` rows.
+    max_tokens_per_batch: int = 0
+    # hf backend: lay each pass's rows end to end without padding, as trainer.pack_sequences does
+    # (the token budget then counts real tokens).
+    pack_sequences: bool = False
     # hf backend: positions whose log-probs and top-k are computed at a time from the last hidden
     # states (mopd/logprobs.py), so scoring never holds a rows x tokens x vocabulary tensor; 0
     # computes the whole chunk of rows' logits at once (the unchunked path).
@@ -191,6 +198,19 @@ class TrainerConfig:
     # Coefficient of the MoE load-balancing loss (0 turns it off; ignored for dense students).
     aux_loss_coef: float = 0.001
     micro_batch_size: int = 16
+    # > 0: micro-batches by tokens instead of rows. Each rank's rows are sorted by length and packed
+    # into micro-batches whose padded size (rows x the longest row's columns) stays within this
+    # budget (a row longer than it goes alone); trainer.micro_batch_size no longer applies. Rows are
+    # dealt to ranks by length, so ranks get similar token loads. The loss normalisation is the
+    # whole batch's either way. 0: ``trainer.micro_batch_size`` rows per micro-batch.
+    max_tokens_per_micro_batch: int = 0
+    # Lay each micro-batch's rows end to end as one sequence without padding, position ids
+    # restarting per row (mopd/batching.py ``PackedRows``): transformers masks attention across
+    # rows from the position ids (block-diagonal with SDPA/eager, varlen with flash-attention), so
+    # results are those of the padded rows. The token budget then counts real tokens. On the CPU
+    # no kernel skips the masked blocks: attention costs the packed length squared, so packing pays
+    # where attention is small next to the MLPs and the head (benchmarks/token_budget.py).
+    pack_sequences: bool = False
     # Recompute each layer's activations in the backward pass instead of keeping them (HF gradient
     # checkpointing): activation memory of one layer instead of all, for ~1/3 more compute.
     gradient_checkpointing: bool = False
@@ -554,6 +574,7 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
         "trainer.weight_decay": cfg.trainer.weight_decay,
         "trainer.aux_loss_coef": cfg.trainer.aux_loss_coef,
         "trainer.logprob_chunk_size": cfg.trainer.logprob_chunk_size,
+        "trainer.max_tokens_per_micro_batch": cfg.trainer.max_tokens_per_micro_batch,
         "objective.alpha": cfg.objective.alpha,
         "objective.adv_clip": cfg.objective.adv_clip,
         "objective.forward_kl": cfg.objective.forward_kl,
@@ -561,9 +582,16 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
     }
     for name, t in cfg.teachers.items():
         non_negative[f"teachers.{name}.logprob_chunk_size"] = t.logprob_chunk_size
+        non_negative[f"teachers.{name}.max_tokens_per_batch"] = t.max_tokens_per_batch
     for name, value in non_negative.items():
         if value < 0:
             errors.append(f"{name} must be >= 0, got {value}")
+    for name, t in cfg.teachers.items():
+        if t.backend != "hf" and (t.max_tokens_per_batch or t.pack_sequences):
+            errors.append(
+                f"teachers.{name}.max_tokens_per_batch and pack_sequences apply to the hf backend; the "
+                f"{t.backend} engine batches by tokens itself: remove them"
+            )
     if cfg.trainer.offload_optimizer and cfg.trainer.zero_stage == 0:
         errors.append("trainer.offload_optimizer needs trainer.zero_stage >= 1 (DeepSpeed offloads partitioned state)")
     if not 0 < cfg.rollout.top_p <= 1:

@@ -134,7 +134,17 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> Any:
+def forward_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> Any:
+    """The model's output on padded rows (``attention_mask``; positions from it), or on rows packed
+    end to end (``attention_mask`` None, ``position_ids`` restarting per row: mopd.batching)."""
+    if attention_mask is None:
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
     return model(
         input_ids=input_ids,
         attention_mask=attention_mask.long(),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mopd.batching import PackedRows, row_spans, token_budget_groups
 from mopd.config import TeacherConfig
 from mopd.dist.devices import worker_device
 from mopd.dist.runtime import set_torch_threads
@@ -68,14 +69,15 @@ class HFTeacherWorker:
         input_ids (B, T) int64, attention_mask (B, T) bool, response_mask (B, T) bool.
         Returns logprobs (B, T) f32, 0 outside the response; with ``topk`` > 0 also topk_ids /
         topk_logprobs (B, T, K), K = min(topk, V), position t holding the distribution of token t,
-        0 outside the response. Rows go through the model ``cfg.batch_size`` at a time.
+        0 outside the response. Rows go through the model ``cfg.batch_size`` at a time, or grouped by
+        length under ``cfg.max_tokens_per_batch`` padded positions.
         """
         start = time.perf_counter()
         check_score_inputs(input_ids, attention_mask, response_mask, topk)
         B, T = input_ids.shape
         k = min(topk, config_vocab_size(self.model.config))
         out = empty_scores(B, T, k)
-        for rows in row_chunks(B, self.cfg.batch_size):
+        for rows in self._passes(attention_mask):
             cols = active_columns(attention_mask[rows])
             if cols is None or not bool(response_mask[rows].any()):
                 continue  # nothing to score: the zeros stand
@@ -87,12 +89,24 @@ class HFTeacherWorker:
         out.latency_s = time.perf_counter() - start
         return out
 
+    def _passes(self, attention_mask: torch.Tensor) -> list[slice] | list[torch.Tensor]:
+        """The rows of each forward pass: ``batch_size`` consecutive rows, or with
+        ``max_tokens_per_batch`` the rows grouped by length under that many padded positions."""
+        if self.cfg.max_tokens_per_batch > 0:
+            spans = row_spans(attention_mask)
+            groups = token_budget_groups(spans, self.cfg.max_tokens_per_batch, self.cfg.pack_sequences)
+            return [torch.tensor(g, dtype=torch.long) for g in groups]
+        return list(row_chunks(attention_mask.shape[0], self.cfg.batch_size))
+
     def _score_chunk(
         self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Scores of one trimmed chunk: ids/am/rm (b, t) -> logprobs (b, t) and optional top-k
         (b, t, k) ids and log-probs, all 0 outside ``rm``. Inputs and outputs on the CPU; the forward
-        on the model's device."""
+        on the model's device. With ``pack_sequences`` the rows go through the model as one
+        packed row (mopd.batching.PackedRows)."""
+        if self.cfg.pack_sequences:
+            return self._score_packed(ids, am, rm, k)
         b, t = ids.shape
         # Token c is predicted by the logits at c - 1: keep logits from one column before the first
         # response token (the model returns the last `keep` positions).
@@ -114,16 +128,38 @@ class HFTeacherWorker:
         keep_mask = rm[..., None]
         return lp, (torch.where(keep_mask, top_ids, 0), torch.where(keep_mask, top_lp, 0.0))
 
+    def _score_packed(
+        self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``_score_chunk`` with the rows' real tokens laid end to end: no padding is computed."""
+        packed = PackedRows(am)
+        pos = packed.position_ids.to(self.device)
+        n = pos.shape[1]
+        lp, top = self._window_scores(packed.pack(ids).to(self.device), None, n, k, {}, position_ids=pos)
+        keep = rm[..., None]
+        lp = torch.where(rm, packed.unpack(lp.cpu()), 0.0)
+        if top is None:
+            return lp, None
+        top_ids, top_lp = (packed.unpack(x.cpu()) for x in top)
+        return lp, (torch.where(keep, top_ids, 0), torch.where(keep, top_lp, 0.0))
+
     def _window_scores(
-        self, ids: torch.Tensor, am: torch.Tensor, keep: int, k: int, kwargs: dict[str, Any]
+        self,
+        ids: torch.Tensor,
+        am: torch.Tensor | None,
+        keep: int,
+        k: int,
+        kwargs: dict[str, Any],
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Scores of the last ``keep`` columns of ``ids``/``am`` (b, t) on the model's device:
         log-probs (b, keep) and, with k > 0, top-k ids / log-probs (b, keep, k); column 0 of the
         window is 0. In chunks of ``logprob_chunk_size`` positions from the last hidden states
-        (mopd/logprobs.py), or from the full logits with chunk size 0."""
+        (mopd/logprobs.py), or from the full logits with chunk size 0. Packed rows: ``am`` None
+        and ``position_ids`` (see ``forward_logits``)."""
         chunk = self.cfg.logprob_chunk_size
         if chunk == 0:
-            logits = forward_logits(self.model, ids, am, **kwargs).logits[:, -keep:]
+            logits = forward_logits(self.model, ids, am, position_ids, **kwargs).logits[:, -keep:]
             top = topk_logprobs(logits, k) if k > 0 else None
             return token_logprobs(logits, ids[:, -keep:]), top
         targets = next_token_targets(ids)
@@ -137,7 +173,7 @@ class HFTeacherWorker:
             return picked
 
         with head_scoring(self.model, fn) as finish:
-            out = forward_logits(self.model, ids, am, **kwargs).logits
+            out = forward_logits(self.model, ids, am, position_ids, **kwargs).logits
         lp = align_to_tokens(finish(out)[:, -keep:])[..., 0]
         top_ids, top_lp = top_box[-1]
         if top_ids is None or top_lp is None:

@@ -244,3 +244,11 @@ def test_the_recipes_tiny_student_is_the_one_tests_build(recipe):
         return out
 
     assert built(load_config(ROOT / "recipes" / recipe).student.config) == built(tiny_mimo_config())
+
+
+def test_token_budget_settings_are_checked(recipe):
+    assert "trainer.max_tokens_per_micro_batch must be >= 0, got -1" in _error(
+        recipe, "trainer.max_tokens_per_micro_batch=-1"
+    )
+    msg = _error(recipe, "teachers.code.backend=vllm", "teachers.code.pack_sequences=true")
+    assert "teachers.code.max_tokens_per_batch and pack_sequences apply to the hf backend" in msg

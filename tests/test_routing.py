@@ -415,11 +415,17 @@ def test_train_step_replays_the_rollout_routes():
     cfg.trainer.zero_stage, cfg.trainer.micro_batch_size, cfg.trainer.lr = 0, 4, 1e-3
     batch = HFRolloutActor(cfg).generate(rows(4), n=2, seed=0)
     w = worker(cfg)
-    gap = {}
+    gap, lps = {}, {}
     for name, routes in (("on", batch.routed_experts), ("off", None)):
-        lp = w.logprobs(batch.input_ids, batch.attention_mask, routed_experts=routes)
+        lps[name] = lp = w.logprobs(batch.input_ids, batch.attention_mask, routed_experts=routes)
         gap[name] = float((lp - batch.rollout_logprobs).abs()[batch.response_mask].mean())
     assert gap["on"] < gap["off"], gap
+    # trainer.pack_sequences: the routes are packed with their tokens and replayed alike.
+    w.cfg.trainer.pack_sequences = True
+    packed = w.logprobs(batch.input_ids, batch.attention_mask, routed_experts=batch.routed_experts)
+    w.cfg.trainer.pack_sequences = False
+    rm = batch.response_mask
+    torch.testing.assert_close(packed[rm], lps["on"][rm], atol=1e-5, rtol=0)
     # The micro-batch slicing keeps routes aligned with the columns it keeps.
     [shard] = shard_batch(TrainBatch(batch, batch.rollout_logprobs.clone()), world_size=1, micro_batch_size=4)
     sub = _take_rows(shard, [1, 3])

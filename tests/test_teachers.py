@@ -153,6 +153,25 @@ def test_hf_topk_matches_torch_topk(worker, batch):
     assert torch.allclose(s.logprobs, reference_logprobs(worker.model, batch), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_hf_token_budget_groups_rows_by_length_with_the_same_scores(worker, batch, packed):
+    """teachers.<d>.max_tokens_per_batch: rows go through the model grouped by length under the
+    budget (here the three longest rows alone, the three short ones together, instead of 4 + 2
+    rows in order; packed without padding, by real tokens: 30 + 9 + 7 + 2 in one pass); the scores
+    and top-k equal the row-chunk path's up to float rounding, each row at its own place."""
+    budgeted = HFTeacherWorker("math", teacher_cfg(batch_size=4), seed=0, set_threads=False)
+    budgeted.cfg.max_tokens_per_batch = 50
+    budgeted.cfg.pack_sequences = packed
+    passes = budgeted._passes(batch.attention_mask)
+    assert [p.tolist() for p in passes] == ([[2], [3], [0, 1, 4, 5]] if packed else [[2], [3], [1], [0, 4, 5]])
+    k = 5
+    got = budgeted.score(batch.input_ids, batch.attention_mask, batch.response_mask, topk=k)
+    ref = worker.score(batch.input_ids, batch.attention_mask, batch.response_mask, topk=k)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, atol=ATOL, rtol=0)
+    full = reference_full_logprobs(worker.model, batch)
+    assert_topk_of(got.topk_ids, got.topk_logprobs, full, batch.response_mask, ATOL)
+
+
 def test_hf_rows_without_response_or_tokens_score_zero(worker):
     b = make_batch(["ab", "cd"], ["", "e"], ["math", "math"])
     am = b.attention_mask.clone()

@@ -128,6 +128,26 @@ def test_micro_batch_plan_gives_every_rank_the_same_number_of_passes():
         plan_micro_batches(s0, 1)
 
 
+def test_token_budget_plans_give_every_rank_the_same_number_of_passes():
+    """With trainer.max_tokens_per_micro_batch, ranks get rows dealt by length and micro-batches
+    grouped under the budget (the micro-batch size is unused); the rank with fewer groups pads
+    with zero-weight passes."""
+    cfg = make_cfg()
+    batch = make_batch(cfg, rows=7)
+    lengths = batch.rollout.attention_mask.sum(-1).tolist()
+    shards = shard_batch(batch, world_size=2, micro_batch_size=1, max_tokens=30)
+    by_length = sorted(range(7), key=lambda i: (-lengths[i], i))
+    assert [s.rows.tolist() for s in shards] == [sorted(by_length[0::2]), sorted(by_length[1::2])]
+    plans = [plan_micro_batches(s, 1) for s in shards]
+    assert len(plans[0]) == len(plans[1]) == shards[0].micro_batches == max(len(s.plan) for s in shards)
+    for s, plan in zip(shards, plans, strict=True):
+        real = [m.rows for m in plan if not m.dummy]
+        assert sorted(i for rows in real for i in rows) == list(range(len(s)))
+        for rows in real:
+            span = s.attention_mask[rows].any(0).nonzero()
+            assert len(rows) * (int(span[-1]) - int(span[0]) + 1) <= 30 or len(rows) == 1
+
+
 def test_lr_schedules_warm_up_then_decay_to_zero():
     assert [lr_lambda("constant", 2, 10)(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     linear = lr_lambda("linear", 2, 10)
@@ -205,16 +225,25 @@ def test_teacher_equal_to_student_gives_zero_kl_and_no_update():
     # gradient can show "no update"; the trainer offers no optimizer whose step scales with g (SGD).
 
 
-def test_micro_batch_size_does_not_change_the_update():
+@pytest.mark.parametrize("micro", ["rows=1", "tokens=24", "tokens=1", "packed=20", "packed=1000"])
+def test_micro_batches_do_not_change_the_update(micro):
     """Gradient accumulation must reproduce the whole-batch objective (mean over sequences): the
-    same loss and the same accumulated gradient, up to float32 summation order."""
+    same loss and the same accumulated gradient, up to float32 summation order, whether the
+    micro-batches are single rows, rows grouped by length under a token budget (24 positions:
+    groups of 1-3 rows here), one row each under a budget below every row's length, or rows
+    packed end to end without padding (20 real tokens: groups of 2-3 rows; 1000: all in one)."""
+    kind, n = micro.split("=")
     results = []
-    for mbs in (1, 5):
+    for mbs, budget in ((1, 0) if kind == "rows" else (5, int(n)), (5, 0)):
         cfg = make_cfg(micro_batch_size=mbs, aux=0.0)
+        cfg.trainer.max_tokens_per_micro_batch = budget
+        cfg.trainer.pack_sequences = kind == "packed" and budget > 0
         w = worker(cfg)
         grads = capture_gradients(w)
         results.append((w.train_step(make_batch(cfg, rows=5)), grads))
     (m_a, g_a), (m_b, g_b) = results
+    # Each pass trimmed to its rows' columns: one row or rows of like length pad less than all 5.
+    assert 0 <= m_a["train/padding_frac"] < m_b["train/padding_frac"]
     assert g_a.keys() == g_b.keys() and g_a
     # Loss ~0.3, a mean of float32 per-token terms summed in another order: ~1e-7 apart (a few ulps).
     assert m_a["train/loss"] == pytest.approx(m_b["train/loss"], abs=1e-5)
@@ -442,6 +471,7 @@ def test_pool_sends_each_rank_only_its_own_shard_as_its_own_ref(ray_local):
     batch = make_batch(cfg, rows=5)
     pool = TrainerPool.__new__(TrainerPool)  # the pool's calls without its placement group and ranks
     pool._world_size, pool._micro_batch_size, pool._lock = 2, 2, threading.Lock()
+    pool._max_tokens, pool._packed = 0, False
     pool._actors = ActorGroup("trainer", local=True)
     pool._actors.start(_RecordingRank, [(), ()])
     pool.train_step(batch)

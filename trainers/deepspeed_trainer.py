@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import torch
 
+from mopd.batching import PackedRows
 from mopd.config import LR_SCHEDULES, ModelConfig, MOPDConfig, ObjectiveConfig
 from mopd.dist.devices import deepspeed_env, worker_device
 from mopd.dist.runtime import set_torch_threads
@@ -128,10 +129,14 @@ class MicroBatch:
 
 
 def plan_micro_batches(shard: RankBatch, micro_batch_size: int) -> list[MicroBatch]:
-    """The shard's rows in chunks of ``micro_batch_size``, padded with zero-weight passes to
-    ``shard.micro_batches``, the count every rank makes."""
+    """The shard's micro-batches: its token-budget plan if it has one, else its rows in chunks of
+    ``micro_batch_size``; padded with zero-weight passes to ``shard.micro_batches``, the count every
+    rank makes."""
     own = list(range(len(shard)))
-    plan = [MicroBatch(own[i : i + micro_batch_size]) for i in range(0, len(own), micro_batch_size)]
+    if shard.plan is not None:
+        plan = [MicroBatch(rows) for rows in shard.plan]
+    else:
+        plan = [MicroBatch(own[i : i + micro_batch_size]) for i in range(0, len(own), micro_batch_size)]
     if len(plan) > shard.micro_batches:
         raise ValueError(
             f"a shard of {len(own)} rows needs {len(plan)} micro-batches of {micro_batch_size}, more than "
@@ -234,6 +239,8 @@ class _StepSums:
     stats: torch.Tensor
     loss: float = 0.0
     aux: float = 0.0
+    positions: int = 0  # positions the forward passes computed, padding included
+    real: int = 0  # of which real tokens (prompt and response)
 
     @classmethod
     def for_shard(cls, shard: RankBatch) -> _StepSums:
@@ -302,7 +309,9 @@ class TrainerWorker:
         """This rank's shard: as given (the pool's way), or cut here from a whole batch."""
         if isinstance(batch, RankBatch):
             return batch
-        return shard_batch(batch, self.world_size, self.cfg.trainer.micro_batch_size)[self.rank]
+        t = self.cfg.trainer
+        shards = shard_batch(batch, self.world_size, t.micro_batch_size, t.max_tokens_per_micro_batch, t.pack_sequences)
+        return shards[self.rank]
 
     def train_step(self, batch: TrainBatch | RankBatch) -> Metrics:
         """One optimizer step on the whole batch, of which this rank gets (or takes) its shard.
@@ -375,6 +384,10 @@ class TrainerWorker:
         obj = get_objective(self.cfg.objective.kind)
         topk_ids = rows.topk_ids if _wants_topk(obj, self.cfg.objective, rows) else None
         logp_train, student_topk, aux = self._scores(rows.input_ids, rows.attention_mask, rows.routes, topk_ids)
+        if not micro.dummy:
+            real = int(rows.attention_mask.sum())
+            sums.real += real
+            sums.positions += real if self.cfg.trainer.pack_sequences else rows.input_ids.numel()
         if micro.dummy:
             # Same modules, same collectives, zero gradient.
             dummy = logp_train.mean() * 0.0
@@ -409,44 +422,70 @@ class TrainerWorker:
         """The student's forward: log-probs (b, t) f32 of ``input_ids``, its log-probs (b, t, K) f32
         at ``topk_ids`` (b, t, K) (None without), and the balance loss (``_forward``; ``balance``
         False: none asked for). Chunked from the last hidden states (``trainer.logprob_chunk_size``,
-        mopd/logprobs.py), or from the full logits with chunk size 0."""
+        mopd/logprobs.py), or from the full logits with chunk size 0. With
+        ``trainer.pack_sequences`` the rows' real tokens go through the model as one row
+        (``PackedRows``) and the results come back in the rows' layout."""
+        if self.cfg.trainer.pack_sequences:
+            packed = PackedRows(attention_mask)
+            pack = lambda x: None if x is None else packed.pack(x)  # noqa: E731
+            logp, at_topk, aux = self._unpacked_scores(
+                packed.pack(input_ids), None, pack(routes), pack(topk_ids), balance=balance,
+                position_ids=packed.position_ids,
+            )  # fmt: skip
+            return packed.unpack(logp), None if at_topk is None else packed.unpack(at_topk), aux
+        return self._unpacked_scores(input_ids, attention_mask, routes, topk_ids, balance=balance)
+
+    def _unpacked_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        routes: torch.Tensor | None,
+        topk_ids: torch.Tensor | None,
+        *,
+        balance: bool,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``_scores`` of rows as given: padded (``attention_mask``) or packed (``position_ids``)."""
         chunk = self.cfg.trainer.logprob_chunk_size
         if chunk == 0:
-            logits, aux = self._forward(input_ids, attention_mask, routes, balance=balance)
+            logits, aux = self._forward(input_ids, attention_mask, routes, balance=balance, position_ids=position_ids)
             at_topk = None if topk_ids is None else logprobs_at(logits, topk_ids)
             return token_logprobs(logits, input_ids), at_topk, aux
         targets = next_token_targets(input_ids, topk_ids)
         fn = lambda x, w: chunked_logprobs(x, targets, chunk=chunk, weight=w)  # noqa: E731
         with head_scoring(self.engine.module, fn) as finish:
-            out, aux = self._forward(input_ids, attention_mask, routes, balance=balance)
+            out, aux = self._forward(input_ids, attention_mask, routes, balance=balance, position_ids=position_ids)
         scores = align_to_tokens(finish(out))
         return scores[..., 0], None if topk_ids is None else scores[..., 1:], aux
 
     def _forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         routes: torch.Tensor | None = None,
         *,
         balance: bool = True,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's ``logits`` output (b, t, V; under ``head_scoring`` what the head returns
         instead) and the MoE load-balancing loss (scalar, or None for dense students or
         ``balance`` False).
 
         ``routes`` (b, t, L, k): the rollout's expert choices, replayed (routing replay); the
-        balance loss then counts the replayed experts."""
+        balance loss then counts the replayed experts. Packed rows (``PackedRows``) come with
+        ``position_ids`` and no ``attention_mask``: every token is real."""
         if not (balance and self._moe and self.cfg.trainer.aux_loss_coef > 0):
             with replay_routes(self.engine.module, routes):
-                return forward_logits(self.engine, input_ids, attention_mask).logits, None
+                return forward_logits(self.engine, input_ids, attention_mask, position_ids).logits, None
         with replay_routes(self.engine.module, routes), self._routes.capture() as captured:
-            out = forward_logits(self.engine, input_ids, attention_mask, output_router_logits=True)
+            out = forward_logits(self.engine, input_ids, attention_mask, position_ids, output_router_logits=True)
         if getattr(out, "aux_loss", None) is not None:
             # Softmax routers (Mixtral, Qwen3-MoE): transformers computes the Switch-style loss
-            # itself, with the attention mask.
+            # itself, with the attention mask (none when packed: every token counts).
             return out.logits, out.aux_loss.float()
         if captured:
-            return out.logits, sigmoid_balance_loss(captured, attention_mask)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            return out.logits, sigmoid_balance_loss(captured, mask)
         return out.logits, None
 
     def _optimizer_step(self, skip: bool) -> tuple[float, bool]:
@@ -482,13 +521,14 @@ class TrainerWorker:
 
     def _reduce_metrics(self, sums: _StepSums, *, grad_norm: float, lr: float, skipped: bool) -> Metrics:
         """Sum the per-rank sums over ranks (one all-reduce), then turn them into means."""
-        flat = torch.cat([torch.tensor([sums.loss, sums.aux], dtype=torch.float64), sums.stats.reshape(-1)])
+        head = [sums.loss, sums.aux, sums.positions, sums.real]
+        flat = torch.cat([torch.tensor(head, dtype=torch.float64), sums.stats.reshape(-1)])
         if self.world_size > 1:
             flat = flat.to(self.device)  # NCCL reduces device tensors only
             torch.distributed.all_reduce(flat)
             flat = flat.cpu()
         domains = sums.domains
-        stats = flat[2:].reshape(len(domains), len(_STATS))
+        stats = flat[len(head) :].reshape(len(domains), len(_STATS))
         total = stats.sum(0)
         metrics = {
             "train/loss": float(flat[0]),
@@ -497,6 +537,9 @@ class TrainerWorker:
             "train/lr": float(lr),
             "train/skipped": 1.0 if skipped else 0.0,
             "train/tokens": float(total[0]),
+            # Share of the positions the forward passes computed that were padding: what
+            # trainer.max_tokens_per_micro_batch saves when response lengths are spread.
+            "train/padding_frac": 1.0 - float(flat[3]) / max(float(flat[2]), 1.0),
             **_token_means("train", total),
         }
         for d_i, domain in enumerate(domains):

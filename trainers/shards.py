@@ -4,7 +4,9 @@ whole-batch numbers that the loss normalisation and the reduced metrics need.
     shards = shard_batch(train_batch, world_size=2)    # [RankBatch for rank 0, RankBatch for rank 1]
     worker.train_step(shards[rank])                    # what TrainerPool sends each rank (own ref)
 
-Rank r trains on rows ``r::world_size`` of the batch (rank 0 holds the most rows). A shard carries no
+Rank r trains on rows ``r::world_size`` of the batch (rank 0 holds the most rows), or, with a token
+budget (``max_tokens``), on rows ``r::world_size`` of the batch sorted by length, so that ranks get
+similar token loads, cut into micro-batches by ``mopd.batching.token_budget_groups``. A shard carries no
 prompts, responses, ``PromptRow``s or their meta: rows are tensors, and a row's domain is an index
 into the batch's sorted domain names (the only strings, one per domain, for the metric keys).
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mopd.batching import row_spans, token_budget_groups
 from mopd.types import TrainBatch
 
 
@@ -43,6 +46,9 @@ class RankBatch:
     batch_tokens     int   response tokens of the whole batch (the SFT token mean)
     micro_batches    int   forward/backward passes every rank makes (ZeRO collectives must match)
 
+    plan: with a token budget, this rank's micro-batches as lists of its row positions (0..b-1);
+    None: chunks of the micro-batch size in row order.
+
     A rank with no rows (B < world size) gets one row of the batch as ``rows`` with ``padding``
     True: its passes then run on that row with zero weight.
     """
@@ -64,6 +70,7 @@ class RankBatch:
     batch_tokens: int
     micro_batches: int
     padding: bool = False
+    plan: list[list[int]] | None = None
 
     def __len__(self) -> int:
         """Rows this rank trains on (0 for a padding shard)."""
@@ -75,26 +82,41 @@ def micro_batch_count(batch_rows: int, world_size: int, micro_batch_size: int) -
     return math.ceil(math.ceil(batch_rows / world_size) / micro_batch_size)
 
 
-def shard_batch(batch: TrainBatch, world_size: int, micro_batch_size: int) -> list[RankBatch]:
-    """One ``RankBatch`` per rank; rank r gets rows ``r::world_size``."""
+def shard_batch(
+    batch: TrainBatch, world_size: int, micro_batch_size: int, max_tokens: int = 0, packed: bool = False
+) -> list[RankBatch]:
+    """One ``RankBatch`` per rank; rank r gets rows ``r::world_size``, in micro-batches of
+    ``micro_batch_size`` rows, or with ``max_tokens`` > 0 rows ``r::world_size`` of the batch sorted
+    by length, in micro-batches of at most ``max_tokens`` padded positions (``packed``: real tokens,
+    the trainer laying each micro-batch's rows end to end; see the module doc)."""
     B = len(batch.rollout)
     if B == 0:
         raise ValueError("train_step got an empty batch")
     r = batch.rollout
     domains = tuple(sorted(set(r.domains)))
     domain_ids = torch.tensor([domains.index(d) for d in r.domains], dtype=torch.int64)
+    plans: list[list[list[int]] | None]
+    if max_tokens > 0:
+        spans = row_spans(r.attention_mask)
+        by_length = sorted(range(B), key=lambda i: (-(spans[i][1] - spans[i][0]), i))
+        owns = [sorted(by_length[rank::world_size]) for rank in range(world_size)]
+        plans = [token_budget_groups([spans[i] for i in own], max_tokens, packed) if own else [] for own in owns]
+        micro_batches = max(max(len(p or []) for p in plans), 1)
+    else:
+        owns = [list(range(rank, B, world_size)) for rank in range(world_size)]
+        plans = [None] * world_size
+        micro_batches = micro_batch_count(B, world_size, micro_batch_size)
     whole = dict(
         domains=domains,
         batch_rows=B,
         batch_sequences=int((r.response_mask.sum(-1) > 0).sum()),
         batch_tokens=int(r.response_mask.sum()),
-        micro_batches=micro_batch_count(B, world_size, micro_batch_size),
+        micro_batches=micro_batches,
     )
-    shards = []
-    for rank in range(world_size):
-        own = list(range(rank, B, world_size))
-        shards.append(_take(batch, own or [0], domain_ids, padding=not own, **whole))
-    return shards
+    return [
+        _take(batch, own or [0], domain_ids, padding=not own, plan=plan if own else None, **whole)
+        for own, plan in zip(owns, plans, strict=True)
+    ]
 
 
 def _take(batch: TrainBatch, rows: list[int], domain_ids: torch.Tensor, **whole) -> RankBatch:
