@@ -232,7 +232,8 @@ class Objective(ABC):
 
     def extra_logit_bytes(self, o: ObjectiveConfig) -> int:
         """Bytes per logit (row x token x vocabulary entry) the loss keeps alive in the backward
-        beyond the sampled token's log-softmax (``mopd.dist.plan``)."""
+        beyond the sampled token's log-softmax (``mopd.dist.plan``), on the full-logits path
+        (``trainer.logprob_chunk_size: 0``); chunked, every id is scored from one chunk's logits."""
         return 0
 
     def check(self, o: ObjectiveConfig) -> list[str]:

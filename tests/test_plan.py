@@ -1,5 +1,7 @@
-"""Tests of ``mopd plan`` (mopd/dist/plan.py): figures computed by hand for two configs, the exit status
-of a recipe that does not fit, and the trainer estimate against a measured CPU training step.
+"""Tests of ``mopd plan`` (mopd/dist/plan.py): figures computed by hand for two configs, the chunked
+log-probs and the token budgets priced, the advice of a recipe that does not fit and its exit
+status, the 32K-token recipe with Qwen3-30B-A3B's config, and the trainer estimate against a
+measured CPU training step.
 
     pytest tests/test_plan.py
 """
@@ -15,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from mopd.app.cli import main
-from mopd.config import DataSourceConfig, ModelConfig, MOPDConfig, TeacherConfig, to_yaml
-from mopd.dist.plan import model_shape, plan_recipe
+from mopd.config import DataSourceConfig, ModelConfig, MOPDConfig, TeacherConfig, load_config, to_yaml
+from mopd.dist.plan import ActorPlan, model_shape, plan_recipe
 from mopd.models import tiny_mimo_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +29,20 @@ LLAMA = dict(
 
 
 def dense_recipe() -> MOPDConfig:
-    """Config A: a dense Llama student and teacher, trainer ZeRO-2 x 2 ranks in bf16, vLLM rollout."""
+    """Config A: a dense Llama student and teacher, trainer ZeRO-2 x 2 ranks in bf16, vLLM rollout;
+    the full-logits path (``logprob_chunk_size: 0``) for the trainer and the teacher, whose figures
+    the by-hand tests check (the chunked path's own tests follow them)."""
     cfg = MOPDConfig()
     cfg.run.total_steps = 1
     cfg.student = ModelConfig(config=dict(LLAMA), tokenizer="builtin:char", dtype="bfloat16")
     cfg.teachers = {"math": TeacherConfig(config=dict(LLAMA), tokenizer="builtin:char", dtype="bfloat16")}
-    cfg.teachers["math"].batch_size = 4
+    cfg.teachers["math"].batch_size, cfg.teachers["math"].logprob_chunk_size = 4, 0
     cfg.data.sources = [DataSourceConfig(domain="math", generator="math")]
     cfg.data.max_prompt_len, cfg.rollout.max_new_tokens = 16, 16
     cfg.rollout.backend, cfg.rollout.max_model_len = "vllm", 64
     cfg.rollout.prompts_per_step, cfg.rollout.n = 4, 2
     t = cfg.trainer
-    t.zero_stage, t.world_size, t.bf16, t.micro_batch_size = 2, 2, True, 4
+    t.zero_stage, t.world_size, t.bf16, t.micro_batch_size, t.logprob_chunk_size = 2, 2, True, 4, 0
     return cfg
 
 
@@ -67,7 +71,8 @@ def test_dense_config_by_hand():
     assert rollout["kv_cache"] == 8 * 32 * 256
     teacher = plan.actors[2].parts
     # hf teacher: weights + one layer's tensors for 4 x 32 tokens + logits with the fp32 log-softmax.
-    assert teacher["activations"] == 4 * 32 * 1248 * 2 + 4 * 32 * 128 * (2 + 8)
+    assert teacher["activations"] == 4 * 32 * 1248 * 2
+    assert teacher["logits"] == 4 * 32 * 128 * (2 + 8)
 
 
 def test_checkpointing_and_offload_by_hand():
@@ -104,6 +109,152 @@ def test_mimo_config_by_hand():
     # fp32 ZeRO-3 on 4 ranks: everything partitioned.
     assert trainer["weights"] == trainer["gradients"] == 4 * total / 4
     assert trainer["optimizer"] == 12 * total / 4
+
+
+def _trainer(cfg: MOPDConfig, **trainer: int) -> ActorPlan:
+    for key, value in trainer.items():
+        setattr(cfg.trainer, key, value)
+    return plan_recipe(cfg).actors[0]
+
+
+def _longer(cfg: MOPDConfig, max_new_tokens: int) -> MOPDConfig:
+    cfg.rollout.max_new_tokens, cfg.rollout.max_model_len = max_new_tokens, 256
+    return cfg
+
+
+def test_chunked_loss_prices_one_chunk_whatever_the_response_length():
+    """trainer.logprob_chunk_size > 0: the loss's logits are one chunk of min(chunk, positions)
+    positions x V x (4 + e) bytes, the same at 4x the tokens while the activations grow 4x; 0 prices
+    the full logits, growing with the tokens."""
+    short = _trainer(dense_recipe(), logprob_chunk_size=64)
+    long = _trainer(_longer(dense_recipe(), 112), logprob_chunk_size=64)
+    # 4 rows of T = 32 vs 128 tokens; a chunk of 64 positions x V = 128, bf16: fp32 + bf16 copies.
+    assert short.parts["logits"] == long.parts["logits"] == 64 * 128 * (4 + 2)
+    assert long.parts["activations"] == 4 * short.parts["activations"] == 4 * 4 * 32 * (2 * 1248) * 2
+    # A chunk longer than the micro-batch: its 4 x 32 positions; fp32: the logits only.
+    assert _trainer(dense_recipe(), logprob_chunk_size=1024).parts["logits"] == 4 * 32 * 128 * 6
+    assert _trainer(dense_recipe(), logprob_chunk_size=64, bf16=False).parts["logits"] == 64 * 128 * 4
+    full_short, full_long = _trainer(dense_recipe()), _trainer(_longer(dense_recipe(), 112))
+    assert full_long.parts["logits"] == 4 * full_short.parts["logits"] == 4 * 128 * 128 * (2 + 12)
+    assert "logprob_chunk_size 64" in short.note and "full logits (logprob_chunk_size 0)" in full_short.note
+
+
+def test_token_budget_bounds_the_micro_batch():
+    """trainer.max_tokens_per_micro_batch > 0 replaces micro_batch_size: a pass holds the budget's
+    positions, or one row longer than it; the chunk is taken of those positions."""
+    rows = _trainer(dense_recipe(), micro_batch_size=16)  # 16 rows x 32 tokens
+    per_token = 2 * 1248 * 2  # 2 layers x 1248 elements, bf16
+    assert rows.parts["activations"] == 16 * 32 * per_token
+    budget = _trainer(dense_recipe(), micro_batch_size=16, max_tokens_per_micro_batch=64)
+    assert budget.parts["activations"] == 64 * per_token
+    assert budget.parts["logits"] == 64 * 128 * (2 + 12)  # full logits of 64 positions, not 512
+    assert "max_tokens_per_micro_batch 64 (<= 64 tokens a pass)" in budget.note
+    alone = _trainer(dense_recipe(), micro_batch_size=16, max_tokens_per_micro_batch=8)  # below one row
+    assert alone.parts["activations"] == 32 * per_token
+    chunked = _trainer(dense_recipe(), max_tokens_per_micro_batch=64, logprob_chunk_size=16)
+    assert chunked.parts["logits"] == 16 * 128 * 6
+
+
+def test_hf_teacher_prices_its_token_budget_and_chunk():
+    """teachers.<d>.max_tokens_per_batch replaces batch_size; logprob_chunk_size > 0 prices one chunk."""
+    cfg = dense_recipe()
+    t = cfg.teachers["math"]
+    t.batch_size, t.max_tokens_per_batch, t.logprob_chunk_size = 32, 64, 16
+    teacher = plan_recipe(cfg).actors[2]
+    assert teacher.parts["activations"] == 64 * 1248 * 2  # one layer's tensors for 64 positions, not 32 x 32
+    assert teacher.parts["logits"] == 16 * 128 * (4 + 2)
+    assert teacher.note == "hf, max_tokens_per_batch 64 (<= 64 tokens a pass), logprob_chunk_size 16"
+
+
+def _fix(cfg: MOPDConfig, actor: str = "trainer") -> str:
+    """The problem ``mopd plan`` reports for ``actor`` on a GPU too small for anything."""
+    cfg.trainer.resources.num_gpus = cfg.teachers["math"].resources.num_gpus = 1
+    problems = [p for p in plan_recipe(cfg, gpu_memory_gb=2.0001).problems if p.startswith(f"{actor}:")]
+    assert len(problems) == 1, problems
+    return problems[0].split("; ", 1)[1]
+
+
+def test_advice_names_the_settings_the_recipe_does_not_use_yet():
+    # dense_recipe: full logits, 4-row micro-batches, no checkpointing; its states outweigh its activations.
+    fix = _fix(dense_recipe())
+    assert fix.startswith(
+        "raise trainer.world_size, set trainer.zero_stage=3, set trainer.offload_optimizer=true, "
+        "set trainer.gradient_checkpointing=true"
+    )
+    assert "set trainer.logprob_chunk_size=1024" in fix
+    by_tokens = "lower trainer.micro_batch_size, or set trainer.max_tokens_per_micro_batch (passes by tokens, e.g. 32)"
+    assert by_tokens in fix
+    # 64 rows: the activations dominate and come first; more ranks would not shrink them.
+    big = dense_recipe()
+    big.trainer.micro_batch_size = 64
+    assert _fix(big).startswith("set trainer.gradient_checkpointing=true, set trainer.logprob_chunk_size=1024")
+    # What is on already is not suggested; a budget above the longest row can come down to it.
+    cfg = dense_recipe()
+    t = cfg.trainer
+    t.gradient_checkpointing, t.offload_optimizer, t.zero_stage = True, True, 3
+    t.logprob_chunk_size, t.max_tokens_per_micro_batch = 1024, 4096
+    fix = _fix(cfg)
+    assert "checkpointing" not in fix and "offload" not in fix and "zero_stage" not in fix
+    assert "lower trainer.max_tokens_per_micro_batch (down to 32, the longest row" in fix
+    assert "logprob_chunk_size" not in fix  # 1024 x 128 x 6 bytes < 4096 positions' activations
+    cfg.student.config = {**LLAMA, "vocab_size": 4096}  # a chunk of 1024 x 4096 x 6 bytes outweighs them
+    assert "lower trainer.logprob_chunk_size" in _fix(cfg)
+    # A pass holds one row already: only shorter rows make it smaller.
+    t.max_tokens_per_micro_batch = 16
+    assert "lower rollout.max_new_tokens (a pass holds one row of 32 tokens already)" in _fix(cfg)
+
+
+def test_hf_teacher_advice_names_its_chunk_and_budget():
+    cfg = dense_recipe()  # the teacher: 4 rows a pass, full logits
+    fix = _fix(cfg, "teachers.math")
+    assert "set teachers.math.logprob_chunk_size=1024" in fix
+    assert "lower teachers.math.batch_size, or set teachers.math.max_tokens_per_batch" in fix
+    cfg.teachers["math"].logprob_chunk_size, cfg.teachers["math"].max_tokens_per_batch = 64, 16
+    fix = _fix(cfg, "teachers.math")
+    assert "logprob_chunk_size" not in fix and "lower rollout.max_new_tokens" in fix
+
+
+# Qwen3-30B-A3B's config.json: the fields the plan reads.
+QWEN3_30B_A3B = dict(
+    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, max_position_embeddings=40960, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def test_the_32k_recipe_fits_qwen3_30b_a3b(tmp_path, monkeypatch):
+    """recipes/qwen3_moe_30b_a3b_32k.yaml with Qwen3-30B-A3B's real config (no weights) fits its
+    31 GPUs of 80 GB, and the loss's logits stay one chunk (1024 x V x 6 bytes) from 8K to 32K
+    tokens, where the full logits would not fit."""
+    from transformers import AutoConfig
+
+    import mopd.dist.plan
+
+    cfg = dict(QWEN3_30B_A3B)
+    AutoConfig.for_model(cfg.pop("model_type"), **cfg).save_pretrained(tmp_path)
+    shape = model_shape(ModelConfig(path=str(tmp_path)))
+    assert round(shape.total_params / 1e9, 2) == 30.53
+    monkeypatch.setattr(mopd.dist.plan, "model_shape", lambda spec: shape)  # the teachers share it
+    recipe = ROOT / "recipes" / "qwen3_moe_30b_a3b_32k.yaml"
+    paths = [f"{k}.path={tmp_path}" for k in ("student", "teachers.math", "teachers.code", "teachers.agent")]
+
+    def plan(*overrides: str):
+        return plan_recipe(load_config(recipe, [*paths, *overrides]))
+
+    long = plan()
+    assert long.problems == [] and long.gpus == 31
+    trainer = long.actors[0]
+    # Per token: 48 layer inputs x 2048 + one MoE layer recomputed (34304 attention + 73984 MoE).
+    assert trainer.parts["activations"] == 33792 * (48 * 2048 + 34304 + 73984) * 2
+    assert trainer.parts["logits"] == 1024 * 151936 * 6
+    assert trainer.need < 78e9
+    short = plan("rollout.max_new_tokens=7168", "rollout.max_model_len=8192").actors[0]  # 8K tokens
+    assert short.parts["logits"] == trainer.parts["logits"]
+    # The token budget: four 8K rows a pass, 32768 positions (a 33792-token row goes alone).
+    assert short.parts["activations"] * 33792 == trainer.parts["activations"] * 32768
+    full = plan("trainer.logprob_chunk_size=0")
+    assert full.actors[0].parts["logits"] == 33792 * 151936 * (2 + 12)  # 71.9 GB for one row
+    assert len(full.problems) == 1 and "set trainer.logprob_chunk_size=1024" in full.problems[0]
 
 
 def _write(cfg: MOPDConfig, tmp_path: Path) -> str:

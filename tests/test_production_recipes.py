@@ -27,6 +27,7 @@ QWEN3_MOE = dict(
 PRODUCTION = {
     "qwen3_moe_30b_a3b_1node.yaml": (QWEN3_MOE, ["--gpus", "8"], 8),
     "qwen3_moe_30b_a3b_multinode.yaml": (QWEN3_MOE, ["--nodes", "4", "--gpus", "8"], 30),
+    "qwen3_moe_30b_a3b_32k.yaml": (QWEN3_MOE, ["--nodes", "4", "--gpus", "8"], 31),
     "mimo_v2_flash.yaml": (tiny_mimo_config(max_position_embeddings=4096), ["--nodes", "13", "--gpus", "8"], 104),
 }
 

@@ -23,29 +23,42 @@ replica). ``e`` below is the byte size of the dtype the actor computes in.
   the whole estimate was 15-19% above the peak resident memory of a step, 23% with gradient
   checkpointing (tests/test_plan.py; the CPU's AdamW runs per tensor, without the foreach
   temporary). Not yet checked on GPUs (scripts/plan_gpu_check.py).
-- activations of one micro-batch, ``B = trainer.micro_batch_size`` rows of
-  ``T = data.max_prompt_len + rollout.max_new_tokens`` tokens, kept for the backward pass without
+- activations of one micro-batch of ``P`` positions (``trainer.micro_batch_size`` rows of
+  ``T = data.max_prompt_len + rollout.max_new_tokens`` tokens; with a token budget
+  ``trainer.max_tokens_per_micro_batch`` > 0, rows padded to the micro-batch's longest row up to
+  the budget, a longer row alone: ``P = max(budget, T)``), kept for the backward pass without
   recomputation (Korthikanti et al. 2022 style, counted tensor by tensor), per token and layer, in
   ``e`` bytes: ``4 h`` (the two residual inputs and norm outputs) + ``2 (a d + g d) + g dv``
   (q and k before and after RoPE, v) + ``2 a dv`` (attention output, o_proj input) + ``a (d + dv)``
   when key/value heads are repeated to ``a`` heads (``g < a``) + for eager attention ``2 a T``
   (scores and probabilities; sdpa/flash keep none) + the MLP: ``4 I`` for a dense layer, ``k (4 I_e
   + 3 h)`` for a MoE layer (each token's ``k`` expert inputs, gate/up/act/product, output and
-  weighted output) plus ``2`` per expert (router logits and probabilities); then the loss's logits:
-  ``B T V`` times ``e`` (the logits) + 12 (the fp32 log-softmax output, its gradient and the
-  gradient scattered back by the gather, alive together during the backward) + what the objective
-  keeps beyond that (``Objective.extra_logit_bytes``: 8 for ``objective.kind: topk``, a second
-  log-softmax). Assumptions: no sequence packing, every row
-  padded to ``T``, dropout off. With ``trainer.gradient_checkpointing``
-  a layer keeps only its input (``h`` per token) and one layer's activations are alive at a time.
-  With ``trainer.offload_optimizer`` the optimizer and its fp32 buffers are in host memory (shown
+  weighted output) plus ``2`` per expert (router logits and probabilities). With
+  ``trainer.gradient_checkpointing`` a layer keeps only its input (``h`` per token) and one layer's
+  activations are alive at a time. Assumptions: no sequence packing, dropout off.
+- the loss's logits. Chunked (``trainer.logprob_chunk_size`` ``c`` > 0, mopd/logprobs.py): the head
+  runs ``min(c, P)`` positions at a time and the backward recomputes them, so only one chunk's
+  logits are alive: ``min(c, P) V`` times 4 (fp32) + ``e`` in half precision (the head GEMM's output
+  or the gradient cast for it), whatever ``T``: 0.93 GB at ``c`` = 1024, V = 151,936 in bf16
+  (docs/benchmarks.md measured 1.07 GB on a CPU, which adds fp32 copies of the head's weight and
+  gradient). Its per-position tensors (targets and log-probs at the ``1 + K`` ids, ~16 (1 + K)
+  bytes) are left out: 0.3% of Qwen3-30B-A3B's checkpointed activations at K = 64. A model whose
+  head does more than the projection (Gemma's soft-capping) keeps its full logits even then; the
+  plan does not know.
+  Full logits (``c`` = 0): ``P V`` times ``e`` (the logits) + 12 (the fp32 log-softmax output, its
+  gradient and the gradient scattered back by the gather, alive together during the backward) +
+  what the objective keeps beyond that (``Objective.extra_logit_bytes``: 8 for
+  ``objective.kind: topk``, a second log-softmax).
+- With ``trainer.offload_optimizer`` the optimizer and its fp32 buffers are in host memory (shown
   in the note, not counted on the GPU).
 
 **Teacher replica**: weights (``e N``, its dtype) and, for ``hf``, the forward working set of one
-scoring batch (``teachers.<d>.batch_size`` rows of ``T`` tokens): one layer's transient tensors and
-the fp32 log-softmax of the logits (``B T V (e + 8)``); for ``vllm``, a KV cache of at least one
-sequence of the model's maximum length (vLLM refuses to start otherwise) within vLLM's default
-``gpu_memory_utilization`` of 0.9.
+scoring pass of ``P`` positions (``teachers.<d>.batch_size`` rows of ``T`` tokens, or with
+``teachers.<d>.max_tokens_per_batch`` > 0 ``P = max(budget, T)`` as for the trainer): one layer's
+transient tensors and the logits: with ``teachers.<d>.logprob_chunk_size`` ``c`` > 0 one chunk's,
+``min(c, P) V (4 + e)`` (fp32 and the head's half-precision output), else the fp32 log-softmax of
+them all (``P V (e + 8)``); for ``vllm``, a KV cache of at least one sequence of the model's maximum
+length (vLLM refuses to start otherwise) within vLLM's default ``gpu_memory_utilization`` of 0.9.
 
 **vLLM engines** shard over the whole GPUs their actor holds (tensor parallelism: the weights
 ``tp`` ways, the KV cache at most ``num_key_value_heads`` ways); figures are then per GPU.
@@ -230,26 +243,44 @@ def layer_activation_elems(s: ModelShape, tokens: int, moe: bool) -> float:
     return attn + mlp
 
 
-def train_activations(
-    s: ModelShape, batch: int, tokens: int, e: int, extra_logit_bytes: int = 0, checkpointing: bool = False
-) -> dict[str, float]:
-    """Bytes of one micro-batch's activations and of the loss's logits (see the module docstring);
-    ``extra_logit_bytes`` per logit are the objective's own (``Objective.extra_logit_bytes``).
-    With gradient checkpointing: each layer's input, plus one layer's activations recomputed."""
+def pass_positions(rows: int, token_budget: int, tokens: int) -> int:
+    """Positions one forward pass holds at most: ``rows`` rows of ``tokens`` tokens, or with a token
+    budget (> 0) the budget, or one row longer than it (such a row goes alone)."""
+    return max(token_budget, tokens) if token_budget > 0 else rows * tokens
+
+
+def chunk_logit_bytes(e: int) -> int:
+    """Bytes per logit of one chunk of mopd/logprobs.py alive at once: fp32 logits and, in half
+    precision, the head GEMM's output (forward) or the gradient cast for the head (backward)."""
+    return 4 + (e if e < 4 else 0)
+
+
+def logits_bytes(s: ModelShape, positions: int, e: int, chunk: int, full: int) -> float:
+    """Bytes of the logits of a pass over ``positions`` positions: one chunk of
+    ``min(chunk, positions)`` with ``chunk`` > 0, else all of them at ``full`` bytes per logit (the
+    logits and the fp32 log-softmax tensors alive with them; see the module docstring)."""
+    if chunk > 0:
+        return float(min(chunk, positions) * s.vocab_size * chunk_logit_bytes(e))
+    return float(positions * s.vocab_size * full)
+
+
+def train_activations(s: ModelShape, positions: int, tokens: int, e: int, checkpointing: bool = False) -> float:
+    """Bytes of one micro-batch's activations, ``positions`` positions of rows up to ``tokens``
+    long (see the module docstring). With gradient checkpointing: each layer's input, plus one
+    layer's activations recomputed."""
     moe = s.moe_layers
     dense_layer, moe_layer = layer_activation_elems(s, tokens, False), layer_activation_elems(s, tokens, True)
     if checkpointing:
         per_token = s.layers * s.hidden + (moe_layer if moe else dense_layer)
     else:
         per_token = (s.layers - moe) * dense_layer + moe * moe_layer
-    logits = batch * tokens * s.vocab_size * (e + 12 + extra_logit_bytes)
-    return {"activations": batch * tokens * per_token * e, "logits": float(logits)}
+    return float(positions * per_token * e)
 
 
-def inference_activations(s: ModelShape, batch: int, tokens: int, e: int) -> float:
-    """Bytes of a scoring forward: the largest layer's transient tensors and the fp32 log-softmax."""
-    layer = layer_activation_elems(s, tokens, s.moe_layers > 0) * batch * tokens * e
-    return layer + batch * tokens * s.vocab_size * (e + 8)
+def inference_activations(s: ModelShape, positions: int, tokens: int, e: int) -> float:
+    """Bytes of the largest layer's transient tensors in a scoring forward over ``positions``
+    positions of rows up to ``tokens`` long."""
+    return float(layer_activation_elems(s, tokens, s.moe_layers > 0) * positions * e)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -265,6 +296,7 @@ class ActorPlan:
     parts: dict[str, float]
     budget: float | None = None  # bytes the actor may use per device (None: the device less reserve)
     note: str = ""
+    fix: str = ""  # what to change when it does not fit, for this actor's settings
 
     @property
     def need(self) -> float:
@@ -310,11 +342,54 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
     host = parts.pop("host_optimizer", 0.0)
     extra = get_objective(cfg.objective.kind).extra_logit_bytes(cfg.objective)
-    parts.update(train_activations(s, t.micro_batch_size, tokens, e, extra, t.gradient_checkpointing))
-    note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, micro-batch {t.micro_batch_size} x {tokens} tokens"
+    positions = pass_positions(t.micro_batch_size, t.max_tokens_per_micro_batch, tokens)
+    parts["activations"] = train_activations(s, positions, tokens, e, t.gradient_checkpointing)
+    # Full logits: the logits, the fp32 log-softmax, its gradient and the gather's, and the objective's own.
+    parts["logits"] = logits_bytes(s, positions, e, t.logprob_chunk_size, e + 12 + extra)
+    if t.max_tokens_per_micro_batch > 0:
+        batch = f"max_tokens_per_micro_batch {t.max_tokens_per_micro_batch} (<= {positions} tokens a pass)"
+    else:
+        batch = f"micro-batch {t.micro_batch_size} x {tokens} tokens"
+    note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, {batch}"
     note += ", checkpointing" if t.gradient_checkpointing else ""
+    note += f", {_chunk_note(t.logprob_chunk_size)}"
     note += f", optimizer in host memory ({host / GB:.1f} GB per rank)" if host else ""
-    return ActorPlan("trainer", t.world_size, t.resources.num_gpus, parts, note=note)
+    fix = _trainer_fix(cfg, parts, tokens)
+    return ActorPlan("trainer", t.world_size, t.resources.num_gpus, parts, note=note, fix=fix)
+
+
+def _chunk_note(chunk: int) -> str:
+    return f"logprob_chunk_size {chunk}" if chunk > 0 else "full logits (logprob_chunk_size 0)"
+
+
+def _trainer_fix(cfg: MOPDConfig, parts: dict[str, float], tokens: int) -> str:
+    """The settings that shrink a rank, those the recipe does not use yet, for the larger of its
+    states and its activations first (more ranks do not shrink a micro-batch's activations)."""
+    t = cfg.trainer
+    states = ["raise trainer.world_size"]
+    states += ["set trainer.zero_stage=3"] if t.zero_stage < 3 else []
+    states += ["set trainer.bf16=true"] if not t.bf16 else []
+    states += ["set trainer.offload_optimizer=true"] if not t.offload_optimizer else []
+    acts = ["set trainer.gradient_checkpointing=true"] if not t.gradient_checkpointing else []
+    if t.logprob_chunk_size == 0:
+        acts.append("set trainer.logprob_chunk_size=1024 (the loss without the full logits)")
+    elif parts["logits"] > parts["activations"]:
+        acts.append("lower trainer.logprob_chunk_size")
+    by_tokens = ("trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch)
+    acts.append(_batch_fix(*by_tokens, "trainer.micro_batch_size", t.micro_batch_size, tokens))
+    activations = parts["activations"] + parts["logits"]
+    states_bytes = sum(parts[k] for k in ("weights", "gradients", "optimizer", "buffers"))
+    return ", ".join(states + acts if states_bytes >= activations else acts + states)
+
+
+def _batch_fix(budget_key: str, budget: int, rows_key: str, rows: int, tokens: int) -> str:
+    """How to make one forward pass smaller: a lower token budget, a budget instead of rows, or,
+    when a pass is one row already, shorter rows."""
+    if budget > tokens:
+        return f"lower {budget_key} (down to {tokens}, the longest row; a budget below it saves nothing)"
+    if budget == 0 and rows > 1:
+        return f"lower {rows_key}, or set {budget_key} (passes by tokens, e.g. {tokens})"
+    return f"lower rollout.max_new_tokens (a pass holds one row of {tokens} tokens already)"
 
 
 def _vllm_shards(s: ModelShape, num_gpus: float) -> tuple[int, int, str]:
@@ -330,6 +405,8 @@ def _rollout_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     e = DTYPE_BYTES[cfg.student.dtype]
     seqs = math.ceil(r.prompts_per_step * r.n / r.replicas)
     parts = {"weights": float(e * s.total_params)}
+    shared = ", or use placement.layout=disaggregated (the trainer's states stay on the shared GPU)"
+    tail = shared if cfg.placement.layout == "colocated" else ""
     if r.backend == "vllm":
         seq_len = min(tokens, r.max_model_len)
         tp, kv_split, tp_note = _vllm_shards(s, r.resources.num_gpus)
@@ -337,25 +414,47 @@ def _rollout_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
         parts["kv_cache"] = max(s.kv_bytes(r.max_model_len, e), seqs * s.kv_bytes(seq_len, e)) / kv_split
         budget = r.gpu_memory_utilization
         note = f"vllm, {seqs} sequences x {seq_len} tokens, max_model_len {r.max_model_len}{tp_note}"
-        return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, budget=budget, note=note)
+        fix = (
+            "raise rollout.gpu_memory_utilization, rollout.replicas (fewer sequences each) or "
+            f"rollout.resources.num_gpus (tensor parallel), lower rollout.max_model_len{tail}"
+        )
+        return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, budget=budget, note=note, fix=fix)
     parts["kv_cache"] = float(seqs * s.kv_bytes(tokens, e))
     parts["logits"] = float(seqs * s.vocab_size * 4 * 2)
-    return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, note=f"hf, {seqs} sequences x {tokens}")
+    fix = f"raise rollout.replicas (fewer sequences each), lower rollout.max_new_tokens{tail}"
+    note = f"hf, {seqs} sequences x {tokens}"
+    return ActorPlan("rollout", r.replicas, r.resources.num_gpus, parts, note=note, fix=fix)
 
 
 def _teacher_plan(name: str, t: Any, s: ModelShape, tokens: int) -> ActorPlan:
     e = DTYPE_BYTES[t.dtype]
     parts = {"weights": float(e * s.total_params)}
     label = f"teachers.{name}"
+    fix = [f"set {label}.dtype=bfloat16"] if t.dtype == "float32" else []
     if t.backend == "vllm":
         kv_tokens = max(s.max_position, tokens)
         tp, kv_split, tp_note = _vllm_shards(s, t.resources.num_gpus)
         parts["weights"] /= tp
         parts["kv_cache"] = max(s.kv_bytes(kv_tokens, e), t.batch_size * s.kv_bytes(tokens, e)) / kv_split
         note = f"vllm, {t.batch_size} rows x {tokens} tokens{tp_note}"
-        return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, budget=VLLM_DEFAULT_UTILIZATION, note=note)
-    parts["activations"] = inference_activations(s, t.batch_size, tokens, e)
-    return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, note=f"hf, {t.batch_size} rows x {tokens} tokens")
+        fix += [f"lower {label}.batch_size", f"raise {label}.resources.num_gpus (tensor parallel)"]
+        budget: float | None = VLLM_DEFAULT_UTILIZATION
+    else:
+        positions = pass_positions(t.batch_size, t.max_tokens_per_batch, tokens)
+        parts["activations"] = inference_activations(s, positions, tokens, e)
+        parts["logits"] = logits_bytes(s, positions, e, t.logprob_chunk_size, e + 8)  # full: + fp32 log-softmax
+        if t.max_tokens_per_batch > 0:
+            note = f"hf, max_tokens_per_batch {t.max_tokens_per_batch} (<= {positions} tokens a pass)"
+        else:
+            note = f"hf, {t.batch_size} rows x {tokens} tokens"
+        note += f", {_chunk_note(t.logprob_chunk_size)}"
+        if t.logprob_chunk_size == 0:
+            fix.append(f"set {label}.logprob_chunk_size=1024 (scores without the full logits)")
+        by_tokens = (f"{label}.max_tokens_per_batch", t.max_tokens_per_batch)
+        fix.append(_batch_fix(*by_tokens, f"{label}.batch_size", t.batch_size, tokens))
+        budget = None
+    fix.append("use a smaller teacher")
+    return ActorPlan(label, t.replicas, t.resources.num_gpus, parts, budget=budget, note=note, fix=", ".join(fix))
 
 
 def _capacity(plan: Plan, a: ActorPlan) -> float:
@@ -419,17 +518,9 @@ def _colocated_room(plan: Plan, trainer: ActorPlan) -> float:
 def _too_big(plan: Plan, a: ActorPlan, cap: float) -> str:
     parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in a.parts.items())
     where = f"{plan.gpu_memory / GB:g} GB GPU"
-    if a.name == "trainer":
-        fix = "raise trainer.world_size or trainer.zero_stage, turn on trainer.bf16, lower trainer.micro_batch_size"
-    elif a.name == "rollout":
-        fix = "raise rollout.gpu_memory_utilization, lower rollout.max_model_len"
-        if plan.colocated:
-            fix += ", or use placement.layout=disaggregated (the trainer's states stay on the shared GPU)"
-    else:
-        fix = f"lower {a.name}.batch_size (or its dtype to bfloat16), use a smaller teacher"
     return (
         f"{a.name}: needs {a.need / GB:.1f} GB per replica ({parts}) but has {cap / GB:.1f} GB of a {where}; "
-        f"{fix}, or use bigger GPUs (placement.gpu_memory_gb)"
+        f"{a.fix}, or use bigger GPUs (placement.gpu_memory_gb)"
     )
 
 
