@@ -56,21 +56,43 @@ def worker_id(request) -> str:
     return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
-# The modules that take longest, started first: with ``-n 2 --dist loadfile`` (the README's test
-# command) each module runs whole on one worker, taken in collection order, so the long ones go
-# out while the other worker works through the many short ones.
+# The modules that take longest, started first and alternating between the two workers of the
+# README's test command (``-n 2 --dist loadfile``): each module runs whole on one worker, and the
+# scheduler below hands them out in this order (pytest-xdist would otherwise sort modules by their
+# number of tests), so the long ones go out while the other worker works through the many short ones.
 LONGEST_FIRST = (
     "test_quickstart.py",
-    "test_real_model.py",
     "test_train_e2e.py",
     "test_faults.py",
+    "test_real_model.py",
     "test_cluster.py",
+    "test_envs.py",
     "test_rollout_vllm.py",
     "test_placement.py",
     "test_weight_sync.py",
 )
+# Modules that share the ``uninterrupted`` reference run go to one worker, one after the other:
+# on two workers, one would wait for the other's run (~2 minutes) instead of testing.
+SAME_WORKER = {"test_faults.py": "test_train_e2e.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order kept
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With ``--dist loadfile``: modules in collection order (``LONGEST_FIRST``), and the modules of
+    ``SAME_WORKER`` as one unit. Other modes: pytest-xdist's own scheduler."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            head, _, name = path.rpartition("/")
+            return f"{head}/{SAME_WORKER[name]}" if name in SAME_WORKER else path
+
+    config.option.loadscopereorder = False
+    return Scheduling(config, log)
