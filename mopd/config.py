@@ -223,6 +223,13 @@ class TrainerConfig:
     # V = 151,936, any length) instead of ~14 bytes x tokens x vocabulary in bf16 (17.5 GB at 8K
     # tokens; docs/benchmarks.md). 0: the full-logits path (all positions at once).
     logprob_chunk_size: int = 1024
+    # Ulysses sequence parallelism (DeepSpeed's ALST attention, trainers/sequence_parallel.py): each
+    # group of this many consecutive ranks trains on the same rows, each rank on 1/size of every
+    # row's tokens; the attention layers exchange heads for positions (all-to-all), so one sequence
+    # may be longer than a device holds. Data-parallel size: world_size / size. Needs an attention
+    # of sdpa / flash / flex (not MiMo-V2-Flash's eager), heads divisible by it, chunked log-probs,
+    # and rows padded (no pack_sequences, no max_tokens_per_micro_batch). 1: off.
+    sequence_parallel_size: int = 1
 
 
 @dataclass
@@ -507,6 +514,7 @@ def validate(cfg: MOPDConfig) -> None:
     _check_environments(cfg, errors)  # after _check_data: plugins may register environments
     _check_objective(cfg, errors)
     _check_placement(cfg, errors)
+    _check_sequence_parallel(cfg, errors)
     if len(errors) == 1:  # one problem, one line (`mopd: error: invalid recipe: ...`)
         raise ConfigError(f"invalid recipe: {errors[0]}")
     if errors:
@@ -801,6 +809,102 @@ def _check_placement(cfg: MOPDConfig, errors: list[str]) -> None:
             f"trainer rank's device and must be above 0 and below trainer.resources.num_gpus ({tg}), "
             f"e.g. rollout.resources.num_gpus={tg / 2:g}"
         )
+
+
+# Attention implementations DeepSpeed's Ulysses wrapper runs (it refuses eager, which needs the
+# 4D attention mask it drops); flash kernels need CUDA.
+SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def sequence_parallel_errors(model_config: Any, sp_size: int, world_size: int, attn_implementation: str) -> list[str]:
+    """Why Ulysses sequence parallelism of ``sp_size`` cannot run this model (its ``transformers``
+    config) on ``world_size`` ranks with ``attn_implementation``; empty: it can."""
+    if sp_size == 1:
+        return []
+    errors = []
+    if world_size % sp_size:
+        errors.append(
+            f"trainer.world_size ({world_size}) must be a multiple of trainer.sequence_parallel_size ({sp_size})"
+        )
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    if heads % sp_size:
+        errors.append(
+            f"the student's num_attention_heads ({heads}) is not divisible by trainer.sequence_parallel_size "
+            f"({sp_size}): each rank attends over its share of the heads"
+        )
+    if kv % sp_size and sp_size % kv:
+        errors.append(
+            f"the student's num_key_value_heads ({kv}) and trainer.sequence_parallel_size ({sp_size}): one must "
+            "divide the other (KV heads are split over the ranks, or replicated)"
+        )
+    if attn_implementation not in SEQUENCE_PARALLEL_ATTENTION:
+        errors.append(
+            f"the student's attention is '{attn_implementation}' ({c.model_type}), which Ulysses sequence "
+            f"parallelism does not run; it needs one of {', '.join(SEQUENCE_PARALLEL_ATTENTION)} "
+            "(student.attn_implementation), or set trainer.sequence_parallel_size=1"
+        )
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    v_dim = getattr(c, "v_head_dim", None)
+    if v_dim is not None and v_dim != head_dim:
+        errors.append(
+            f"the student's v_head_dim ({v_dim}) differs from its head_dim ({head_dim}): Ulysses' all-to-all "
+            "exchanges heads of one size; set trainer.sequence_parallel_size=1"
+        )
+    layer_types = getattr(c, "layer_types", None) or []
+    if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+        if not layer_types or "sliding_attention" in layer_types:
+            errors.append(
+                f"the student uses sliding-window attention (sliding_window={c.sliding_window}): Ulysses drops "
+                "the attention mask and attends causally over the whole sequence; set "
+                "trainer.sequence_parallel_size=1"
+            )
+    return errors
+
+
+def _check_sequence_parallel(cfg: MOPDConfig, errors: list[str]) -> None:
+    """``trainer.sequence_parallel_size``: the ranks, the trainer settings and the student it needs."""
+    t = cfg.trainer
+    sp = t.sequence_parallel_size
+    if sp < 1:
+        errors.append(f"trainer.sequence_parallel_size must be positive, got {sp}")
+    if sp <= 1:
+        return
+    off = "or set trainer.sequence_parallel_size=1"
+    if t.pack_sequences:
+        errors.append(
+            "trainer.pack_sequences cannot work with trainer.sequence_parallel_size > 1: Ulysses attends "
+            f"causally over the whole row, across the packed sequences; set trainer.pack_sequences=false, {off}"
+        )
+    if t.max_tokens_per_micro_batch > 0:
+        errors.append(
+            "trainer.max_tokens_per_micro_batch cannot work with trainer.sequence_parallel_size > 1: Ulysses "
+            f"needs trainer.micro_batch_size rows in every pass; set trainer.max_tokens_per_micro_batch=0, {off}"
+        )
+    if t.logprob_chunk_size == 0:
+        errors.append(
+            "trainer.sequence_parallel_size > 1 scores the log-probs in chunks: set trainer.logprob_chunk_size "
+            f"above 0 (e.g. 1024), {off}"
+        )
+    s = cfg.student
+    inline = s.config is not None and "model_type" in s.config and s.path is None
+    if not inline and (s.path is None or s.config is not None or not Path(s.path).exists()):
+        return  # _check_models reports it
+    from transformers import AutoConfig
+
+    try:
+        if s.config is not None:
+            extra = dict(s.config)
+            model_config = AutoConfig.for_model(extra.pop("model_type"), **extra)
+        else:
+            model_config = AutoConfig.from_pretrained(str(s.path), trust_remote_code=s.trust_remote_code)
+    except Exception as e:  # whatever stops transformers reading it is the message
+        errors.append(f"trainer.sequence_parallel_size: cannot read the student's config: {e}")
+        return
+    # What mopd.models.load_model loads it with: MiMo-V2-Flash is eager-only, else transformers' default.
+    impl = s.attn_implementation or ("eager" if model_config.model_type == "mimo_v2_flash" else "sdpa")
+    errors.extend(sequence_parallel_errors(model_config, sp, t.world_size, impl))
 
 
 def to_yaml(cfg: MOPDConfig) -> str:

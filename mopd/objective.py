@@ -43,12 +43,15 @@ def _is_weights(
     return torch.where(in_band, ratio, torch.zeros_like(ratio)), in_band
 
 
-def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence 1/|y| sum, then mean over sequences with at least one response token.
 
     A sequence with no response tokens contributes nothing (and no NaN). With no response token in
-    the whole batch the result is a zero that keeps the graph, so backward still works."""
-    lengths = mask.sum(dim=-1)
+    the whole batch the result is a zero that keeps the graph, so backward still works. ``lengths``
+    (B,): each whole sequence's |y| where ``mask`` holds only a part of its tokens (a sequence-
+    parallel slice: the parts' results then add up to the whole's); None: ``mask.sum(-1)``."""
+    if lengths is None:
+        lengths = mask.sum(dim=-1)
     per_seq = (per_token * mask).sum(dim=-1) / lengths.clamp(min=1)
     has_tokens = lengths > 0
     n = has_tokens.sum()
@@ -81,6 +84,7 @@ def mopd_loss(
     eps_high: float,
     alpha: float,
     adv_clip: float,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The sampled-token MOPD surrogate loss.
 
@@ -90,6 +94,8 @@ def mopd_loss(
         logp_teacher: (B, T) f32, log pi_d(y_t) from the teacher of the row's domain.
         response_mask: (B, T) bool, True on response tokens.
         adv_orm: (B,) f32 sequence-level outcome advantage (e.g. ``grpo_advantages``), or None.
+        lengths: (B,) response tokens of each whole sequence when ``response_mask`` marks only
+            part of them (``LossInputs.lengths``); None: ``response_mask.sum(-1)``.
 
     Returns the scalar loss
         - mean_seq (1/|y|) sum_t w_t * A_t * logp_train_t,
@@ -110,7 +116,7 @@ def mopd_loss(
             raise ValueError(f"adv_orm must have shape ({mask.shape[0]},), got {tuple(adv_orm.shape)}")
         adv = adv + alpha * adv_orm.detach().to(adv.dtype)[:, None]
     logp_masked = torch.where(mask, logp_train, torch.zeros_like(logp_train))
-    loss = -_sequence_mean(w * adv * logp_masked, mask)
+    loss = -_sequence_mean(w * adv * logp_masked, mask, lengths)
 
     fmask = mask.float()
     n_tok = int(mask.sum())
@@ -137,6 +143,7 @@ def topk_reverse_kl_loss(
     eps_low: float,
     eps_high: float,
     forward_kl: float,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Per-position reverse KL on the teacher's top-k support (the lower-variance variant), plus
     ``forward_kl`` times the forward KL on the same support.
@@ -146,6 +153,7 @@ def topk_reverse_kl_loss(
         teacher_topk_logp: (B, T, K) f32 teacher log-probs at those ids.
         logp_train, logp_rollout: (B, T) f32, used only for the IS mask (as in ``mopd_loss``).
         response_mask: (B, T) bool.
+        lengths: (B,) or None, as in ``mopd_loss``.
 
     Both distributions are renormalised over the K ids; the loss is
     mean_seq (1/|y|) sum_t w_t * [KL(p_s || p_t) + forward_kl * KL(p_t || p_s)] at t. With K =
@@ -177,7 +185,7 @@ def topk_reverse_kl_loss(
         fwd = torch.where(mask, fwd, torch.zeros_like(fwd))
         per_token = kl + forward_kl * fwd
         metrics["forward_kl"] = _masked_mean(fwd, mask.float())
-    loss = _sequence_mean(w * per_token, mask)
+    loss = _sequence_mean(w * per_token, mask, lengths)
     n_tok = int(mask.sum())
     metrics = {
         **metrics,
@@ -200,7 +208,11 @@ class LossInputs:
     (b, t) f32 (the domain teacher's log-prob of the sampled token); response_mask (b, t) bool;
     adv_orm (b,) f32 or None (the GRPO outcome advantage, when the objective uses the verifier);
     student_topk (b, t, K) f32 with grad and teacher_topk (b, t, K) f32: log-probs at the teacher's
-    top-k ids, or None when the objective asks for no top-k.
+    top-k ids, or None when the objective asks for no top-k. lengths (b,) int64 or None: with
+    sequence parallelism (``trainer.sequence_parallel_size``) ``response_mask`` marks only the
+    tokens this rank scored and ``lengths`` holds each whole row's response-token count, the
+    denominator of the per-sequence mean, so that the ranks' losses add up to the whole rows'
+    (an objective must pass it to its mean); None: ``response_mask.sum(-1)``.
     """
 
     logp_train: torch.Tensor
@@ -210,6 +222,7 @@ class LossInputs:
     adv_orm: torch.Tensor | None = None
     student_topk: torch.Tensor | None = None
     teacher_topk: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
 
 
 class Objective(ABC):
@@ -268,7 +281,7 @@ class SampledObjective(Objective):
     def loss(self, x: LossInputs, o: ObjectiveConfig) -> tuple[torch.Tensor, Metrics]:
         return mopd_loss(
             x.logp_train, x.rollout, x.teacher, x.response_mask, x.adv_orm,
-            eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip,
+            eps_low=o.eps_low, eps_high=o.eps_high, alpha=o.alpha, adv_clip=o.adv_clip, lengths=x.lengths,
         )  # fmt: skip
 
 
@@ -298,7 +311,7 @@ class TopKObjective(Objective):
             raise ValueError("objective.kind is 'topk' but the TrainBatch has no teacher_topk_ids/logprobs")
         return topk_reverse_kl_loss(
             x.student_topk, x.teacher_topk, x.logp_train, x.rollout, x.response_mask,
-            eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl,
+            eps_low=o.eps_low, eps_high=o.eps_high, forward_kl=o.forward_kl, lengths=x.lengths,
         )  # fmt: skip
 
 

@@ -471,7 +471,7 @@ def test_pool_sends_each_rank_only_its_own_shard_as_its_own_ref(ray_local):
     batch = make_batch(cfg, rows=5)
     pool = TrainerPool.__new__(TrainerPool)  # the pool's calls without its placement group and ranks
     pool._world_size, pool._micro_batch_size, pool._lock = 2, 2, threading.Lock()
-    pool._max_tokens, pool._packed = 0, False
+    pool._max_tokens, pool._packed, pool._sp_size = 0, False, 1
     pool._actors = ActorGroup("trainer", local=True)
     pool._actors.start(_RecordingRank, [(), ()])
     pool.train_step(batch)

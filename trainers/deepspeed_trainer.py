@@ -14,6 +14,10 @@ optimizer step. The rank runs on the device ``mopd.dist.devices`` picks from ``t
 
 Collectives: under ZeRO every method except ``get_version`` must be called on all
 ranks with the same arguments (the pool does that).
+
+With ``trainer.sequence_parallel_size`` S > 1 (trainers/sequence_parallel.py) the S consecutive
+ranks of an SP group take the same shard (data-parallel rank ``rank // S`` of ``world_size // S``)
+and each scores 1/S of every row's tokens; loss, metrics and gradients are shares that add up.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -37,9 +42,10 @@ from mopd.dist.weight_sync import TensorSpec, WeightLink, host_store, plan_sync
 from mopd.logprobs import align_to_tokens, chunked_logprobs, head_scoring, next_token_targets
 from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, token_logprobs
 from mopd.objective import LossInputs, Objective, get_objective
-from mopd.routing import replay_routes
+from mopd.routing import NOT_RECORDED, replay_routes
 from mopd.types import TrainBatch
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
+from trainers.sequence_parallel import SequenceParallel
 from trainers.shards import RankBatch, shard_batch
 
 Metrics = dict[str, float]
@@ -82,7 +88,8 @@ def deepspeed_config(cfg: MOPDConfig) -> dict[str, Any]:
 
     Gradient accumulation is driven by the worker, not by DeepSpeed's counter: the number of
     micro-batches depends on the batch, so the worker marks the last backward of a step as the
-    accumulation boundary itself. DeepSpeed's nominal accumulation steps is therefore 1.
+    accumulation boundary itself. DeepSpeed's nominal accumulation steps is therefore 1. With
+    sequence parallelism the batch is counted over the data-parallel ranks (world / SP size).
     """
     t = cfg.trainer
     zero: dict[str, Any] = {"stage": t.zero_stage}
@@ -93,7 +100,7 @@ def deepspeed_config(cfg: MOPDConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": t.micro_batch_size * t.world_size,
+        "train_batch_size": t.micro_batch_size * (t.world_size // t.sequence_parallel_size),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         # check_grad_overflow: a NaN gradient norm makes DeepSpeed skip the update (used below).
@@ -255,6 +262,11 @@ class TrainerWorker:
     def __init__(self, cfg: MOPDConfig, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         t = cfg.trainer
+        # Sequence parallelism: the SP group of ranks dp_rank * sp .. holds data-parallel shard dp_rank.
+        sp = t.sequence_parallel_size
+        if sp < 1 or world_size % sp:
+            raise ValueError(f"trainer.sequence_parallel_size ({sp}) must divide the world size ({world_size})")
+        self.dp_size, self.dp_rank = world_size // sp, rank // sp
         device = worker_device(t.resources, "trainer.resources")
         # DeepSpeed puts the rank on device LOCAL_RANK of its accelerator: the one decided above
         # (under Ray with GPUs, the actor's only visible device, index 0).
@@ -271,6 +283,13 @@ class TrainerWorker:
         # Same seed on every rank, so all ranks start from identical weights. Loaded in fp32: these
         # are the master weights; DeepSpeed casts the module when trainer.bf16 is on.
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
+        self._sp: SequenceParallel | None = None
+        if sp > 1:
+            from deepspeed.accelerator import get_accelerator
+
+            # The SP groups are made before the engine (it takes them as its ``mpu``).
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+            self._sp = SequenceParallel(model, sp, t.micro_batch_size)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._routes = RouterCapture(model)
@@ -284,7 +303,14 @@ class TrainerWorker:
             optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
             config=deepspeed_config(cfg),
+            **({} if self._sp is None else {"mpu": self._sp.mpu}),
         )
+        # What a rank's share of the loss is multiplied by before its backward, so that DeepSpeed's
+        # reduction (the sum over ranks divided by the data-parallel size) gives the whole batch's
+        # gradient. ZeRO-3 with SP is the exception in DeepSpeed 0.19.8: its reduce-scatter path
+        # (``reduce_scatter``, on by default) divides by all ranks, SP ranks included
+        # (tests/test_sequence_parallel.py checks both stages against one rank).
+        self._grad_scale = world_size if self._sp is not None and t.zero_stage == 3 else self.dp_size
         if world_size == 1 and t.zero_stage == 0:
             # An all-reduce over one rank changes nothing, but DeepSpeed's fallback still flattens
             # every gradient into buckets and copies them back (benchmarks/train_profile.py).
@@ -306,12 +332,13 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------ training
     def _shard(self, batch: TrainBatch | RankBatch) -> RankBatch:
-        """This rank's shard: as given (the pool's way), or cut here from a whole batch."""
+        """This rank's shard: as given (the pool's way), or cut here from a whole batch (every rank
+        of an SP group gets the shard of its data-parallel rank)."""
         if isinstance(batch, RankBatch):
             return batch
         t = self.cfg.trainer
-        shards = shard_batch(batch, self.world_size, t.micro_batch_size, t.max_tokens_per_micro_batch, t.pack_sequences)
-        return shards[self.rank]
+        shards = shard_batch(batch, self.dp_size, t.micro_batch_size, t.max_tokens_per_micro_batch, t.pack_sequences)
+        return shards[self.dp_rank]
 
     def train_step(self, batch: TrainBatch | RankBatch) -> Metrics:
         """One optimizer step on the whole batch, of which this rank gets (or takes) its shard.
@@ -366,7 +393,7 @@ class TrainerWorker:
                 nll = nll * 0.0
             nll_sum += float(nll.detach())
             self.engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
-            self.engine.backward(nll * self.world_size, scale_wrt_gas=False)
+            self.engine.backward(nll * self._grad_scale, scale_wrt_gas=False)
         nll_sum = self._sum_ranks(nll_sum)  # also makes the skip decision below the same on every rank
         grad_norm, applied = self._optimizer_step(not math.isfinite(nll_sum))
         if applied:
@@ -378,13 +405,19 @@ class TrainerWorker:
 
         The scalar is scaled so that the gradients summed over micro-batches and averaged over ranks
         (DeepSpeed's data-parallel mean) are those of the whole-batch objective. Adds the micro-
-        batch's metric sums to ``sums``.
+        batch's metric sums to ``sums``. With sequence parallelism every sum and the loss are this
+        rank's share of the tokens (the SP ranks' shares add up; DeepSpeed sums over SP ranks).
         """
         rows = _take_rows(shard, micro.rows).to(self.device)
         obj = get_objective(self.cfg.objective.kind)
         topk_ids = rows.topk_ids if _wants_topk(obj, self.cfg.objective, rows) else None
         logp_train, student_topk, aux = self._scores(rows.input_ids, rows.attention_mask, rows.routes, topk_ids)
-        if not micro.dummy:
+        owned = None if self._sp is None else self._sp.owned(rows.attention_mask)
+        if not micro.dummy and self._sp is not None:
+            positions, real = self._sp.counts(rows.attention_mask)
+            sums.real += real
+            sums.positions += positions
+        elif not micro.dummy:
             real = int(rows.attention_mask.sum())
             sums.real += real
             sums.positions += real if self.cfg.trainer.pack_sequences else rows.input_ids.numel()
@@ -396,7 +429,7 @@ class TrainerWorker:
         for d_i in range(len(sums.domains)):
             idx = [i for i, d in enumerate(rows.domains) if d == d_i]
             if idx:
-                loss_d, stat_d = domain_loss(obj, self.cfg.objective, rows, idx, logp_train, student_topk)
+                loss_d, stat_d = domain_loss(obj, self.cfg.objective, rows, idx, logp_train, student_topk, owned)
                 # Undo the objective's per-domain mean over sequences: weight by sequence count.
                 objective = objective + loss_d * _num_sequences(rows.response_mask[idx])
                 sums.stats[d_i] += stat_d
@@ -408,7 +441,7 @@ class TrainerWorker:
             sums.aux += float(aux_share.detach())
             total = total + self.cfg.trainer.aux_loss_coef * aux_share
         finite = bool(torch.isfinite(total.detach()))
-        return total * self.world_size, finite
+        return total * self._grad_scale, finite
 
     def _scores(
         self,
@@ -424,7 +457,10 @@ class TrainerWorker:
         False: none asked for). Chunked from the last hidden states (``trainer.logprob_chunk_size``,
         mopd/logprobs.py), or from the full logits with chunk size 0. With
         ``trainer.pack_sequences`` the rows' real tokens go through the model as one row
-        (``PackedRows``) and the results come back in the rows' layout."""
+        (``PackedRows``) and the results come back in the rows' layout. With sequence parallelism
+        (``_sp_scores``) only this rank's tokens are scored, the others' hold 0."""
+        if self._sp is not None:
+            return self._sp_scores(self._sp, input_ids, attention_mask, routes, topk_ids, balance=balance)
         if self.cfg.trainer.pack_sequences:
             packed = PackedRows(attention_mask)
             pack = lambda x: None if x is None else packed.pack(x)  # noqa: E731
@@ -456,6 +492,45 @@ class TrainerWorker:
         with head_scoring(self.engine.module, fn) as finish:
             out, aux = self._forward(input_ids, attention_mask, routes, balance=balance, position_ids=position_ids)
         scores = align_to_tokens(finish(out))
+        return scores[..., 0], None if topk_ids is None else scores[..., 1:], aux
+
+    def _sp_scores(
+        self,
+        sp: SequenceParallel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        routes: torch.Tensor | None,
+        topk_ids: torch.Tensor | None,
+        *,
+        balance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``_scores`` of this rank's slice of the rows (trainers/sequence_parallel.py): the same
+        (b, t) / (b, t, K) layout, the log-probs of the tokens this rank scores (``sp.owned``) in
+        place and 0 elsewhere; the balance loss is this rank's share of the rows'."""
+        b = input_ids.shape[0]
+        sl = sp.shard(
+            input_ids, attention_mask, aligned={} if routes is None else {"routes": routes},
+            shifted={} if topk_ids is None else {"topk": topk_ids}, aligned_fill=NOT_RECORDED,
+        )  # fmt: skip
+        targets = sl.targets[..., None]
+        if topk_ids is not None:
+            targets = torch.cat([targets, sl.shifted["topk"]], -1)
+        chunk = self.cfg.trainer.logprob_chunk_size
+        fn = lambda x, w: chunked_logprobs(x, targets, chunk=chunk, weight=w)  # noqa: E731
+        want_aux = balance and self._moe and self.cfg.trainer.aux_loss_coef > 0
+        module = self.engine.module
+        with ExitStack() as stack:
+            finish = stack.enter_context(head_scoring(module, fn))
+            stack.enter_context(replay_routes(module, sl.aligned.get("routes")))
+            captured = stack.enter_context(self._routes.capture()) if want_aux else []
+            kwargs = {"output_router_logits": True} if want_aux else {}
+            out = forward_logits(self.engine, sl.input_ids, None, sl.position_ids, **kwargs)
+        scores = sl.to_rows(finish(out.logits))[:b]
+        aux = None
+        if want_aux and getattr(out, "aux_loss", None) is not None:
+            aux = sp.balance("switch", out.router_logits, sl, top_k=module.config.num_experts_per_tok)
+        elif want_aux and captured:
+            aux = sp.balance("sigmoid", captured, sl)
         return scores[..., 0], None if topk_ids is None else scores[..., 1:], aux
 
     def _forward(
@@ -555,8 +630,9 @@ class TrainerWorker:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routed_experts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Teacher-forced (B, T) f32 log-probs of every token (column 0 is 0), eval mode, on CPU.
-        ``routed_experts`` (B, T, L, k): MoE routes to replay. Under ZeRO-3 all ranks must call it
-        with the same inputs."""
+        ``routed_experts`` (B, T, L, k): MoE routes to replay. Under ZeRO-3 or with sequence
+        parallelism all ranks must call it with the same inputs (then padding and each row's first
+        token hold 0)."""
         was_training = self.engine.module.training
         self.engine.eval()
         try:
@@ -565,7 +641,8 @@ class TrainerWorker:
             for i in range(0, input_ids.shape[0], mbs):
                 ids, am = input_ids[i : i + mbs].to(self.device), attention_mask[i : i + mbs].to(self.device)
                 routes = None if routed_experts is None else routed_experts[i : i + mbs].to(self.device)
-                out.append(self._scores(ids, am, routes, balance=False)[0].cpu())
+                logp = self._scores(ids, am, routes, balance=False)[0]
+                out.append((logp if self._sp is None else self._sp.sum(logp)).cpu())
         finally:
             self.engine.train(was_training)
         return torch.cat(out).float().cpu()
@@ -719,20 +796,25 @@ def domain_loss(
     idx: list[int],
     logp_train: torch.Tensor,
     student_topk: torch.Tensor | None,
+    owned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``obj``'s loss on the rows ``idx`` of one domain (a mean over their sequences), and their
     metric sums (5,) f64 in ``_STATS`` order. ``logp_train`` (b, t) and ``student_topk`` (b, t, K)
-    cover all of ``rows``."""
+    cover all of ``rows``. ``owned`` (b, t) bool: with sequence parallelism, the tokens this rank
+    scored; the loss and the sums are then their share (over each whole row's response length)."""
     sub = rows.subset(idx)
     t = torch.as_tensor(idx, dtype=torch.long, device=logp_train.device)
     lp = logp_train[t]
+    mask, lengths = sub.response_mask, None
+    if owned is not None:
+        mask, lengths = sub.response_mask & owned[t], sub.response_mask.sum(-1)
     x = LossInputs(
-        lp, sub.rollout, sub.teacher, sub.response_mask, sub.adv_orm,
-        None if student_topk is None else student_topk[t], sub.topk_logprobs,
+        lp, sub.rollout, sub.teacher, mask, sub.adv_orm,
+        None if student_topk is None else student_topk[t], sub.topk_logprobs, lengths,
     )  # fmt: skip
     loss, m = obj.loss(x, o)
     n = m["num_tokens"]
-    abs_diff = float(((lp.detach() - sub.rollout).abs() * sub.response_mask).sum())
+    abs_diff = float(((lp.detach() - sub.rollout).abs() * mask).sum())
     adv_mean = m.get("adv_mean", 0.0)  # 0 for a loss without an advantage (the top-k form)
     stat = torch.tensor([n, m["reverse_kl"] * n, m["is_masked_frac"] * n, adv_mean * n, abs_diff], dtype=torch.float64)
     return loss, stat

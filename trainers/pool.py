@@ -73,6 +73,7 @@ class TrainerPool:
         # Not restarted (max_restarts=0): a dead rank raises ActorFailedError.
         self._actors = ActorGroup("trainer", placement_group=placement.placement_group, owns_placement_group=False)
         self._world_size, self._micro_batch_size = t.world_size, t.micro_batch_size
+        self._sp_size = t.sequence_parallel_size  # consecutive ranks that share one data-parallel shard
         self._max_tokens, self._packed = t.max_tokens_per_micro_batch, t.pack_sequences
         # One call on the ranks at a time: the rollout pool may ask for the weights (a restarted
         # replica) from another thread, and ranks must see collectives in the same order.
@@ -107,9 +108,12 @@ class TrainerPool:
 
     # ------------------------------------------------------------------ forwarded calls
     def _per_rank(self, method: str, batch: TrainBatch) -> list[Any]:
-        """Call ``method`` on every rank with its own shard of ``batch``, each its own object ref."""
-        shards = shard_batch(batch, self._world_size, self._micro_batch_size, self._max_tokens, self._packed)
-        refs = [(ray.put(shard),) for shard in shards]
+        """Call ``method`` on every rank with its own shard of ``batch``, each its own object ref
+        (with sequence parallelism the ranks of one SP group share the ref of their shard)."""
+        dp_size = self._world_size // self._sp_size
+        shards = shard_batch(batch, dp_size, self._micro_batch_size, self._max_tokens, self._packed)
+        put = [ray.put(shard) for shard in shards]
+        refs = [(put[rank // self._sp_size],) for rank in range(self._world_size)]
         with self._lock:  # like _all: ranks must see their collectives in one order
             return self._actors.call_each(method, refs)
 
