@@ -155,6 +155,19 @@ def test_token_budget_bounds_the_micro_batch():
     assert chunked.parts["logits"] == 16 * 128 * 6
 
 
+def test_sequence_parallel_ranks_hold_their_share_of_a_pass():
+    """trainer.sequence_parallel_size S: a rank's activations and logits are those of 1/S of the
+    pass's positions (16 rows x 32 tokens over 2 ranks: 256 each)."""
+    per_token = 2 * 1248 * 2  # 2 layers x 1248 elements, bf16
+    world = _trainer(dense_recipe(), micro_batch_size=16, world_size=2)
+    sp = _trainer(dense_recipe(), micro_batch_size=16, world_size=2, sequence_parallel_size=2)
+    assert world.parts["activations"] == 16 * 32 * per_token
+    assert sp.parts["activations"] == 256 * per_token
+    assert sp.parts["logits"] == 256 * 128 * (2 + 12)
+    assert "sequence parallel 2 (256 tokens a rank)" in sp.note
+    assert "raise trainer.sequence_parallel_size" in world.fix
+
+
 def test_hf_teacher_prices_its_token_budget_and_chunk():
     """teachers.<d>.max_tokens_per_batch replaces batch_size; logprob_chunk_size > 0 prices one chunk."""
     cfg = dense_recipe()

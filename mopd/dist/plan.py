@@ -342,7 +342,10 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
     host = parts.pop("host_optimizer", 0.0)
     extra = get_objective(cfg.objective.kind).extra_logit_bytes(cfg.objective)
-    positions = pass_positions(t.micro_batch_size, t.max_tokens_per_micro_batch, tokens)
+    # Sequence parallelism: each of the S ranks of a group holds 1/S of a pass's positions (the
+    # attention's all-to-all trades positions for heads, the same number of elements).
+    sp = t.sequence_parallel_size
+    positions = math.ceil(pass_positions(t.micro_batch_size, t.max_tokens_per_micro_batch, tokens) / sp)
     parts["activations"] = train_activations(s, positions, tokens, e, t.gradient_checkpointing)
     # Full logits: the logits, the fp32 log-softmax, its gradient and the gather's, and the objective's own.
     parts["logits"] = logits_bytes(s, positions, e, t.logprob_chunk_size, e + 12 + extra)
@@ -350,6 +353,7 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
         batch = f"max_tokens_per_micro_batch {t.max_tokens_per_micro_batch} (<= {positions} tokens a pass)"
     else:
         batch = f"micro-batch {t.micro_batch_size} x {tokens} tokens"
+    batch += f", sequence parallel {sp} ({positions} tokens a rank)" if sp > 1 else ""
     note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, {batch}"
     note += ", checkpointing" if t.gradient_checkpointing else ""
     note += f", {_chunk_note(t.logprob_chunk_size)}"
@@ -377,6 +381,8 @@ def _trainer_fix(cfg: MOPDConfig, parts: dict[str, float], tokens: int) -> str:
         acts.append("lower trainer.logprob_chunk_size")
     by_tokens = ("trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch)
     acts.append(_batch_fix(*by_tokens, "trainer.micro_batch_size", t.micro_batch_size, tokens))
+    if t.max_tokens_per_micro_batch == 0:
+        acts.append("raise trainer.sequence_parallel_size (a row's tokens over several ranks; sdpa/flash students)")
     activations = parts["activations"] + parts["logits"]
     states_bytes = sum(parts[k] for k in ("weights", "gradients", "optimizer", "buffers"))
     return ", ".join(states + acts if states_bytes >= activations else acts + states)
