@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (figures go to docs/benchmarks.md), three parts on one CUDA device:
+# GPU check (figures go to docs/benchmarks.md), four parts on one CUDA device:
 #   1. a few in-process MOPD steps with a ~345M-parameter MiMoV2Flash student through the product's
 #      workers on the device (HF rollout, HF teacher, DeepSpeed trainer under ZeRO-3, bf16): tokens/s
 #      per phase and MFU (scripts/gpu_check.py; extra arguments go to it);
@@ -7,7 +7,12 @@
 #      an HF rollout worker receives (scripts/gpu_sync_check.py; NCCL, expected to be refused with
 #      two ranks on one GPU, then gloo, what a colocated run uses);
 #   3. `mopd plan`'s trainer-memory estimate against the peak CUDA memory of real training steps
-#      (scripts/plan_gpu_check.py; GPU only).
+#      (scripts/plan_gpu_check.py; GPU only);
+#   4. long responses (issue 26): the longest row one train step of the same student (at vocabulary
+#      151,936) completes, full-logits log-probs vs chunked, without and with gradient
+#      checkpointing, and train tokens/s and MFU at 4K and 16K tokens (scripts/gpu_long_check.py).
+#      It gets what is left of GPU_CHECK_LIMIT_S (default 530 s, the device call's 540 s less a
+#      margin), at most LONG_BUDGET_S (default 150 s), and stops its search there.
 #
 # The device machine has CUDA torch and transformers but no internet, no Ray, no vLLM, no pydantic
 # (which DeepSpeed imports), and only what is carried to it (64 MiB). So, on this machine first:
@@ -17,8 +22,8 @@
 #                                         # compiled core, and .venv's transformers) into
 #                                         # .gpu_deps/wheels (~30 MB in all, git-ignored)
 # then on the device (the run tool, carry: [".gpu_deps"], timeout_s 540):
-#   bash scripts/gpu_check.sh             # about 4-6 minutes
-# and on a CPU, parts 1 and 2 through the same code on a tiny student (gloo only):
+#   bash scripts/gpu_check.sh             # about 6.5-9 minutes (parts 0-3: 4-6, part 4: at most ~3)
+# and on a CPU, parts 1, 2 and 4 through the same code on a tiny student (gloo only):
 #   bash scripts/gpu_check.sh --cpu --tiny
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,12 +71,12 @@ out=${OUT:-runs/gpu_check}
 cpu=0
 [[ " $* " == *" --cpu "* ]] && cpu=1
 if ((!cpu)) && "$py" -c "import pytest" 2>/dev/null; then
-    echo "=== 0/3 the device tests (tests/test_devices.py: GPU workers return the CPU workers' results)"
+    echo "=== 0/4 the device tests (tests/test_devices.py: GPU workers return the CPU workers' results)"
     "$py" -m pytest -q -p no:cacheprovider tests/test_devices.py || echo "device tests: exit status $?"
 fi
-echo "=== 1/3 MOPD steps on the device (ZeRO-3 unless --zero 2)"
+echo "=== 1/4 MOPD steps on the device (ZeRO-3 unless --zero 2)"
 "$py" scripts/gpu_check.py --zero 3 --json "$out/gpu_check.json" "$@"
-echo "=== 2/3 direct weight sync, two processes on one device"
+echo "=== 2/4 direct weight sync, two processes on one device"
 if ((cpu)); then
     "$py" scripts/gpu_sync_check.py --cpu --tiny --backends gloo --json "$out/gpu_sync_check.json"
 else
@@ -81,12 +86,29 @@ else
     "$py" scripts/gpu_sync_check.py --backends gloo --json "$out/gpu_sync_check.json"
 fi
 if ((cpu)); then
-    echo "=== 3/3 plan vs measured memory: GPU only, skipped"
+    echo "=== 3/4 plan vs measured memory: GPU only, skipped"
 else
-    echo "=== 3/3 mopd plan's trainer estimate vs peak CUDA memory of a real step"
+    echo "=== 3/4 mopd plan's trainer estimate vs peak CUDA memory of a real step"
     # Cases zero,bf16,checkpointing,micro-batch,tokens (plan_gpu_check.py has two more).
     for case in 2,1,0,4,1024 3,1,0,4,1024; do
         timeout 150 "$py" scripts/plan_gpu_check.py "$case" | grep '^RESULT' | tee -a "$out/plan_gpu_check.jsonl" ||
             echo "plan case $case: exit status $?"
     done
+fi
+limit=${GPU_CHECK_LIMIT_S:-530}
+budget=${LONG_BUDGET_S:-150}
+if ((cpu)); then
+    echo "=== 4/4 long responses: the same code on the tiny student, T = 64..512 (OOM simulated at 512)"
+    "$py" scripts/gpu_long_check.py --cpu --tiny --simulate-oom-at 512 --budget-s 600 \
+        --json "$out/gpu_long_check.json" || echo "long check: exit status $?"
+else
+    left=$((limit - SECONDS - 45)) # 45 s: start-up, and the last process may run 20 s past the budget
+    ((left < budget)) && budget=$left
+    if ((budget < 60)); then
+        echo "=== 4/4 long responses: skipped, ${left} s left of GPU_CHECK_LIMIT_S=${limit}"
+    else
+        echo "=== 4/4 long responses on one device: longest row that trains, today vs chunked log-probs (${budget} s)"
+        timeout -k 5 $((budget + 40)) "$py" scripts/gpu_long_check.py --budget-s "$budget" \
+            --json "$out/gpu_long_check.json" || echo "long check: exit status $?"
+    fi
 fi
