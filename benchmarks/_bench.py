@@ -256,3 +256,107 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2, default=str))
     print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------- spread-length student
+
+# Reasoning-like filler of the spread-length SFT targets: letters and spaces only, so that '=' and
+# the answer's digits mark where a response ends.
+SPREAD_FILLER = "let me think this through step by step and check each part of it again "
+
+
+def spread_target(rng, answer: str, max_new: int, filler: str = SPREAD_FILLER) -> str:
+    """An SFT target whose length (EOS included) is drawn uniformly from what fits ``max_new``
+    tokens: filler, then ``=`` and the answer (the character tokenizer: one token a character)."""
+    tail = "=" + answer
+    length = rng.randint(len(tail) + 1, max_new)  # response tokens, EOS included
+    fill = length - len(tail) - 1
+    return (filler * (fill // len(filler) + 1))[:fill] + tail
+
+
+def spread_sft(
+    src: str, out: Path, max_new: int, steps: int = 100, batch: int = 16, lr: float = 1e-3, seed: int = 0,
+    noisy_answers: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """SFT the model in ``src`` on ``math`` training prompts with ``spread_target`` targets (EOS at
+    the end) and save it to ``out``: a plain fp32 AdamW loop on the target tokens (token mean),
+    right-padded batches of ``batch`` rows. ``noisy_answers``: each answer replaced by random digits
+    of its length (the format without the arithmetic). Returns the run's settings, time and losses."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from mopd.chat import prompt_ids
+    from mopd.domains.math import generate
+
+    rng = random.Random(seed + 17)
+    torch.manual_seed(seed + 17)
+    tok = build_char_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rows = generate(rng, steps * batch, "train")
+    t0, losses = time.time(), []
+    for step in range(steps):
+        ids, labels = [], []
+        for row in rows[step * batch : (step + 1) * batch]:
+            p = prompt_ids(tok, row)
+            answer = row.meta["answer"]
+            if noisy_answers:
+                answer = "".join(rng.choice("0123456789") for _ in answer)
+            target = spread_target(rng, answer, max_new)
+            r = [*tok(target, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            ids.append(p + r)
+            labels.append([-100] * len(p) + r)
+        width = max(map(len, ids))
+        x = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in ids])
+        y = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
+        mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in ids])[:, None]).long()
+        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 25 == 0:
+            print(f"  spread SFT of {out.name}, step {step + 1}/{steps}: loss {sum(losses[-25:]) / 25:.3f}", flush=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {
+        "steps": steps, "batch": batch, "lr": lr, "max_new": max_new, "noisy_answers": noisy_answers,
+        "seconds": round(time.time() - t0, 1),
+        "loss_first": round(losses[0], 3), "loss_last10": round(sum(losses[-10:]) / min(10, len(losses)), 3),
+    }  # fmt: skip
+
+
+def spread_models(work: Path, models: dict[str, Any], max_new: int, steps: int = 100, seed: int = 0) -> dict[str, Any]:
+    """``models`` with the student and the teacher replaced by copies SFT'd briefly (``spread_sft``)
+    on targets that end with EOS at lengths drawn uniformly up to ``max_new``: the student's
+    on-policy samples stop at spread-out lengths instead of running to the cap, and the teacher ends
+    its responses the same way. The student's answers are random digits, the teacher's the real ones:
+    what there is to distill. (A random teacher, or one with other filler wording, scores the
+    student's text off its own distribution and pulled the student's responses down to a few tokens
+    within 3-4 steps.) Cached in ``work``."""
+    base = work / f"spread_{max_new}_{steps}_{seed}_v2"
+    info_path = base / "models.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    info = json.loads(json.dumps(models))
+    for name in ("student", "teacher"):
+        out = base / name
+        noisy = name == "student"
+        info[name]["spread_sft"] = spread_sft(models[name]["path"], out, max_new, steps, seed=seed, noisy_answers=noisy)
+        info[name]["path"] = str(out)
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def length_summary(lengths: list[int] | list[float], max_new: int) -> dict[str, float]:
+    """Min / quartiles / median / max of response lengths, and the share at the cap."""
+    xs = sorted(int(x) for x in lengths)
+    if not xs:
+        return {}
+    q = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
+    return {
+        "n": len(xs), "min": xs[0], "p25": q(0.25), "median": q(0.5), "p75": q(0.75), "max": xs[-1],
+        "mean": sum(xs) / len(xs), "at_cap": sum(x >= max_new for x in xs) / len(xs),
+    }  # fmt: skip

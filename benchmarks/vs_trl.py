@@ -17,6 +17,21 @@ TRL setting's non-generation time: the two toolkits' cost of the same update.
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --steps 8 --out results/vs_trl.json
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --steps 8 --trl-threads 2,1 --also-overlap \
         --also 'rollout.backend=vllm rollout.overlap=true'
+
+``--spread``: the same comparison on a workload whose responses end at spread-out lengths. Before
+both runs the benchmark student and teacher are SFT'd briefly (``_bench.spread_models``) on targets
+that end with EOS at lengths drawn uniformly up to ``--max-new`` (each with its own filler wording,
+so there is still something to distill); both toolkits start from that student and use that teacher.
+mopd runs with the recipe a user would pick for spread lengths: micro-batches by tokens
+(``trainer.max_tokens_per_micro_batch`` and ``teachers.math.max_tokens_per_batch`` =
+``--token-budget``, 2048 by default), with ``--overlap`` for ``rollout.overlap``. The script prints
+the response lengths of step 1 for both toolkits (mopd's regenerated in-process with step 1's seed,
+checked against the run's token count), the mean length of every step, and the share of computed
+positions that were padding (mopd's ``train/padding_frac``; TRL pads every row to its generation
+batch's longest).
+
+    OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --spread --overlap --steps 8 --trl-threads 2,1 \
+        --work runs/bench_spread --out results/vs_trl_spread.json
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ def run_trl(work: Path, models: dict[str, Any], stream, args) -> dict[str, Any]:
 
     from mopd.models import build_char_tokenizer
 
-    record: dict[str, list[float]] = {"step_end": [], "generate_s": [], "tokens": []}
+    record: dict[str, list[Any]] = {"step_end": [], "generate_s": [], "tokens": [], "lengths": [], "padding": []}
 
     class Timed(DistillationTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -63,6 +78,10 @@ def run_trl(work: Path, models: dict[str, Any], stream, args) -> dict[str, Any]:
             out = super()._generate_and_score_completions(inputs)
             record["generate_s"].append(time.perf_counter() - t0)
             record["tokens"].append(float(out["completion_mask"].sum()))
+            cm, pm = out["completion_mask"], out["prompt_mask"]
+            record["lengths"].append([int(x) for x in cm.sum(1)])
+            # Positions of the padded batch (every pass keeps its generation batch's width) that are padding.
+            record["padding"].append(1.0 - float(cm.sum() + pm.sum()) / (cm.numel() + pm.numel()))
             return out
 
     class StepClock(TrainerCallback):
@@ -110,6 +129,8 @@ def run_trl(work: Path, models: dict[str, Any], stream, args) -> dict[str, Any]:
         "wall_s": wall,
         "gaps": gaps,
         "final_dir": str(out_dir),
+        "lengths": record["lengths"],
+        "padding_frac": record["padding"],
     }
 
 
@@ -134,7 +155,63 @@ def mopd_figures(run: dict[str, Any]) -> dict[str, Any]:
     steady["train_wall_s"] = sum(steady["gaps"]) - steady["startup_s"]  # steps only, as TRL's
     steady["wall_s"] = run["wall_s"]
     steady["final_dir"] = str(Path(run["output_dir"]) / "checkpoints" / f"step_{len(recs):06d}" / "hf")
+    steady["step_tokens"] = [r.get("rollout/tokens") for r in recs]
+    steady["mean_len"] = [r.get("rollout/response_len") for r in recs]
+    steady["truncated_frac"] = [r.get("rollout/truncated_frac") for r in recs]
+    steady["padding_frac"] = [r.get("train/padding_frac") for r in recs]
     return steady
+
+
+def mopd_step1_lengths(recipe: Path, stream, args) -> list[int]:
+    """The response lengths of mopd's step 1: the same student, sampler, prompts and seed as the run's
+    step 1 (one replica: ``HFRolloutActor.generate`` with the pool's ``seed_for(step_seed(seed, 1), 0)``),
+    regenerated in this process. With several replicas the rows are split, so the samples differ."""
+    from mopd.config import load_config
+    from mopd.seeds import seed_for, step_seed
+    from rollout.hf import HFRolloutActor
+
+    cfg = load_config(recipe)
+    seed = seed_for(step_seed(cfg.run.seed, 1), 0)
+    batch = HFRolloutActor(cfg).generate(stream[0], cfg.rollout.n, seed=seed)
+    return [int(x) for x in batch.response_mask.sum(-1)]
+
+
+def spread_lines(res: dict[str, Any]) -> list[str]:
+    """The ``--spread`` report: step 1's response lengths, every step's mean, the padding share."""
+    max_new = res["args"]["max_new"]
+
+    def fmt(s: dict[str, float]) -> str:
+        return (
+            f"min {s['min']}, p25 {s['p25']}, median {s['median']}, p75 {s['p75']}, max {s['max']}, "
+            f"mean {s['mean']:.1f}, at the cap {s['at_cap']:.0%} (n={s['n']})"
+        )
+
+    lines = [f"spread SFT, {k}: {res['models'][k].get('spread_sft')}" for k in ("student", "teacher")]
+    m1 = res["mopd_step1"]
+    lines.append(f"step 1 response lengths, mopd: {fmt(m1['summary'])}; regenerated tokens {m1['tokens']} vs the "
+                 f"run's {m1['run_tokens']:.0f}")  # fmt: skip
+    for t, r in res["trl_runs"].items():
+        lines.append(
+            f"step 1 response lengths, TRL {t} thread(s): {fmt(_bench.length_summary(r['lengths'][0], max_new))}"
+        )
+    m = res["mopd"]
+    lines.append("mopd mean response length per step: " + ", ".join(f"{x:.0f}" for x in m["mean_len"] if x is not None))
+    lines.append(
+        "mopd truncated share per step: " + ", ".join(f"{x:.2f}" for x in m["truncated_frac"] if x is not None)
+    )
+    for t, r in res["trl_runs"].items():
+        means = [sum(x) / len(x) for x in r["lengths"]]
+        lines.append(f"TRL {t} thread(s) mean response length per step: " + ", ".join(f"{x:.0f}" for x in means))
+    pad = [x for x in m["padding_frac"] if x is not None]
+    lines.append(f"padding share of computed positions, mopd train (token budget {res['args']['token_budget']}): "
+                 + ", ".join(f"{x:.2f}" for x in pad))  # fmt: skip
+    for label, r in res.get("mopd_also", {}).items():
+        lines.append(f"padding share of computed positions, mopd train ({label}): "
+                     + ", ".join(f"{x:.2f}" for x in r["padding_frac"] if x is not None))  # fmt: skip
+    for t, r in res["trl_runs"].items():
+        lines.append(f"padding share of computed positions, TRL {t} thread(s): "
+                     + ", ".join(f"{x:.2f}" for x in r["padding_frac"]))  # fmt: skip
+    return lines
 
 
 # ---------------------------------------------------------------------- report
@@ -153,7 +230,7 @@ def report(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     kl0 = res["quality"]["init"]["reverse_kl"]
-    rows = [("mopd, phases in turn", res["mopd"], "mopd")]
+    rows = [(f"mopd, {mopd_label(res['args'])}", res["mopd"], "mopd")]
     if "mopd_overlap" in res:
         rows.append(("mopd, rollout.overlap", res["mopd_overlap"], "mopd_overlap"))
     for label, r in res.get("mopd_also", {}).items():
@@ -171,7 +248,7 @@ def report(res: dict[str, Any]) -> str:
         )
     best = res["trl_best_threads"]
     lines.append(f"fastest TRL configuration: {best} thread(s), {res['trl_runs'][best]['step_s']:.2f} s/step")
-    lines.append(f"throughput mopd (phases in turn) / fastest TRL: {res['ratio']:.2f}x")
+    lines.append(f"throughput mopd ({mopd_label(res['args'])}) / fastest TRL: {res['ratio']:.2f}x")
     if "mopd_overlap" in res:
         lines.append(f"throughput mopd (rollout.overlap) / fastest TRL: {res['ratio_overlap']:.2f}x")
     for label, r in res.get("mopd_also", {}).items():
@@ -187,13 +264,33 @@ def report(res: dict[str, Any]) -> str:
         )
     for threads, ratio in res["arithmetic_ratio"].items():
         lines.append(
-            f"mopd (phases in turn) teacher scoring + train + sync / TRL {threads} thread(s) non-generation time: "
+            f"mopd ({mopd_label(res['args'])}) teacher scoring + train + sync / TRL {threads} thread(s) "
+            "non-generation time: "
             f"{ratio:.2f}"
         )
     if "kl_gap" in res:
         lines.append("reverse KL after the run minus the fastest TRL's: " + ", ".join(
             f"{k} {v:+.3f}" for k, v in res["kl_gap"].items()))  # fmt: skip
+    if "mopd_step1" in res:
+        lines += spread_lines(res)
     return "\n".join(lines)
+
+
+def mopd_label(args: dict[str, Any]) -> str:
+    """What mopd's main run is: phases in turn or overlapped, and its token budget if any."""
+    label = "rollout.overlap" if args.get("overlap") else "phases in turn"
+    if args.get("token_budget"):
+        label += f", token budget {args['token_budget']}"
+    return label
+
+
+def budget_overrides(args, domains: tuple[str, ...] = ("math",)) -> list[str]:
+    """mopd's overrides for ``--token-budget``: the trainer's micro-batches and every HF teacher's
+    scoring passes by tokens."""
+    if not args.token_budget:
+        return []
+    b = int(args.token_budget)
+    return [f"trainer.max_tokens_per_micro_batch={b}", *(f"teachers.{d}.max_tokens_per_batch={b}" for d in domains)]
 
 
 def main() -> None:
@@ -212,11 +309,29 @@ def main() -> None:
         help="run mopd once more with these recipe overrides (space-separated, e.g. "
         "'rollout.backend=vllm rollout.overlap=true'); may be given several times",
     )  # fmt: skip
+    p.add_argument(
+        "--spread", action="store_true",
+        help="student and teacher SFT'd on responses of spread-out lengths first (module docstring)",
+    )  # fmt: skip
+    p.add_argument(
+        "--spread-sft-steps", type=int, default=100, help="--spread: SFT steps of each model (16 rows a step)"
+    )
+    p.add_argument(
+        "--token-budget", type=int, default=None,
+        help="mopd's trainer.max_tokens_per_micro_batch and teachers' max_tokens_per_batch (default: 2048 with "
+        "--spread, else 0: rows per micro-batch)",
+    )  # fmt: skip
     p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.token_budget is None:
+        args.token_budget = 2048 if args.spread else 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models = _bench.save_models(work, args.seed)
+    if args.spread:
+        if not args.trl_child:
+            print(f"spread-length student and teacher: SFT {args.spread_sft_steps} steps each ...", flush=True)
+        models = _bench.spread_models(work, models, args.max_new, steps=args.spread_sft_steps, seed=args.seed)
     recipe = _bench.recipe(work, models, args, "mopd_vs_trl")
     stream = _bench.prompt_stream(recipe, args.steps)
     if args.trl_child:
@@ -225,8 +340,8 @@ def main() -> None:
     held_out = _bench.eval_rows(recipe, args.eval_prompts)
     res: dict[str, Any] = {"args": vars(args), "models": models, "machine": _bench.machine()}
 
-    print(f"mopd train ({args.steps} steps) ...", flush=True)
-    res["mopd"] = mopd_figures(_bench.run_mopd(recipe, log=work / "mopd_vs_trl.log"))
+    print(f"mopd train, {mopd_label(vars(args))} ({args.steps} steps) ...", flush=True)
+    res["mopd"] = mopd_figures(_bench.run_mopd(recipe, budget_overrides(args), log=work / "mopd_vs_trl.log"))
     if args.also_overlap and not args.overlap:
         print(f"mopd train, rollout.overlap=true ({args.steps} steps) ...", flush=True)
         over = ["rollout.overlap=true", f"run.output_dir={work / 'mopd_vs_trl_overlap'}"]
@@ -258,6 +373,13 @@ def main() -> None:
     res["arithmetic_ratio"] = {t: mopd_side / r["non_generate_s"] for t, r in res["trl_runs"].items()}
 
     torch.set_num_threads(1)
+    if args.spread:
+        print("mopd step 1 response lengths ...", flush=True)
+        lengths = mopd_step1_lengths(recipe, stream, args)
+        res["mopd_step1"] = {
+            "lengths": lengths, "summary": _bench.length_summary(lengths, args.max_new), "tokens": sum(lengths),
+            "run_tokens": res["mopd"]["step_tokens"][0],
+        }  # fmt: skip
     print("held-out quality ...", flush=True)
     teacher = models["teacher"]["path"]
     res["quality"] = {
