@@ -41,6 +41,11 @@ def padded_size(spans: Sequence[tuple[int, int]]) -> int:
     return len(spans) * (max(e for _, e in real) - min(s for s, _ in real))
 
 
+def longest_first(spans: Sequence[tuple[int, int]]) -> list[int]:
+    """Row indices by length, longest first, ties by index (a deterministic order)."""
+    return sorted(range(len(spans)), key=lambda i: (-(spans[i][1] - spans[i][0]), i))
+
+
 def token_budget_groups(spans: Sequence[tuple[int, int]], budget: int, packed: bool = False) -> list[list[int]]:
     """Indices of the rows in groups whose ``padded_size`` is at most ``budget``, longest rows first;
     with ``packed``, whose real tokens are (rows laid end to end, ``PackedRows``).
@@ -51,7 +56,7 @@ def token_budget_groups(spans: Sequence[tuple[int, int]], budget: int, packed: b
     current group."""
     if budget <= 0:
         raise ValueError(f"the token budget must be positive, got {budget}")
-    order = sorted(range(len(spans)), key=lambda i: (-(spans[i][1] - spans[i][0]), i))
+    order = longest_first(spans)
     if packed:
         return _packed_groups([(i, spans[i][1] - spans[i][0]) for i in order], budget)
     groups: list[list[int]] = []

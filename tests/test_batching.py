@@ -15,6 +15,7 @@ import torch
 from mopd.batching import PackedRows, padded_size, row_spans, token_budget_groups
 from mopd.config import BUILTIN_TOKENIZER, ModelConfig
 from mopd.models import CHAR_VOCAB_SIZE, forward_logits, load_model, tiny_mimo_config, token_logprobs
+from test_routing import tiny_qwen3_moe_config
 
 PROMPT = 8
 
@@ -87,23 +88,7 @@ def test_a_non_positive_budget_is_refused():
 ARCHS = {
     # Hybrid sliding-window / global attention with sinks (eager), MoE.
     "mimo_v2_flash": lambda: tiny_mimo_config(sliding_window=8),
-    "qwen3_moe": lambda: dict(
-        model_type="qwen3_moe",
-        vocab_size=CHAR_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    ),  # fmt: skip
+    "qwen3_moe": lambda: tiny_qwen3_moe_config(num_experts=4, max_position_embeddings=256),
     "llama": lambda: dict(
         model_type="llama",
         vocab_size=CHAR_VOCAB_SIZE,

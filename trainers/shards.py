@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.batching import row_spans, token_budget_groups
+from mopd.batching import longest_first, row_spans, token_budget_groups
 from mopd.types import TrainBatch
 
 
@@ -98,7 +98,7 @@ def shard_batch(
     plans: list[list[list[int]] | None]
     if max_tokens > 0:
         spans = row_spans(r.attention_mask)
-        by_length = sorted(range(B), key=lambda i: (-(spans[i][1] - spans[i][0]), i))
+        by_length = longest_first(spans)
         owns = [sorted(by_length[rank::world_size]) for rank in range(world_size)]
         plans = [token_budget_groups([spans[i] for i in own], max_tokens, packed) if own else [] for own in owns]
         micro_batches = max(max(len(p or []) for p in plans), 1)
