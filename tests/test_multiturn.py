@@ -317,10 +317,12 @@ def env_cfg(**env) -> MOPDConfig:
 def test_config_accepts_an_environment_and_refuses_bad_ones():
     validate(env_cfg())
     from mopd.config import ConfigError
+    from mopd.envs.parsers import registered_parsers
 
     cases = [
         (dict(name="nope"), r"environments.agent.name: unknown environment 'nope'; registered: (.*, )?lookup, shell"),
-        (dict(parser="xml"), r"environments.agent.parser is 'xml'; valid: hermes, simple"),  # the built-in formats
+        # every registered format (a test earlier in this process may have loaded a plugin's own)
+        (dict(parser="xml"), rf"environments.agent.parser is 'xml'; valid: {', '.join(registered_parsers())}"),
         (dict(max_turns=0), r"environments.agent.max_turns must be positive"),
     ]
     for env, message in cases:
