@@ -382,13 +382,24 @@ def outcome_rewards(batch: RolloutBatch) -> list[float]:
     ]
 
 
+def eval_samples(
+    rollout: Rollout, rows: list[PromptRow], n: int = 1, seed: int = 0, greedy: bool = True
+) -> tuple[RolloutBatch, list[list[float]]]:
+    """``n`` responses per row (greedy: argmax decoding, n = 1) and their outcome rewards
+    (``outcome_rewards``), one list of ``n`` per row in the order of ``rows``: what the in-run
+    eval (``evaluate``) and ``mopd eval`` (mopd/app/evaluate.py) score."""
+    batch = rollout.generate(rows, n, seed=seed, greedy=greedy)
+    rewards = outcome_rewards(batch)  # sample k of rows[i] at i * n + k (RolloutPool.generate)
+    return batch, [rewards[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
 def evaluate(rollout: Rollout, rows: list[PromptRow], seed: int = 0) -> dict[str, float]:
     """Greedy accuracy per domain (``outcome_rewards``: the verifier's, or a multi-turn domain's
     environment reward): ``eval/<domain>/accuracy``; a multi-turn domain adds its greedy episodes'
     stats (``episode_metrics``) as ``eval/<domain>/<key>``."""
-    batch = rollout.generate(rows, 1, seed=seed, greedy=True)
+    batch, rewards = eval_samples(rollout, rows, 1, seed, greedy=True)
     by_domain: dict[str, list[float]] = {}
-    for row, reward in zip(batch.rows, outcome_rewards(batch), strict=True):
+    for row, (reward,) in zip(rows, rewards, strict=True):
         by_domain.setdefault(row.domain, []).append(reward)
     out = {f"eval/{d}/accuracy": sum(v) / len(v) for d, v in sorted(by_domain.items())}
     if batch.episodes is not None:

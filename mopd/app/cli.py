@@ -5,6 +5,7 @@
     mopd plan RECIPE [key=value ...] [--gpus N] [--nodes M]   memory per actor, and whether it fits
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
     mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
+    mopd eval RECIPE --student DIR|CHECKPOINT [--samples K] [key=value ...]   greedy and sampled accuracy
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
 
 RECIPE is a YAML file, or the name of a recipe shipped with mopd (``mopd validate quickstart``:
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (or a run's checkpoints/ to take the latest)")
     e.add_argument("out_dir")
+    ev = sub.add_parser("eval", help="a student's greedy (and sampled) accuracy on the recipe's held-out prompts")
+    ev.add_argument("recipe", help=RECIPE_HELP)
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
+    ev.add_argument(
+        "--student",
+        required=True,
+        help="a Hugging Face directory (e.g. from mopd export), a checkpoint, or a run's checkpoints/ (the latest)",
+    )
+    ev.add_argument("--samples", type=int, default=0, help="sampled responses per prompt: mean@K and pass@K")
+    ev.add_argument("--prompts", type=int, default=None, help="held-out prompts per source (default eval.num_prompts)")
+    ev.add_argument("--output", default="eval.json", help="where to write the figures as JSON (default eval.json)")
     q = sub.add_parser("quickstart", help="SFT student, derived teachers, MOPD and a report, on the CPU")
     q.add_argument("--output-dir", default="runs/quickstart")
     q.add_argument("--from-stage", default=None, help="re-run this stage and the ones after it")
@@ -182,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             except FileNotFoundError as e:  # a mistyped checkpoint path: the user's to fix, not a bug
                 raise ConfigError(f"{e}; pass a checkpoint directory or a run's checkpoints/") from None
             print(f"exported {path}")
+            return 0
+        if args.command == "eval":
+            from mopd.app.evaluate import format_eval, run_eval, write_eval
+
+            report = run_eval(load_config(args.recipe, args.overrides), args.student, args.samples, args.prompts)
+            print(format_eval(report))
+            print(f"wrote {write_eval(report, args.output)}")
             return 0
         if args.command == "quickstart":
             from mopd.app.quickstart import run_quickstart

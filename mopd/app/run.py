@@ -25,7 +25,7 @@ from mopd import checkpoint as ckpt
 from mopd import sandbox
 from mopd.app.check import check_teachers
 from mopd.chat import student_tokenizer
-from mopd.config import ConfigError, MOPDConfig, to_yaml
+from mopd.config import ConfigError, DataSourceConfig, MOPDConfig, to_yaml
 from mopd.data import PromptMixer, load_source, load_sources
 from mopd.dist.actors import ActorFailedError
 from mopd.dist.placement import RunPlacement
@@ -304,18 +304,29 @@ def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
     tokenizer = tokenizer if tokenizer is not None else readable_student_tokenizer(cfg)
     verified, per_domain = verifiers(), {}
     for src in cfg.data.sources:
-        if src.domain not in verified or src.domain in per_domain:
-            continue
-        if src.eval_path is not None:
-            held_out = replace(src, path=src.eval_path, generator=None)
-        elif src.generator is not None:
-            held_out = replace(src, split="eval", num_prompts=cfg.eval.num_prompts)
-        else:
-            continue
-        known = set(cfg.teachers)
-        rows, _ = load_source(held_out, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, known, tokenizer)
-        per_domain[src.domain] = rows[: cfg.eval.num_prompts]
+        if src.domain in verified and src.domain not in per_domain and held_out(src, 0) is not None:
+            per_domain[src.domain] = held_out_rows(cfg, src, cfg.eval.num_prompts, tokenizer)
     return [r for d in sorted(per_domain) for r in per_domain[d]]
+
+
+def held_out(src: DataSourceConfig, num_prompts: int) -> DataSourceConfig | None:
+    """The source of ``src``'s held-out prompts: its ``eval_path``, or its generator's eval split
+    (``num_prompts`` of them); None for a file source without ``eval_path``."""
+    if src.eval_path is not None:
+        return replace(src, path=src.eval_path, generator=None)
+    if src.generator is not None:
+        return replace(src, split="eval", num_prompts=num_prompts)
+    return None
+
+
+def held_out_rows(cfg: MOPDConfig, src: DataSourceConfig, num_prompts: int, tokenizer: Any) -> list[PromptRow]:
+    """Up to ``num_prompts`` of ``src``'s held-out rows (``held_out``), checked as training rows are."""
+    source = held_out(src, num_prompts)
+    if source is None:
+        return []
+    known = set(cfg.teachers)
+    rows, _ = load_source(source, cfg.run.seed, cfg.data.max_prompt_len, cfg.data.on_bad_row, known, tokenizer)
+    return rows[:num_prompts]
 
 
 def checked_teachers(cfg: MOPDConfig) -> tuple[dict[str, Any], list[str]]:
