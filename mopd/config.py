@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import os
 import re
 import types
@@ -43,6 +44,11 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
 # data.chat_template: these two words, or a path to a Jinja template file.
 CHAT_TEMPLATE_MODES = ("auto", "none")
+# Files a data source reads (by suffix), and the ``datasets`` builders that read them
+# (``path: json`` with ``data_files``); a Hub dataset name: ``owner/name`` or ``name``.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATASET_BUILDERS = ("json", "parquet", "csv")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ConfigError(ValueError):
@@ -110,24 +116,64 @@ class TeacherConfig(ModelConfig):
 
 @dataclass
 class DataSourceConfig:
-    """Prompts of one domain: a file (jsonl/parquet), a ``datasets`` directory, or a generator."""
+    """Prompts of one domain: a dataset ``datasets`` can load, a ``save_to_disk`` directory, or a
+    registered generator (docs/data.md). ``path`` is one of
+
+    - a Hugging Face Hub dataset, ``owner/name`` (``openai/gsm8k``), with its configuration
+      ``name``, ``split`` and ``revision``; from the ``datasets`` cache when offline
+      (``HF_DATASETS_OFFLINE=1``);
+    - a local ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, or a glob of them;
+    - a local directory: one saved by ``datasets`` (``save_to_disk``), or one laid out as on the
+      Hub (``data/train-*.parquet``, ``main/test-*``, a README.md ``configs:`` header) from which
+      ``name`` and ``split`` pick the files, or any directory of such files;
+    - unset, or a builder name (``json``, ``parquet``, ``csv``), with ``data_files``.
+
+    Every file row is checked; a bad one is named by its file and line (JSON Lines) or row.
+    """
 
     domain: str = MISSING
     path: str | None = None
     # Name of a registered synthetic generator (e.g. ``math``) instead of a path.
     generator: str | None = None
+    # The files to read, a glob or a list of them (JSON Lines, JSON, Parquet or CSV, one format),
+    # relative to ``path`` when it is a directory (or a Hub dataset), else to the working
+    # directory; used whole (``split`` does not apply). Unset: ``path`` says what to read.
+    data_files: str | list[str] | None = None
+    # The dataset's configuration (``load_dataset(path, name)``, e.g. ``main`` of openai/gsm8k):
+    # for a Hub dataset, or a directory whose README.md declares ``configs``.
+    name: str | None = None
+    # The split of a Hub dataset, a dataset directory or a saved DatasetDict; for a generator,
+    # ``train`` or the disjoint ``eval``. Files named by ``path`` or ``data_files`` are used whole.
+    split: str = "train"
+    # A Hub dataset's branch, tag or commit (None: the default branch, or the newest in the cache).
+    revision: str | None = None
     num_prompts: int = 1000
     weight: float = 1.0
-    # Field of a text prompt, used as it is (the tokenizer adds its special tokens, e.g. BOS).
+    # Column of a text prompt, used as it is (the tokenizer adds its special tokens, e.g. BOS).
     prompt_key: str = "prompt"
-    # Field of a prompt in chat form instead: a list of OpenAI-style messages ({role, content}),
+    # Column of a prompt in chat form instead: a list of OpenAI-style messages ({role, content}),
     # rendered with the student's chat template and a generation prompt (data.chat_template).
     # Set, it replaces prompt_key; generator sources give text and cannot use it.
     messages_key: str | None = None
-    split: str = "train"
-    # Held-out prompts of this domain for evaluation (a file like ``path``); generator sources
-    # draw their eval prompts from the generator's disjoint "eval" split instead.
+    # The columns the verifiers read, stored in ``row.meta`` under their standard names: the
+    # reference answer (meta["answer"]), the code tests (meta["tests"]) and the expected tool calls
+    # (meta["calls"]). A row without the column has no such entry. Set to another column (e.g.
+    # ``tests_key: test_list`` for MBPP), the column must exist; the data's own column of the
+    # standard name is then not used. Every other column stays in meta under its own name.
+    answer_key: str = "answer"
+    tests_key: str = "tests"
+    calls_key: str = "calls"
+    # The verifier of this source's rows (``row.verifier``): a built-in verifier name (e.g.
+    # ``math_answer``, ``code_tests``, ``tool_call``, ``exact``) or ``package.module:function``.
+    # None: the domain's registered verifier.
+    verifier: str | None = None
+    # Held-out prompts of this domain for evaluation, read as ``path`` is (with this source's
+    # name, split, revision and data_files); generator sources draw their eval prompts from the
+    # generator's disjoint "eval" split instead.
     eval_path: str | None = None
+    # Held-out prompts from another split of the same dataset instead (``test`` of openai/gsm8k):
+    # for a Hub dataset or a dataset directory, not with eval_path.
+    eval_split: str | None = None
 
 
 @dataclass
@@ -698,16 +744,108 @@ def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
             )
         if s.domain not in cfg.teachers:
             errors.append(f"{where}: no teacher for domain '{s.domain}'; configured teachers: {teachers}")
-        if (s.path is None) == (s.generator is None):
-            errors.append(f"{where}: set exactly one of 'path' and 'generator'")
-        for key in ("path", "eval_path"):
-            value = getattr(s, key)
-            if value is not None and not Path(value).exists():
-                errors.append(f"{where}.{key}: file or directory does not exist: {value}")
+        if (s.path is None and s.data_files is None) == (s.generator is None):
+            errors.append(f"{where}: set exactly one of 'path' (or 'data_files') and 'generator'")
+        errors.extend(f"{where}.{problem}" for problem in _source_location_problems(s))
+        if s.verifier is not None and not _is_verifier_name(s.verifier):
+            errors.append(
+                f"{where}.verifier is {s.verifier!r}: neither a verifier name (e.g. math_answer) nor "
+                "'package.module:function'; leave it unset for the domain's verifier"
+            )
         if s.generator is not None and s.generator not in generators():
             errors.append(
                 f"{where}.generator: unknown generator {s.generator!r}; registered: {', '.join(sorted(generators()))}"
             )
+
+
+def is_hub_dataset_name(path: str) -> bool:
+    """Whether a source's ``path`` names a dataset on the Hugging Face Hub (``openai/gsm8k``, ``gsm8k``)
+    rather than something local: nothing of that name on disk, the Hub's shape (one ``/`` at most),
+    and neither a data file's suffix nor a builder's name (``json``...)."""
+    return (
+        _HUB_NAME.fullmatch(path) is not None
+        and ".." not in path
+        and not path.lower().endswith(DATA_FILE_SUFFIXES)
+        and path not in DATASET_BUILDERS
+        and not Path(path).exists()
+    )
+
+
+def is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def data_files_list(data_files: str | list[str] | None) -> list[str]:
+    """A source's ``data_files`` as a list (a single glob or path is a list of one)."""
+    if data_files is None:
+        return []
+    return [data_files] if isinstance(data_files, str) else list(data_files)
+
+
+def _is_verifier_name(name: str) -> bool:
+    """A plain identifier (a built-in verifier) or ``package.module:function``."""
+    module, colon, function = name.partition(":")
+    if not colon:
+        return name.isidentifier()
+    return function.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
+def _data_path_problem(path: str | None) -> str | None:
+    """Why a source's ``path`` (or ``eval_path``) cannot be read; None where it may be. A Hub name
+    is not looked up here: the data preflight loads it (from the Hub or the offline cache)."""
+    if path is None or Path(path).exists() or is_hub_dataset_name(path) or path in DATASET_BUILDERS:
+        return None
+    if is_glob(path):
+        return None if glob.glob(path, recursive=True) else f"no file matches {path}"
+    return f"file or directory does not exist: {path}"
+
+
+def _source_location_problems(s: DataSourceConfig) -> list[str]:
+    """What is wrong with where a source's rows come from; each message starts with its key."""
+    problems = []
+    for key in ("path", "eval_path"):
+        problem = _data_path_problem(getattr(s, key))
+        if problem is not None:
+            problems.append(f"{key}: {problem}")
+    hub = s.path is not None and is_hub_dataset_name(s.path)
+    local_dir = s.path is not None and Path(s.path).is_dir()
+    what = s.path if s.path is not None else "data_files"
+    if s.revision is not None and not hub:
+        problems.append(f"revision: applies to a dataset on the Hugging Face Hub (path: owner/name), not to {what}")
+    if s.name is not None and not (hub or local_dir):
+        problems.append(
+            f"name: picks a configuration of a Hub dataset or of a dataset directory (README.md configs), not of {what}"
+        )
+    if s.eval_split is not None:
+        if s.eval_path is not None or s.generator is not None:
+            problems.append("eval_split: another split of this source's dataset; not with eval_path or a generator")
+        elif not (hub or local_dir) or s.data_files is not None:
+            problems.append(
+                f"eval_split: picks a split of a Hub dataset or a dataset directory, not of {what}; "
+                "give the held-out file as eval_path"
+            )
+    files = data_files_list(s.data_files)
+    if s.data_files is None:
+        if s.path in DATASET_BUILDERS and not local_dir:
+            problems.append(f"path: {s.path!r} names a datasets builder; give its files in data_files")
+        return problems
+    if not files or not all(isinstance(f, str) and f for f in files):
+        problems.append("data_files: give a glob, or a list of files or globs")
+    elif s.path is not None and not (hub or local_dir or s.path in DATASET_BUILDERS):
+        problems.append(
+            f"data_files: path {s.path} names files itself; set path to the directory the data_files are in, "
+            f"a builder ({', '.join(DATASET_BUILDERS)}) or nothing"
+        )
+    elif not hub:
+        base = s.path if local_dir and s.path is not None else ""
+        for f in files:
+            if not glob.glob(os.path.join(base, f), recursive=True):
+                problems.append(f"data_files: no file matches {f!r}" + (f" in {base}" if base else ""))
+    if s.eval_path is not None and not (Path(s.eval_path).is_dir() or is_hub_dataset_name(s.eval_path)):
+        problems.append(
+            f"eval_path: {s.eval_path} is read with this source's data_files, relative to it: give a directory"
+        )
+    return problems
 
 
 def _check_environments(cfg: MOPDConfig, errors: list[str]) -> None:

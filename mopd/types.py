@@ -39,6 +39,9 @@ class PromptRow:
     source: str = ""
     index: int = 0
     messages: list[dict[str, Any]] | None = None
+    # The verifier named by the row's data source (``data.sources[i].verifier``: a built-in name or
+    # ``package.module:function``); None: the domain's registered verifier.
+    verifier: str | None = None
 
 
 @dataclass

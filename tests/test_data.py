@@ -1,9 +1,11 @@
-"""Loading prompt sources (files, datasets directories, generators) and mixing them by weight."""
+"""Loading prompt sources (Hub datasets, local files, datasets directories, generators) and mixing
+them by weight."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -116,9 +118,9 @@ def test_source_level_errors(tmp_path):
         _load(_write_jsonl(tmp_path / "e.jsonl", [{"prompt": ""}]), on_bad_row="skip")
     with pytest.raises(DataError, match="source domain 'law' is not known"):
         _load(_write_jsonl(tmp_path / "g.jsonl", [GOOD[0]]), domain="law")
-    (tmp_path / "x.csv").write_text("prompt\n1+1=\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        _load(tmp_path / "x.csv")
+    (tmp_path / "x.txt").write_text("1+1=\n")  # (.csv, refused here before, is read now)
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        _load(tmp_path / "x.txt")
     with pytest.raises(ValueError, match="valid: reject, skip"):
         _load(tmp_path / "g.jsonl", on_bad_row="ignore")
 
@@ -209,3 +211,246 @@ def test_bad_rows_are_rejected_by_default(tmp_path):
     cfg = DataConfig(sources=[DataSourceConfig(domain="math", path=str(path))])
     with pytest.raises(DataError, match=r"a\.jsonl, line 2: empty prompt.*data\.on_bad_row=skip"):
         load_sources(cfg, seed=0, known_domains=KNOWN, tokenizer=TOK)
+
+
+# --------------------------------------------------------------------------- sources read by datasets
+
+
+def _source(on_bad_row="reject", domain="math", **fields):
+    """``load_source`` of a source given by its fields (path, data_files, name, split, ...)."""
+    return load_source(DataSourceConfig(domain=domain, **fields), 0, 40, on_bad_row, KNOWN, tokenizer=TOK)
+
+
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _write_file(path, rows):
+    """``rows`` as the suffix says: JSON Lines, a JSON array, Parquet, or CSV (a header, then text cells)."""
+    if path.suffix == ".parquet":
+        return _write_parquet(path, rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif path.suffix == ".csv":
+        columns = list(rows[0])
+        lines = [columns, *([row[c] for c in columns] for row in rows)]
+        path.write_text("".join(",".join(cells) + "\n" for cells in lines))
+    else:
+        _write_jsonl(path, rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    "suffix,where", [(".jsonl", "line 2"), (".json", "row 2"), (".parquet", "row 2"), (".csv", "row 2")]
+)
+def test_each_file_format_and_its_bad_row(tmp_path, suffix, where):
+    path = _write_file(tmp_path / f"a{suffix}", [{"prompt": "1+2=", "answer": "3"}, {"prompt": "  ", "answer": "0"}])
+    rows, stats = _load(path, on_bad_row="skip")
+    # CSV cells are text: the answer stays "3" there too.
+    assert [(r.prompt, r.meta, r.source) for r in rows] == [("1+2=", {"answer": "3"}, str(path))]
+    assert stats == {"data/skipped/empty_prompt": 1, "data/loaded": 1}
+    with pytest.raises(DataError, match=rf"a\{suffix}, {where}: empty prompt"):
+        _load(path)
+
+
+def test_glob_and_data_files_read_each_file_in_order(tmp_path):
+    """A glob as path, data_files alone, with a builder name or relative to a directory: the files
+    in name order, each with its own columns, a bad row named by its own file and line."""
+    d = tmp_path / "d"
+    d.mkdir()
+    _write_jsonl(d / "b.jsonl", ["", {"q": "2+2="}])
+    _write_jsonl(d / "a.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    _write_parquet(d / "c.parquet", [{"prompt": "3+3="}])
+    pattern = str(d / "*.jsonl")
+    for fields in ({"path": pattern}, {"data_files": pattern}, {"path": "json", "data_files": [pattern]}):
+        rows, stats = _source("skip", **fields)
+        assert [(r.prompt, r.meta) for r in rows] == [("1+1=", {"answer": "2"})], fields
+        assert stats == {"data/skipped/missing_prompt": 1, "data/loaded": 1}
+    rows, _ = _source(path=str(d), data_files=["c.parquet", "a.jsonl"])
+    assert [r.prompt for r in rows] == ["3+3=", "1+1="] and rows[0].source == f"{d}[c.parquet,a.jsonl]"
+    with pytest.raises(DataError, match=r"d/b\.jsonl, line 2: no 'prompt' field \(fields: q\)"):
+        _source(path=pattern)
+    with pytest.raises(DataError, match=r"no file matches 'x\*\.csv' in .*d$"):
+        _source(path=str(d), data_files="x*.csv")
+    with pytest.raises(DataError, match="data_files needs path to be a directory"):
+        _source(path=str(d / "a.jsonl"), data_files="b.jsonl")
+
+
+def test_malformed_lines_among_blank_ones(tmp_path):
+    """datasets refuses a whole JSON Lines file for one malformed line: the line is still named,
+    or skipped with the rest of the file read."""
+    path = _write_jsonl(tmp_path / "src.jsonl", [GOOD[0], "", '{"prompt": ', "[1, 2]", "", {"prompt": "2+2="}])
+    with pytest.raises(DataError, match=r"src\.jsonl, line 3: malformed JSON \(Expecting value"):
+        _load(path)
+    rows, stats = _load(path, on_bad_row="skip")
+    assert [r.prompt for r in rows] == ["1+2=", "2+2="]
+    assert stats == {"data/skipped/malformed_json": 2, "data/loaded": 2}
+
+
+def test_a_blank_line_and_a_column_of_mixed_types(tmp_path):
+    """datasets 5.2 refuses a valid JSON Lines file with a blank line and a column whose type varies
+    from row to row ("ValueError: Expected object or value"): read again without the blank lines."""
+    rows = [{"prompt": "a", "tests": ["x"]}, "", {"prompt": "b", "tests": "y"}, {"prompt": ""}]
+    path = _write_jsonl(tmp_path / "m.jsonl", rows)
+    assert [r.meta for r in _load(path, on_bad_row="skip")[0]] == [{"tests": ["x"]}, {"tests": "y"}]
+    with pytest.raises(DataError, match=r"m\.jsonl, line 4: empty prompt"):
+        _load(path)
+
+
+def _hub_layout(root, configs=("main", "socratic")):
+    """A dataset directory laid out as on the Hub (as openai/gsm8k is): Parquet shards per
+    configuration and split, and a README.md whose ``configs:`` header names them."""
+    header = ["---", "configs:"]
+    for config in configs:
+        header += [f"- config_name: {config}", "  data_files:"]
+        train = [{"question": f"{config}: 1+1=", "answer": "2"}]
+        test = [{"question": f"{config}: 2+2=", "answer": "4"}, {"question": "", "answer": "0"}]
+        for split, rows in (("train", train), ("test", test)):
+            _write_parquet(root / config / f"{split}-00000-of-00001.parquet", rows)
+            header += [f"  - split: {split}", f"    path: {config}/{split}-*"]
+    (root / "README.md").write_text("\n".join([*header, "---", "# A dataset card"]) + "\n")
+    return root
+
+
+def test_directory_in_the_hub_layout_by_name_and_split(tmp_path):
+    root = _hub_layout(tmp_path / "gsm8k")
+    rows, _ = _source("skip", path=str(root), name="socratic", split="test", prompt_key="question")
+    assert [(r.prompt, r.meta, r.source) for r in rows] == [("socratic: 2+2=", {"answer": "4"}, f"{root}:socratic")]
+    with pytest.raises(DataError, match=r"gsm8k/main/test-00000-of-00001\.parquet, row 2: empty prompt"):
+        _source(path=str(root), name="main", split="test", prompt_key="question")
+    with pytest.raises(DataError, match=r"no split 'validation'; splits: train, test"):
+        _source(path=str(root), name="main", split="validation", prompt_key="question")
+    with pytest.raises(DataError, match=r"cannot read the directory as a dataset .*\['main', 'socratic'\]"):
+        _source(path=str(root), prompt_key="question")  # no name, two configurations
+    # Without a README: the splits by file name (data/<split>-00000-of-00001.parquet).
+    _write_parquet(tmp_path / "plain" / "data" / "train-00000-of-00001.parquet", [{"prompt": "1+1="}])
+    _write_parquet(tmp_path / "plain" / "data" / "test-00000-of-00001.parquet", [{"prompt": "2+2="}])
+    assert [r.prompt for r in _source(path=str(tmp_path / "plain"), split="test")[0]] == ["2+2="]
+
+
+def test_hub_dataset_from_the_offline_cache(tmp_path, monkeypatch):
+    """A Hub name with HF_DATASETS_OFFLINE=1 loads from the datasets cache. Tests have no network, so
+    the cache is filled from a local copy, laid out as a download of openai/gsm8k leaves it
+    (<cache>/openai___gsm8k/main/<version>/<hash>/)."""
+    import datasets
+    from datasets import load_dataset_builder
+
+    cache = tmp_path / "cache"
+    load_dataset_builder(str(_hub_layout(tmp_path / "gsm8k")), "main", cache_dir=str(cache)).download_and_prepare()
+    (cache / "gsm8k").rename(cache / "openai___gsm8k")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what the variable sets when datasets loads
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    rows, _ = _source("skip", path="openai/gsm8k", name="main", split="test", prompt_key="question")
+    assert [(r.prompt, r.meta, r.source) for r in rows] == [("main: 2+2=", {"answer": "4"}, "openai/gsm8k:main")]
+    with pytest.raises(DataError, match=r"openai/gsm8k:main, split test, row 2: empty prompt"):
+        _source(path="openai/gsm8k", name="main", split="test", prompt_key="question")
+    with pytest.raises(DataError, match=r"nobody/nothing: .*cannot load it as a Hub dataset .*HF_DATASETS_OFFLINE"):
+        _source(path="nobody/nothing")
+
+
+def test_field_mapping_takes_the_datasets_own_columns(tmp_path):
+    mbpp = [
+        {"text": "Write f.", "test_list": ["assert f(1) == 1"], "code": "def f(x): return x", "tests": "not these"},
+        {"text": "Write g."},
+    ]
+    rows, _ = _load(
+        _write_jsonl(tmp_path / "mbpp.jsonl", mbpp), domain="code", prompt_key="text", tests_key="test_list"
+    )
+    # The mapped column under its standard name, the data's own "tests" unused; a row without it has none.
+    assert [r.meta for r in rows] == [{"tests": ["assert f(1) == 1"], "code": "def f(x): return x"}, {}]
+    calls = [[{"name": "f", "arguments": {"a": 1}}], [{"name": "g", "arguments": {"b": "x", "c": [1, 2]}}]]
+    tools = _write_jsonl(
+        tmp_path / "tools.jsonl",
+        [{"prompt": "Call f.", "expected": calls[0], "solution": "1"}, {"prompt": "Call g.", "expected": calls[1]}],
+    )
+    rows, _ = _load(tools, domain="agent", calls_key="expected", answer_key="solution")
+    # Each row's calls as written (objects of different keys are not merged into one shape).
+    assert [r.meta for r in rows] == [{"calls": calls[0], "answer": "1"}, {"calls": calls[1]}]
+    with pytest.raises(
+        DataError, match="tests_key 'test' is not a column of the data; columns: prompt, expected, solution"
+    ):
+        _load(tools, domain="agent", tests_key="test")
+    # The standard names need no setting; a missing value is left out.
+    rows, _ = _load(_write_jsonl(tmp_path / "m.jsonl", [GOOD[0], {"prompt": "2+2=", "tests": ["t"]}]))
+    assert [r.meta for r in rows] == [{"answer": "3", "level": 1}, {"tests": ["t"]}]
+
+
+def test_the_sources_verifier_is_on_every_row(tmp_path):
+    path = _write_jsonl(tmp_path / "a.jsonl", [GOOD[0], {"prompt": "2+2="}])
+    assert [r.verifier for r in _load(path, verifier="math_answer")[0]] == ["math_answer"] * 2
+    assert [r.verifier for r in _load(path)[0]] == [None] * 2
+    rows, _ = _source(generator="math", num_prompts=3, verifier="my_checks.math:exact_int")
+    assert [r.verifier for r in rows] == ["my_checks.math:exact_int"] * 3
+
+
+def _recipe_errors(*sources):
+    """validate's message for recipes/tiny.yaml with these data sources; '' when it is valid."""
+    from mopd.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    try:
+        load_config(tiny, [f"data.sources=[{', '.join(sources)}]"])
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def test_validate_names_a_source_verifier_that_is_no_name():
+    code = "{domain: code, generator: code, verifier: 'my_checks.code:run_tests'}"
+    assert _recipe_errors("{domain: math, generator: math, verifier: math_answer}", code) == ""
+    for bad in ("", "math answer", "3x", "pkg.mod:", "a..b:f", "a:b:c"):
+        message = _recipe_errors(f"{{domain: math, generator: math, verifier: '{bad}'}}", code)
+        assert f"data.sources[0].verifier is {bad!r}: neither a verifier name (e.g. math_answer) nor" in message
+
+
+def test_validate_where_a_source_reads_from(tmp_path):
+    """A Hub name is left to the data preflight; local paths, globs and data_files must match files."""
+    (tmp_path / "a.jsonl").write_text('{"prompt": "1+1="}\n')
+    code = "{domain: code, generator: code}"
+    assert _recipe_errors("{domain: math, path: openai/gsm8k, name: main, revision: v1}", code) == ""
+    assert _recipe_errors(f"{{domain: math, data_files: '{tmp_path}/*.jsonl'}}", code) == ""
+    message = _recipe_errors(
+        f"{{domain: math, path: '{tmp_path}/*.parquet', revision: v1}}",
+        f"{{domain: code, path: {tmp_path}/a.jsonl, data_files: b.jsonl}}",
+    )
+    assert f"data.sources[0].path: no file matches {tmp_path}/*.parquet" in message
+    assert "data.sources[0].revision: applies to a dataset on the Hugging Face Hub" in message
+    assert f"data.sources[1].data_files: path {tmp_path}/a.jsonl names files itself" in message
+
+
+def test_eval_split_holds_out_another_split_of_the_same_dataset(tmp_path):
+    """``eval_split: test`` (GSM8K's held-out split): the eval rows come from that split of the
+    source's own dataset, checked as training rows are."""
+    from dataclasses import replace
+
+    from mopd.app.run import held_out_rows
+    from mopd.config import load_config
+
+    root = _hub_layout(tmp_path / "gsm8k", configs=("main",))
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    src = DataSourceConfig(domain="math", path=str(root), name="main", prompt_key="question", eval_split="test")
+    cfg = load_config(tiny)
+    cfg = replace(cfg, data=replace(cfg.data, on_bad_row="skip"))
+    assert [r.prompt for r in held_out_rows(cfg, src, 8, TOK)] == ["main: 2+2="]  # the empty prompt skipped
+    assert [r.prompt for r in _source(**{k: v for k, v in vars(src).items() if k != "eval_split"})[0]] == ["main: 1+1="]
+    code = "{domain: code, generator: code}"
+    assert _recipe_errors(f"{{domain: math, path: {root}, name: main, eval_split: test}}", code) == ""
+    (tmp_path / "a.jsonl").write_text('{"prompt": "1+1="}\n')
+    message = _recipe_errors(
+        f"{{domain: math, path: {tmp_path}/a.jsonl, eval_split: test}}",
+        "{domain: code, generator: code, eval_split: x}",
+    )
+    assert (
+        f"data.sources[0].eval_split: picks a split of a Hub dataset or a dataset directory, not of {tmp_path}"
+        in message
+    )
+    assert (
+        "data.sources[1].eval_split: another split of this source's dataset; not with eval_path or a generator"
+        in message
+    )

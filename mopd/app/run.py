@@ -310,10 +310,13 @@ def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
 
 
 def held_out(src: DataSourceConfig, num_prompts: int) -> DataSourceConfig | None:
-    """The source of ``src``'s held-out prompts: its ``eval_path``, or its generator's eval split
-    (``num_prompts`` of them); None for a file source without ``eval_path``."""
+    """The source of ``src``'s held-out prompts: its ``eval_path``, its dataset's ``eval_split``, or
+    its generator's eval split (``num_prompts`` of them); None for a file source without
+    ``eval_path``."""
     if src.eval_path is not None:
         return replace(src, path=src.eval_path, generator=None)
+    if src.eval_split is not None:
+        return replace(src, split=src.eval_split)
     if src.generator is not None:
         return replace(src, split="eval", num_prompts=num_prompts)
     return None
