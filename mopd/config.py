@@ -155,6 +155,10 @@ class DataSourceConfig:
     # rendered with the student's chat template and a generation prompt (data.chat_template).
     # Set, it replaces prompt_key; generator sources give text and cannot use it.
     messages_key: str | None = None
+    # The text of prompt_key as one user turn ([{"role": "user", "content": text}]), rendered with
+    # the chat template as a messages_key row is (GSM8K's ``question``, MBPP's ``text`` for a chat
+    # student). Not with messages_key, nor on a generator source.
+    prompt_as_user: bool = False
     # The columns the verifiers read, stored in ``row.meta`` under their standard names: the
     # reference answer (meta["answer"]), the code tests (meta["tests"]) and the expected tool calls
     # (meta["calls"]). A row without the column has no such entry. Set to another column (e.g.
@@ -742,6 +746,7 @@ def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
                 "which uses prompts as they are; set data.chat_template=auto (the student tokenizer's "
                 "template) or a Jinja template file, or give text prompts (prompt_key)"
             )
+        errors.extend(_prompt_as_user_problems(s, where, template))
         if s.domain not in cfg.teachers:
             errors.append(f"{where}: no teacher for domain '{s.domain}'; configured teachers: {teachers}")
         if (s.path is None and s.data_files is None) == (s.generator is None):
@@ -752,10 +757,41 @@ def _check_data(cfg: MOPDConfig, errors: list[str]) -> None:
                 f"{where}.verifier is {s.verifier!r}: neither a verifier name (e.g. math_answer) nor "
                 "'package.module:function'; leave it unset for the domain's verifier"
             )
+        elif s.verifier is not None:
+            from mopd.verifiers import resolve_verifier
+
+            try:
+                resolve_verifier(s.verifier)
+            except (ImportError, ValueError) as e:
+                errors.append(f"{where}.verifier: {e}")
         if s.generator is not None and s.generator not in generators():
             errors.append(
                 f"{where}.generator: unknown generator {s.generator!r}; registered: {', '.join(sorted(generators()))}"
             )
+
+
+def _prompt_as_user_problems(s: DataSourceConfig, where: str, template: str) -> list[str]:
+    """What ``prompt_as_user: true`` cannot work with: a chat-form source (its messages already
+    are the turns), a generator, or ``data.chat_template: none``."""
+    if not s.prompt_as_user:
+        return []
+    problems = []
+    if s.messages_key is not None:
+        problems.append(
+            f"{where}.prompt_as_user: makes the text of prompt_key ({s.prompt_key!r}) a user turn, but the "
+            f"source is already in chat form (messages_key={s.messages_key!r}); set one of the two"
+        )
+    if s.generator is not None:
+        problems.append(
+            f"{where}.prompt_as_user needs a file source; generator {s.generator!r} gives its prompts as they are"
+        )
+    if template == "none":
+        problems.append(
+            f"{where}.prompt_as_user renders the prompt as a user turn, but data.chat_template is 'none'; set "
+            "data.chat_template=auto (the student tokenizer's template) or a Jinja template file, or "
+            "prompt_as_user=false"
+        )
+    return problems
 
 
 def is_hub_dataset_name(path: str) -> bool:
@@ -901,12 +937,13 @@ def _check_objective(cfg: MOPDConfig, errors: list[str]) -> None:
     if objective.uses_outcome_reward(o):
         known = verifiers()
         for i, s in enumerate(cfg.data.sources):  # a multi-turn domain's reward is its environment's
-            if s.domain not in known and s.domain not in cfg.environments:
+            if s.verifier is None and s.domain not in known and s.domain not in cfg.environments:
                 errors.append(
                     f"objective.alpha={o.alpha} needs a verifier for every one-turn data domain, and domain "
-                    f"'{s.domain}' (data.sources[{i}]) has none: register one with "
-                    "mopd.domains.register_verifier in a module listed in run.plugins, attach an environment "
-                    f"(environments.{s.domain}), or set objective.alpha=0"
+                    f"'{s.domain}' (data.sources[{i}]) has none: name one in data.sources[{i}].verifier "
+                    "(docs/verifiers.md), register one with mopd.domains.register_verifier in a module "
+                    f"listed in run.plugins, attach an environment (environments.{s.domain}), or set "
+                    "objective.alpha=0"
                 )
 
 

@@ -9,12 +9,13 @@ line (JSON Lines, blank lines counted) or row; a malformed JSON line, which make
 the whole file, is found by reading the file line by line and named (or skipped) the same way.
 
 A row's prompt is text (``prompt_key``) or chat messages (``messages_key``), rendered with the
-student's chat template (mopd/chat.py). The columns ``answer_key``, ``tests_key`` and ``calls_key``
-go to ``row.meta`` as ``answer``, ``tests`` and ``calls``, every other column under its own name
-(a missing value is left out); ``row.verifier`` is the source's ``verifier``. Every row is checked
-(prompt present, non-empty, at most ``data.max_prompt_len`` tokens as the student sees it, domain
-known and equal to the source's); a bad row either stops loading with a ``DataError`` naming the
-file and row (``data.on_bad_row: reject``) or is skipped and counted (``skip``).
+student's chat template (mopd/chat.py); ``prompt_as_user`` makes the text one user turn, rendered
+the same way. The columns ``answer_key``, ``tests_key`` and ``calls_key`` go to ``row.meta`` as
+``answer``, ``tests`` and ``calls``, every other column under its own name (a missing value is left
+out); ``row.verifier`` is the source's ``verifier``. Every row is checked (prompt present,
+non-empty, at most ``data.max_prompt_len`` tokens as the student sees it, domain known and equal to
+the source's); a bad row either stops loading with a ``DataError`` naming the file and row
+(``data.on_bad_row: reject``) or is skipped and counted (``skip``).
 
     tok = student_tokenizer(cfg)     # mopd.chat
     sources, stats = load_sources(cfg.data, seed=cfg.run.seed, known_domains=set(cfg.teachers), tokenizer=tok)
@@ -419,6 +420,15 @@ def _meta(rec: dict[str, Any], src: DataSourceConfig, prompt_key: str) -> dict[s
     return meta
 
 
+def _check_text(value: Any, key: str) -> str:
+    """A text prompt: a string that is not blank."""
+    if not isinstance(value, str):
+        raise _BadRow("prompt_not_string", f"{key!r} is a {type(value).__name__}, not a string")
+    if not value.strip():
+        raise _BadRow("empty_prompt", f"empty prompt in {key!r}")
+    return value
+
+
 def _check_record(
     rec: dict[str, Any], src: DataSourceConfig, tokenizer: Any, max_prompt_len: int, known: set[str]
 ) -> PromptRow:
@@ -428,11 +438,9 @@ def _check_record(
     messages = None
     if src.messages_key is not None:
         messages = _check_messages(value, key)
-        prompt = _render(tokenizer, messages)
-    elif not isinstance(value, str):
-        raise _BadRow("prompt_not_string", f"{key!r} is a {type(value).__name__}, not a string")
-    else:
-        prompt = value
+    elif src.prompt_as_user:
+        messages = [{"role": "user", "content": _check_text(value, key)}]
+    prompt = _check_text(value, key) if messages is None else _render(tokenizer, messages)
     if not prompt.strip():
         raise _BadRow("empty_prompt", f"empty prompt in {key!r}")
     domain = rec.get("domain")
@@ -475,15 +483,22 @@ def _rows(
 
 
 def _chat_form_needs_template(src: DataSourceConfig, tokenizer: Any) -> None:
-    if src.messages_key is not None and not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{source_name(src)}: rows are chat messages ({src.messages_key!r}) but the student tokenizer has "
-            "no chat template; set data.chat_template to a Jinja template file, or give text prompts (prompt_key)"
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if (src.messages_key is not None or src.prompt_as_user) and not has_template:
+        what = (
+            f"chat messages ({src.messages_key!r})"
+            if src.messages_key is not None
+            else f"user turns (prompt_as_user, the text of {src.prompt_key!r})"
         )
-    if src.messages_key is None and src.generator is None and getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{source_name(src)}: rows are {what} but the student tokenizer has no chat template; set "
+            "data.chat_template to a Jinja template file, or give text prompts (prompt_key)"
+        )
+    if src.messages_key is None and not src.prompt_as_user and src.generator is None and has_template:
         log.warning(
             "%s: text prompts are used as they are, though the student tokenizer has a chat template; "
-            "give chat messages (the source's messages_key) to have them rendered with it",
+            "give chat messages (the source's messages_key) or set prompt_as_user: true to have them "
+            "rendered with it",
             source_name(src),
         )
 
@@ -510,6 +525,8 @@ def load_source(
         raise DataError(f"{name}: source domain {src.domain!r} is not known; known: {', '.join(sorted(known_domains))}")
     if (src.path is None and src.data_files is None) == (src.generator is None):
         raise DataError(f"source of domain {src.domain!r}: set exactly one of 'path' (or 'data_files') and 'generator'")
+    if src.prompt_as_user and src.messages_key is not None:
+        raise DataError(f"{name}: prompt_as_user and messages_key both make the prompt chat messages; set one")
     _chat_form_needs_template(src, tokenizer)
     parts, skipped = _read_source(src, seed, on_bad_row)
     _check_mapping(src, parts)

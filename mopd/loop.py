@@ -371,15 +371,22 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
 
 def outcome_rewards(batch: RolloutBatch) -> list[float]:
     """Each trajectory's outcome reward: a multi-turn one's from its environment (0.0 where it gave
-    none: a trajectory a limit stopped, or an environment without rewards), the others' from their
-    domain's verifier on the response."""
+    none: a trajectory a limit stopped, or an environment without rewards), the others' from the
+    verifier their source names (``row.verifier``, mopd/verifiers/) or else their domain's, all
+    of a batch at once on this process's verifier pool (``mopd.verifiers.shared_pool``)."""
     from mopd.domains import get_verifier
+    from mopd.verifiers import shared_pool
 
     episodes = batch.episodes if batch.episodes is not None else [None] * len(batch.rows)
-    return [
-        get_verifier(row.domain).verify(row, resp) if ep is None else float(ep.reward or 0.0)
-        for row, resp, ep in zip(batch.rows, batch.responses, episodes, strict=True)
-    ]
+    rewards = [0.0 if ep is None else float(ep.reward or 0.0) for ep in episodes]
+    one_turn = [i for i, ep in enumerate(episodes) if ep is None]
+    if one_turn:
+        rows = [batch.rows[i] for i in one_turn]
+        specs = [r.verifier if r.verifier is not None else get_verifier(r.domain).verify for r in rows]
+        scores = shared_pool().verify(specs, rows, [batch.responses[i] for i in one_turn])
+        for i, score in zip(one_turn, scores, strict=True):
+            rewards[i] = score
+    return rewards
 
 
 def eval_samples(

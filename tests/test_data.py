@@ -402,8 +402,17 @@ def _recipe_errors(*sources):
 
 
 def test_validate_names_a_source_verifier_that_is_no_name():
-    code = "{domain: code, generator: code, verifier: 'my_checks.code:run_tests'}"
+    code = "{domain: code, generator: code, verifier: 'mopd.verifiers.code_tests:code_tests'}"
     assert _recipe_errors("{domain: math, generator: math, verifier: math_answer}", code) == ""
+    # A well-formed name that names nothing: refused before any actor starts, saying what is missing.
+    message = _recipe_errors(
+        "{domain: math, generator: math, verifier: math_answr}",
+        "{domain: code, generator: code, verifier: 'my_checks.code:run_tests'}",
+    )
+    assert "data.sources[0].verifier: unknown verifier 'math_answr'; built-in: math_answer, code_tests" in message
+    assert "data.sources[1].verifier: verifier 'my_checks.code:run_tests': cannot import module 'my_checks.code'" in (
+        message
+    )
     for bad in ("", "math answer", "3x", "pkg.mod:", "a..b:f", "a:b:c"):
         message = _recipe_errors(f"{{domain: math, generator: math, verifier: '{bad}'}}", code)
         assert f"data.sources[0].verifier is {bad!r}: neither a verifier name (e.g. math_answer) nor" in message
@@ -454,3 +463,86 @@ def test_eval_split_holds_out_another_split_of_the_same_dataset(tmp_path):
         "data.sources[1].eval_split: another split of this source's dataset; not with eval_path or a generator"
         in message
     )
+
+
+# --------------------------------------------------------------------------- prompt_as_user
+
+
+def _chat_char_tokenizer():
+    """The builtin character tokenizer with a chat template (role, colon, content per turn)."""
+    tok = build_char_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return tok
+
+
+def test_prompt_as_user_renders_the_text_as_one_user_turn(tmp_path):
+    """GSM8K's ``question`` as a chat student sees it: the same prompt, ids and messages as a
+    ``messages_key`` row holding that one user turn; the other columns stay meta."""
+    from mopd.chat import prompt_ids
+
+    tok = _chat_char_tokenizer()
+    text = _write_jsonl(tmp_path / "q.jsonl", [{"question": "1+2=", "answer": "... #### 3"}])
+    turn = [{"role": "user", "content": "1+2="}]
+    chat = _write_jsonl(tmp_path / "m.jsonl", [{"messages": turn, "answer": "... #### 3"}])
+    (row,), stats = _load(text, max_prompt_len=64, kw_tokenizer=tok, prompt_key="question", prompt_as_user=True)
+    (want,), _ = _load(chat, max_prompt_len=64, kw_tokenizer=tok, messages_key="messages")
+    assert row.prompt == want.prompt == "user: 1+2=\nassistant: "
+    assert row.messages == turn and row.meta == {"answer": "... #### 3"} == want.meta
+    assert prompt_ids(tok, row) == prompt_ids(tok, want) and stats == {"data/loaded": 1}
+    # Off (the default), the same text is used as it is.
+    (plain,), _ = _load(text, max_prompt_len=64, kw_tokenizer=tok, prompt_key="question")
+    assert plain.prompt == "1+2=" and plain.messages is None
+
+
+def test_prompt_as_user_bad_rows_and_what_it_needs(tmp_path):
+    tok = _chat_char_tokenizer()
+    lines = [{"question": "1+2="}, {"question": 7}, {"question": "  "}, {"text": "2+2="}, {"question": "9" * 40}]
+    path = _write_jsonl(tmp_path / "q.jsonl", lines)
+    kw = dict(max_prompt_len=30, kw_tokenizer=tok, prompt_key="question", prompt_as_user=True)
+    rows, stats = _load(path, on_bad_row="skip", **kw)
+    assert [r.messages for r in rows] == [[{"role": "user", "content": "1+2="}]]
+    kinds = ("prompt_not_string", "empty_prompt", "missing_prompt", "prompt_too_long")
+    assert stats == {**{f"data/skipped/{k}": 1 for k in sorted(kinds)}, "data/loaded": 1}
+    messages = [
+        (2, "'question' is a int, not a string"),
+        (3, "empty prompt in 'question'"),
+        (4, "no 'question' field"),
+        (5, "prompt has 58 tokens; data.max_prompt_len is 30"),  # 40 characters and 18 of the template
+    ]
+    for lineno, message in messages:
+        only = _write_jsonl(tmp_path / f"only{lineno}.jsonl", [lines[lineno - 1]])
+        with pytest.raises(DataError, match=rf"only{lineno}\.jsonl, line 1: {message}"):
+            _load(only, **kw)
+    tok.chat_template = "{{ raise_exception('no user turns here') }}"
+    with pytest.raises(DataError, match="line 1: the chat template cannot render these messages .*no user turns"):
+        _load(path, **kw)
+    with pytest.raises(DataError, match=r"rows are user turns \(prompt_as_user, the text of 'question'\) but the"):
+        _load(path, **{**kw, "kw_tokenizer": TOK})  # no chat template
+    with pytest.raises(DataError, match="prompt_as_user and messages_key both make the prompt chat messages"):
+        _load(path, **kw, messages_key="messages")
+
+
+def test_validate_refuses_prompt_as_user_with_messages_or_a_generator(tmp_path):
+    from mopd.config import ConfigError, load_config
+
+    (tmp_path / "q.jsonl").write_text('{"question": "1+1="}\n')
+    code = "{domain: code, generator: code}"
+    ok = f"{{domain: math, path: {tmp_path}/q.jsonl, prompt_key: question, prompt_as_user: true}}"
+    assert _recipe_errors(ok, code) == ""
+    message = _recipe_errors(
+        f"{{domain: math, path: {tmp_path}/q.jsonl, messages_key: messages, prompt_as_user: true}}",
+        "{domain: code, generator: code, prompt_as_user: true}",
+    )
+    assert (
+        "data.sources[0].prompt_as_user: makes the text of prompt_key ('prompt') a user turn, but the source "
+        "is already in chat form (messages_key='messages'); set one of the two" in message
+    )
+    assert "data.sources[1].prompt_as_user needs a file source; generator 'code' gives its prompts as they are" in (
+        message
+    )
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].prompt_as_user renders the prompt as a user turn, but"):
+        load_config(tiny, [f"data.sources=[{ok}, {code}]", "data.chat_template=none"])

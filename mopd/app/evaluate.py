@@ -56,7 +56,7 @@ def eval_rows_by_source(cfg: MOPDConfig, num_prompts: int, tokenizer: Any) -> di
     return {
         source_name(src): held_out_rows(cfg, src, num_prompts, tokenizer)
         for src in cfg.data.sources
-        if src.domain in verified and held_out(src, num_prompts) is not None
+        if (src.verifier is not None or src.domain in verified) and held_out(src, num_prompts) is not None
     }
 
 

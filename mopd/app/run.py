@@ -167,12 +167,22 @@ def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow
     if get_objective(cfg.objective.kind).uses_outcome_reward(cfg.objective):
         verified.append((f"objective.alpha={cfg.objective.alpha}", mixer.rows()))
     for why, rows in verified:
-        row = next((r for r in rows if r.domain in known and known[r.domain].executes(r)), None)
+        row = next((r for r in rows if executes(r, known)), None)
         if row is not None and sandbox.isolation() == "basic":
+            whose = f"verifier {row.verifier!r}" if row.verifier else f"verifier of domain '{row.domain}'"
             raise ConfigError(
-                f"the verifier of domain '{row.domain}' executes model output ({row.source} rows, {why}), "
-                f"but {sandbox.unisolated_message()}"
+                f"the {whose} executes model output ({row.source} rows, {why}), but {sandbox.unisolated_message()}"
             )
+
+
+def executes(row: PromptRow, known: dict[str, Any]) -> bool:
+    """Whether verifying ``row`` runs the response: its source's verifier says so, or (none named)
+    its domain's registered one (``known``: ``mopd.domains.verifiers()``)."""
+    if row.verifier is not None:
+        from mopd.verifiers import verifier_executes
+
+        return verifier_executes(row.verifier, row)
+    return row.domain in known and known[row.domain].executes(row)
 
 
 def stopped_message(cfg: MOPDConfig, cause: BaseException | None) -> str:
@@ -304,7 +314,8 @@ def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
     tokenizer = tokenizer if tokenizer is not None else readable_student_tokenizer(cfg)
     verified, per_domain = verifiers(), {}
     for src in cfg.data.sources:
-        if src.domain in verified and src.domain not in per_domain and held_out(src, 0) is not None:
+        has_verifier = src.verifier is not None or src.domain in verified
+        if has_verifier and src.domain not in per_domain and held_out(src, 0) is not None:
             per_domain[src.domain] = held_out_rows(cfg, src, cfg.eval.num_prompts, tokenizer)
     return [r for d in sorted(per_domain) for r in per_domain[d]]
 
