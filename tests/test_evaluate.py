@@ -121,3 +121,41 @@ def test_mopd_eval_refuses_a_recipe_without_held_out_prompts(tmp_path, tiny_stud
     sources = f"data.sources=[{{domain: math, path: {data}}}, {{domain: code, path: {data}}}]"
     assert main(["eval", str(TINY), "--student", str(tiny_student), sources]) == 2
     assert "no data source has held-out prompts and a verifier" in capsys.readouterr().err
+
+
+def test_outcome_rewards_use_the_sources_verifier_else_the_domains():
+    """A row whose source names a verifier (``row.verifier``) is scored by it; the others by their
+    domain's registered verifier (exact match for the synthetic math domain), in one batch."""
+    from mopd.loop import outcome_rewards
+    from mopd.models import build_char_tokenizer
+    from mopd.types import PromptRow
+    from rollout.batching import pack_rollout
+
+    tok = build_char_tokenizer()
+    gsm8k = PromptRow("q", "math", meta={"answer": "Half of 2,000 is 1,000.\n#### 1,000"}, verifier="math_answer")
+    synthetic = PromptRow("1+1=", "math", meta={"answer": "2"})
+    rows = [gsm8k, gsm8k, synthetic, synthetic]
+    texts = ["so \\boxed{1000}", "the answer is 999", "2", "2.0"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batch = pack_rollout(
+        [[1]] * 4, ids, [[0.0] * len(x) for x in ids], [0, 1, 2, 3], rows, texts, tok.pad_token_id, 0
+    )  # fmt: skip
+    assert outcome_rewards(batch) == [1.0, 0.0, 1.0, 0.0]  # "2.0" is no exact match; 1000 is 1,000
+
+
+def test_eval_rows_carry_their_sources_verifier_which_decides_whether_code_runs(tmp_path):
+    from mopd.app.run import build_eval_rows, executes
+    from mopd.domains import verifiers
+
+    data = tmp_path / "law.jsonl"
+    data.write_text('{"prompt": "2+2=", "answer": "4"}\n{"prompt": "3+3=", "answer": "6"}\n')
+    sources = (
+        f"data.sources=[{{domain: math, generator: math}}, {{domain: code, path: {data}, eval_path: {data}, "
+        "verifier: code_tests}]"
+    )
+    cfg = load_config(TINY, [sources, "eval.every=1", "eval.num_prompts=4"])
+    rows = [r for r in build_eval_rows(cfg) if r.domain == "code"]
+    assert [r.prompt for r in rows] == ["2+2=", "3+3="] and all(r.verifier == "code_tests" for r in rows)
+    assert executes(rows[0], verifiers())  # code_tests runs the response: the sandbox preflight asks for it
+    plain = load_config(TINY, [sources.replace(", verifier: code_tests", ""), "eval.every=1"])
+    assert not any(executes(r, verifiers()) for r in build_eval_rows(plain) if r.domain == "code")
