@@ -29,8 +29,9 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None
 @dataclass
 class PromptRow:
     """One prompt drawn from a data source: text, or chat messages (``messages``, set for sources
-    with ``messages_key``; ``prompt`` then holds them rendered with the chat template, for reading).
-    ``mopd.chat.prompt_ids`` gives the token ids the student sees."""
+    with ``messages_key``, or with ``prompt_as_user``: the text as one user turn; ``prompt`` then
+    holds them rendered with the chat template, for reading). ``mopd.chat.prompt_ids`` gives the
+    token ids the student sees."""
 
     prompt: str
     domain: str

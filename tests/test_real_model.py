@@ -31,6 +31,7 @@ from trainers.deepspeed_trainer import _write_hf_dir
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "real_small.yaml"
 sys.path.insert(0, str(ROOT / "scripts"))
+import real_format_data  # noqa: E402
 import real_model  # noqa: E402
 
 
@@ -61,6 +62,7 @@ def standin_cache(root: Path) -> Path:
         config.save_pretrained(model)
         tok.save_pretrained(model)
     real_model.write_prompts(root / "real_small")
+    real_format_data.write(root / real_format_data.NAME)  # recipes/real_formats.yaml's sample files
     return root
 
 
@@ -166,6 +168,7 @@ def cache(smollm, tmp_path_factory) -> Path:
         (root / "real_small" / "student" / name).write_bytes((smollm / name).read_bytes())
     real_model.write_noised(smollm, root / "noised", scale=0.05, seed=1, dtype="bfloat16")
     real_model.write_prompts(root / "real_small")
+    real_format_data.write(root / real_format_data.NAME)  # recipes/real_formats.yaml's sample files
     return root
 
 
