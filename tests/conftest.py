@@ -31,6 +31,20 @@ REFERENCE_ARGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def smollm() -> Path:
+    """SmolLM2-135M-Instruct converted to a Hugging Face directory in ``$MOPD_CACHE`` (converted now
+    if this is the first run: scripts/real_model.py), for the modules that use the real model."""
+    from features import require
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import real_model
+
+    target = real_model.default_dir()
+    require("smollm2")  # skipped without it, failed where MOPD_REQUIRE names it (tests/features.py)
+    return real_model.ensure_converted(target)
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, worker_id: str) -> Path:
     """Three steps in one go, trainer world size 2 with ZeRO-2; returns the output directory. Run

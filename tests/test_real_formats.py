@@ -82,14 +82,6 @@ def test_the_script_writes_the_same_files_in_the_public_sets_columns(tmp_path, c
 
 
 @pytest.fixture(scope="module")
-def smollm() -> Path:
-    """The converted model directory (converted now if this is the first run)."""
-    target = real_model.default_dir()
-    require("smollm2")  # skipped without it, failed where MOPD_REQUIRE names it (tests/features.py)
-    return real_model.ensure_converted(target)
-
-
-@pytest.fixture(scope="module")
 def recipe(smollm, tmp_path_factory):
     """The recipe against a ``$MOPD_CACHE`` holding the model (as teachers and, its tokenizer
     being what matters here, as the student) and the sample files; with the student's tokenizer."""

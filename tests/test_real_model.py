@@ -23,7 +23,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from features import require
 from mopd.config import ModelConfig, load_config
 from mopd.metrics import read_metrics
 from trainers.deepspeed_trainer import _write_hf_dir
@@ -144,14 +143,6 @@ def test_without_the_package_the_error_names_the_install_command(tmp_path, monke
 
 
 # --------------------------------------------------------------------------- the real model
-
-
-@pytest.fixture(scope="module")
-def smollm() -> Path:
-    """The converted model directory (converted now if this is the first run)."""
-    target = real_model.default_dir()
-    require("smollm2")  # skipped without it, failed where MOPD_REQUIRE names it (tests/features.py)
-    return real_model.ensure_converted(target)
 
 
 @pytest.fixture(scope="module")
