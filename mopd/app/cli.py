@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from mopd.app.evaluate import format_eval, run_eval, write_eval
 
+            configure_logging()
             report = run_eval(load_config(args.recipe, args.overrides), args.student, args.samples, args.prompts)
             print(format_eval(report))
             print(f"wrote {write_eval(report, args.output)}")

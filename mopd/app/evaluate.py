@@ -18,6 +18,8 @@ Prints a table (one row per source, then per domain) and writes the same figures
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from typing import Any
 from mopd.checkpoint import resolve
 from mopd.config import ConfigError, MOPDConfig
 from mopd.types import PromptRow
+
+log = logging.getLogger(__name__)
 
 
 def student_dir(path: str | Path) -> Path:
@@ -82,7 +86,14 @@ def run_eval(
     from rollout.pool import RolloutPool
 
     hf = student_dir(student)
-    cfg = replace(cfg, student=replace(cfg.student, path=str(hf), config=None, tokenizer=None))
+    # One replica in this process, on every core of the machine (a run's replica has its share).
+    cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    resources = replace(cfg.rollout.resources, num_cpus=cores)
+    cfg = replace(
+        cfg,
+        student=replace(cfg.student, path=str(hf), config=None, tokenizer=None),
+        rollout=replace(cfg.rollout, resources=resources),
+    )
     num_prompts = cfg.eval.num_prompts if num_prompts is None else num_prompts
     if num_prompts <= 0 or samples < 0:
         raise ConfigError(f"mopd eval: --prompts must be positive and --samples >= 0 (got {num_prompts}, {samples})")
@@ -94,9 +105,13 @@ def run_eval(
         )
     seed = cfg.run.seed if seed is None else seed
     rows = [r for rs in by_source.values() for r in rs]
+    log.info("mopd eval: %d prompts from %d sources, greedy%s", len(rows), len(by_source),
+             f", then {samples} samples each" if samples else "")  # fmt: skip
     pool = RolloutPool(cfg, local=True)
     try:
         _, greedy = eval_samples(pool, rows, 1, seed, greedy=True)
+        if samples:
+            log.info("mopd eval: greedy done; sampling %d responses", samples * len(rows))
         sampled = eval_samples(pool, rows, samples, seed, greedy=False)[1] if samples else None
     finally:
         pool.shutdown()
