@@ -52,16 +52,10 @@ def student_dir(path: str | Path) -> Path:
 def eval_rows_by_source(cfg: MOPDConfig, num_prompts: int, tokenizer: Any) -> dict[str, list[PromptRow]]:
     """Up to ``num_prompts`` held-out rows of every source that has some and a verifier, by source
     name (``mopd.data.source_name`` of the training source)."""
-    from mopd.app.run import held_out, held_out_rows
+    from mopd.app.run import evaluated_sources, held_out_rows
     from mopd.data import source_name
-    from mopd.domains import verifiers
 
-    verified = verifiers()
-    return {
-        source_name(src): held_out_rows(cfg, src, num_prompts, tokenizer)
-        for src in cfg.data.sources
-        if (src.verifier is not None or src.domain in verified) and held_out(src, num_prompts) is not None
-    }
+    return {source_name(src): held_out_rows(cfg, src, num_prompts, tokenizer) for src in evaluated_sources(cfg)}
 
 
 def summarize(rewards: list[list[float]]) -> dict[str, float]:

@@ -21,7 +21,6 @@ re-runs S and the stages after it):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
@@ -612,15 +611,12 @@ def _stage_teachers(out, st, base, recipe_over, results):
     2.45 on two, on 2 cores), and the three SFTs, one after another, took ~30% of the command."""
     import multiprocessing
     import os
-    import socket
     from concurrent.futures import ProcessPoolExecutor
 
+    from mopd.dist.runtime import free_ports
+
     domains = st.domain_names
-    with contextlib.ExitStack() as held:  # distinct rendezvous ports: each socket held until all are bound
-        socks = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in domains]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        ports = [s.getsockname()[1] for s in socks]
+    ports = free_ports("127.0.0.1", len(domains))  # one rendezvous each, all distinct
     jobs = [(out, st, base, i, d, p) for i, (d, p) in enumerate(zip(domains, ports, strict=True))]
     workers = min(len(jobs), (os.cpu_count() or 1) + 1)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -312,12 +312,20 @@ def build_eval_rows(cfg: MOPDConfig, tokenizer: Any = None) -> list[PromptRow]:
     if cfg.eval.every <= 0:
         return []
     tokenizer = tokenizer if tokenizer is not None else readable_student_tokenizer(cfg)
-    verified, per_domain = verifiers(), {}
-    for src in cfg.data.sources:
-        has_verifier = src.verifier is not None or src.domain in verified
-        if has_verifier and src.domain not in per_domain and held_out(src, 0) is not None:
+    per_domain: dict[str, list[PromptRow]] = {}
+    for src in evaluated_sources(cfg):
+        if src.domain not in per_domain:
             per_domain[src.domain] = held_out_rows(cfg, src, cfg.eval.num_prompts, tokenizer)
     return [r for d in sorted(per_domain) for r in per_domain[d]]
+
+
+def evaluated_sources(cfg: MOPDConfig) -> list[DataSourceConfig]:
+    """The sources that can be evaluated: held-out prompts (``held_out``) and a verifier (their
+    own ``verifier``, or their domain's)."""
+    verified = verifiers()
+    return [
+        s for s in cfg.data.sources if (s.verifier is not None or s.domain in verified) and held_out(s, 0) is not None
+    ]
 
 
 def held_out(src: DataSourceConfig, num_prompts: int) -> DataSourceConfig | None:

@@ -6,6 +6,7 @@ Ray: an existing cluster (recipe ``ray.address`` or ``RAY_ADDRESS``, which is al
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -162,9 +163,17 @@ def warn_if_in_ray_working_dir(paths: Mapping[str, str | os.PathLike]) -> list[s
 def free_port(host: str) -> int:
     """A TCP port free on this machine for ``host`` ("" for every interface), e.g. for the trainer's
     process-group rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(host, 1)[0]
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """``n`` distinct TCP ports free on this machine for ``host`` (each socket stays bound until all
+    are, so no two are the same), e.g. for rendezvous of process groups started side by side."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def split_evenly(n_items: int, n_parts: int) -> list[tuple[int, int]]:
