@@ -52,11 +52,35 @@ def prompt_ids(tokenizer: Any, row: PromptRow) -> list[int]:
     the tokenizer's special tokens (e.g. BOS) added, unless the text already starts with the BOS
     token (a prompt rendered with a chat template by hand), which would then come twice."""
     if row.messages is None:
-        bos = getattr(tokenizer, "bos_token", None)
-        rendered = isinstance(bos, str) and bool(bos) and row.prompt.startswith(bos)
-        return list(tokenizer(row.prompt, add_special_tokens=not rendered)["input_ids"])
+        return list(tokenizer(row.prompt, add_special_tokens=_adds_special_tokens(tokenizer, row.prompt))["input_ids"])
     enc = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(enc["input_ids"])
+
+
+def prompts_ids(tokenizer: Any, rows: Sequence[PromptRow]) -> list[list[int]]:
+    """``prompt_ids`` of every row, in order: the text prompts in one tokenizer call each with and
+    without special tokens (the same ids; 60,000 prompts took 9.8 s one by one), chat messages one
+    by one through the template."""
+    out: list[list[int]] = [[] for _ in rows]
+    texts: dict[bool, list[int]] = {True: [], False: []}
+    for i, row in enumerate(rows):
+        if row.messages is None:
+            texts[_adds_special_tokens(tokenizer, row.prompt)].append(i)
+        else:
+            out[i] = prompt_ids(tokenizer, row)
+    for special, idx in texts.items():
+        if idx:
+            enc = tokenizer([rows[i].prompt for i in idx], add_special_tokens=special)["input_ids"]
+            for i, ids in zip(idx, enc, strict=True):
+                out[i] = list(ids)
+    return out
+
+
+def _adds_special_tokens(tokenizer: Any, text: str) -> bool:
+    """Whether a text prompt is encoded with the tokenizer's special tokens: not when it already
+    starts with the BOS token (rendered by hand), which would then come twice."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (isinstance(bos, str) and bool(bos) and text.startswith(bos))
 
 
 def teacher_prompt_tokenizer(teacher: TeacherConfig, key: str) -> Any | None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mopd.chat import prompt_ids, render_messages
+from mopd.chat import prompts_ids, render_messages
 from mopd.config import (
     DATASET_BUILDERS,
     ON_BAD_ROWS,
@@ -429,11 +429,9 @@ def _check_text(value: Any, key: str) -> str:
     return value
 
 
-def _check_record(
-    rec: dict[str, Any], src: DataSourceConfig, tokenizer: Any, max_prompt_len: int, known: set[str]
-) -> PromptRow:
+def _check_record(rec: dict[str, Any], src: DataSourceConfig, tokenizer: Any, known: set[str]) -> PromptRow:
     """The record as a ``PromptRow`` (without source and index), or ``_BadRow`` saying why the
-    record cannot be used."""
+    record cannot be used; its length is checked by ``_rows``, all rows' in one batch."""
     key, value = _prompt_field(rec, src)
     messages = None
     if src.messages_key is not None:
@@ -449,12 +447,13 @@ def _check_record(
     if domain is not None and domain != src.domain:
         raise _BadRow("domain_mismatch", f"row domain {domain!r} differs from the source's domain {src.domain!r}")
     meta = _meta(rec, src, key)
-    row = PromptRow(prompt=prompt, domain=src.domain, meta=meta, messages=messages, verifier=src.verifier)
-    n_tokens = len(prompt_ids(tokenizer, row))
-    if n_tokens > max_prompt_len:
-        message = f"prompt has {n_tokens} tokens; data.max_prompt_len is {max_prompt_len}"
-        raise _BadRow("prompt_too_long", message)
-    return row
+    return PromptRow(prompt=prompt, domain=src.domain, meta=meta, messages=messages, verifier=src.verifier)
+
+
+def _too_long(n_tokens: int, max_prompt_len: int) -> _BadRow | None:
+    if n_tokens <= max_prompt_len:
+        return None
+    return _BadRow("prompt_too_long", f"prompt has {n_tokens} tokens; data.max_prompt_len is {max_prompt_len}")
 
 
 def _rows(
@@ -466,20 +465,35 @@ def _rows(
     known: set[str],
 ) -> tuple[list[PromptRow], Counter]:
     """The checked rows of every part, and the number of bad rows skipped by kind."""
-    rows: list[PromptRow] = []
     skipped: Counter = Counter()
-    name = source_name(src)
+    checked: list[tuple[_Part, int, PromptRow]] = []  # rows that passed all but the length check
+
+    def lengths_checked() -> list[PromptRow]:
+        """``checked`` without its prompts over the limit (tokenised in one batch: ``prompts_ids``);
+        with ``reject`` the first of them raises."""
+        kept = []
+        lengths = [len(ids) for ids in prompts_ids(tokenizer, [row for _, _, row in checked])]
+        for (part, i, row), n in zip(checked, lengths, strict=True):
+            bad = _too_long(n, max_prompt_len)
+            if bad is None:
+                kept.append(row)
+            elif on_bad_row == "reject":
+                raise DataError(f"{part.where(i)}: {bad.message}{_SKIP_HINT}") from None
+            else:
+                skipped[bad.kind] += 1
+        return kept
+
     for part in parts:
         for i, rec in enumerate(part.rows):
             try:
-                row = _check_record(rec, src, tokenizer, max_prompt_len, known)
+                checked.append((part, i, _check_record(rec, src, tokenizer, known)))
             except _BadRow as bad:
                 if on_bad_row == "reject":
+                    lengths_checked()  # an earlier row over the limit is named first, as it comes first
                     raise DataError(f"{part.where(i)}: {bad.message}{_SKIP_HINT}") from None
                 skipped[bad.kind] += 1
-                continue
-            rows.append(replace(row, source=name, index=len(rows)))
-    return rows, skipped
+    name = source_name(src)
+    return [replace(row, source=name, index=j) for j, row in enumerate(lengths_checked())], skipped
 
 
 def _chat_form_needs_template(src: DataSourceConfig, tokenizer: Any) -> None:

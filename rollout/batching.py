@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mopd.chat import left_pad, prompt_ids
+from mopd.chat import left_pad, prompts_ids
 from mopd.types import PromptRow, RolloutBatch
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 def encode_prompts(tokenizer, rows: Sequence[PromptRow]) -> list[list[int]]:
     """Token ids of each prompt as the student sees it (``mopd.chat.prompt_ids``: text with the
     tokenizer's special tokens, or chat messages through the chat template)."""
-    return [prompt_ids(tokenizer, r) for r in rows]
+    return prompts_ids(tokenizer, rows)
 
 
 def cut_at_stop(

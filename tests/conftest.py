@@ -17,6 +17,11 @@ import pytest
 
 from features import pytest_configure, pytest_runtest_setup  # noqa: F401 (pytest finds hooks by name)
 
+# The tests' own `ray.init` calls start no idle workers ahead, as `mopd train`'s local Ray does not
+# (mopd.dist.runtime.local_ray_kwargs): no test's actor would use them, and they cost CPU time.
+os.environ.setdefault("RAY_enable_worker_prestart", "0")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 LAYERS = ROOT / "tests" / "layers"

@@ -128,6 +128,22 @@ def test_a_text_prompt_rendered_by_hand_gets_no_second_bos():
     assert prompt_ids(tok, PromptRow("<s>1+2=", "math")) == tok("1+2=")["input_ids"]
 
 
+def test_prompts_ids_of_many_rows_are_each_rows_prompt_ids():
+    """The batched encoding (text prompts with and without BOS, chat messages) gives each row the
+    ids ``prompt_ids`` gives it alone, in the rows' order."""
+    from mopd.chat import prompts_ids
+    from mopd.models import build_char_tokenizer
+
+    rows = [
+        PromptRow("1+2=", "math"), PromptRow("<s>3+4=", "math"), PromptRow("55-5=", "math"),
+        PromptRow("x", "math", messages=MESSAGES), PromptRow("<s>7=", "math"),
+    ]  # fmt: skip
+    text = [r for r in rows if r.messages is None]
+    for tok, these in ((build_char_tokenizer(), text), (chat_tokenizer(), rows)):
+        assert prompts_ids(tok, these) == [prompt_ids(tok, r) for r in these]
+    assert prompts_ids(chat_tokenizer(), []) == []
+
+
 def test_messages_the_template_refuses_are_bad_rows(tmp_path):
     tok = chat_tokenizer()
     tok.chat_template = (

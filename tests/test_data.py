@@ -105,6 +105,18 @@ def test_bad_row_skipped_and_counted(tmp_path, kind):
     assert stats == {f"data/skipped/{kind}": 2, "data/loaded": 2}
 
 
+def test_the_first_bad_row_is_named_when_a_long_prompt_comes_before_another_bad_row(tmp_path):
+    """Lengths are counted in one batch after the other checks: still the first bad row in the
+    file is the one named."""
+    long, empty = {"prompt": "1" * 40}, {"prompt": "   "}
+    with pytest.raises(DataError, match=r"line 2: prompt has 41 tokens"):
+        _load(_write_jsonl(tmp_path / "a.jsonl", [GOOD[0], long, empty]))
+    with pytest.raises(DataError, match=r"line 2: empty prompt"):
+        _load(_write_jsonl(tmp_path / "b.jsonl", [GOOD[0], empty, long]))
+    rows, stats = _load(_write_jsonl(tmp_path / "c.jsonl", [long, GOOD[0], empty, GOOD[0]]), on_bad_row="skip")
+    assert [r.index for r in rows] == [0, 1] and stats["data/skipped/prompt_too_long"] == 1
+
+
 def test_line_numbers_count_blank_lines(tmp_path):
     path = _write_jsonl(tmp_path / "src.jsonl", [GOOD[0], "", "", {"prompt": ""}])
     with pytest.raises(DataError, match=r"src\.jsonl, line 4: empty prompt"):

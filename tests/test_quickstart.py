@@ -162,6 +162,19 @@ def test_the_students_noisy_tool_rows_answer_at_once_with_a_guessed_number():
         assert all(t == demonstration(row) for t in drawn if len(t) > 1)
 
 
+def test_the_teachers_stage_starts_the_longest_sft_first():
+    """The agent domain's tool trajectories make its SFT the longest: its teacher starts first, on
+    a core of its own (``_stage_teachers``)."""
+    from mopd.app.quickstart import RECIPE, sft_cost
+    from mopd.config import load_config
+    from mopd.domains import get_generator
+
+    envs = load_config(RECIPE, []).environments
+    cost = {d: sft_cost(get_generator(g).generate(random.Random(0), 64, "train"), envs) for d, g in
+            (("math", "math_l0"), ("code", "code_l0"), ("agent", "agent_lookup"))}  # fmt: skip
+    assert cost["agent"] > cost["code"] > cost["math"] > 0, cost
+
+
 def test_sft_rows_are_sorted_by_length_with_their_targets():
     from mopd.app.quickstart import by_length
 

@@ -112,3 +112,5 @@ def test_local_ray_dashboard_is_off_or_loopback_only():
     assert kw["include_dashboard"] is False and kw["dashboard_host"] == "127.0.0.1"
     cfg.ray.include_dashboard = True
     assert local_ray_kwargs(cfg, 2)["dashboard_host"] == "127.0.0.1"
+    # No idle workers started ahead of the actors (which set their own environment and never use them).
+    assert local_ray_kwargs(cfg, 2)["_system_config"]["enable_worker_prestart"] is False
