@@ -55,7 +55,6 @@ MIN_NORMALIZED = 0.2
         ),
         ({"student_noisy_kinds.maths": "[+]"}, "student_noisy_kinds names maths"),
         ({"student_noise": "1.5"}, "student_noise must be in [0, 1], got 1.5"),
-        ({"student_sft_ranks": "0"}, "student_sft_ranks must be in [1, sft_batch=64], got 0"),
     ],
 )
 def test_bad_settings_fail_before_any_stage(items, message):

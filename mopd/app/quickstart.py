@@ -80,10 +80,6 @@ class QuickstartSettings:
     # warmup-stable-decay schedule); teachers and MOPD decay theirs to 0. With a cosine-decayed
     # student the same MOPD budget closed only ~60% of the gap (docs/quickstart.md).
     student_sft_schedule: str = "constant"
-    # Data-parallel ranks of the student's SFT, one process and one thread each: each takes half of
-    # every batch and the gradients are averaged, so both cores work (one rank left one idle: the
-    # tiny model does not use a second thread, _stage_teachers).
-    student_sft_ranks: int = 2
     teacher_sft_steps: int = 300
     teacher_sft_lr: float = 3e-3
     teacher_sft_schedule: str = "cosine"
@@ -152,7 +148,6 @@ def stage_inputs(st: QuickstartSettings, recipe_over: list[str]) -> dict[str, di
             "student_sft_steps",
             "student_sft_lr",
             "student_sft_schedule",
-            "student_sft_ranks",
         ),
         "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
     }
@@ -322,8 +317,6 @@ def run_sft(
     micro_batch: int | None = None,
     master_port: int | None = None,
     position: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
 ) -> dict[str, Any]:
     """SFT through the project's DeepSpeed trainer (one in-process rank, ZeRO 0) and save the
     result as a Hugging Face directory. ``init`` overrides ``recipe.student`` (path or config);
@@ -331,11 +324,8 @@ def run_sft(
     rng)`` gives each drawn row's target (default: ``sft_target``, clean; the student's may be
     noisy). A tool trajectory's ids are those the multi-turn rollout gives it (``sft_batch``). Each
     batch runs sorted by length, in micro-batches of ``micro_batch`` rows (default: all).
-    ``master_port``: the ranks' rendezvous port (default: a free one); ``position``: the line of
-    its progress bar, for runs side by side. With ``world_size`` > 1 this is rank ``rank`` of a
-    data-parallel group (every rank calls it, in a process of its own, with the same arguments): each
-    draws the same batches and trains on its share (``TrainerWorker.sft_step``); rank 0 shows
-    the progress and all write the model together (``save_hf``)."""
+    ``master_port``: the rank's rendezvous port (default: a free one); ``position``: the line of
+    its progress bar, for runs side by side."""
     from tqdm import tqdm
 
     from mopd.chat import stop_token_ids
@@ -352,7 +342,7 @@ def run_sft(
             recipe.trainer,
             lr=lr,
             zero_stage=0,
-            world_size=world_size,
+            world_size=1,
             lr_schedule=cast(LRSchedule, schedule),
             warmup_steps=10,
             micro_batch_size=min(batch, micro_batch or batch),
@@ -362,12 +352,11 @@ def run_sft(
     renderer = make_renderer(tok, stop_token_ids(cfg, tok))  # as the rollout renders tool results
     target = target or (lambda row, rng: sft_target(row, cfg.environments))
     port = master_port or free_port("127.0.0.1")
-    worker = TrainerWorker(cfg, rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    worker = TrainerWorker(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=port)
     rng = random.Random(seed)
     encoded: Encoded = {}
     t0, loss = time.time(), float("nan")
-    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, position=position, disable=rank != 0)
-    for _ in bar:
+    for _ in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, position=position):
         drawn = rng.choices(rows, weights=weights, k=batch) if weights else [rng.choice(rows) for _ in range(batch)]
         drawn, targets = by_length(drawn, [target(r, rng) for r in drawn])
         loss = worker.sft_step(sft_batch(tok, drawn, encoded, targets, renderer))["sft/loss"]
@@ -477,8 +466,6 @@ def settings_from(items: dict[str, str]) -> QuickstartSettings:
     if any(w < 0 for w in st.student_mix.values()) or not any(st.student_mix.get(d, 1.0) > 0 for d in st.generators):
         errors.append(f"student_mix weights must be >= 0 and not all 0, got {dict(st.student_mix)}")
     errors += _kind_errors(st)
-    if not 1 <= st.student_sft_ranks <= st.sft_batch:
-        errors.append(f"student_sft_ranks must be in [1, sft_batch={st.sft_batch}], got {st.student_sft_ranks}")
     for name in ("student_sft_schedule", "teacher_sft_schedule"):
         if getattr(st, name) not in LR_SCHEDULES:
             errors.append(f"{name}={getattr(st, name)!r}; valid: {', '.join(LR_SCHEDULES)}")
@@ -576,43 +563,17 @@ def _eval_rows(out: Path, st: QuickstartSettings, base: MOPDConfig):
 
 
 def _stage_student(out, st, base, recipe_over, results):
-    """The student's SFT on the noisy mixture, ``student_sft_ranks`` data-parallel ranks (each a
-    process of its own, spawned), then its greedy evaluation here."""
-    if st.student_sft_ranks == 1:
-        res = _student_sft((out, st, base, 0, 1, None))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from mopd.dist.runtime import free_port
-
-        ranks, port = st.student_sft_ranks, free_port("127.0.0.1")
-        jobs = [(out, st, base, r, ranks, port) for r in range(ranks)]
-        with ProcessPoolExecutor(ranks, mp_context=multiprocessing.get_context("spawn")) as pool:
-            res = list(pool.map(_student_sft, jobs))[0]
-    ev = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
-    return {**res, "accuracy": ev.accuracy, "episodes": ev.episodes}
-
-
-def _student_sft(job) -> dict[str, Any]:
-    """Rank ``rank`` of ``world_size`` of the student's SFT (in this process when it is the only one)."""
-    out, st, base, rank, world_size, port = job
-    if world_size > 1:
-        import torch
-
-        from mopd.domains import load_plugins
-
-        torch.set_num_threads(1)
-        load_plugins(base.run.plugins)  # a plugin's domains, parsers, environments: registered here too
     per_domain = {d: read_rows(out, d, "train", base) for d in st.domain_names}
     mix = [r for d in st.domain_names for r in per_domain[d]]
     # A domain's share of the mixture is its weight (the rows of a domain share it equally).
     weights = [st.student_mix.get(d, 1.0) / len(per_domain[d]) for d in st.domain_names for _ in per_domain[d]]
-    return run_sft(
+    res = run_sft(
         base, {}, mix, st.student_sft_steps, st.student_sft_lr, st.student_sft_schedule, st.sft_batch, st.seed,
         out / "student_sft", "student SFT", weights=weights, target=student_target(st, base.environments),
-        micro_batch=STUDENT_MICRO_BATCH, master_port=port, rank=rank, world_size=world_size,
+        micro_batch=STUDENT_MICRO_BATCH,
     )  # fmt: skip
+    ev = evaluate_model(base, out / "student_sft", _eval_rows(out, st, base))
+    return {**res, "accuracy": ev.accuracy, "episodes": ev.episodes}
 
 
 def typo(answer: str) -> str:
