@@ -471,8 +471,9 @@ def _rows(
     def lengths_checked() -> list[PromptRow]:
         """``checked`` without its prompts over the limit (tokenised in one batch: ``prompts_ids``);
         with ``reject`` the first of them raises."""
-        kept = []
-        lengths = [len(ids) for ids in prompts_ids(tokenizer, [row for _, _, row in checked])]
+        kept, rows = [], [row for _, _, row in checked]
+        # In chunks: a large source's ids are never all held at once, only their lengths.
+        lengths = [len(ids) for k in range(0, len(rows), 4096) for ids in prompts_ids(tokenizer, rows[k : k + 4096])]
         for (part, i, row), n in zip(checked, lengths, strict=True):
             bad = _too_long(n, max_prompt_len)
             if bad is None:
