@@ -108,7 +108,7 @@ def local_ray_kwargs(cfg: MOPDConfig, num_cpus: int) -> dict[str, Any]:
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": dict(ACTOR_ENV)},
         # No idle workers started ahead: every actor of a run sets its own environment (its thread
-        # count), so none would use them, and on 2 cores their start-up delayed the actors' by ~8 s
+        # count), so none would use them, and on 2 cores their start-up delayed the actors' by ~6 s
         # (the tests' reference run: 65.3 -> 58.8 s, benchmarks/startup.py).
         _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
