@@ -32,7 +32,9 @@ from omegaconf.errors import (
 BUILTIN_TOKENIZER = "builtin:char"
 
 # The choices of the settings that have a fixed set of values (the tuples list them for messages).
-Backend = Literal["hf", "vllm"]  # teachers.<domain>.backend, rollout.backend
+Backend = Literal["hf", "vllm"]  # rollout.backend
+# teachers.<domain>.backend: the rollout's two, or ``remote`` (a vLLM server that runs elsewhere).
+TeacherBackendName = Literal["hf", "vllm", "remote"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 OnBadRow = Literal["reject", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -40,6 +42,7 @@ ZeroStage = Literal[0, 1, 2, 3]
 Layout = Literal["disaggregated", "colocated"]
 WeightSync = Literal["direct", "driver"]  # rollout.weight_sync
 BACKENDS: tuple[str, ...] = get_args(Backend)
+TEACHER_BACKEND_NAMES: tuple[str, ...] = get_args(TeacherBackendName)
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRow)
 # data.chat_template: these two words, or a path to a Jinja template file.
@@ -90,8 +93,30 @@ class ResourcesConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """``teachers.<domain>.remote``: the server of a ``backend: remote`` teacher, a vLLM
+    OpenAI-compatible endpoint that someone else runs (teachers/remote.py, docs/remote_teachers.md).
+    The teacher's ``path`` is then a local copy of the served model's tokenizer and config.json (no
+    weights), read by the checks that run before any actor starts."""
+
+    # The server's base URL, up to and including ``/v1``: ``http://teacher-host:8000/v1``.
+    url: str | None = None
+    # The model name the server answers to (``vllm serve --served-model-name``); None: ``path``.
+    model: str | None = None
+    # An environment variable holding the server's API key (``vllm serve --api-key``), sent as a
+    # bearer token; None: no key. Its value is read where the run starts and passed to the actor.
+    api_key_env: str | None = None
+    # Seconds one request may take before it is retried.
+    timeout_s: float = 120.0
+    # Retries of a request that timed out, lost its connection or got a 429 / 5xx answer.
+    retries: int = 3
+    # Requests of ``batch_size`` rows in flight at once per replica.
+    concurrency: int = 4
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
-    backend: Backend = "hf"
+    backend: TeacherBackendName = "hf"
     replicas: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # Rows per forward pass when scoring.
@@ -112,6 +137,8 @@ class TeacherConfig(ModelConfig):
     # template file. The response ids are the student's either way; ``mopd check`` renders a chat
     # prompt with it and refuses ids the teacher cannot score. Text rows keep the student's ids.
     chat_template: str | None = None
+    # backend remote: the server that scores for this teacher.
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 @dataclass
@@ -650,6 +677,7 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
                 f"teachers.{name}.max_tokens_per_batch and pack_sequences apply to the hf backend; the "
                 f"{t.backend} engine batches by tokens itself: remove them"
             )
+        _check_remote(name, t, errors)
     if cfg.trainer.offload_optimizer and cfg.trainer.zero_stage == 0:
         errors.append("trainer.offload_optimizer needs trainer.zero_stage >= 1 (DeepSpeed offloads partitioned state)")
     if not 0 < cfg.rollout.top_p <= 1:
@@ -657,6 +685,37 @@ def _check_sizes(cfg: MOPDConfig, errors: list[str]) -> None:
     bad_stops = [t for t in cfg.rollout.stop_token_ids if t < 0]
     if bad_stops:
         errors.append(f"rollout.stop_token_ids must be token ids (>= 0), got {bad_stops}")
+
+
+def _check_remote(name: str, t: TeacherConfig, errors: list[str]) -> None:
+    """``backend: remote`` needs a server URL and a local ``path`` (the served model's tokenizer
+    and config); its settings mean nothing to the other backends."""
+    key, r = f"teachers.{name}", t.remote
+    if t.backend != "remote":
+        if r != RemoteConfig():
+            errors.append(
+                f"{key}.remote applies to backend remote, not {t.backend}: remove it or set {key}.backend=remote"
+            )
+        return
+    if not r.url:
+        errors.append(
+            f"{key}.remote.url: required with backend remote (the server's base URL, e.g. http://host:8000/v1)"
+        )
+    elif not re.fullmatch(r"https?://[^\s/]+(/\S*)?", r.url):
+        errors.append(f"{key}.remote.url must be an http(s) URL such as http://host:8000/v1, got {r.url!r}")
+    if t.path is None:
+        errors.append(
+            f"{key}.path: required with backend remote: a local copy of the served model's tokenizer and "
+            "config.json (no weights), which the checks read before any actor starts"
+        )
+    if t.resources.num_gpus > 0:
+        errors.append(f"{key}.resources.num_gpus: a remote teacher computes on its server; set it to 0")
+    if r.timeout_s <= 0:
+        errors.append(f"{key}.remote.timeout_s must be positive, got {r.timeout_s}")
+    if r.retries < 0:
+        errors.append(f"{key}.remote.retries must be >= 0, got {r.retries}")
+    if r.concurrency < 1:
+        errors.append(f"{key}.remote.concurrency must be >= 1, got {r.concurrency}")
 
 
 def _check_models(cfg: MOPDConfig, errors: list[str]) -> None:

@@ -16,6 +16,16 @@ from typing import Any
 
 from mopd.config import ConfigError
 
+# A fixed text whose ids every teacher must share with the student (mopd check, remote teachers'
+# servers): prose, accents, Cyrillic, CJK, Arabic, an emoji, code with indentation, and maths
+# symbols (where BPE merges and normalizers differ).
+PROBE_TEXT = (
+    "The quick brown fox jumps over 13 lazy dogs.\n"
+    "Größe, naïve café: ¿qué tal? Привет, мир! 東京で会いましょう。 مرحبا 🙂\n"
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # pi r^2\n"
+    "Solve 2x + 7 = 15, so x = 4; ∫₀¹ x² dx = 1/3 and √(a² + b²) ≤ |a| + |b|."
+)
+
 
 class VocabularyMismatchError(ConfigError):
     """A teacher whose tokenizer / vocabulary differs from the student's."""

@@ -8,9 +8,9 @@ builds a ``TeacherWorker``), plus one line in ``TEACHER_BACKENDS``. The module s
 for mypy at its end (copy ``teachers/hf.py``):
 
     if TYPE_CHECKING:
-        _backend: TeacherBackend = RemoteTeacherWorker    # its constructor
+        _backend: TeacherBackend = MyTeacherWorker    # its constructor
 
-        def _conforms(worker: RemoteTeacherWorker) -> TeacherWorker:  # its methods, named where they differ
+        def _conforms(worker: MyTeacherWorker) -> TeacherWorker:  # its methods, named where they differ
             return worker
 
 The table names classes by ``"module:Class"``, so importing it loads no backend (vLLM is optional
@@ -30,12 +30,13 @@ if TYPE_CHECKING:
     from mopd.config import TeacherConfig
     from mopd.types import TeacherScores
 
-# teachers.<domain>.backend -> "module:Class". Keep the names in step with ``Backend`` in
+# teachers.<domain>.backend -> "module:Class". Keep the names in step with ``TeacherBackendName`` in
 # mopd/config.py (the recipe's schema, which the core cannot take from here); tests/test_teachers.py
 # checks they agree.
 TEACHER_BACKENDS: Mapping[str, str] = {
     "hf": "teachers.hf:HFTeacherWorker",
     "vllm": "teachers.vllm:VLLMTeacherWorker",
+    "remote": "teachers.remote:RemoteTeacherWorker",
 }
 
 

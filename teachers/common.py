@@ -62,6 +62,18 @@ def row_span(attention_mask_row: torch.Tensor) -> tuple[int, int] | None:
     return start, end
 
 
+def rows_to_score(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rows with a response token after at least one context token, and their (start, end) spans of
+    real tokens: what a backend that takes each row unpadded (an engine, a server) sends."""
+    rows, spans = [], []
+    for i in range(attention_mask.shape[0]):
+        span = row_span(attention_mask[i])
+        if span is not None and span[1] - span[0] >= 2 and bool(response_mask[i, span[0] + 1 : span[1]].any()):
+            rows.append(i)
+            spans.append(span)
+    return rows, spans
+
+
 def empty_scores(num_rows: int, num_cols: int, topk: int) -> TeacherScores:
     """All-zero scores: (B, T) log-probs and, with ``topk`` > 0, (B, T, topk) ids and log-probs."""
     logprobs = torch.zeros(num_rows, num_cols, dtype=torch.float32)

@@ -16,6 +16,7 @@ without Ray. Ray is imported only when actors are created.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,13 @@ def restore_columns(scores: TeacherScores, scored_prompt_len: int, prompt_len: i
 # --------------------------------------------------------------------------- the pool
 
 
+def _forwarded_env(cfg: TeacherConfig) -> dict[str, str]:
+    """The variable ``remote.api_key_env`` names, from this process to the actor (a cluster's
+    workers do not share the driver's environment): the key itself never enters the recipe."""
+    var = cfg.remote.api_key_env
+    return {var: os.environ[var]} if var and var in os.environ else {}
+
+
 class TeacherPool:
     """Owns the teacher workers of every domain and routes rollout rows to them.
 
@@ -241,7 +249,7 @@ class TeacherPool:
             kwargs=kwargs,
             num_cpus=cfg.resources.num_cpus,
             num_gpus=cfg.resources.num_gpus,
-            env=(cls.backend_env(cfg.resources.num_gpus), env),
+            env=(cls.backend_env(cfg.resources.num_gpus), env, _forwarded_env(cfg)),
             label=f"'{domain}' replica",
             bundles=None if self._placement is None else self._placement.plan.teachers[domain],
         )

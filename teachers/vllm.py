@@ -46,7 +46,7 @@ from mopd.dist.vllm_compat import (
 from mopd.models import load_model, load_tokenizer
 from mopd.types import TeacherScores
 from mopd.vocab import tokenizer_signature
-from teachers.common import check_score_inputs, empty_scores, row_span
+from teachers.common import check_score_inputs, empty_scores, rows_to_score
 
 # --------------------------------------------------------------------------- model directory
 
@@ -183,7 +183,7 @@ class VLLMTeacherWorker:
             )
         B, T = input_ids.shape
         out = empty_scores(B, T, topk)
-        rows, spans = self._rows_to_score(attention_mask, response_mask)
+        rows, spans = rows_to_score(attention_mask, response_mask)
         outputs = (
             self._generate([input_ids[i, a:b].tolist() for i, (a, b) in zip(rows, spans, strict=True)], topk)
             if rows
@@ -199,20 +199,6 @@ class VLLMTeacherWorker:
                 out.topk_logprobs[i, a:b] = torch.where(keep[:, None], top[1], 0.0)
         out.latency_s = time.perf_counter() - start
         return out
-
-    @staticmethod
-    def _rows_to_score(
-        attention_mask: torch.Tensor, response_mask: torch.Tensor
-    ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Rows with a response token after at least one context token, and their (start, end)
-        spans of real tokens."""
-        rows, spans = [], []
-        for i in range(attention_mask.shape[0]):
-            span = row_span(attention_mask[i])
-            if span is not None and span[1] - span[0] >= 2 and bool(response_mask[i, span[0] + 1 : span[1]].any()):
-                rows.append(i)
-                spans.append(span)
-        return rows, spans
 
     def shutdown(self) -> None:
         """Stop the engine (its process exits) and remove the temporary model directory."""

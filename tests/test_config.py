@@ -134,7 +134,7 @@ def test_missing_recipe_file(tmp_path):
 def test_bad_choice_names_valid_options(recipe):
     assert "rollout.backend is 'sglang'; valid: hf, vllm" in _error(recipe, "rollout.backend=sglang")
     assert "objective.kind is 'full'; valid: sampled, topk" in _error(recipe, "objective.kind=full")
-    assert "teachers.code.backend is 'trt'; valid: hf, vllm" in _error(recipe, "teachers.code.backend=trt")
+    assert "teachers.code.backend is 'trt'; valid: hf, vllm, remote" in _error(recipe, "teachers.code.backend=trt")
     assert "trainer.lr_schedule is 'wsd'; valid: constant, linear, cosine" in _error(recipe, "trainer.lr_schedule=wsd")
     assert "data.on_bad_row is 'drop'; valid: reject, skip" in _error(recipe, "data.on_bad_row=drop")
     assert "student.dtype is 'int8'; valid: float32, bfloat16, float16" in _error(recipe, "student.dtype=int8")

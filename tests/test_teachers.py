@@ -387,13 +387,13 @@ class ConstantTeacherWorker:
 
 
 def test_backend_table_lists_the_configured_backends_and_their_classes_have_the_contract():
-    """``TEACHER_BACKENDS`` is the code's list; ``Backend`` in mopd/config.py (the recipe schema, which
-    the core cannot take from the workers) must name the same. Every entry resolves to a class
-    with every method of ``TeacherWorker`` (mypy checks their signatures)."""
-    from mopd.config import BACKENDS
+    """``TEACHER_BACKENDS`` is the code's list; ``TeacherBackendName`` in mopd/config.py (the recipe
+    schema, which the core cannot take from the workers) must name the same. Every entry resolves to
+    a class with every method of ``TeacherWorker`` (mypy checks their signatures)."""
+    from mopd.config import TEACHER_BACKEND_NAMES
     from teachers.backend import TEACHER_BACKENDS, TeacherWorker, worker_class
 
-    assert set(TEACHER_BACKENDS) == set(BACKENDS) == {"hf", "vllm"}
+    assert set(TEACHER_BACKENDS) == set(TEACHER_BACKEND_NAMES) == {"hf", "vllm", "remote"}
     contract = [m for m in vars(TeacherWorker) if not m.startswith("_")]
     assert {"score", "vocab_signature", "shutdown", "backend_env"} <= set(contract)
     for name in TEACHER_BACKENDS:
@@ -405,7 +405,7 @@ def test_backend_table_lists_the_configured_backends_and_their_classes_have_the_
 def test_unknown_teacher_backend_names_the_valid_ones():
     from teachers.backend import worker_class
 
-    with pytest.raises(ValueError, match="^unknown teacher backend 'trt'; valid: hf, vllm$"):
+    with pytest.raises(ValueError, match="^unknown teacher backend 'trt'; valid: hf, vllm, remote$"):
         worker_class("trt")
     cfg = teacher_cfg()
     cfg.backend = "trt"  # past validate, as a hand-built config can be

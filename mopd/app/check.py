@@ -27,16 +27,8 @@ from typing import Any
 
 from mopd.config import ConfigError, ModelConfig, MOPDConfig, TeacherConfig
 from mopd.models import load_tokenizer, model_config
-from mopd.vocab import check_vocabularies, config_vocab_size, signature_differences, tokenizer_signature
+from mopd.vocab import PROBE_TEXT, check_vocabularies, config_vocab_size, signature_differences, tokenizer_signature
 
-# A fixed text whose ids every teacher must share with the student: prose, accents, Cyrillic, CJK,
-# Arabic, an emoji, code with indentation, and maths symbols (where BPE merges and normalizers differ).
-PROBE = (
-    "The quick brown fox jumps over 13 lazy dogs.\n"
-    "Größe, naïve café: ¿qué tal? Привет, мир! 東京で会いましょう。 مرحبا 🙂\n"
-    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # pi r^2\n"
-    "Solve 2x + 7 = 15, so x = 4; ∫₀¹ x² dx = 1/3 and √(a² + b²) ≤ |a| + |b|."
-)
 CHAT_PROBE = [
     {"role": "system", "content": "You are a careful assistant."},
     {"role": "user", "content": "What is 17 * 23? Show the steps."},
@@ -112,12 +104,15 @@ class CheckReport:
         if own:
             raise TeacherCheckError("; ".join(own))
         check_vocabularies(self.signatures, self.student.signature)
-        failed = [p for t in self.teachers.values() for p in t.problems(FAIL)]
+        failed = [r for t in self.teachers.values() for r in t.rows if r.status == FAIL]
         if failed:
-            raise TeacherCheckError(
-                "; ".join(failed) + " (teachers score the student's token ids: give each teacher the student's "
-                "tokenizer, special tokens and generation_config.json, or check the model paths)"
+            hint = (
+                " (teachers score the student's token ids: give each teacher the student's tokenizer, special "
+                "tokens and generation_config.json, or check the model paths)"
             )
+            # A remote teacher's server rows say themselves what to change.
+            tail = "" if all(r.check.startswith("server") for r in failed) else hint
+            raise TeacherCheckError("; ".join(p for t in self.teachers.values() for p in t.problems(FAIL)) + tail)
 
 
 # --------------------------------------------------------------------------------------- cheap part
@@ -224,7 +219,7 @@ def _teacher_report(
     elif rows.status == OK:
         rows.result += ", as the student's"
     report.rows.append(rows)
-    report.rows.append(_ids_row("probe ids", s.tokenizer, t.tokenizer, PROBE, add_special_tokens=True))
+    report.rows.append(_ids_row("probe ids", s.tokenizer, t.tokenizer, PROBE_TEXT, add_special_tokens=True))
     report.rows.extend(_chat_rows(s.tokenizer, t.tokenizer))
     if teacher.chat_template is not None:
         report.rows.append(_own_template_row(teacher, f"teachers.{domain}", t.rows))
@@ -234,7 +229,33 @@ def _teacher_report(
     else:
         report.add("stop ids", FAIL, f"{t.stop_ids} ({t.stop_source}) vs the student's {s.stop_ids}")
     report.rows.append(_same_model_row(cfg, domain, teacher))
+    if teacher.backend == "remote":
+        report.rows.extend(_server_rows(cfg, domain, teacher, t))
     return report
+
+
+def _server_rows(cfg: MOPDConfig, domain: str, teacher: TeacherConfig, t: ModelFacts) -> list[Row]:
+    """A remote teacher's server against ``path``'s tokenizer (teachers/remote.py ``check_server``):
+    model, probe ids, decoded ids, vocabulary, the objective's top-k log-probs."""
+    from mopd.objective import get_objective
+    from teachers.remote import RemoteServer, RemoteTeacherError, api_key, check_server
+
+    key, r = f"teachers.{domain}", teacher.remote
+    assert r.url is not None and teacher.path is not None  # mopd.config.validate: required with remote
+    topk = max(get_objective(cfg.objective.kind).teacher_topk(cfg.objective), 1)
+    try:
+        server = RemoteServer(r.url, r.model or teacher.path, api_key(teacher, key), r.timeout_s, retries=0)
+    except ConfigError as e:
+        return [Row("server", FAIL, str(e))]
+    try:
+        return [
+            Row(f"server {c.check}", OK if c.ok else FAIL, c.result)
+            for c in check_server(server, t.tokenizer, t.rows, topk, key)
+        ]
+    except RemoteTeacherError as e:
+        return [Row("server", FAIL, f"{r.url}: {e}")]
+    finally:
+        server.close()
 
 
 def _ids_row(check: str, s_tok: Any, t_tok: Any, text: str, add_special_tokens: bool) -> Row:
@@ -325,6 +346,8 @@ def _same_model_row(cfg: MOPDConfig, domain: str, teacher: TeacherConfig) -> Row
     """A teacher that is the student scores every token as the student does: reverse KL, loss and
     gradient are exactly zero, and the run learns nothing from it."""
     s = cfg.student
+    if teacher.backend == "remote":  # its path holds a tokenizer; the weights are the server's
+        return Row("not the student", OK, f"served at {teacher.remote.url}")
     same_path = (
         teacher.path is not None and s.path is not None and Path(teacher.path).resolve() == Path(s.path).resolve()
     )

@@ -433,6 +433,8 @@ def _rollout_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
 
 
 def _teacher_plan(name: str, t: Any, s: ModelShape, tokens: int) -> ActorPlan:
+    if t.backend == "remote":  # its server holds the model; the client actor holds none of it
+        return ActorPlan(f"teachers.{name}", t.replicas, 0.0, {}, note=f"remote, served at {t.remote.url}")
     e = DTYPE_BYTES[t.dtype]
     parts = {"weights": float(e * s.total_params)}
     label = f"teachers.{name}"
