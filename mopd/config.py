@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
@@ -139,6 +140,42 @@ class TeacherConfig(ModelConfig):
     chat_template: str | None = None
     # backend remote: the server that scores for this teacher.
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    # A PEFT LoRA adapter directory over ``path`` (its base model). Adapter teachers with the same
+    # base, dtype and backend are served by one worker group that holds the base once, each row
+    # through its domain's adapter (``teacher_groups``); hf backend.
+    adapter: str | None = None
+
+
+# The settings of a worker group: adapter teachers served together must agree on them.
+GROUP_SETTINGS = ("replicas", "resources", "batch_size", "max_tokens_per_batch", "pack_sequences", "logprob_chunk_size")
+
+
+@dataclass(frozen=True)
+class TeacherGroup:
+    """The domains one worker group serves: one full teacher, or adapter teachers of one base."""
+
+    name: str  # the domain, or the domains joined by "+" ("code+math")
+    domains: tuple[str, ...]
+    cfg: TeacherConfig  # the first domain's: the group's worker settings (GROUP_SETTINGS agree)
+    adapters: dict[str, str] | None  # domain -> adapter directory; None for a full teacher
+
+
+def teacher_groups(teachers: Mapping[str, TeacherConfig]) -> list[TeacherGroup]:
+    """The worker groups of ``teachers``, sorted by name: adapter teachers that share a base
+    (``path``), dtype, backend and tokenizer form one group; every other teacher is its own."""
+    shared: dict[tuple[Any, ...], list[str]] = {}
+    groups = []
+    for domain in sorted(teachers):
+        t = teachers[domain]
+        if t.adapter is None or t.path is None:
+            groups.append(TeacherGroup(domain, (domain,), t, None))
+            continue
+        key = (str(Path(t.path).resolve()), t.dtype, t.backend, t.tokenizer, t.trust_remote_code, t.attn_implementation)
+        shared.setdefault(key, []).append(domain)
+    for domains in shared.values():
+        adapters = {d: str(teachers[d].adapter) for d in domains}
+        groups.append(TeacherGroup("+".join(domains), tuple(domains), teachers[domains[0]], adapters))
+    return sorted(groups, key=lambda g: g.name)
 
 
 @dataclass
@@ -586,6 +623,7 @@ def validate(cfg: MOPDConfig) -> None:
     _check_choices(cfg, "", errors)
     _check_sizes(cfg, errors)
     _check_models(cfg, errors)
+    _check_adapters(cfg, errors)
     _check_data(cfg, errors)  # loads run.plugins, which may register domains
     _check_routing_replay(cfg, errors)
     _check_environments(cfg, errors)  # after _check_data: plugins may register environments
@@ -716,6 +754,30 @@ def _check_remote(name: str, t: TeacherConfig, errors: list[str]) -> None:
         errors.append(f"{key}.remote.retries must be >= 0, got {r.retries}")
     if r.concurrency < 1:
         errors.append(f"{key}.remote.concurrency must be >= 1, got {r.concurrency}")
+
+
+def _check_adapters(cfg: MOPDConfig, errors: list[str]) -> None:
+    """An adapter needs its base as ``path`` and a PEFT adapter directory; adapter teachers served
+    by one group agree on the group's settings."""
+    for name, t in sorted(cfg.teachers.items()):
+        if t.adapter is None:
+            continue
+        key = f"teachers.{name}"
+        if t.path is None:
+            errors.append(f"{key}.adapter: needs {key}.path, the base model the adapter was trained on")
+        if not (Path(t.adapter) / "adapter_config.json").is_file():
+            errors.append(f"{key}.adapter: not a PEFT adapter directory (no adapter_config.json): {t.adapter}")
+        if t.backend != "hf":
+            errors.append(f"{key}.adapter: adapter teachers run on the hf backend, not {t.backend} (yet)")
+    for g in teacher_groups(cfg.teachers):
+        for setting in GROUP_SETTINGS:
+            values = {d: getattr(cfg.teachers[d], setting) for d in g.domains}
+            if len({repr(v) for v in values.values()}) > 1:
+                got = ", ".join(f"{d}: {v}" for d, v in values.items())
+                errors.append(
+                    f"teachers {', '.join(g.domains)} are adapters of one base, served by one worker group, but "
+                    f"their {setting} differ ({got}): set them equal"
+                )
 
 
 def _check_models(cfg: MOPDConfig, errors: list[str]) -> None:

@@ -19,7 +19,7 @@ and heavy).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mopd.dist.lazy import lazy_exports
@@ -57,13 +57,20 @@ class TeacherWorker(Protocol):
         ...
 
     def score(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, topk: int = 0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        topk: int = 0,
+        domains: Sequence[str] | None = None,
     ) -> TeacherScores:
         """Teacher log-probs of the response tokens at temperature 1.
 
-        input_ids (B, T) int64, attention_mask (B, T) bool, response_mask (B, T) bool. Returns
-        logprobs (B, T) f32, 0 outside the response; with ``topk`` > 0 also topk_ids (B, T, K) int64
-        and topk_logprobs (B, T, K) f32, K = min(topk, V); ``latency_s`` the call's wall time."""
+        input_ids (B, T) int64, attention_mask (B, T) bool, response_mask (B, T) bool; ``domains``
+        each row's domain, given to a worker that serves several adapters (it picks the row's
+        adapter). Returns logprobs (B, T) f32, 0 outside the response; with ``topk`` > 0 also
+        topk_ids (B, T, K) int64 and topk_logprobs (B, T, K) f32, K = min(topk, V); ``latency_s``
+        the call's wall time."""
         ...
 
     def shutdown(self) -> None:
@@ -77,10 +84,19 @@ class TeacherBackend(Protocol):
 
     max_logprobs  the largest ``topk`` ``score`` will be asked for (a backend with a fixed cap sizes it)
     set_threads   size torch's thread pool to ``cfg.resources.num_cpus`` (False: leave the caller's)
+    adapters      domain -> PEFT adapter directory over ``cfg.path``, for a group of adapter teachers
+                  (``mopd.config.teacher_groups``); a backend without adapters refuses them
     """
 
     def __call__(
-        self, name: str, cfg: TeacherConfig, seed: int, *, max_logprobs: int, set_threads: bool = True
+        self,
+        name: str,
+        cfg: TeacherConfig,
+        seed: int,
+        *,
+        max_logprobs: int,
+        set_threads: bool = True,
+        adapters: Mapping[str, str] | None = None,
     ) -> TeacherWorker: ...
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,7 +35,14 @@ class HFTeacherWorker:
     unused: any top-k up to the vocabulary can be scored."""
 
     def __init__(
-        self, name: str, cfg: TeacherConfig, seed: int, *, max_logprobs: int = 64, set_threads: bool = True
+        self,
+        name: str,
+        cfg: TeacherConfig,
+        seed: int,
+        *,
+        max_logprobs: int = 64,
+        set_threads: bool = True,
+        adapters: Mapping[str, str] | None = None,
     ) -> None:
         # In-process workers (local pools, tests) leave the caller's thread count alone.
         if set_threads:
@@ -43,10 +50,15 @@ class HFTeacherWorker:
         self.name = name
         self.cfg = cfg
         self.device = worker_device(cfg.resources, f"teachers.{name}.resources")
-        self.model = load_model(cfg, seed).eval().to(self.device)
-        self.tokenizer = load_tokenizer(cfg)
+        model = load_model(cfg, seed)
+        # Adapter teachers: the base once, one PEFT adapter per domain (``score``'s ``domains`` picks).
+        self.adapters = dict(adapters) if adapters else ({name: cfg.adapter} if cfg.adapter else {})
         # Most causal LMs accept `logits_to_keep`: the LM head then skips prompt positions.
-        self._can_trim_head = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._can_trim_head = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if self.adapters:
+            model = with_adapters(model, self.adapters)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = load_tokenizer(cfg)
 
     @staticmethod
     def backend_env(num_gpus: float) -> Mapping[str, str]:
@@ -63,25 +75,33 @@ class HFTeacherWorker:
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor,
         topk: int = 0,
+        domains: Sequence[str] | None = None,
     ) -> TeacherScores:
         """Teacher log-probs of the response tokens.
 
-        input_ids (B, T) int64, attention_mask (B, T) bool, response_mask (B, T) bool.
-        Returns logprobs (B, T) f32, 0 outside the response; with ``topk`` > 0 also topk_ids /
-        topk_logprobs (B, T, K), K = min(topk, V), position t holding the distribution of token t,
-        0 outside the response. Rows go through the model ``cfg.batch_size`` at a time, or grouped by
-        length under ``cfg.max_tokens_per_batch`` padded positions.
+        input_ids (B, T) int64, attention_mask (B, T) bool, response_mask (B, T) bool; ``domains``
+        the domain of each row, which picks its adapter (required with several adapters, else
+        unused). Returns logprobs (B, T) f32, 0 outside the response; with ``topk`` > 0 also
+        topk_ids / topk_logprobs (B, T, K), K = min(topk, V), position t holding the distribution of
+        token t, 0 outside the response. Rows go through the model ``cfg.batch_size`` at a time, or
+        grouped by length under ``cfg.max_tokens_per_batch`` padded positions; rows of several
+        domains share a pass, each through its own adapter.
         """
         start = time.perf_counter()
         check_score_inputs(input_ids, attention_mask, response_mask, topk)
         B, T = input_ids.shape
+        names = self._adapter_names(domains, B)
         k = min(topk, config_vocab_size(self.model.config))
         out = empty_scores(B, T, k)
-        for rows in self._passes(attention_mask):
+        for rows in self._passes(attention_mask, names):
             cols = active_columns(attention_mask[rows])
             if cols is None or not bool(response_mask[rows].any()):
                 continue  # nothing to score: the zeros stand
-            lp, top = self._score_chunk(input_ids[rows, cols], attention_mask[rows, cols], response_mask[rows, cols], k)
+            idx = range(B)[rows] if isinstance(rows, slice) else rows.tolist()
+            pass_names = None if names is None else [names[i] for i in idx]
+            lp, top = self._score_chunk(
+                input_ids[rows, cols], attention_mask[rows, cols], response_mask[rows, cols], k, pass_names
+            )
             out.logprobs[rows, cols] = lp
             if top is not None:
                 assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(k > 0)
@@ -89,30 +109,59 @@ class HFTeacherWorker:
         out.latency_s = time.perf_counter() - start
         return out
 
-    def _passes(self, attention_mask: torch.Tensor) -> list[slice] | list[torch.Tensor]:
+    def _adapter_names(self, domains: Sequence[str] | None, rows: int) -> list[str] | None:
+        """The adapter of each row (None: the model as loaded, with its one adapter if any)."""
+        if len(self.adapters) <= 1:
+            return None
+        if domains is None or len(domains) != rows:
+            raise ValueError(
+                f"teacher '{self.name}' serves {len(self.adapters)} adapters: score needs each row's domain"
+            )
+        unknown = sorted(set(domains) - set(self.adapters))
+        if unknown:
+            raise ValueError(
+                f"teacher '{self.name}' has no adapter for {', '.join(unknown)}; it serves {', '.join(self.adapters)}"
+            )
+        return list(domains)
+
+    def _passes(self, attention_mask: torch.Tensor, names: list[str] | None = None) -> list[slice] | list[torch.Tensor]:
         """The rows of each forward pass: ``batch_size`` consecutive rows, or with
-        ``max_tokens_per_batch`` the rows grouped by length under that many padded positions."""
+        ``max_tokens_per_batch`` the rows grouped by length under that many padded positions. Packed
+        rows go through one adapter: with ``pack_sequences`` a pass holds one domain's rows."""
+        B = attention_mask.shape[0]
+        passes: list[slice] | list[torch.Tensor]
         if self.cfg.max_tokens_per_batch > 0:
             spans = row_spans(attention_mask)
             groups = token_budget_groups(spans, self.cfg.max_tokens_per_batch, self.cfg.pack_sequences)
-            return [torch.tensor(g, dtype=torch.long) for g in groups]
-        return list(row_chunks(attention_mask.shape[0], self.cfg.batch_size))
+            passes = [torch.tensor(g, dtype=torch.long) for g in groups]
+        else:
+            passes = list(row_chunks(B, self.cfg.batch_size))
+        if names is None or not self.cfg.pack_sequences:
+            return passes
+        split = []
+        for p in passes:
+            idx = list(range(B)[p]) if isinstance(p, slice) else p.tolist()
+            for a in dict.fromkeys(names[i] for i in idx):
+                split.append(torch.tensor([i for i in idx if names[i] == a], dtype=torch.long))
+        return split
 
     def _score_chunk(
-        self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
+        self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int, names: list[str] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Scores of one trimmed chunk: ids/am/rm (b, t) -> logprobs (b, t) and optional top-k
         (b, t, k) ids and log-probs, all 0 outside ``rm``. Inputs and outputs on the CPU; the forward
         on the model's device. With ``pack_sequences`` the rows go through the model as one
-        packed row (mopd.batching.PackedRows)."""
+        packed row (mopd.batching.PackedRows). ``names``: each row's adapter (PEFT's mixed batch)."""
         if self.cfg.pack_sequences:
-            return self._score_packed(ids, am, rm, k)
+            return self._score_packed(ids, am, rm, k, None if names is None else names[:1])
         b, t = ids.shape
         # Token c is predicted by the logits at c - 1: keep logits from one column before the first
         # response token (the model returns the last `keep` positions).
         first = int(rm.any(0).nonzero()[0])
         keep = t - max(first - 1, 0)
-        kwargs = {"logits_to_keep": keep} if self._can_trim_head else {}
+        kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._can_trim_head else {}
+        if names is not None:
+            kwargs["adapter_names"] = names
         dev_ids = ids.to(self.device)
         window_lp, window_top = self._window_scores(dev_ids, am.to(self.device), keep, k, kwargs)
         tail = slice(t - keep, t)
@@ -129,13 +178,15 @@ class HFTeacherWorker:
         return lp, (torch.where(keep_mask, top_ids, 0), torch.where(keep_mask, top_lp, 0.0))
 
     def _score_packed(
-        self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int
+        self, ids: torch.Tensor, am: torch.Tensor, rm: torch.Tensor, k: int, names: list[str] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """``_score_chunk`` with the rows' real tokens laid end to end: no padding is computed."""
+        """``_score_chunk`` with the rows' real tokens laid end to end: no padding is computed; the
+        one packed row goes through ``names[0]``'s adapter."""
         packed = PackedRows(am)
         pos = packed.position_ids.to(self.device)
         n = pos.shape[1]
-        lp, top = self._window_scores(packed.pack(ids).to(self.device), None, n, k, {}, position_ids=pos)
+        kwargs: dict[str, Any] = {} if names is None else {"adapter_names": names}
+        lp, top = self._window_scores(packed.pack(ids).to(self.device), None, n, k, kwargs, position_ids=pos)
         keep = rm[..., None]
         lp = torch.where(rm, packed.unpack(lp.cpu()), 0.0)
         if top is None:
@@ -182,6 +233,18 @@ class HFTeacherWorker:
 
     def shutdown(self) -> None:
         """Nothing to release beyond the Python objects (kept for interface parity with vLLM)."""
+
+
+def with_adapters(model: Any, adapters: Mapping[str, str]) -> Any:
+    """``model`` wrapped by PEFT with every adapter loaded under its domain's name (the base's
+    weights once); a forward with ``adapter_names`` sends each row through its own."""
+    from peft import PeftModel
+
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, path, adapter_name=first, is_trainable=False)
+    for name, p in rest:
+        model.load_adapter(p, adapter_name=name, is_trainable=False)
+    return model
 
 
 if TYPE_CHECKING:  # mypy holds the class to the contract TeacherPool calls (teachers/backend.py)

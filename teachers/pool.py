@@ -4,9 +4,11 @@ teacher of its domain.
     pool = TeacherPool(cfg.teachers, seed=cfg.run.seed, student_tokenizer_signature=sig)
     scores, metrics = pool.score(batch, topk=0)   # scores aligned with batch rows
 
-Workers run as Ray actors (``cfg.replicas`` per domain, resources from ``cfg.resources``; with the
-run's placement group, mopd/dist/placement.py, on the bundles ``placement.plan.teachers[domain]``) or,
-with ``local=True``, one in-process worker per domain (tests, debugging), all in one ``ActorGroup``
+Workers run per worker group (``mopd.config.teacher_groups``: a full teacher, or the adapter
+teachers of one base, which one worker serves with the base in memory once) as Ray actors
+(``cfg.replicas`` per group, resources from ``cfg.resources``; with the run's placement group,
+mopd/dist/placement.py, on the bundles ``placement.plan.teachers[group]``) or, with
+``local=True``, one in-process worker per group (tests, debugging), all in one ``ActorGroup``
 (mopd/dist/actors.py). An actor that dies is restarted by Ray (up to ``max_restarts`` times) and its rows
 are scored again: a teacher's weights come from its path or seeded config, so the fresh actor scores
 exactly as the old one did. Routing, splitting across
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from mopd.chat import left_pad, prompt_ids, teacher_prompt_tokenizer
-from mopd.config import ObjectiveConfig, RayConfig, TeacherConfig
+from mopd.config import ObjectiveConfig, RayConfig, TeacherConfig, TeacherGroup, teacher_groups
 from mopd.dist.actors import ActorGroup
 from mopd.dist.placement import RunPlacement
 from mopd.dist.runtime import split_evenly
@@ -120,14 +122,20 @@ def _k(scores: TeacherScores) -> int:
     return scores.topk_ids.shape[-1]
 
 
-def domain_metrics(shards: Sequence[Shard], results: Sequence[TeacherScores]) -> dict[str, float]:
+def domain_metrics(
+    shards: Sequence[Shard], results: Sequence[TeacherScores], row_domains: Sequence[str] | None = None
+) -> dict[str, float]:
     """``teacher/<domain>/latency_s`` (slowest replica: they run in parallel) and
-    ``teacher/<domain>/rows`` for every domain present in the batch."""
+    ``teacher/<domain>/rows`` for every domain present in the batch. A shard of a worker group
+    that serves several domains (adapter teachers) counts for each domain of its rows: pass
+    ``row_domains``, the domain of every batch row (None: a shard's ``domain`` is its rows')."""
     metrics: dict[str, float] = {}
     for shard, res in zip(shards, results, strict=True):
-        lat, rows = f"teacher/{shard.domain}/latency_s", f"teacher/{shard.domain}/rows"
-        metrics[lat] = max(metrics.get(lat, 0.0), float(res.latency_s))
-        metrics[rows] = metrics.get(rows, 0.0) + len(shard.rows)
+        domains = [shard.domain] * len(shard.rows) if row_domains is None else [row_domains[i] for i in shard.rows]
+        for domain in dict.fromkeys(domains):
+            lat, rows = f"teacher/{domain}/latency_s", f"teacher/{domain}/rows"
+            metrics[lat] = max(metrics.get(lat, 0.0), float(res.latency_s))
+            metrics[rows] = metrics.get(rows, 0.0) + domains.count(domain)
     return metrics
 
 
@@ -222,15 +230,18 @@ class TeacherPool:
         self._actors = ActorGroup(
             "teacher", max_restarts=max_restarts, local=local, placement_group=pg, owns_placement_group=False
         )
-        self._replicas: dict[str, list[int]] = {}  # domain -> indices of its workers in the group
+        # Worker groups: a full teacher each, or adapter teachers of one base together (one base in memory).
+        self.groups = teacher_groups(teachers)
+        self._group_of = {d: g.name for g in self.groups for d in g.domains}
+        self._replicas: dict[str, list[int]] = {}  # group -> indices of its workers in the actor group
         # Domains whose teacher renders the prompt part with a template of its own (chat rows).
         self._prompt_tokenizers = {
             d: tok for d in self.domains if (tok := teacher_prompt_tokenizer(teachers[d], f"teachers.{d}")) is not None
         }
         try:
-            for domain in self.domains:
-                cfg, s = teachers[domain], seed if isinstance(seed, int) else seed[domain]
-                self._replicas[domain] = self._start(domain, cfg, s, max_topk, dict(env or {}))
+            for g in self.groups:
+                s = seed if isinstance(seed, int) else seed[g.domains[0]]
+                self._replicas[g.name] = self._start(g, s, max_topk, dict(env or {}))
             self._actors.ready()
             self.signatures = self._signatures()
             check_vocabularies(self.signatures, student_tokenizer_signature)
@@ -238,34 +249,40 @@ class TeacherPool:
             self.shutdown()
             raise
 
-    def _start(self, domain: str, cfg: TeacherConfig, seed: int, max_topk: int, env: dict[str, str]) -> list[int]:
+    def _start(self, g: TeacherGroup, seed: int, max_topk: int, env: dict[str, str]) -> list[int]:
+        cfg = g.cfg
         cls = worker_class(cfg.backend)
-        kwargs = {"max_logprobs": max_topk}  # teachers/backend.py: TeacherBackend
+        kwargs: dict[str, Any] = {"max_logprobs": max_topk}  # teachers/backend.py: TeacherBackend
+        if g.adapters is not None:
+            kwargs["adapters"] = g.adapters
         if self.local:
-            return self._actors.start(cls, [(domain, cfg, seed)], kwargs={**kwargs, "set_threads": False})
+            return self._actors.start(cls, [(g.name, cfg, seed)], kwargs={**kwargs, "set_threads": False})
         return self._actors.start(
             cls,
-            [(domain, cfg, seed)] * cfg.replicas,
+            [(g.name, cfg, seed)] * cfg.replicas,
             kwargs=kwargs,
             num_cpus=cfg.resources.num_cpus,
             num_gpus=cfg.resources.num_gpus,
             env=(cls.backend_env(cfg.resources.num_gpus), env, _forwarded_env(cfg)),
-            label=f"'{domain}' replica",
-            bundles=None if self._placement is None else self._placement.plan.teachers[domain],
+            label=f"'{g.name}' replica",
+            bundles=None if self._placement is None else self._placement.plan.teachers[g.name],
         )
 
     def _signatures(self) -> dict[str, dict[str, Any]]:
-        """One vocabulary signature per domain (replicas share a config, so the first speaks)."""
+        """One vocabulary signature per domain (a group's replicas share a config: the first speaks
+        for every domain of the group)."""
         sigs = self._actors.call([(idx[0], "vocab_signature", ()) for idx in self._replicas.values()])
-        return dict(zip(self._replicas, sigs, strict=True))
+        by_group = dict(zip(self._replicas, sigs, strict=True))
+        return {d: by_group[self._group_of[d]] for d in self.domains}
 
     @property
     def replicas(self) -> dict[str, int]:
-        return {d: len(idx) for d, idx in self._replicas.items()}
+        """Workers per domain (those of its group)."""
+        return {d: len(self._replicas[self._group_of[d]]) for d in self.domains}
 
     def worker(self, domain: str, replica: int = 0) -> Any:
         """One worker of ``domain``'s teacher: a Ray actor handle, or the instance with ``local``."""
-        return self._actors[self._replicas[domain][replica]]
+        return self._actors[self._replicas[self._group_of[domain]][replica]]
 
     @property
     def restarts(self) -> int:
@@ -274,26 +291,38 @@ class TeacherPool:
 
     def score(self, batch: RolloutBatch, topk: int = 0) -> tuple[TeacherScores, dict[str, float]]:
         """Scores of every row of ``batch`` by its domain's teacher, in batch order, and per-domain
-        metrics. Returns (TeacherScores with (B, T) logprobs [and (B, T, K) top-k], metrics)."""
-        shards = plan_shards(batch.domains, self.replicas)
+        metrics. Rows of the domains of one worker group go to it together (adapter teachers: one
+        forward, each row through its domain's adapter). Returns (TeacherScores with (B, T)
+        logprobs [and (B, T, K) top-k], metrics)."""
+        group_rows(batch.domains, self.domains)  # a domain without a teacher: the error names them
+        row_groups = [self._group_of[d] for d in batch.domains]
+        shards = plan_shards(row_groups, {g: len(idx) for g, idx in self._replicas.items()})
+        several = {g.name for g in self.groups if g.adapters is not None and len(g.adapters) > 1}
         B, T, P = *batch.input_ids.shape, batch.prompt_len
         calls, scored_prompt_len = [], []
         for s in shards:
             idx = torch.as_tensor(s.rows, dtype=torch.long)
             ids, mask, resp = batch.input_ids[idx], batch.attention_mask[idx], batch.response_mask[idx]
-            tok = self._prompt_tokenizers.get(s.domain)
             p_scored = P
-            if tok is not None:  # chat rows rendered with the teacher's template; text rows as sampled
-                own = [None if batch.rows[i].messages is None else prompt_ids(tok, batch.rows[i]) for i in s.rows]
+            toks = [self._prompt_tokenizers.get(batch.domains[i]) for i in s.rows]
+            own = [
+                None if tok is None or batch.rows[i].messages is None else prompt_ids(tok, batch.rows[i])
+                for i, tok in zip(s.rows, toks, strict=True)
+            ]  # chat rows rendered with their teacher's template; text rows as sampled
+            if any(o is not None for o in own):
+                tok = next(t for t in toks if t is not None)
                 pad = tok.pad_token_id if tok.pad_token_id is not None else 0
                 ids, mask, resp, p_scored = relayout_prompts(ids, mask, resp, P, own, pad)
             scored_prompt_len.append(p_scored)
-            calls.append((self._replicas[s.domain][s.replica], "score", (ids, mask, resp, topk)))
+            args: tuple[Any, ...] = (ids, mask, resp, topk)
+            if s.domain in several:
+                args += ([batch.domains[i] for i in s.rows],)
+            calls.append((self._replicas[s.domain][s.replica], "score", args))
         results = self._actors.call(calls)
         results = [
             r if p == P else restore_columns(r, p, P, T) for r, p in zip(results, scored_prompt_len, strict=True)
         ]
-        return assemble_scores(shards, results, B, T, topk), domain_metrics(shards, results)
+        return assemble_scores(shards, results, B, T, topk), domain_metrics(shards, results, batch.domains)
 
     def shutdown(self) -> None:
         """Release every worker (vLLM engines first, then the actors). Safe to call twice."""

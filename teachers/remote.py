@@ -263,8 +263,17 @@ class RemoteTeacherWorker:
     """
 
     def __init__(
-        self, name: str, cfg: TeacherConfig, seed: int, *, max_logprobs: int = 64, set_threads: bool = True
+        self,
+        name: str,
+        cfg: TeacherConfig,
+        seed: int,
+        *,
+        max_logprobs: int = 64,
+        set_threads: bool = True,
+        adapters: Mapping[str, str] | None = None,
     ) -> None:
+        if adapters or cfg.adapter:
+            raise ValueError(f"teachers.{name}: adapter teachers run on the hf backend, not remote")
         if set_threads:
             set_torch_threads(cfg.resources.num_cpus)
         key, r = f"teachers.{name}", cfg.remote
@@ -290,9 +299,15 @@ class RemoteTeacherWorker:
         return tokenizer_signature(self.tokenizer, self.model_vocab_size)
 
     def score(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, topk: int = 0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        topk: int = 0,
+        domains: Sequence[str] | None = None,
     ) -> TeacherScores:
-        """Teacher log-probs of the response tokens; the contract of ``TeacherWorker.score``."""
+        """Teacher log-probs of the response tokens; the contract of ``TeacherWorker.score``
+        (``domains`` unused: one model)."""
         start = time.perf_counter()
         check_score_inputs(input_ids, attention_mask, response_mask, topk)
         if topk > self.max_logprobs:

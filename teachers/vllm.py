@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +108,11 @@ class VLLMTeacherWorker:
         max_logprobs: int = 64,
         max_model_len: int | None = None,
         set_threads: bool = True,
+        adapters: Mapping[str, str] | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        if adapters or cfg.adapter:
+            raise ValueError(f"teachers.{name}: adapter teachers run on the hf backend (vllm: not yet)")
         set_cpu_env_defaults()  # read by the engine process it spawns
         if set_threads:
             set_torch_threads(cfg.resources.num_cpus)
@@ -168,8 +171,10 @@ class VLLMTeacherWorker:
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor,
         topk: int = 0,
+        domains: Sequence[str] | None = None,
     ) -> TeacherScores:
-        """Teacher log-probs of the response tokens; same contract as ``HFTeacherWorker.score``:
+        """Teacher log-probs of the response tokens; same contract as ``HFTeacherWorker.score``
+        (``domains`` unused: one model):
         logprobs (B, T) f32 and optional top-k (B, T, topk), 0 outside the response.
 
         Each row goes in without its padding; vLLM batches the requests itself (``max_num_seqs`` =

@@ -204,6 +204,8 @@ def _teacher_report(
     cfg: MOPDConfig, domain: str, teacher: TeacherConfig, t: ModelFacts, s: ModelFacts
 ) -> TeacherReport:
     where = f"path {teacher.path}" if teacher.path else f"inline {(teacher.config or {}).get('model_type')} config"
+    if teacher.adapter is not None:
+        where = f"adapter {teacher.adapter} over {where}"
     plural = "s" if teacher.replicas != 1 else ""
     report = TeacherReport(domain, f"{where}; backend {teacher.backend}, {teacher.replicas} replica{plural}")
     diffs = signature_differences(s.signature, t.signature)
@@ -348,6 +350,8 @@ def _same_model_row(cfg: MOPDConfig, domain: str, teacher: TeacherConfig) -> Row
     s = cfg.student
     if teacher.backend == "remote":  # its path holds a tokenizer; the weights are the server's
         return Row("not the student", OK, f"served at {teacher.remote.url}")
+    if teacher.adapter is not None:  # the adapter makes it another model, whatever its base
+        return Row("not the student", OK, f"adapter {teacher.adapter} over {teacher.path}")
     same_path = (
         teacher.path is not None and s.path is not None and Path(teacher.path).resolve() == Path(s.path).resolve()
     )

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mopd.config import MOPDConfig, ResourcesConfig
+from mopd.config import MOPDConfig, ResourcesConfig, teacher_groups
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PlacementPlan:
     bundles   Ray resource dicts in group order, e.g. ``{"CPU": 2.0, "GPU": 1.0}``
     trainer   bundle index of each trainer rank
     rollout   bundle index of each rollout replica (a trainer rank's bundle when colocated)
-    teachers  domain -> bundle index of each replica of its teacher
+    teachers  teacher worker group (a domain, or adapter teachers "code+math") -> bundle of each replica
     trainer_resources, rollout_resources  what each rank / replica asks of its bundle
     """
 
@@ -110,9 +110,8 @@ def plan_placement(cfg: MOPDConfig, roles: Sequence[str] = ROLES) -> PlacementPl
         rollout = add(r.resources, r.replicas) if "rollout" in roles else []
     teachers: dict[str, list[int]] = {}
     if "teachers" in roles:
-        for domain in sorted(cfg.teachers):
-            tc = cfg.teachers[domain]
-            teachers[domain] = add(tc.resources, tc.replicas)
+        for g in teacher_groups(cfg.teachers):  # adapter teachers of one base: one worker group
+            teachers[g.name] = add(g.cfg.resources, g.cfg.replicas)
     return PlacementPlan(cfg.placement.layout, bundles, trainer, rollout, teachers, trainer_res, rollout_res)
 
 

@@ -85,9 +85,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from mopd.config import ConfigError, ModelConfig, MOPDConfig
+from mopd.config import ConfigError, ModelConfig, MOPDConfig, teacher_groups
 from mopd.dist.vllm_compat import tensor_parallel_size
 from mopd.objective import get_objective
 
@@ -328,12 +329,29 @@ def plan_recipe(cfg: MOPDConfig, gpu_memory_gb: float | None = None) -> Plan:
     trainer = _trainer_plan(cfg, student, tokens)
     rollout = _rollout_plan(cfg, student, tokens)
     plan.actors += [trainer, rollout]
-    for name, t in cfg.teachers.items():
-        shape = model_shape(t)
-        plan.shapes[f"teachers.{name}"] = shape
-        plan.actors.append(_teacher_plan(name, t, shape, tokens))
+    for g in teacher_groups(cfg.teachers):  # adapter teachers of one base: the base once
+        shape = model_shape(g.cfg)
+        plan.shapes[f"teachers.{g.name}"] = shape
+        actor = _teacher_plan(g.name, g.cfg, shape, tokens)
+        if g.adapters:
+            # PEFT keeps adapter weights in float32 (it up-casts 16-bit ones) beside the base.
+            actor.parts["weights"] += 4.0 * sum(adapter_params(a) for a in g.adapters.values())
+            actor.note += f", {len(g.adapters)} adapter{'s' if len(g.adapters) > 1 else ''} over one base"
+        plan.actors.append(actor)
     _check_fit(plan)
     return plan
+
+
+def adapter_params(directory: str) -> int:
+    """Parameters of a PEFT adapter directory, from its safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                total += math.prod(st.get_slice(name).get_shape())
+    return total
 
 
 def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
