@@ -768,7 +768,12 @@ def _check_adapters(cfg: MOPDConfig, errors: list[str]) -> None:
         if not (Path(t.adapter) / "adapter_config.json").is_file():
             errors.append(f"{key}.adapter: not a PEFT adapter directory (no adapter_config.json): {t.adapter}")
         if t.backend != "hf":
-            errors.append(f"{key}.adapter: adapter teachers run on the hf backend, not {t.backend} (yet)")
+            why = (
+                " (vLLM's prompt log-probs fail with LoRA adapters: vllm-project/vllm#16668)"
+                if t.backend == "vllm"
+                else ""
+            )
+            errors.append(f"{key}.adapter: adapter teachers run on the hf backend, not {t.backend}{why}")
     for g in teacher_groups(cfg.teachers):
         for setting in GROUP_SETTINGS:
             values = {d: getattr(cfg.teachers[d], setting) for d in g.domains}

@@ -171,7 +171,7 @@ def test_mopd_check_and_plan_take_an_adapter_teacher(models, tmp_path, capsys):
     ("overrides", "message"),
     [
         (["teachers.math.adapter=/nowhere"], "not a PEFT adapter directory (no adapter_config.json): /nowhere"),
-        (["teachers.math.backend=vllm"], "adapter teachers run on the hf backend, not vllm (yet)"),
+        (["teachers.math.backend=vllm"], "adapter teachers run on the hf backend, not vllm (vLLM's prompt log-probs"),
         (
             ["teachers.code.replicas=2"],
             "are adapters of one base, served by one worker group, but their replicas differ",
