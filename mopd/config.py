@@ -87,6 +87,26 @@ class ModelConfig:
 
 
 @dataclass
+class LoraSettings:
+    """``student.lora``: train a LoRA adapter of the student (PEFT) instead of all its weights.
+    The rollout receives, and ``mopd export`` writes, the merged weights (``--adapter``: the
+    adapter alone); checkpoints hold the adapter and its optimizer state."""
+
+    # The adapter's rank; 0 (default): full fine-tuning.
+    r: int = 0
+    alpha: int = 16  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    # Module names the adapter wraps (PEFT's ``target_modules``); ``[all-linear]``: every linear
+    # layer of the blocks (not the output layer).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
 class ResourcesConfig:
     num_cpus: float = 1.0
     # > 0: the worker runs on the GPU Ray assigns it (mopd/dist/devices.py), in its model's dtype; 0: CPU.
@@ -460,7 +480,7 @@ class EnvironmentConfig:
 @dataclass
 class MOPDConfig:
     run: RunConfig = field(default_factory=RunConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     # Multi-turn domains: a tool environment per domain, keyed like ``teachers`` (none: every
     # domain is one turn, prompt in, response out).
@@ -624,6 +644,7 @@ def validate(cfg: MOPDConfig) -> None:
     _check_sizes(cfg, errors)
     _check_models(cfg, errors)
     _check_adapters(cfg, errors)
+    _check_student_lora(cfg, errors)
     _check_data(cfg, errors)  # loads run.plugins, which may register domains
     _check_routing_replay(cfg, errors)
     _check_environments(cfg, errors)  # after _check_data: plugins may register environments
@@ -783,6 +804,23 @@ def _check_adapters(cfg: MOPDConfig, errors: list[str]) -> None:
                     f"teachers {', '.join(g.domains)} are adapters of one base, served by one worker group, but "
                     f"their {setting} differ ({got}): set them equal"
                 )
+
+
+def _check_student_lora(cfg: MOPDConfig, errors: list[str]) -> None:
+    lora = getattr(cfg.student, "lora", None)  # a plain ModelConfig set in Python has none
+    if lora is None or lora.r == 0:
+        return
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        errors.append(f"student.lora: r must be >= 0, alpha > 0 and dropout in [0, 1); got {lora}")
+    if not lora.target_modules:
+        errors.append("student.lora.target_modules: name at least one module (or [all-linear])")
+    for key, on, why in (
+        ("trainer.zero_stage=3", cfg.trainer.zero_stage == 3, "its weight sync and export merge whole layers"),
+        ("trainer.sequence_parallel_size>1", cfg.trainer.sequence_parallel_size > 1, "untested with adapters"),
+        ("rollout.routing_replay", cfg.rollout.routing_replay, "untested with adapters"),
+    ):
+        if on:
+            errors.append(f"student.lora is not supported with {key} yet ({why}): use ZeRO 0-2, or full fine-tuning")
 
 
 def _check_models(cfg: MOPDConfig, errors: list[str]) -> None:

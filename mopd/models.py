@@ -53,6 +53,15 @@ def load_tokenizer(spec: ModelConfig):
     return tok
 
 
+def peft_lora_config(s: Any) -> Any:
+    """PEFT's ``LoraConfig`` of ``student.lora`` (``mopd.config.LoraSettings``); ``[all-linear]``
+    is PEFT's "all-linear"."""
+    from peft import LoraConfig
+
+    targets: Any = "all-linear" if list(s.target_modules) == ["all-linear"] else list(s.target_modules)
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets, bias="none")
+
+
 def model_config(spec: ModelConfig) -> Any:
     """A model entry's ``transformers`` config (its inline ``config``, or ``path``'s config.json);
     reads no weights."""

@@ -44,6 +44,7 @@ from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, toke
 from mopd.objective import LossInputs, Objective, get_objective
 from mopd.routing import NOT_RECORDED, replay_routes
 from mopd.types import TrainBatch
+from trainers.lora import ADAPTER_DIR, hf_model, is_lora, merged_state_dict, with_lora
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 from trainers.sequence_parallel import SequenceParallel
 from trainers.shards import RankBatch, shard_batch
@@ -283,6 +284,10 @@ class TrainerWorker:
         # Same seed on every rank, so all ranks start from identical weights. Loaded in fp32: these
         # are the master weights; DeepSpeed casts the module when trainer.bf16 is on.
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
+        lora = getattr(cfg.student, "lora", None)
+        if lora is not None and lora.r > 0:  # the adapter alone trains (trainers/lora.py)
+            model = with_lora(model, lora)
+        self._lora = is_lora(model)
         self._sp: SequenceParallel | None = None
         if sp > 1:
             from deepspeed.accelerator import get_accelerator
@@ -315,6 +320,8 @@ class TrainerWorker:
             # An all-reduce over one rank changes nothing, but DeepSpeed's fallback still flattens
             # every gradient into buckets and copies them back (benchmarks/train_profile.py).
             self.engine.enable_backward_allreduce = False
+        if self._lora:
+            _save_trainable_only(self.engine)
         self.device = torch.device(self.engine.device)
         if self.device.type != device.type:
             raise RuntimeError(
@@ -652,8 +659,10 @@ class TrainerWorker:
         other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer)."""
         if self.cfg.trainer.zero_stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = self.engine.module.state_dict() if self.rank == 0 else None
+        elif self.rank != 0:
+            sd = None
+        else:  # a LoRA student: the merged weights under the student's own names
+            sd = merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
         if self.rank != 0 or sd is None:
             return None
         dtype = DTYPES[self.cfg.student.dtype]
@@ -696,11 +705,16 @@ class TrainerWorker:
     def _sync_dtype(self, t: torch.Tensor) -> torch.dtype:
         return DTYPES[self.cfg.student.dtype] if t.is_floating_point() else t.dtype
 
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the rollout gets, by name: the module's own (ZeRO-3: its partitions), or a
+        LoRA student's merged weights (ZeRO 0-2: every rank holds them whole)."""
+        return merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict(keep_vars=True)
+
     def _weight_specs(self) -> list[TensorSpec]:
         """Name, full shape (``ds_shape`` of a ZeRO-3 partition) and sent dtype of every state-dict entry."""
         return [
             TensorSpec(k, tuple(getattr(v, "ds_shape", v.shape)), self._sync_dtype(v))
-            for k, v in self.engine.module.state_dict(keep_vars=True).items()
+            for k, v in self._live_state().items()
         ]
 
     def _weights_one_by_one(self):
@@ -708,7 +722,7 @@ class TrainerWorker:
         are gathered one parameter at a time on every rank."""
         import deepspeed
 
-        for name, v in self.engine.module.state_dict(keep_vars=True).items():
+        for name, v in self._live_state().items():
             if hasattr(v, "ds_id"):
                 with deepspeed.zero.GatheredParameters([v], modifier_rank=None):
                     t = v.detach().to(self._sync_dtype(v), copy=True)
@@ -722,25 +736,46 @@ class TrainerWorker:
         sd = self.state_dict()
         if self.rank != 0 or sd is None:
             return
-        _write_hf_dir(self.engine.module, sd, out_dir, self.cfg.student)
+        _write_hf_dir(hf_model(self.engine.module), sd, out_dir, self.cfg.student)
         load_tokenizer(self.cfg.student).save_pretrained(out_dir)
+        if self._lora:  # the adapter alone too (``mopd export --adapter``)
+            self.engine.module.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
 
     def save_checkpoint(self, dir: str, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR scheduler) under ``dir``; collective."""
         state = {_CLIENT_KEY: {"client_state": dict(client_state), "policy_version": self._version}}
-        self.engine.save_checkpoint(dir, tag=_CKPT_TAG, client_state=state)
+        # A LoRA student's frozen base comes from its path or seeded config again: only the adapter is saved.
+        self.engine.save_checkpoint(dir, tag=_CKPT_TAG, client_state=state, exclude_frozen_parameters=self._lora)
 
     def load_checkpoint(self, dir: str) -> dict[str, Any]:
         """Restore what ``save_checkpoint`` wrote; returns its ``client_state``. Collective.
         Every file is read with ``weights_only=True`` (see ``safe_checkpoint_load``)."""
         ckpt_engine = self.engine.checkpoint_engine
         ckpt_engine.load = safe_checkpoint_load  # an instance attribute: DeepSpeed's own is a pickle load
-        path, state = self.engine.load_checkpoint(dir, tag=_CKPT_TAG)
+        path, state = self.engine.load_checkpoint(dir, tag=_CKPT_TAG, load_module_strict=not self._lora)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{_CKPT_TAG}' under {dir}")
         ours = (state or {}).get(_CLIENT_KEY, {})
         self._version = int(ours.get("policy_version", self._version))
         return dict(ours.get("client_state", {}))
+
+
+def _save_trainable_only(engine: Any) -> None:
+    """Make ``engine``'s checkpoints hold only its trainable tensors (a LoRA student's adapter).
+    DeepSpeed's ``exclude_frozen_parameters`` drops frozen parameters by their first name and so
+    keeps a tied one's second (``lm_head.weight`` of tied embeddings: 113 MB of SmolLM2's frozen
+    base in every checkpoint)."""
+    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    full = engine.module_state_dict
+
+    def module_state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        sd = full(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters"):
+            for name in [n for n in sd if n not in trainable]:
+                del sd[name]
+        return sd
+
+    engine.module_state_dict = module_state_dict
 
 
 def _deepspeed_checkpoint_globals() -> list[Any]:

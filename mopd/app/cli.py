@@ -4,7 +4,7 @@
     mopd check RECIPE [key=value ...] [--models] [--vllm]     the teachers against the student, before any actor
     mopd plan RECIPE [key=value ...] [--gpus N] [--nodes M]   memory per actor, and whether it fits
     mopd train RECIPE [LAYER.yaml ...] [key=value ...] [--resume]
-    mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student
+    mopd export CHECKPOINT OUT_DIR           a Hugging Face directory of the trained student (--adapter: LoRA only)
     mopd eval RECIPE --student DIR|CHECKPOINT [--samples K] [key=value ...]   greedy and sampled accuracy
     mopd quickstart [--output-dir DIR] [--from-stage STAGE] [key=value ...]
 
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (or a run's checkpoints/ to take the latest)")
     e.add_argument("out_dir")
+    e.add_argument("--adapter", action="store_true", help="a LoRA student's adapter alone (PEFT), not the merged model")
     ev = sub.add_parser("eval", help="a student's greedy (and sampled) accuracy on the recipe's held-out prompts")
     ev.add_argument("recipe", help=RECIPE_HELP)
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="key=value overrides or extra YAML layers")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             from mopd.app.export import export_checkpoint
 
             try:
-                path = export_checkpoint(args.checkpoint, args.out_dir)
+                path = export_checkpoint(args.checkpoint, args.out_dir, adapter=args.adapter)
             except FileNotFoundError as e:  # a mistyped checkpoint path: the user's to fix, not a bug
                 raise ConfigError(f"{e}; pass a checkpoint directory or a run's checkpoints/") from None
             print(f"exported {path}")

@@ -11,18 +11,25 @@ from mopd.checkpoint import resolve
 from mopd.dist.vllm_compat import vllm_config_overrides
 
 
-def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool = False) -> Path:
     """Copy a checkpoint's student to ``out_dir`` as a Hugging Face directory (safetensors,
-    config, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` and vLLM load."""
+    config, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` and vLLM load; a LoRA
+    student's weights merged. ``adapter``: the LoRA student's adapter alone, a PEFT directory
+    (``PeftModel.from_pretrained(base, out_dir)``; vLLM's ``LoRARequest``)."""
     src = resolve(path) / "hf"
-    if not (src / "config.json").is_file():
+    if adapter:
+        src = src / "adapter"
+        if not (src / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{src.parent} holds no adapter (the student was trained without student.lora)")
+    elif not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} holds no Hugging Face model (config.json missing)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         if item.is_file():
             shutil.copy2(item, out / item.name)
-    _add_vllm_keys(out / "config.json")
+    if not adapter:
+        _add_vllm_keys(out / "config.json")
     return out
 
 

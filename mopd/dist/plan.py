@@ -152,6 +152,20 @@ def count_params(config: Any, trust_remote_code: bool = False) -> tuple[int, int
     return total, expert
 
 
+def lora_params(spec: Any) -> int:
+    """Trainable parameters of ``spec.lora``'s adapter on the student (PEFT on the meta device)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mopd.models import model_config, peft_lora_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(spec), trust_remote_code=spec.trust_remote_code)
+        model = get_peft_model(model, peft_lora_config(spec.lora))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def model_shape(spec: ModelConfig) -> ModelShape:
     from mopd.models import model_config  # torch: `mopd plan` pays for it, importing this module does not
 
@@ -357,7 +371,12 @@ def adapter_params(directory: str) -> int:
 def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     t = cfg.trainer
     e = 2 if t.bf16 else 4
-    parts = trainer_states(s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
+    lora = getattr(cfg.student, "lora", None)
+    adapter = lora_params(cfg.student) if lora is not None and lora.r > 0 else 0
+    # A LoRA student trains (gradients, optimizer) only its adapter; the frozen base is weights alone.
+    parts = trainer_states(adapter or s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
+    if adapter:
+        parts["weights"] += e * s.total_params
     host = parts.pop("host_optimizer", 0.0)
     extra = get_objective(cfg.objective.kind).extra_logit_bytes(cfg.objective)
     # Sequence parallelism: each of the S ranks of a group holds 1/S of a pass's positions (the
@@ -373,6 +392,7 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
         batch = f"micro-batch {t.micro_batch_size} x {tokens} tokens"
     batch += f", sequence parallel {sp} ({positions} tokens a rank)" if sp > 1 else ""
     note = f"ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}, {batch}"
+    note += f", LoRA r={lora.r} ({_count(adapter)} trainable)" if adapter and lora is not None else ""
     note += ", checkpointing" if t.gradient_checkpointing else ""
     note += f", {_chunk_note(t.logprob_chunk_size)}"
     note += f", optimizer in host memory ({host / GB:.1f} GB per rank)" if host else ""
