@@ -65,11 +65,19 @@ class Trainer(Protocol):
 
 
 def teacher_fingerprint(cfg: MOPDConfig) -> dict[str, str]:
-    """What identifies the teacher set: each domain's model path or inline config."""
+    """What identifies the teacher set: each domain's model path or inline config, and its adapter
+    (an adapter teacher) or its server and served model (a remote teacher)."""
     out = {}
     for name, t in sorted(cfg.teachers.items()):
         ident = str(Path(t.path).resolve()) if t.path else "config:" + json.dumps(t.config, sort_keys=True)
-        out[name] = hashlib.sha256(ident.encode()).hexdigest()[:16] + f" ({t.path or 'inline config'})"
+        label = t.path or "inline config"
+        if t.adapter is not None:
+            ident += f" adapter:{Path(t.adapter).resolve()}"
+            label = f"adapter {t.adapter} over {label}"
+        if t.backend == "remote":
+            ident += f" remote:{t.remote.url} {t.remote.model or t.path}"
+            label = f"{t.remote.model or t.path} at {t.remote.url}"
+        out[name] = hashlib.sha256(ident.encode()).hexdigest()[:16] + f" ({label})"
     return out
 
 

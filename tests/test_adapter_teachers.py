@@ -185,3 +185,28 @@ def test_adapter_settings_are_checked_with_the_recipe(models, tmp_path, override
     data = [f"data.sources=[{sources}]"]
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(args[0], [*code, *data, *overrides])
+
+
+def test_resume_tells_adapter_and_remote_teachers_apart(models, tmp_path):
+    """A checkpoint records its teachers (``teacher_fingerprint``): another adapter over the same
+    base, or another server, is another teacher set; a full teacher's record is as before."""
+    import hashlib
+
+    from mopd.config import MOPDConfig, RemoteConfig
+    from mopd.loop import teacher_fingerprint
+
+    def fingerprint(t: TeacherConfig) -> str:
+        cfg = MOPDConfig()
+        cfg.teachers = {"math": t}
+        return teacher_fingerprint(cfg)["math"]
+
+    base = str(models["base"])
+    full = fingerprint(TeacherConfig(path=base))
+    assert full == hashlib.sha256(str(models["base"].resolve()).encode()).hexdigest()[:16] + f" ({base})"
+    math, code = (fingerprint(adapter_cfg(models, d)) for d in ("math", "code"))
+    assert len({full, math, code}) == 3 and math.endswith(f"(adapter {models['math']} over {base})")
+    a, b = (
+        fingerprint(TeacherConfig(path=base, backend="remote", remote=RemoteConfig(url=u, model="m")))
+        for u in ("http://a:8000/v1", "http://b:8000/v1")
+    )
+    assert a != b and a.endswith("(m at http://a:8000/v1)")
