@@ -473,3 +473,32 @@ def test_the_seed_table_command_exits_1_when_a_seed_misses_a_target(tmp_path, ca
     assert main([str(tmp_path), "0", "1"]) == 1
     assert "seed 1: MISSED normalised 0.870 < 0.9" in capsys.readouterr().out
     assert main([str(tmp_path), "0", "1", "--normalized", "0.85"]) == 0
+
+
+def test_adapter_teachers_point_the_mopd_stage_at_the_student_and_its_adapters(tmp_path):
+    """``teacher_lora_rank`` > 0: every teacher is the SFT student plus its domain's adapter (one
+    worker group), and the teachers stage re-runs when the rank changes."""
+    from mopd.app.quickstart import RECIPE, QuickstartSettings, StageCache, mopd_overrides, stage_inputs
+    from mopd.config import load_config, teacher_groups
+
+    out = tmp_path / "qs"
+    (out / "student_sft").mkdir(parents=True)  # what the recipe checks exists
+    (out / "data").mkdir()
+    for d in ("math", "code", "agent"):
+        (out / "teachers" / d / "adapter").mkdir(parents=True)
+        (out / "teachers" / d / "adapter" / "adapter_config.json").write_text("{}")
+        for split in ("train", "eval"):
+            (out / "data" / f"{d}_{split}.jsonl").write_text('{"prompt": "1+1="}\n')
+    st = QuickstartSettings(teacher_lora_rank=16)
+    cfg = load_config(RECIPE, mopd_overrides(out, st))
+    assert {t.path for t in cfg.teachers.values()} == {str(out / "student_sft")}
+    assert {d: t.adapter for d, t in cfg.teachers.items()} == {
+        d: str(out / "teachers" / d / "adapter") for d in cfg.teachers
+    }
+    assert [g.domains for g in teacher_groups(cfg.teachers)] == [tuple(sorted(cfg.teachers))]
+    full = load_config(RECIPE, mopd_overrides(out, QuickstartSettings()))
+    assert all(t.adapter is None and t.path == str(out / "teachers" / d) for d, t in full.teachers.items())
+    cache = StageCache(out)
+    for stage, inputs in stage_inputs(QuickstartSettings(), []).items():
+        cache.finish(stage, {"inputs": inputs})
+    assert cache.first_changed(stage_inputs(st, [])) == ("teachers", ["teacher_lora_rank"])

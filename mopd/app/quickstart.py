@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from mopd.app.shipped import recipes_dir
-from mopd.config import LR_SCHEDULES, EnvironmentConfig, LRSchedule, MOPDConfig, load_config
+from mopd.config import LR_SCHEDULES, EnvironmentConfig, LoraSettings, LRSchedule, MOPDConfig, load_config
 
 if TYPE_CHECKING:
     from mopd.types import PromptRow, TrainBatch
@@ -83,6 +83,11 @@ class QuickstartSettings:
     teacher_sft_steps: int = 300
     teacher_sft_lr: float = 3e-3
     teacher_sft_schedule: str = "cosine"
+    # > 0: each teacher is a LoRA adapter of this rank (alpha = 2 x rank, every linear layer of
+    # the blocks) trained on the student, and the MOPD stage serves the three from one worker
+    # that holds the student's weights once (adapter teachers, docs/adapter_teachers.md); 0: full
+    # teachers, each a fine-tuned copy of the student.
+    teacher_lora_rank: int = 0
     seed: int = 0
 
     @property
@@ -149,7 +154,7 @@ def stage_inputs(st: QuickstartSettings, recipe_over: list[str]) -> dict[str, di
             "student_sft_lr",
             "student_sft_schedule",
         ),
-        "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule"),
+        "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule", "teacher_lora_rank"),
     }
     recipe = {
         "recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16],
@@ -428,11 +433,14 @@ def mopd_overrides(out: Path, st: QuickstartSettings) -> list[str]:
         f"data.sources=[{sources}]",
     ]
     for d in st.domain_names:
-        over += [
-            f"teachers.{d}.path={out / 'teachers' / d}",
-            f"teachers.{d}.config=null",
-            f"teachers.{d}.tokenizer=null",
-        ]
+        over += [f"teachers.{d}.config=null", f"teachers.{d}.tokenizer=null"]
+        if st.teacher_lora_rank > 0:  # adapters of the student: one worker holds it once
+            over += [
+                f"teachers.{d}.path={out / 'student_sft'}",
+                f"teachers.{d}.adapter={out / 'teachers' / d / 'adapter'}",
+            ]
+        else:
+            over.append(f"teachers.{d}.path={out / 'teachers' / d}")
     return over
 
 
@@ -466,6 +474,8 @@ def settings_from(items: dict[str, str]) -> QuickstartSettings:
     if any(w < 0 for w in st.student_mix.values()) or not any(st.student_mix.get(d, 1.0) > 0 for d in st.generators):
         errors.append(f"student_mix weights must be >= 0 and not all 0, got {dict(st.student_mix)}")
     errors += _kind_errors(st)
+    if st.teacher_lora_rank < 0:
+        errors.append(f"teacher_lora_rank must be >= 0 (0: full teachers), got {st.teacher_lora_rank}")
     for name in ("student_sft_schedule", "teacher_sft_schedule"):
         if getattr(st, name) not in LR_SCHEDULES:
             errors.append(f"{name}={getattr(st, name)!r}; valid: {', '.join(LR_SCHEDULES)}")
@@ -647,7 +657,10 @@ def _train_teacher(job) -> dict[str, Any]:
     out, st, base, i, d, port = job
     torch.set_num_threads(1)
     load_plugins(base.run.plugins)  # a plugin's domains, parsers, environments: registered in this process too
-    init = {"path": str(out / "student_sft"), "config": None, "tokenizer": None}
+    init: dict[str, Any] = {"path": str(out / "student_sft"), "config": None, "tokenizer": None}
+    if st.teacher_lora_rank > 0:  # an adapter of the student; save_hf writes it beside the merged model
+        rank = st.teacher_lora_rank
+        init = {**init, "lora": LoraSettings(r=rank, alpha=2 * rank)}
     rows = read_rows(out, d, "train", base)
     r = run_sft(
         base, init, rows, st.teacher_sft_steps, st.teacher_sft_lr, st.teacher_sft_schedule, st.sft_batch,
@@ -675,6 +688,8 @@ def _stage_report(out, st, base, recipe_over, results):
     after = evaluate_model(base, out / "student_hf", _eval_rows(out, st, base))
     report = build_report(st.domain_names, results, after.accuracy, out / "mopd" / "metrics.jsonl")
     add_episodes(report, results, after)
+    rank = st.teacher_lora_rank
+    report["teachers"] = f"LoRA adapters (rank {rank}) of the student, one worker" if rank else "full models"
     # All stages' own times (cached ones count as when they ran) plus this one so far.
     report["wall_time_s"] = round(sum(results[s]["seconds"] for s in STAGES[:-1]) + time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
