@@ -1247,8 +1247,17 @@ def _check_sequence_parallel(cfg: MOPDConfig, errors: list[str]) -> None:
 
 
 def to_yaml(cfg: MOPDConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(_structured(cfg))
 
 
 def to_dict(cfg: MOPDConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(_structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def _structured(cfg: MOPDConfig) -> Any:
+    """``cfg`` as an OmegaConf node. A recipe built in Python may give the student as a plain
+    ``ModelConfig`` (the schema's ``StudentConfig`` adds ``lora``, which OmegaConf would refuse)."""
+    if type(cfg.student) is ModelConfig:
+        plain = {f.name: getattr(cfg.student, f.name) for f in fields(ModelConfig)}
+        cfg = dataclasses.replace(cfg, student=StudentConfig(**plain))
+    return OmegaConf.structured(cfg)

@@ -74,6 +74,23 @@ def rows_to_score(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> 
     return rows, spans
 
 
+def put_row_scores(
+    out: TeacherScores,
+    row: int,
+    cols: slice,
+    keep: torch.Tensor,
+    logprobs: torch.Tensor,
+    top: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """Write one row's scores of columns ``cols`` (log-probs (n,), optional top-k ids and log-probs
+    (n, k)) into ``out``, 0 where ``keep`` (the row's response mask there) is False."""
+    out.logprobs[row, cols] = torch.where(keep, logprobs, 0.0)
+    if top is not None:
+        assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(topk > 0)
+        out.topk_ids[row, cols] = torch.where(keep[:, None], top[0], 0)
+        out.topk_logprobs[row, cols] = torch.where(keep[:, None], top[1], 0.0)
+
+
 def empty_scores(num_rows: int, num_cols: int, topk: int) -> TeacherScores:
     """All-zero scores: (B, T) log-probs and, with ``topk`` > 0, (B, T, topk) ids and log-probs."""
     logprobs = torch.zeros(num_rows, num_cols, dtype=torch.float32)

@@ -41,7 +41,7 @@ from mopd.dist.runtime import set_torch_threads
 from mopd.models import load_tokenizer, model_config
 from mopd.types import TeacherScores
 from mopd.vocab import PROBE_TEXT, config_vocab_size, tokenizer_signature
-from teachers.common import check_score_inputs, empty_scores, row_chunks, rows_to_score
+from teachers.common import check_score_inputs, empty_scores, put_row_scores, row_chunks, rows_to_score
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 BACKOFF_S = 0.5  # first wait before a retry; doubles each time
@@ -325,12 +325,7 @@ class RemoteTeacherWorker:
             if choice.get("prompt_token_ids") != ids:
                 raise RemoteTeacherError(f"teacher '{self.name}': the server scored other ids than it was sent")
             lp, top = choice_to_tensors(choice["prompt_logprobs"], ids, topk)
-            keep = response_mask[i, a:b]
-            out.logprobs[i, a:b] = torch.where(keep, lp, 0.0)
-            if top is not None:
-                assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(topk > 0)
-                out.topk_ids[i, a:b] = torch.where(keep[:, None], top[0], 0)
-                out.topk_logprobs[i, a:b] = torch.where(keep[:, None], top[1], 0.0)
+            put_row_scores(out, i, slice(a, b), response_mask[i, a:b], lp, top)
         out.latency_s = time.perf_counter() - start
         return out
 

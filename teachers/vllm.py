@@ -46,7 +46,7 @@ from mopd.dist.vllm_compat import (
 from mopd.models import load_model, load_tokenizer
 from mopd.types import TeacherScores
 from mopd.vocab import tokenizer_signature
-from teachers.common import check_score_inputs, empty_scores, rows_to_score
+from teachers.common import check_score_inputs, empty_scores, put_row_scores, rows_to_score
 
 # --------------------------------------------------------------------------- model directory
 
@@ -195,13 +195,9 @@ class VLLMTeacherWorker:
             else []
         )
         for i, (a, b), res in zip(rows, spans, outputs, strict=True):
-            lp, top = flat_to_tensors(res.prompt_logprobs, b - a, topk)
-            keep = response_mask[i, a:b]
-            out.logprobs[i, a:b] = torch.where(keep, lp, 0.0)
-            if top is not None:
-                assert out.topk_ids is not None and out.topk_logprobs is not None  # empty_scores(topk > 0)
-                out.topk_ids[i, a:b] = torch.where(keep[:, None], top[0], 0)
-                out.topk_logprobs[i, a:b] = torch.where(keep[:, None], top[1], 0.0)
+            put_row_scores(
+                out, i, slice(a, b), response_mask[i, a:b], *flat_to_tensors(res.prompt_logprobs, b - a, topk)
+            )
         out.latency_s = time.perf_counter() - start
         return out
 
