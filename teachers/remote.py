@@ -85,7 +85,7 @@ class RemoteServer:
         self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(timeout=timeout_s, headers=headers)
-        self.attempts = 0  # requests sent, retries included (tests, metrics)
+        self.attempts = 0  # requests sent, retries included
 
     def close(self) -> None:
         self._http.close()
