@@ -233,6 +233,8 @@ class TeacherPool:
         # Worker groups: a full teacher each, or adapter teachers of one base together (one base in memory).
         self.groups = teacher_groups(teachers)
         self._group_of = {d: g.name for g in self.groups for d in g.domains}
+        # Groups whose workers serve several adapters: their calls say each row's domain.
+        self._multi_adapter = {g.name for g in self.groups if g.adapters is not None and len(g.adapters) > 1}
         self._replicas: dict[str, list[int]] = {}  # group -> indices of its workers in the actor group
         # Domains whose teacher renders the prompt part with a template of its own (chat rows).
         self._prompt_tokenizers = {
@@ -297,7 +299,6 @@ class TeacherPool:
         group_rows(batch.domains, self.domains)  # a domain without a teacher: the error names them
         row_groups = [self._group_of[d] for d in batch.domains]
         shards = plan_shards(row_groups, {g: len(idx) for g, idx in self._replicas.items()})
-        several = {g.name for g in self.groups if g.adapters is not None and len(g.adapters) > 1}
         B, T, P = *batch.input_ids.shape, batch.prompt_len
         calls, scored_prompt_len = [], []
         for s in shards:
@@ -315,7 +316,7 @@ class TeacherPool:
                 ids, mask, resp, p_scored = relayout_prompts(ids, mask, resp, P, own, pad)
             scored_prompt_len.append(p_scored)
             args: tuple[Any, ...] = (ids, mask, resp, topk)
-            if s.domain in several:
+            if s.domain in self._multi_adapter:
                 args += ([batch.domains[i] for i in s.rows],)
             calls.append((self._replicas[s.domain][s.replica], "score", args))
         results = self._actors.call(calls)

@@ -342,21 +342,23 @@ def choice_to_tensors(
     n = len(ids)
     if len(prompt_logprobs) != n:
         raise RemoteTeacherError(f"the server returned prompt log-probs for {len(prompt_logprobs)} of {n} positions")
-    lp = torch.zeros(n)
-    top_ids, top_lp = torch.zeros(n, k, dtype=torch.int64), torch.zeros(n, k)
+    own, top_ids, top_lp = [0.0], [[0] * k], [[0.0] * k]  # position 0: no context
     for j in range(1, n):
         entries = prompt_logprobs[j]
-        own = None if entries is None else entries.get(str(ids[j]))
-        if entries is None or own is None:
+        mine = None if entries is None else entries.get(str(ids[j]))
+        if entries is None or mine is None:
             raise RemoteTeacherError(f"the server returned no log-prob for token {ids[j]} at position {j}")
-        lp[j] = own["logprob"]
+        own.append(mine["logprob"])
         if k:
             ranked = sorted((e["rank"], int(t), e["logprob"]) for t, e in entries.items() if e["rank"] <= k)
             if len(ranked) != k:
                 raise RemoteTeacherError(f"the server returned {len(ranked)} top log-probs at position {j}, not {k}")
-            top_ids[j] = torch.tensor([t for _, t, _ in ranked])
-            top_lp[j] = torch.tensor([v for _, _, v in ranked])
-    return lp, ((top_ids, top_lp) if k else None)
+            top_ids.append([t for _, t, _ in ranked])
+            top_lp.append([v for _, _, v in ranked])
+    lp = torch.tensor(own, dtype=torch.float32)
+    if not k:
+        return lp, None
+    return lp, (torch.tensor(top_ids, dtype=torch.int64), torch.tensor(top_lp, dtype=torch.float32))
 
 
 if TYPE_CHECKING:  # mypy holds the class to the contract TeacherPool calls (teachers/backend.py)

@@ -58,7 +58,7 @@ def test_only_the_adapter_trains_and_the_rollout_gets_merged_weights():
     ids, attn = batch.rollout.input_ids, batch.rollout.attention_mask
     torch.testing.assert_close(w.logprobs(ids, attn), sequence_logprobs(plain.eval(), ids, attn), atol=1e-5, rtol=0)
     # What the weight sync sends: the same names and tensors.
-    sent = dict(w._weights_one_by_one())
+    sent = dict(w._weights_one_by_one(w._live_state()))
     assert sent.keys() == after.keys() and max_change(sent, after) == 0.0
 
 

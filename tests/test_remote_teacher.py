@@ -226,6 +226,8 @@ def test_mopd_check_runs_the_server_checks_before_any_actor(model_dir, server, t
             "a remote teacher computes on its server; set it to 0",
         ),  # fmt: skip
         (["teachers.math.remote.url=http://h:8000/v1"], "teachers.math.remote applies to backend remote, not hf"),
+        (["teachers.math.remote.urll=http://h:8000/v1"], "Valid keys in 'teachers.<domain>.remote': url, model"),
+        (["teachers.math.remote.retries=-1"], "teachers.math.remote.retries must be >= 0, got -1"),
     ],
 )
 def test_remote_settings_are_checked_with_the_recipe(tmp_path, overrides, message):

@@ -687,15 +687,17 @@ class TrainerWorker:
         """Broadcast the student's weights (state-dict names, student dtype) to the rollout as policy
         ``version``; returns the bytes sent (0 on ranks > 0). Call it on every rank: under ZeRO-3 each
         parameter is gathered in turn (a collective), and only one is held whole at a time."""
-        tensors = self._weights_one_by_one()
         if self.rank != 0:
-            for _ in tensors:  # take part in every gather
-                pass
-            return 0
+            if self.cfg.trainer.zero_stage == 3:
+                for _ in self._weights_one_by_one(self._live_state()):  # take part in every gather
+                    pass
+            return 0  # ZeRO 0-2: rank 0 holds every weight whole, nothing to gather
         if self._sync_link is None:
             raise RuntimeError("send_weights before join_weight_sync: trainer rank 0 is in no weight-sync group")
+        live = self._live_state()  # a LoRA student's merge, once per sync
+        tensors = self._weights_one_by_one(live)
         device = self._sync_link.device
-        plan = plan_sync(self._weight_specs(), version, bucket_bytes)
+        plan = plan_sync(self._weight_specs(live), version, bucket_bytes)
         try:
             return self._sync_link.send(plan, ((k, v.to(device)) for k, v in tensors))
         except BaseException:
@@ -710,19 +712,17 @@ class TrainerWorker:
         LoRA student's merged weights (ZeRO 0-2: every rank holds them whole)."""
         return merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict(keep_vars=True)
 
-    def _weight_specs(self) -> list[TensorSpec]:
-        """Name, full shape (``ds_shape`` of a ZeRO-3 partition) and sent dtype of every state-dict entry."""
-        return [
-            TensorSpec(k, tuple(getattr(v, "ds_shape", v.shape)), self._sync_dtype(v))
-            for k, v in self._live_state().items()
-        ]
+    def _weight_specs(self, live: dict[str, torch.Tensor]) -> list[TensorSpec]:
+        """Name, full shape (``ds_shape`` of a ZeRO-3 partition) and sent dtype of every entry of
+        ``live`` (``_live_state``)."""
+        return [TensorSpec(k, tuple(getattr(v, "ds_shape", v.shape)), self._sync_dtype(v)) for k, v in live.items()]
 
-    def _weights_one_by_one(self):
-        """(name, tensor) in state-dict order, each whole and in the student dtype; ZeRO-3 partitions
-        are gathered one parameter at a time on every rank."""
+    def _weights_one_by_one(self, live: dict[str, torch.Tensor]):
+        """(name, tensor) of ``live`` (``_live_state``) in order, each whole and in the student
+        dtype; ZeRO-3 partitions are gathered one parameter at a time on every rank."""
         import deepspeed
 
-        for name, v in self._live_state().items():
+        for name, v in live.items():
             if hasattr(v, "ds_id"):
                 with deepspeed.zero.GatheredParameters([v], modifier_rank=None):
                     t = v.detach().to(self._sync_dtype(v), copy=True)
