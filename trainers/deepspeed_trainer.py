@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,7 +44,16 @@ from mopd.models import DTYPES, forward_logits, load_model, load_tokenizer, toke
 from mopd.objective import LossInputs, Objective, get_objective
 from mopd.routing import NOT_RECORDED, replay_routes
 from mopd.types import TrainBatch
-from trainers.lora import ADAPTER_DIR, hf_model, is_lora, merged_state_dict, with_lora
+from trainers.lora import (
+    ADAPTER_DIR,
+    Merged,
+    adapter_state_dict,
+    hf_model,
+    is_lora,
+    merge_sources,
+    merged_state_dict,
+    with_lora,
+)
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
 from trainers.sequence_parallel import SequenceParallel
 from trainers.shards import RankBatch, shard_batch
@@ -286,7 +295,7 @@ class TrainerWorker:
         model = load_model(cfg.student, seed=cfg.run.seed, dtype="float32")
         lora = getattr(cfg.student, "lora", None)
         if lora is not None and lora.r > 0:  # the adapter alone trains (trainers/lora.py)
-            model = with_lora(model, lora)
+            model = with_lora(model, lora, cfg.run.seed)
         self._lora = is_lora(model)
         self._sp: SequenceParallel | None = None
         if sp > 1:
@@ -657,7 +666,13 @@ class TrainerWorker:
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full student state dict (HF keys) on CPU in the student's dtype, on rank 0; None on
         other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer)."""
-        if self.cfg.trainer.zero_stage == 3:
+        zero3 = self.cfg.trainer.zero_stage == 3
+        if zero3 and self._lora:  # the merged weights, gathered one by one on every rank
+            sd = {}
+            for name, t in self._weights_one_by_one(self._live_state()):
+                if self.rank == 0:
+                    sd[name] = t
+        elif zero3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         elif self.rank != 0:
             sd = None
@@ -694,7 +709,7 @@ class TrainerWorker:
             return 0  # ZeRO 0-2: rank 0 holds every weight whole, nothing to gather
         if self._sync_link is None:
             raise RuntimeError("send_weights before join_weight_sync: trainer rank 0 is in no weight-sync group")
-        live = self._live_state()  # a LoRA student's merge, once per sync
+        live = self._live_state()
         tensors = self._weights_one_by_one(live)
         device = self._sync_link.device
         plan = plan_sync(self._weight_specs(live), version, bucket_bytes)
@@ -707,39 +722,58 @@ class TrainerWorker:
     def _sync_dtype(self, t: torch.Tensor) -> torch.dtype:
         return DTYPES[self.cfg.student.dtype] if t.is_floating_point() else t.dtype
 
-    def _live_state(self) -> dict[str, torch.Tensor]:
-        """The tensors the rollout gets, by name: the module's own (ZeRO-3: its partitions), or a
-        LoRA student's merged weights (ZeRO 0-2: every rank holds them whole)."""
-        return merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict(keep_vars=True)
+    def _live_state(self) -> dict[str, torch.Tensor | Merged]:
+        """What the rollout gets, by name: the module's own tensors (ZeRO-3: its partitions), or, for
+        a LoRA student, the base's tensors and the ``Merged`` weights the adapter changes (computed
+        one at a time by ``_weights_one_by_one``)."""
+        return merge_sources(self.engine.module) if self._lora else self.engine.module.state_dict(keep_vars=True)
 
-    def _weight_specs(self, live: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    def _weight_specs(self, live: dict[str, torch.Tensor | Merged]) -> list[TensorSpec]:
         """Name, full shape (``ds_shape`` of a ZeRO-3 partition) and sent dtype of every entry of
         ``live`` (``_live_state``)."""
-        return [TensorSpec(k, tuple(getattr(v, "ds_shape", v.shape)), self._sync_dtype(v)) for k, v in live.items()]
+        specs = []
+        for k, v in live.items():
+            t = v.base if isinstance(v, Merged) else v
+            specs.append(TensorSpec(k, tuple(getattr(t, "ds_shape", t.shape)), self._sync_dtype(t)))
+        return specs
 
-    def _weights_one_by_one(self, live: dict[str, torch.Tensor]):
+    def _weights_one_by_one(self, live: dict[str, torch.Tensor | Merged]):
         """(name, tensor) of ``live`` (``_live_state``) in order, each whole and in the student
-        dtype; ZeRO-3 partitions are gathered one parameter at a time on every rank."""
+        dtype (a LoRA student's adapted weights merged); ZeRO-3 partitions are gathered one weight
+        (with its adapter) at a time on every rank."""
         import deepspeed
 
         for name, v in live.items():
-            if hasattr(v, "ds_id"):
-                with deepspeed.zero.GatheredParameters([v], modifier_rank=None):
-                    t = v.detach().to(self._sync_dtype(v), copy=True)
-            else:
-                t = v.detach().to(self._sync_dtype(v))
+            base = v.base if isinstance(v, Merged) else v
+            parts = [p for p in (v.params() if isinstance(v, Merged) else [v]) if hasattr(p, "ds_id")]
+            with deepspeed.zero.GatheredParameters(parts, modifier_rank=None) if parts else nullcontext():
+                if isinstance(v, Merged):
+                    t = v.value().to(self._sync_dtype(base))  # a new tensor, gathered or not
+                else:  # a gathered partition's data is freed when the gather ends: copy it
+                    t = v.detach().to(self._sync_dtype(base), copy=bool(parts))
             yield name, t
 
     def save_hf(self, out_dir: str) -> None:
         """Write a Hugging Face directory (safetensors, config, generation config, tokenizer) that
-        ``AutoModelForCausalLM.from_pretrained`` loads. Collective; rank 0 writes."""
+        ``AutoModelForCausalLM.from_pretrained`` loads (a LoRA student's merged model, and its
+        adapter alone under ``ADAPTER_DIR`` for ``mopd export --adapter``). Collective; rank 0 writes."""
         sd = self.state_dict()
+        adapter = self._adapter_state() if self._lora else None
         if self.rank != 0 or sd is None:
             return
         _write_hf_dir(hf_model(self.engine.module), sd, out_dir, self.cfg.student)
         load_tokenizer(self.cfg.student).save_pretrained(out_dir)
-        if self._lora:  # the adapter alone too (``mopd export --adapter``)
-            self.engine.module.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
+        if adapter is not None:
+            self.engine.module.save_pretrained(os.path.join(out_dir, ADAPTER_DIR), state_dict=adapter)
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """A LoRA student's adapter tensors (PEFT's names), whole; a collective under ZeRO-3."""
+        import deepspeed
+
+        module = self.engine.module
+        parts = [p for p in module.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(parts, modifier_rank=None) if parts else nullcontext():
+            return adapter_state_dict(module)
 
     def save_checkpoint(self, dir: str, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR scheduler) under ``dir``; collective."""

@@ -3,12 +3,13 @@ only the adapter; whatever leaves the trainer (weight sync to the rollout, ``sav
 dict) is the merged model under the student's own Hugging Face names, so the rollout and an export
 never see PEFT.
 
-    model = with_lora(load_model(cfg.student), cfg.student.lora)   # base frozen, adapter trainable
-    sd = merged_state_dict(model)                                   # HF names, W + B A * scale
+    model = with_lora(load_model(cfg.student), cfg.student.lora, seed)  # base frozen, adapter trainable
+    sd = merged_state_dict(model)                                       # HF names, W + B A * scale
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,12 +21,15 @@ ADAPTER = "default"  # PEFT's name for the one adapter
 ADAPTER_DIR = "adapter"  # under a saved student (a checkpoint's hf/): the adapter alone
 
 
-def with_lora(model: torch.nn.Module, s: LoraSettings) -> Any:
+def with_lora(model: torch.nn.Module, s: LoraSettings, seed: int) -> Any:
     """``model`` wrapped by PEFT with a fresh LoRA adapter (B = 0: the merged model starts as the
-    student); only the adapter's parameters require grad."""
+    student; A drawn from ``seed``, the same on every rank and in every run of a seed); only the
+    adapter's parameters require grad."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_lora_config(s))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_lora_config(s))
 
 
 def is_lora(model: Any) -> bool:
@@ -37,21 +41,56 @@ def hf_model(model: Any) -> Any:
     return model.get_base_model() if is_lora(model) else model
 
 
-@torch.no_grad()
-def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The student's state dict with every adapted weight merged (``W + delta``), under the names
-    the model has without PEFT; the adapter's own tensors are left out. Leaves the model as it was."""
+@dataclass(frozen=True)
+class Merged:
+    """An adapted weight as the rollout gets it: the frozen ``base`` weight plus its LoRA ``layer``'s
+    delta (B A x scale). Under ZeRO-3 ``base`` and the adapter's tensors are partitions: gather
+    ``params()`` before ``value()``."""
+
+    base: torch.Tensor
+    layer: Any  # the PEFT LoraLayer that wraps it
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self.base, "ds_shape", self.base.shape))
+
+    def params(self) -> list[torch.Tensor]:
+        """The tensors ``value()`` reads."""
+        return [self.base, *self.layer.lora_A[ADAPTER].parameters(), *self.layer.lora_B[ADAPTER].parameters()]
+
+    @torch.no_grad()
+    def value(self) -> torch.Tensor:
+        return self.base.detach() + self.layer.get_delta_weight(ADAPTER).to(self.base.dtype)
+
+
+def merge_sources(model: Any) -> dict[str, torch.Tensor | Merged]:
+    """What each entry of the student's own state dict is made of: the base model's tensor (a
+    parameter, or its ZeRO-3 partition), or a ``Merged`` weight where the adapter changes it; the
+    adapter's own tensors are left out. Nothing is computed."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
     layers: dict[str, Any] = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    out = {}
-    for key, value in base.state_dict().items():
+    out: dict[str, torch.Tensor | Merged] = {}
+    for key, value in base.state_dict(keep_vars=True).items():
         if ".lora_" in key:
             continue
         owner, sep, rest = key.partition(".base_layer.")
         name = f"{owner}.{rest}" if sep else key
-        if sep and rest == "weight" and owner in layers:
-            value = value + layers[owner].get_delta_weight(ADAPTER).to(value.dtype)
-        out[name] = value.detach()
+        out[name] = Merged(value, layers[owner]) if sep and rest == "weight" and owner in layers else value
     return out
+
+
+@torch.no_grad()
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The student's state dict with every adapted weight merged (``W + delta``), under the names
+    the model has without PEFT. Leaves the model as it was. ZeRO 0-2 only (whole tensors)."""
+    return {k: v.value() if isinstance(v, Merged) else v.detach() for k, v in merge_sources(model).items()}
+
+
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as PEFT saves them (``save_pretrained(state_dict=...)``); under
+    ZeRO-3, call it inside a gather of the trainable parameters."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}

@@ -375,8 +375,8 @@ def _trainer_plan(cfg: MOPDConfig, s: ModelShape, tokens: int) -> ActorPlan:
     adapter = lora_params(cfg.student) if lora is not None and lora.r > 0 else 0
     # A LoRA student trains (gradients, optimizer) only its adapter; the frozen base is weights alone.
     parts = trainer_states(adapter or s.total_params, t.world_size, t.zero_stage, t.bf16, t.offload_optimizer)
-    if adapter:
-        parts["weights"] += e * s.total_params
+    if adapter:  # the frozen base, partitioned under ZeRO-3 like the rest
+        parts["weights"] += e * s.total_params / (t.world_size if t.zero_stage == 3 else 1)
     host = parts.pop("host_optimizer", 0.0)
     extra = get_objective(cfg.objective.kind).extra_logit_bytes(cfg.objective)
     # Sequence parallelism: each of the S ranks of a group holds 1/S of a pass's positions (the
