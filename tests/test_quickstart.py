@@ -55,6 +55,7 @@ MIN_NORMALIZED = 0.2
         ),
         ({"student_noisy_kinds.maths": "[+]"}, "student_noisy_kinds names maths"),
         ({"student_noise": "1.5"}, "student_noise must be in [0, 1], got 1.5"),
+        ({"teacher_lora_lr": "0"}, "teacher_lora_lr must be > 0, got 0.0"),
     ],
 )
 def test_bad_settings_fail_before_any_stage(items, message):

@@ -88,6 +88,10 @@ class QuickstartSettings:
     # that holds the student's weights once (adapter teachers, docs/adapter_teachers.md); 0: full
     # teachers, each a fine-tuned copy of the student.
     teacher_lora_rank: int = 0
+    # The adapter teachers' rate (teacher_lora_rank > 0) in place of teacher_sft_lr: a rank-16
+    # adapter moves the model less per step than full fine-tuning, and at the full teachers' rate
+    # one of five seeds' math teacher stopped at 0.938, a gap short of 0.30 (docs/quickstart.md).
+    teacher_lora_lr: float = 1e-2
     seed: int = 0
 
     @property
@@ -154,7 +158,13 @@ def stage_inputs(st: QuickstartSettings, recipe_over: list[str]) -> dict[str, di
             "student_sft_lr",
             "student_sft_schedule",
         ),
-        "teachers": ("teacher_sft_steps", "teacher_sft_lr", "teacher_sft_schedule", "teacher_lora_rank"),
+        "teachers": (
+            "teacher_sft_steps",
+            "teacher_sft_lr",
+            "teacher_sft_schedule",
+            "teacher_lora_rank",
+            "teacher_lora_lr",
+        ),
     }
     recipe = {
         "recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16],
@@ -476,6 +486,9 @@ def settings_from(items: dict[str, str]) -> QuickstartSettings:
     errors += _kind_errors(st)
     if st.teacher_lora_rank < 0:
         errors.append(f"teacher_lora_rank must be >= 0 (0: full teachers), got {st.teacher_lora_rank}")
+    for name in ("student_sft_lr", "teacher_sft_lr", "teacher_lora_lr"):
+        if not getattr(st, name) > 0:
+            errors.append(f"{name} must be > 0, got {getattr(st, name)}")
     for name in ("student_sft_schedule", "teacher_sft_schedule"):
         if getattr(st, name) not in LR_SCHEDULES:
             errors.append(f"{name}={getattr(st, name)!r}; valid: {', '.join(LR_SCHEDULES)}")
@@ -658,12 +671,13 @@ def _train_teacher(job) -> dict[str, Any]:
     torch.set_num_threads(1)
     load_plugins(base.run.plugins)  # a plugin's domains, parsers, environments: registered in this process too
     init: dict[str, Any] = {"path": str(out / "student_sft"), "config": None, "tokenizer": None}
+    lr = st.teacher_sft_lr
     if st.teacher_lora_rank > 0:  # an adapter of the student; save_hf writes it beside the merged model
-        rank = st.teacher_lora_rank
+        rank, lr = st.teacher_lora_rank, st.teacher_lora_lr
         init = {**init, "lora": LoraSettings(r=rank, alpha=2 * rank)}
     rows = read_rows(out, d, "train", base)
     r = run_sft(
-        base, init, rows, st.teacher_sft_steps, st.teacher_sft_lr, st.teacher_sft_schedule, st.sft_batch,
+        base, init, rows, st.teacher_sft_steps, lr, st.teacher_sft_schedule, st.sft_batch,
         st.seed + 1 + i, out / "teachers" / d, f"teacher {d} SFT", master_port=port, position=i,
     )  # fmt: skip
     ev = evaluate_model(base, out / "teachers" / d, read_rows(out, d, "eval", base))
