@@ -42,6 +42,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 ZeroStage = Literal[0, 1, 2, 3]
 Layout = Literal["disaggregated", "colocated"]
 WeightSync = Literal["direct", "driver"]  # rollout.weight_sync
+LoraSync = Literal["auto", "adapter", "merged"]  # rollout.lora_sync
 BACKENDS: tuple[str, ...] = get_args(Backend)
 TEACHER_BACKEND_NAMES: tuple[str, ...] = get_args(TeacherBackendName)
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
@@ -312,6 +313,12 @@ class RolloutConfig:
     # the driver and Ray's object store (the older path, kept for comparison).
     weight_sync: WeightSync = "direct"
     weight_sync_bucket_mb: int = 128
+    # With a LoRA student (student.lora) and the vllm backend, what each weight sync sends: adapter,
+    # the adapter alone, which the engine serves as a LoRA over the base it loaded once (LoRA
+    # hot-load); merged, the merged weights, reloaded like a full student's; auto, the adapter
+    # where vLLM has LoRA for the student's architecture, merged weights elsewhere (vLLM 0.32: no
+    # LoRA for MiMoV2Flash). The hf backend always gets merged weights.
+    lora_sync: LoraSync = "auto"
 
 
 @dataclass

@@ -56,7 +56,13 @@ class RolloutWorker(Protocol):
         ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """The trainer's ``model.state_dict()`` (CPU tensors) as policy ``version``; strict on names."""
+        """The trainer's ``model.state_dict()`` (CPU tensors) as policy ``version``; strict on names.
+        A replica whose ``takes_adapter()`` is True gets a LoRA student's adapter alone instead."""
+        ...
+
+    def takes_adapter(self) -> bool:
+        """Whether the weight syncs send this replica a LoRA student's adapter alone (served over
+        the base it loaded at start, ``rollout.lora_sync``) rather than whole weights."""
         ...
 
     def join_weight_sync(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:

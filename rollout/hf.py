@@ -186,6 +186,9 @@ class HFRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
             routes[:] = turn_routes(rec.routes(rows=len(contexts)), [len(c) for c in contexts], kept)
         return turns
 
+    def takes_adapter(self) -> bool:
+        return False  # merged weights: generate runs the plain model
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Trainer weights (its ``model.state_dict()`` names, on any device: CPU tensors are copied to
         the model's); strict, so a mismatch fails loudly."""

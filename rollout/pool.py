@@ -63,6 +63,7 @@ class RolloutPool:
         self._source: WeightSource | None = None  # the trainer (direct path)
         self._generation = 0  # of the weight-sync group; a new one after a restart
         self._joined = False  # whether every replica and trainer rank 0 are in that generation
+        self._adapter = False  # whether the replicas take a LoRA student's adapter alone (set at start)
         cls = actor_class(cfg.rollout.backend)
         pg = None if placement is None else placement.placement_group
         self._actors = ActorGroup(
@@ -94,6 +95,8 @@ class RolloutPool:
                 )
                 self._actors.ready()  # surface start-up errors here
             self._pad_id = self._actors.call_one(0, "pad_token_id")
+            # A LoRA student's syncs send the adapter alone where the replicas serve it (rollout.lora_sync).
+            self._adapter = bool(self._actors.call_one(0, "takes_adapter"))
         except BaseException:
             self.shutdown()
             raise
@@ -108,7 +111,8 @@ class RolloutPool:
             # Direct sync: the restarted replica is in no group. It gets the weights through the
             # driver, once, and everyone joins a new generation before the next broadcast.
             self._joined = False
-            ray.get(actor.load_weights.remote(ray.put(self._source.state_dict()), self._version))
+            state = self._state(self._source)
+            ray.get(actor.load_weights.remote(ray.put(state), self._version))
 
     @property
     def restarts(self) -> int:
@@ -153,7 +157,7 @@ class RolloutPool:
         """The trainer's current weights onto every replica as policy ``version``, the way
         ``rollout.weight_sync`` says (module docstring)."""
         if self.local or self.cfg.rollout.weight_sync == "driver":
-            self.sync_weights(trainer.state_dict(), version)
+            self.sync_weights(self._state(trainer), version)
             return
         self._source, self._version = trainer, int(version)
         self._weights = None  # a copy from the driver path would be stale: _resync asks the trainer
@@ -167,8 +171,13 @@ class RolloutPool:
             self._joined = False
             why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # Ray: a traceback
             log.warning("direct weight sync of version %d failed (%s); sending it through the driver", version, why)
-            self.sync_weights(trainer.state_dict(), version)
+            self.sync_weights(self._state(trainer), version)
             self._weights = None  # direct mode keeps no copy in the object store
+
+    def _state(self, trainer: WeightSource) -> dict[str, torch.Tensor]:
+        """The trainer's state dict the replicas take: a LoRA student's adapter alone where they
+        serve it over their base (``takes_adapter``), else the whole (merged) weights."""
+        return trainer.state_dict(adapter=True) if self._adapter else trainer.state_dict()
 
     def _join(self, trainer: WeightSource) -> None:
         """Trainer rank 0 (group rank 0) and replica i (rank 1 + i) form a new generation of the group."""
@@ -192,7 +201,8 @@ class RolloutPool:
         """Trainer rank 0 sends while every replica receives; checks their acknowledgements."""
         bucket_bytes = self.cfg.rollout.weight_sync_bucket_mb << 20
         with ThreadPoolExecutor(1, thread_name_prefix="mopd-sync") as ex:
-            sent = ex.submit(trainer.send_weights, version, bucket_bytes)
+            adapter = (True,) if self._adapter else ()  # asked only where the replicas serve it
+            sent = ex.submit(trainer.send_weights, version, bucket_bytes, *adapter)
             try:
                 acks = self._actors.call_all("receive_weights", version)
             finally:

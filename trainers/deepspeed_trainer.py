@@ -47,6 +47,7 @@ from mopd.types import TrainBatch
 from trainers.lora import (
     ADAPTER_DIR,
     Merged,
+    adapter_parameters,
     adapter_state_dict,
     hf_model,
     is_lora,
@@ -663,13 +664,14 @@ class TrainerWorker:
             self.engine.train(was_training)
         return torch.cat(out).float().cpu()
 
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
+    def state_dict(self, adapter: bool = False) -> dict[str, torch.Tensor] | None:
         """The full student state dict (HF keys) on CPU in the student's dtype, on rank 0; None on
-        other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer)."""
+        other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer).
+        ``adapter``: a LoRA student's adapter alone, under the names PEFT saves it with."""
         zero3 = self.cfg.trainer.zero_stage == 3
-        if zero3 and self._lora:  # the merged weights, gathered one by one on every rank
+        if adapter or (zero3 and self._lora):  # the merged weights, gathered one by one on every rank
             sd = {}
-            for name, t in self._weights_one_by_one(self._live_state()):
+            for name, t in self._weights_one_by_one(self._live_state(adapter)):
                 if self.rank == 0:
                     sd[name] = t
         elif zero3:
@@ -698,18 +700,19 @@ class TrainerWorker:
         self._sync_link = None  # the previous generation's group
         self._sync_link = WeightLink(host, port, generation, 0, world, backend, store=self._sync_store)
 
-    def send_weights(self, version: int, bucket_bytes: int) -> int:
+    def send_weights(self, version: int, bucket_bytes: int, adapter: bool = False) -> int:
         """Broadcast the student's weights (state-dict names, student dtype) to the rollout as policy
-        ``version``; returns the bytes sent (0 on ranks > 0). Call it on every rank: under ZeRO-3 each
-        parameter is gathered in turn (a collective), and only one is held whole at a time."""
+        ``version`` (``adapter``: a LoRA student's adapter alone, as ``state_dict(adapter=True)``);
+        returns the bytes sent (0 on ranks > 0). Call it on every rank: under ZeRO-3 each parameter
+        is gathered in turn (a collective), and only one is held whole at a time."""
         if self.rank != 0:
             if self.cfg.trainer.zero_stage == 3:
-                for _ in self._weights_one_by_one(self._live_state()):  # take part in every gather
+                for _ in self._weights_one_by_one(self._live_state(adapter)):  # take part in every gather
                     pass
             return 0  # ZeRO 0-2: rank 0 holds every weight whole, nothing to gather
         if self._sync_link is None:
             raise RuntimeError("send_weights before join_weight_sync: trainer rank 0 is in no weight-sync group")
-        live = self._live_state()
+        live = self._live_state(adapter)
         tensors = self._weights_one_by_one(live)
         device = self._sync_link.device
         plan = plan_sync(self._weight_specs(live), version, bucket_bytes)
@@ -722,10 +725,14 @@ class TrainerWorker:
     def _sync_dtype(self, t: torch.Tensor) -> torch.dtype:
         return DTYPES[self.cfg.student.dtype] if t.is_floating_point() else t.dtype
 
-    def _live_state(self) -> dict[str, torch.Tensor | Merged]:
+    def _live_state(self, adapter: bool = False) -> dict[str, torch.Tensor | Merged]:
         """What the rollout gets, by name: the module's own tensors (ZeRO-3: its partitions), or, for
         a LoRA student, the base's tensors and the ``Merged`` weights the adapter changes (computed
-        one at a time by ``_weights_one_by_one``)."""
+        one at a time by ``_weights_one_by_one``), or with ``adapter`` the adapter's parameters."""
+        if adapter and not self._lora:
+            raise ValueError("the rollout asked for the adapter alone, but the student has no LoRA adapter")
+        if adapter:
+            return dict(adapter_parameters(self.engine.module))
         return merge_sources(self.engine.module) if self._lora else self.engine.module.state_dict(keep_vars=True)
 
     def _weight_specs(self, live: dict[str, torch.Tensor | Merged]) -> list[TensorSpec]:

@@ -123,8 +123,8 @@ class TrainerPool:
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._per_rank("sft_step", batch)[0]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._all("state_dict")[0]
+    def state_dict(self, adapter: bool = False) -> dict[str, torch.Tensor]:
+        return self._all("state_dict", adapter)[0]
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._all("logprobs", ray.put(input_ids), ray.put(attention_mask))[0]
@@ -140,9 +140,10 @@ class TrainerPool:
         """Rank 0 joins the group's ``generation`` (blocks until the rollout replicas join too)."""
         self._all("join_weight_sync", *self.host_weight_sync(), generation, world, backend)
 
-    def send_weights(self, version: int, bucket_bytes: int) -> int:
-        """Rank 0 broadcasts the weights to the rollout replicas (ZeRO-3 gathers on every rank)."""
-        return self._all("send_weights", version, bucket_bytes)[0]
+    def send_weights(self, version: int, bucket_bytes: int, adapter: bool = False) -> int:
+        """Rank 0 broadcasts the weights (``adapter``: a LoRA student's adapter alone) to the rollout
+        replicas (ZeRO-3 gathers on every rank)."""
+        return self._all("send_weights", version, bucket_bytes, adapter)[0]
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
         self._all("save_checkpoint", path, client_state)

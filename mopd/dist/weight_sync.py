@@ -41,10 +41,11 @@ DEFAULT_TIMEOUT_S = 600.0
 class WeightSource(Protocol):
     """What the rollout pool needs from the trainer (``trainers.TrainerPool``) to sync weights."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]: ...  # the driver path
+    # ``adapter``: a LoRA student's adapter alone (the rollout serves it over the base it holds)
+    def state_dict(self, adapter: bool = False) -> dict[str, torch.Tensor]: ...  # the driver path
     def host_weight_sync(self) -> tuple[str, int]: ...  # rank 0 hosts the store; its address
     def join_weight_sync(self, generation: int, world: int, backend: str) -> None: ...  # rank 0 joins
-    def send_weights(self, version: int, bucket_bytes: int) -> int: ...  # bytes sent
+    def send_weights(self, version: int, bucket_bytes: int, adapter: bool = False) -> int: ...  # bytes sent
 
 
 # --------------------------------------------------------------------------- the plan
