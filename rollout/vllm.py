@@ -512,7 +512,11 @@ def vllm_has_lora(architecture: str) -> bool:
     from vllm.model_executor.models.interfaces import supports_lora
     from vllm.model_executor.models.registry import ModelRegistry
 
-    cls = ModelRegistry._try_load_model_cls(architecture)  # None: vLLM does not know it
+    try:  # vLLM 0.32 has no public lookup of a class by architecture name
+        cls = ModelRegistry._try_load_model_cls(architecture)  # None: vLLM does not know it
+    except AttributeError:  # another vLLM: say no, so that auto sends merged weights (always correct)
+        log.warning("cannot look up vLLM's class for %s: treating it as without LoRA", architecture)
+        return False
     return cls is not None and supports_lora(cls)
 
 

@@ -62,12 +62,20 @@ def test_vllm_has_lora_by_architecture():
     assert not vllm_has_lora("MiMoV2FlashForCausalLM") and not vllm_has_lora("NoSuchForCausalLM")
 
 
-def test_adapter_sync_is_refused_before_the_engine_starts_where_vllm_has_no_lora():
+def test_adapter_sync_is_refused_before_any_actor_where_vllm_has_no_lora():
+    from mopd.app.run import check_lora_sync
+    from mopd.config import ConfigError
     from rollout.vllm import VLLMRolloutActor
 
     student = StudentConfig(config=tiny_mimo_config(), tokenizer=BUILTIN_TOKENIZER, lora=LORA)
+    cfg = make_cfg(student, lora_sync="adapter", backend="vllm")
+    with pytest.raises(ConfigError, match="vLLM has no LoRA for MiMoV2FlashForCausalLM"):
+        check_lora_sync(cfg)  # mopd validate / mopd train, before Ray
+    cfg.rollout.lora_sync = "auto"
+    check_lora_sync(cfg)  # auto: merged weights instead
+    cfg.rollout.lora_sync = "adapter"
     with pytest.raises(ValueError, match="vLLM has no LoRA for MiMoV2FlashForCausalLM"):
-        VLLMRolloutActor(make_cfg(student, lora_sync="adapter"))
+        VLLMRolloutActor(cfg)  # and the replica itself, before its engine starts
 
 
 def test_vllm_serves_the_students_adapter_over_its_base(tmp_path):

@@ -131,6 +131,7 @@ def preflight(cfg: MOPDConfig, resume: bool = False, force_teachers: bool = Fals
     eval_rows = build_eval_rows(cfg, tokenizer)
     check_sandbox(cfg, mixer, eval_rows)
     check_environments(cfg, tokenizer)
+    check_lora_sync(cfg)
     latest = _checkpoint_to_resume(cfg, resume, force_teachers)
     signature, warnings = checked_teachers(cfg)
     if latest is not None:
@@ -155,6 +156,29 @@ def check_environments(cfg: MOPDConfig, tokenizer: Any) -> None:
         make_renderer(tokenizer, stops)
     except TemplateError as e:
         raise ConfigError(f"environments ({', '.join(sorted(cfg.environments))}): {e}") from e
+
+
+def check_lora_sync(cfg: MOPDConfig) -> None:
+    """``rollout.lora_sync: adapter`` (a LoRA student on the vLLM rollout) needs vLLM's LoRA for the
+    student's architecture; ``auto`` sends merged weights where it has none."""
+    lora = getattr(cfg.student, "lora", None)
+    if cfg.rollout.backend != "vllm" or cfg.rollout.lora_sync != "adapter" or lora is None or lora.r == 0:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from mopd.models import model_config
+
+    config = model_config(cfg.student)
+    arch = (getattr(config, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")])[0]
+    try:
+        from rollout.vllm import vllm_has_lora
+    except ImportError:  # no vLLM here: the rollout's start says so
+        return
+    if not vllm_has_lora(arch):
+        raise ConfigError(
+            f"rollout.lora_sync=adapter: vLLM has no LoRA for {arch}, the student's architecture; "
+            "set rollout.lora_sync=merged (or auto) to send merged weights"
+        )
 
 
 def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow]) -> None:
