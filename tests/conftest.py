@@ -87,6 +87,8 @@ LONGEST_FIRST = (
     "test_cluster.py",
     "test_envs.py",
     "test_rollout_vllm.py",
+    "test_vllm_lora_sync.py",
+    "test_remote_teacher.py",
     "test_placement.py",
     "test_weight_sync.py",
 )
