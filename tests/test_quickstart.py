@@ -503,3 +503,26 @@ def test_adapter_teachers_point_the_mopd_stage_at_the_student_and_its_adapters(t
     for stage, inputs in stage_inputs(QuickstartSettings(), []).items():
         cache.finish(stage, {"inputs": inputs})
     assert cache.first_changed(stage_inputs(st, [])) == ("teachers", ["teacher_lora_rank"])
+
+
+@pytest.mark.parametrize(("rank", "lr"), [(0, 3e-3), (16, 1e-2)], ids=["full", "adapter"])
+def test_adapter_teachers_train_at_their_own_rate(tmp_path, monkeypatch, rank, lr):
+    """``teacher_lora_lr`` (not ``teacher_sft_lr``) is the rate of adapter teachers, and their SFT
+    starts from the student with a LoRA of ``teacher_lora_rank``."""
+    import mopd.app.quickstart as q
+    from mopd.config import load_config
+
+    seen = {}
+
+    def run_sft(base, init, rows, steps, lr, *args, **kwargs):
+        seen.update(init=init, lr=lr)
+        return {"final_loss": 0.0, "seconds": 0.0, "steps": steps}
+
+    monkeypatch.setattr(q, "run_sft", run_sft)
+    monkeypatch.setattr(q, "read_rows", lambda *a: [])
+    monkeypatch.setattr(q, "evaluate_model", lambda *a: q.Evaluation({"math": 1.0}, {}))
+    st = q.QuickstartSettings(teacher_lora_rank=rank, teacher_sft_lr=3e-3, teacher_lora_lr=1e-2)
+    q._train_teacher((tmp_path, st, load_config(q.RECIPE), 0, "math", 0))
+    assert seen["lr"] == lr
+    lora = seen["init"].get("lora")
+    assert (lora is None) if rank == 0 else (lora.r == rank and lora.alpha == 2 * rank)
