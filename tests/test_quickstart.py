@@ -519,6 +519,7 @@ def test_adapter_teachers_train_at_their_own_rate(tmp_path, monkeypatch, rank, l
         return {"final_loss": 0.0, "seconds": 0.0, "steps": steps}
 
     monkeypatch.setattr(q, "run_sft", run_sft)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the teacher's process would take 1
     monkeypatch.setattr(q, "read_rows", lambda *a: [])
     monkeypatch.setattr(q, "evaluate_model", lambda *a: q.Evaluation({"math": 1.0}, {}))
     st = q.QuickstartSettings(teacher_lora_rank=rank, teacher_sft_lr=3e-3, teacher_lora_lr=1e-2)
