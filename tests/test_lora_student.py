@@ -17,7 +17,7 @@ from mopd.config import ConfigError, LoraSettings, StudentConfig, validate
 from mopd.models import load_model, sequence_logprobs, tiny_mimo_config
 from test_trainer import hf_keys, make_batch, make_cfg, max_change, worker
 from trainers.deepspeed_trainer import safe_checkpoint_load
-from trainers.lora import adapter_state_dict, merged_state_dict
+from trainers.lora import merged_state_dict
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
 
@@ -146,7 +146,7 @@ def test_zero3_partitions_the_base_and_trains_the_adapter_as_zero0(tmp_path):
     """Under ZeRO-3 every weight (the frozen base too) is a partition: the merged weights, the
     weight sync, ``save_hf`` and its adapter are gathered one weight at a time, and they equal
     ZeRO-0's; a checkpoint holds the adapter and resumes exactly."""
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     cfg0, cfg3 = lora_cfg(zero_stage=0), lora_cfg(zero_stage=3)
@@ -169,7 +169,7 @@ def test_zero3_partitions_the_base_and_trains_the_adapter_as_zero0(tmp_path):
     assert moved and all(any(t in k for t in ("q_proj", "v_proj", "o_proj")) for k in moved), sorted(moved)[:5]
     # The adapter alone (LoRA hot-load on vLLM): PEFT's saved names, gathered like the rest.
     adapter = w3.state_dict(adapter=True)
-    peft_saved = adapter_state_dict(w0.engine.module)
+    peft_saved = get_peft_model_state_dict(w0.engine.module)
     assert adapter.keys() == peft_saved.keys() and all(".lora_" in k for k in adapter)
     assert max_change(adapter, peft_saved) < 1e-6
     live = w3._live_state()

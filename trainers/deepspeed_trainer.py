@@ -48,11 +48,9 @@ from trainers.lora import (
     ADAPTER_DIR,
     Merged,
     adapter_parameters,
-    adapter_state_dict,
     hf_model,
     is_lora,
     merge_sources,
-    merged_state_dict,
     with_lora,
 )
 from trainers.moe_balance import RouterCapture, sigmoid_balance_loss
@@ -669,17 +667,17 @@ class TrainerWorker:
         other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer).
         ``adapter``: a LoRA student's adapter alone, under the names PEFT saves it with."""
         zero3 = self.cfg.trainer.zero_stage == 3
-        if adapter or (zero3 and self._lora):  # the merged weights, gathered one by one on every rank
+        if adapter or self._lora:  # merged weights (or the adapter), one at a time (gathered under ZeRO-3)
+            if self.rank != 0 and not zero3:
+                return None  # ZeRO 0-2: no gather to take part in
             sd = {}
             for name, t in self._weights_one_by_one(self._live_state(adapter)):
                 if self.rank == 0:
                     sd[name] = t
         elif zero3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
-        elif self.rank != 0:
-            sd = None
-        else:  # a LoRA student: the merged weights under the student's own names
-            sd = merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
+        else:
+            sd = self.engine.module.state_dict() if self.rank == 0 else None
         if self.rank != 0 or sd is None:
             return None
         dtype = DTYPES[self.cfg.student.dtype]
@@ -765,22 +763,13 @@ class TrainerWorker:
         ``AutoModelForCausalLM.from_pretrained`` loads (a LoRA student's merged model, and its
         adapter alone under ``ADAPTER_DIR`` for ``mopd export --adapter``). Collective; rank 0 writes."""
         sd = self.state_dict()
-        adapter = self._adapter_state() if self._lora else None
+        adapter = self.state_dict(adapter=True) if self._lora else None
         if self.rank != 0 or sd is None:
             return
         _write_hf_dir(hf_model(self.engine.module), sd, out_dir, self.cfg.student)
         load_tokenizer(self.cfg.student).save_pretrained(out_dir)
         if adapter is not None:
             self.engine.module.save_pretrained(os.path.join(out_dir, ADAPTER_DIR), state_dict=adapter)
-
-    def _adapter_state(self) -> dict[str, torch.Tensor]:
-        """A LoRA student's adapter tensors (PEFT's names), whole; a collective under ZeRO-3."""
-        import deepspeed
-
-        module = self.engine.module
-        parts = [p for p in module.parameters() if p.requires_grad and hasattr(p, "ds_id")]
-        with deepspeed.zero.GatheredParameters(parts, modifier_rank=None) if parts else nullcontext():
-            return adapter_state_dict(module)
 
     def save_checkpoint(self, dir: str, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR scheduler) under ``dir``; collective."""

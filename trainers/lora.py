@@ -92,11 +92,3 @@ def adapter_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """The adapter's parameters under the names PEFT saves them with (its ``adapter_model``
     file: the adapter's name left out), which vLLM's LoRA loader reads."""
     return [(n.replace(f".{ADAPTER}.", "."), p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The adapter's tensors as PEFT saves them (``save_pretrained(state_dict=...)``); under
-    ZeRO-3, call it inside a gather of the trainable parameters."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
