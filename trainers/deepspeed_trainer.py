@@ -667,13 +667,12 @@ class TrainerWorker:
         other ranks. A collective under ZeRO-3 (parameters are gathered layer by layer).
         ``adapter``: a LoRA student's adapter alone, under the names PEFT saves it with."""
         zero3 = self.cfg.trainer.zero_stage == 3
+        sd: dict[str, torch.Tensor] | None
         if adapter or self._lora:  # merged weights (or the adapter), one at a time (gathered under ZeRO-3)
             if self.rank != 0 and not zero3:
                 return None  # ZeRO 0-2: no gather to take part in
-            sd = {}
-            for name, t in self._weights_one_by_one(self._live_state(adapter)):
-                if self.rank == 0:
-                    sd[name] = t
+            whole = self._weights_one_by_one(self._live_state(adapter))
+            sd = {name: t for name, t in whole if self.rank == 0}  # other ranks: every gather, nothing kept
         elif zero3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
