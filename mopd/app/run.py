@@ -171,14 +171,11 @@ def check_lora_sync(cfg: MOPDConfig) -> None:
     config = model_config(cfg.student)
     arch = (getattr(config, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")])[0]
     try:
-        from rollout.vllm import vllm_has_lora
+        from rollout.vllm import no_lora_message, vllm_has_lora
     except ImportError:  # no vLLM here: the rollout's start says so
         return
     if not vllm_has_lora(arch):
-        raise ConfigError(
-            f"rollout.lora_sync=adapter: vLLM has no LoRA for {arch}, the student's architecture; "
-            "set rollout.lora_sync=merged (or auto) to send merged weights"
-        )
+        raise ConfigError(no_lora_message(arch))
 
 
 def check_sandbox(cfg: MOPDConfig, mixer: PromptMixer, eval_rows: list[PromptRow]) -> None:
